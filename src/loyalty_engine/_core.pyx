@@ -1,0 +1,1064 @@
+# cython: language_level=3
+"""Compiled kernels of loyalty_engine.
+
+The ledger's in-memory state (accounts, balances, lots, holds, seen transfer ids) lives in
+:class:`State`, whose arrays are NumPy buffers grown from Python and read by kernels that hold no
+Python objects in their loops. Everything that talks to a person (errors, names, LMDB, Arrow) is in the
+Python modules; the kernels return counts and status codes.
+"""
+
+from libc.stdint cimport int64_t, uint64_t, int32_t, uint32_t, uint16_t, uint8_t, INT64_MAX
+from libc.stdlib cimport malloc, realloc, free
+
+import numpy as np
+
+# ---------------------------------------------------------------------------------------------------
+# Records (must match types.RECORD_DTYPE and types.ACCOUNT_RECORD_DTYPE)
+
+cdef packed struct TRec:
+    uint64_t id_lo
+    uint64_t id_hi
+    uint64_t debit
+    uint64_t credit
+    int64_t amount
+    uint64_t related_lo
+    uint64_t related_hi
+    uint64_t user_data
+    int64_t at
+    int64_t expires_at
+    int64_t timeout
+    uint64_t fp
+    uint32_t asset
+    uint16_t code
+    uint16_t flags
+
+cdef packed struct ARec:
+    uint64_t id
+    uint64_t user_data
+    uint32_t asset
+    uint16_t flags
+    uint16_t op
+
+# Transfer flags
+DEF F_LINKED = 1
+DEF F_PENDING = 2
+DEF F_POST = 4
+DEF F_VOID = 8
+DEF F_SYSTEM = 32768
+# Account flags
+DEF A_DMNEC = 1
+DEF A_CMNED = 2
+DEF A_CLOSED = 4
+# Transfer results (types.TransferResult)
+DEF R_OK = 0
+DEF R_LINKED_EVENT_FAILED = 1
+DEF R_LINKED_EVENT_CHAIN_OPEN = 2
+DEF R_EXISTS = 3
+DEF R_EXISTS_DIFFERENT = 4
+DEF R_ID_ZERO = 5
+DEF R_ACCOUNTS_MUST_DIFFER = 6
+DEF R_AMOUNT_MUST_BE_POSITIVE = 7
+DEF R_ASSET_MISMATCH = 8
+DEF R_ACCOUNT_NOT_FOUND = 9
+DEF R_ACCOUNT_CLOSED = 10
+DEF R_EXCEEDS_CREDITS = 11
+DEF R_EXCEEDS_DEBITS = 12
+DEF R_PENDING_NOT_FOUND = 13
+DEF R_PENDING_EXPIRED = 14
+DEF R_PENDING_ALREADY_POSTED = 15
+DEF R_PENDING_ALREADY_VOIDED = 16
+DEF R_PENDING_AMOUNT_EXCEEDED = 17
+DEF R_FLAGS_EXCLUSIVE = 18
+DEF R_PENDING_ID_REQUIRED = 19
+DEF R_TIMEOUT_RESERVED = 20
+DEF R_PENDING_FIELDS_DIFFER = 21
+DEF R_EXPIRY_NOT_AFTER_EVENT = 22
+DEF R_OVERFLOW = 23
+# Account results (types.AccountResult)
+DEF AR_OK = 0
+DEF AR_EXISTS = 1
+DEF AR_EXISTS_DIFFERENT = 2
+DEF AR_ID_ZERO = 3
+DEF AR_FLAGS_EXCLUSIVE = 4
+# Hold states
+DEF P_PENDING = 0
+DEF P_POSTED = 1
+DEF P_VOIDED = 2
+DEF P_EXPIRED = 3
+
+
+RECORD_SIZE = sizeof(TRec)
+ACCOUNT_RECORD_SIZE = sizeof(ARec)
+
+
+cdef inline uint64_t mix64(uint64_t x) noexcept nogil:
+    # splitmix64 finaliser: a good spread for open addressing and fingerprints
+    x ^= x >> 30
+    x *= <uint64_t>0xbf58476d1ce4e5b9
+    x ^= x >> 27
+    x *= <uint64_t>0x94d049bb133111eb
+    x ^= x >> 31
+    return x
+
+
+cdef inline uint64_t hash128(uint64_t lo, uint64_t hi) noexcept nogil:
+    return mix64(lo ^ mix64(hi + <uint64_t>0x9e3779b97f4a7c15))
+
+
+cdef inline uint64_t fingerprint(const TRec* r) noexcept nogil:
+    """A 64-bit digest of every field the host submitted (not the id)."""
+    cdef uint64_t h = <uint64_t>0x243f6a8885a308d3
+    h = mix64(h ^ r.debit)
+    h = mix64(h ^ r.credit)
+    h = mix64(h ^ <uint64_t>r.amount)
+    h = mix64(h ^ r.related_lo)
+    h = mix64(h ^ r.related_hi)
+    h = mix64(h ^ r.user_data)
+    h = mix64(h ^ <uint64_t>r.at)
+    h = mix64(h ^ <uint64_t>r.expires_at)
+    h = mix64(h ^ <uint64_t>r.timeout)
+    h = mix64(h ^ ((<uint64_t>r.asset << 32) | (<uint64_t>r.code << 16) | r.flags))
+    return h
+
+
+def fingerprints(TRec[::1] recs):
+    """The fingerprint of each record's submitted fields (uint64 array)."""
+    cdef Py_ssize_t i, n = recs.shape[0]
+    out = np.empty(n, dtype=np.uint64)
+    cdef uint64_t[::1] o = out
+    with nogil:
+        for i in range(n):
+            o[i] = fingerprint(&recs[i])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# A growable scratch buffer of int64 for undo logs (C memory, no Python in the loop)
+
+cdef struct Buf:
+    int64_t* data
+    Py_ssize_t n
+    Py_ssize_t cap
+
+cdef inline int buf_push(Buf* b, int64_t v) noexcept nogil:
+    cdef int64_t* p
+    if b.n == b.cap:
+        b.cap = b.cap * 2 if b.cap else 256
+        p = <int64_t*>realloc(b.data, b.cap * sizeof(int64_t))
+        if p == NULL:
+            return -1
+        b.data = p
+    b.data[b.n] = v
+    b.n += 1
+    return 0
+
+
+cdef class State:
+    """Accounts, balances, lots, holds and (optionally) seen transfer ids, in NumPy buffers."""
+
+    # account hash: id -> slot
+    cdef public object _acc_keys_arr, _acc_vals_arr
+    cdef uint64_t[::1] acc_keys
+    cdef int32_t[::1] acc_vals
+    cdef uint64_t acc_mask
+    # per slot
+    cdef public object _a_id, _a_asset, _a_flags, _a_user, _dp, _cp, _dpend, _cpend, _lot_head
+    cdef uint64_t[::1] a_id
+    cdef uint32_t[::1] a_asset
+    cdef uint32_t[::1] a_flags
+    cdef uint64_t[::1] a_user
+    cdef int64_t[::1] dp, cp, dpend, cpend
+    cdef int32_t[::1] lot_head
+    cdef public Py_ssize_t n_accounts
+    # lot pool: singly linked lists sorted by expiry
+    cdef public object _lot_exp, _lot_amt, _lot_next
+    cdef int64_t[::1] lot_exp, lot_amt
+    cdef int32_t[::1] lot_next
+    cdef public int32_t lot_free
+    cdef public Py_ssize_t lot_cap, lots_in_use
+    # holds
+    cdef public object _p_keys_lo, _p_keys_hi, _p_vals
+    cdef uint64_t[::1] p_keys_lo, p_keys_hi
+    cdef int32_t[::1] p_vals
+    cdef uint64_t p_mask
+    cdef public object _p_id_lo, _p_id_hi, _p_dslot, _p_cslot, _p_amount, _p_asset, _p_deadline
+    cdef public object _p_expires, _p_state, _p_code
+    cdef uint64_t[::1] p_id_lo, p_id_hi
+    cdef int32_t[::1] p_dslot, p_cslot
+    cdef int64_t[::1] p_amount, p_deadline, p_expires
+    cdef uint32_t[::1] p_asset
+    cdef uint16_t[::1] p_code
+    cdef uint8_t[::1] p_state
+    cdef public Py_ssize_t n_pending
+    # seen transfer ids (only for handles that write)
+    cdef public object _t_lo, _t_hi, _t_fp
+    cdef uint64_t[::1] t_lo, t_hi, t_fp
+    cdef uint64_t t_mask
+    cdef public Py_ssize_t n_ids
+    cdef public bint ids_enabled
+
+    def __init__(self):
+        self.n_accounts = 0
+        self.n_pending = 0
+        self.n_ids = 0
+        self.ids_enabled = False
+        self.lot_free = -1
+        self.lot_cap = 0
+        self.lots_in_use = 0
+        self._alloc_accounts(1024)
+        self._alloc_account_hash(2048)
+        self._alloc_lots(1024)
+        self._alloc_pending(64)
+        self._alloc_pending_hash(128)
+
+    # -- allocation ---------------------------------------------------------------------------
+    def _alloc_accounts(self, Py_ssize_t cap):
+        n = self.n_accounts
+
+        def grow(old, dtype, fill=0):
+            new = np.full(cap, fill, dtype=dtype)
+            if old is not None and n:
+                new[:n] = old[:n]
+            return new
+
+        self._a_id = grow(getattr(self, "_a_id", None), np.uint64)
+        self._a_asset = grow(getattr(self, "_a_asset", None), np.uint32)
+        self._a_flags = grow(getattr(self, "_a_flags", None), np.uint32)
+        self._a_user = grow(getattr(self, "_a_user", None), np.uint64)
+        self._dp = grow(getattr(self, "_dp", None), np.int64)
+        self._cp = grow(getattr(self, "_cp", None), np.int64)
+        self._dpend = grow(getattr(self, "_dpend", None), np.int64)
+        self._cpend = grow(getattr(self, "_cpend", None), np.int64)
+        self._lot_head = grow(getattr(self, "_lot_head", None), np.int32, -1)
+        self.a_id = self._a_id
+        self.a_asset = self._a_asset
+        self.a_flags = self._a_flags
+        self.a_user = self._a_user
+        self.dp = self._dp
+        self.cp = self._cp
+        self.dpend = self._dpend
+        self.cpend = self._cpend
+        self.lot_head = self._lot_head
+
+    def _alloc_account_hash(self, Py_ssize_t cap):
+        self._acc_keys_arr = np.zeros(cap, dtype=np.uint64)
+        self._acc_vals_arr = np.full(cap, -1, dtype=np.int32)
+        self.acc_keys = self._acc_keys_arr
+        self.acc_vals = self._acc_vals_arr
+        self.acc_mask = cap - 1
+        cdef Py_ssize_t i
+        for i in range(self.n_accounts):
+            self._acc_insert(self.a_id[i], <int32_t>i)
+
+    def _alloc_lots(self, Py_ssize_t cap):
+        cdef Py_ssize_t old = self.lot_cap, i
+        exp = np.zeros(cap, dtype=np.int64)
+        amt = np.zeros(cap, dtype=np.int64)
+        nxt = np.full(cap, -1, dtype=np.int32)
+        if old:
+            exp[:old] = self._lot_exp
+            amt[:old] = self._lot_amt
+            nxt[:old] = self._lot_next
+        self._lot_exp, self._lot_amt, self._lot_next = exp, amt, nxt
+        self.lot_exp, self.lot_amt, self.lot_next = exp, amt, nxt
+        # chain the new nodes into the free list
+        for i in range(cap - 1, old - 1, -1):
+            self.lot_next[i] = self.lot_free
+            self.lot_free = <int32_t>i
+        self.lot_cap = cap
+
+    def _alloc_pending(self, Py_ssize_t cap):
+        n = self.n_pending
+
+        def grow(old, dtype):
+            new = np.zeros(cap, dtype=dtype)
+            if old is not None and n:
+                new[:n] = old[:n]
+            return new
+
+        self._p_id_lo = grow(getattr(self, "_p_id_lo", None), np.uint64)
+        self._p_id_hi = grow(getattr(self, "_p_id_hi", None), np.uint64)
+        self._p_dslot = grow(getattr(self, "_p_dslot", None), np.int32)
+        self._p_cslot = grow(getattr(self, "_p_cslot", None), np.int32)
+        self._p_amount = grow(getattr(self, "_p_amount", None), np.int64)
+        self._p_asset = grow(getattr(self, "_p_asset", None), np.uint32)
+        self._p_deadline = grow(getattr(self, "_p_deadline", None), np.int64)
+        self._p_expires = grow(getattr(self, "_p_expires", None), np.int64)
+        self._p_state = grow(getattr(self, "_p_state", None), np.uint8)
+        self._p_code = grow(getattr(self, "_p_code", None), np.uint16)
+        self.p_id_lo = self._p_id_lo
+        self.p_id_hi = self._p_id_hi
+        self.p_dslot = self._p_dslot
+        self.p_cslot = self._p_cslot
+        self.p_amount = self._p_amount
+        self.p_asset = self._p_asset
+        self.p_deadline = self._p_deadline
+        self.p_expires = self._p_expires
+        self.p_state = self._p_state
+        self.p_code = self._p_code
+
+    def _alloc_pending_hash(self, Py_ssize_t cap):
+        self._p_keys_lo = np.zeros(cap, dtype=np.uint64)
+        self._p_keys_hi = np.zeros(cap, dtype=np.uint64)
+        self._p_vals = np.full(cap, -1, dtype=np.int32)
+        self.p_keys_lo = self._p_keys_lo
+        self.p_keys_hi = self._p_keys_hi
+        self.p_vals = self._p_vals
+        self.p_mask = cap - 1
+        cdef Py_ssize_t i
+        for i in range(self.n_pending):
+            self._p_insert(self.p_id_lo[i], self.p_id_hi[i], <int32_t>i)
+
+    def _alloc_ids(self, Py_ssize_t cap):
+        old_lo, old_hi, old_fp = self._t_lo, self._t_hi, self._t_fp
+        self._t_lo = np.zeros(cap, dtype=np.uint64)
+        self._t_hi = np.zeros(cap, dtype=np.uint64)
+        self._t_fp = np.zeros(cap, dtype=np.uint64)
+        self.t_lo, self.t_hi, self.t_fp = self._t_lo, self._t_hi, self._t_fp
+        self.t_mask = cap - 1
+        self.n_ids = 0
+        cdef uint64_t[::1] olo, ohi, ofp
+        cdef Py_ssize_t i
+        if old_lo is not None:
+            olo, ohi, ofp = old_lo, old_hi, old_fp
+            with nogil:
+                for i in range(olo.shape[0]):
+                    if olo[i] != 0 or ohi[i] != 0:
+                        self._id_insert(olo[i], ohi[i], ofp[i])
+
+    def reserve(self, Py_ssize_t accounts=0, Py_ssize_t transfers=0):
+        """Grow every table so that ``accounts`` more accounts and ``transfers`` more transfers fit."""
+        cdef Py_ssize_t need, cap
+        need = self.n_accounts + accounts
+        if need > self._a_id.shape[0]:
+            cap = self._a_id.shape[0]
+            while cap < need:
+                cap *= 2
+            self._alloc_accounts(cap)
+        if need * 2 > self._acc_keys_arr.shape[0]:
+            cap = self._acc_keys_arr.shape[0]
+            while cap < need * 2:
+                cap *= 2
+            self._alloc_account_hash(cap)
+        if transfers:
+            # each transfer adds at most one lot and one hold
+            if self.lots_in_use + transfers > self.lot_cap:
+                cap = max(self.lot_cap, 1024)
+                while cap < self.lots_in_use + transfers:
+                    cap *= 2
+                self._alloc_lots(cap)
+            need = self.n_pending + transfers
+            if need > self._p_id_lo.shape[0]:
+                cap = self._p_id_lo.shape[0]
+                while cap < need:
+                    cap *= 2
+                self._alloc_pending(cap)
+            if need * 2 > self._p_keys_lo.shape[0]:
+                cap = self._p_keys_lo.shape[0]
+                while cap < need * 2:
+                    cap *= 2
+                self._alloc_pending_hash(cap)
+            if self.ids_enabled:
+                need = self.n_ids + transfers
+                if need * 2 > self._t_lo.shape[0]:
+                    cap = self._t_lo.shape[0]
+                    while cap < need * 2:
+                        cap *= 2
+                    self._alloc_ids(cap)
+
+    def enable_ids(self, Py_ssize_t expected=0):
+        """Start tracking seen transfer ids (for idempotency); the caller then feeds the journal."""
+        cdef Py_ssize_t cap = 1024
+        while cap < expected * 2:
+            cap *= 2
+        self._t_lo = None
+        self._alloc_ids(cap)
+        self.ids_enabled = True
+
+    # -- hash tables ---------------------------------------------------------------------------
+    cdef inline int32_t _acc_find(self, uint64_t key) noexcept nogil:
+        cdef uint64_t i = mix64(key) & self.acc_mask
+        while True:
+            if self.acc_keys[i] == key:
+                return self.acc_vals[i]
+            if self.acc_keys[i] == 0:
+                return -1
+            i = (i + 1) & self.acc_mask
+
+    cdef inline void _acc_insert(self, uint64_t key, int32_t slot) noexcept nogil:
+        cdef uint64_t i = mix64(key) & self.acc_mask
+        while self.acc_keys[i] != 0 and self.acc_keys[i] != key:
+            i = (i + 1) & self.acc_mask
+        self.acc_keys[i] = key
+        self.acc_vals[i] = slot
+
+    cdef inline int32_t _p_find(self, uint64_t lo, uint64_t hi) noexcept nogil:
+        cdef uint64_t i = hash128(lo, hi) & self.p_mask
+        cdef int32_t p
+        while True:
+            if self.p_keys_lo[i] == lo and self.p_keys_hi[i] == hi and self.p_vals[i] >= 0:
+                p = self.p_vals[i]
+                # a hold rolled back with its linked chain may have had its index reused
+                if p < self.n_pending and self.p_id_lo[p] == lo and self.p_id_hi[p] == hi:
+                    return p
+                return -1
+            if self.p_vals[i] < 0:
+                return -1
+            i = (i + 1) & self.p_mask
+
+    cdef inline void _p_insert(self, uint64_t lo, uint64_t hi, int32_t p) noexcept nogil:
+        cdef uint64_t i = hash128(lo, hi) & self.p_mask
+        while self.p_vals[i] >= 0 and not (self.p_keys_lo[i] == lo and self.p_keys_hi[i] == hi):
+            i = (i + 1) & self.p_mask
+        self.p_keys_lo[i] = lo
+        self.p_keys_hi[i] = hi
+        self.p_vals[i] = p
+
+    cdef inline int _id_find(self, uint64_t lo, uint64_t hi, uint64_t* fp) noexcept nogil:
+        cdef uint64_t i = hash128(lo, hi) & self.t_mask
+        while True:
+            if self.t_lo[i] == lo and self.t_hi[i] == hi:
+                fp[0] = self.t_fp[i]
+                return 1
+            if self.t_lo[i] == 0 and self.t_hi[i] == 0:
+                return 0
+            i = (i + 1) & self.t_mask
+
+    cdef inline void _id_insert(self, uint64_t lo, uint64_t hi, uint64_t fp) noexcept nogil:
+        cdef uint64_t i = hash128(lo, hi) & self.t_mask
+        while not (self.t_lo[i] == 0 and self.t_hi[i] == 0):
+            if self.t_lo[i] == lo and self.t_hi[i] == hi:
+                return
+            i = (i + 1) & self.t_mask
+        self.t_lo[i] = lo
+        self.t_hi[i] = hi
+        self.t_fp[i] = fp
+        self.n_ids += 1
+
+    def add_ids(self, TRec[::1] recs):
+        """Record the ids (and submitted-field fingerprints) of committed transfers."""
+        cdef Py_ssize_t i, n = recs.shape[0]
+        if not self.ids_enabled:
+            return
+        self.reserve(0, n)
+        with nogil:
+            for i in range(n):
+                self._id_insert(recs[i].id_lo, recs[i].id_hi, recs[i].fp)
+
+    # -- lots ----------------------------------------------------------------------------------
+    cdef inline int32_t _lot_alloc(self) noexcept nogil:
+        cdef int32_t k = self.lot_free
+        self.lot_free = self.lot_next[k]
+        self.lots_in_use += 1
+        return k
+
+    cdef inline void _lot_release(self, int32_t k) noexcept nogil:
+        self.lot_next[k] = self.lot_free
+        self.lot_free = k
+        self.lots_in_use -= 1
+
+    cdef inline void _lot_add(self, int32_t slot, int64_t exp, int64_t amt) noexcept nogil:
+        cdef int32_t prev = -1, cur = self.lot_head[slot], k
+        while cur >= 0 and self.lot_exp[cur] < exp:
+            prev = cur
+            cur = self.lot_next[cur]
+        if cur >= 0 and self.lot_exp[cur] == exp:
+            self.lot_amt[cur] += amt
+            return
+        k = self._lot_alloc()
+        self.lot_exp[k] = exp
+        self.lot_amt[k] = amt
+        self.lot_next[k] = cur
+        if prev < 0:
+            self.lot_head[slot] = k
+        else:
+            self.lot_next[prev] = k
+
+    cdef inline void _lot_draw(self, int32_t slot, int64_t amt) noexcept nogil:
+        cdef int32_t cur = self.lot_head[slot], nxt
+        while cur >= 0 and amt > 0:
+            if self.lot_amt[cur] > amt:
+                self.lot_amt[cur] -= amt
+                return
+            amt -= self.lot_amt[cur]
+            nxt = self.lot_next[cur]
+            self._lot_release(cur)
+            cur = nxt
+            self.lot_head[slot] = cur
+
+    cdef int _lot_save(self, Buf* b, int32_t slot) noexcept nogil:
+        """Push (slot, count, exp, amt, ...) then the start offset: undo record for one lot list."""
+        cdef Py_ssize_t start = b.n
+        cdef int32_t cur = self.lot_head[slot]
+        cdef int64_t count = 0
+        if buf_push(b, slot) or buf_push(b, 0):
+            return -1
+        while cur >= 0:
+            if buf_push(b, self.lot_exp[cur]) or buf_push(b, self.lot_amt[cur]):
+                return -1
+            count += 1
+            cur = self.lot_next[cur]
+        b.data[start + 1] = count
+        return buf_push(b, start)
+
+    cdef void _lot_restore(self, Buf* b) noexcept nogil:
+        """Undo lot changes, newest first, down to an empty buffer."""
+        cdef Py_ssize_t start, j
+        cdef int32_t slot, cur, nxt, prev, k
+        cdef int64_t count
+        while b.n > 0:
+            start = b.data[b.n - 1]
+            slot = <int32_t>b.data[start]
+            count = b.data[start + 1]
+            cur = self.lot_head[slot]
+            while cur >= 0:
+                nxt = self.lot_next[cur]
+                self._lot_release(cur)
+                cur = nxt
+            self.lot_head[slot] = -1
+            prev = -1
+            for j in range(count):
+                k = self._lot_alloc()
+                self.lot_exp[k] = b.data[start + 2 + 2 * j]
+                self.lot_amt[k] = b.data[start + 3 + 2 * j]
+                self.lot_next[k] = -1
+                if prev < 0:
+                    self.lot_head[slot] = k
+                else:
+                    self.lot_next[prev] = k
+                prev = k
+            b.n = start
+
+    # -- accounts ------------------------------------------------------------------------------
+    def apply_accounts(self, ARec[::1] recs, uint8_t[::1] results, ARec[::1] out, bint replay=False):
+        """Create, close or reopen accounts. Returns how many records to journal (written to ``out``);
+        in replay mode returns -(i + 1) for the first record that does not apply."""
+        cdef Py_ssize_t i, n = recs.shape[0], n_out = 0, failed_at = -1
+        cdef int32_t slot
+        cdef uint8_t r
+        cdef uint16_t f
+        self.reserve(n, 0)
+        with nogil:
+            for i in range(n):
+                r = AR_OK
+                f = recs[i].flags
+                if recs[i].id == 0:
+                    r = AR_ID_ZERO
+                elif recs[i].op == 0:
+                    if (f & A_DMNEC and f & A_CMNED) or f & A_CLOSED:
+                        r = AR_FLAGS_EXCLUSIVE
+                    else:
+                        slot = self._acc_find(recs[i].id)
+                        if slot >= 0:
+                            if (self.a_asset[slot] == recs[i].asset
+                                    and (self.a_flags[slot] & ~A_CLOSED) == f
+                                    and self.a_user[slot] == recs[i].user_data):
+                                r = AR_EXISTS
+                            else:
+                                r = AR_EXISTS_DIFFERENT
+                        else:
+                            slot = <int32_t>self.n_accounts
+                            self.n_accounts += 1
+                            self.a_id[slot] = recs[i].id
+                            self.a_asset[slot] = recs[i].asset
+                            self.a_flags[slot] = f
+                            self.a_user[slot] = recs[i].user_data
+                            self._acc_insert(recs[i].id, slot)
+                else:
+                    slot = self._acc_find(recs[i].id)
+                    if slot < 0:
+                        r = AR_ID_ZERO if replay else 255
+                    elif recs[i].op == 1:
+                        self.a_flags[slot] |= A_CLOSED
+                    else:
+                        self.a_flags[slot] &= ~A_CLOSED
+                if replay:
+                    if r != AR_OK:
+                        failed_at = i
+                        break
+                else:
+                    results[i] = r
+                    if r == AR_OK:
+                        out[n_out] = recs[i]
+                        n_out += 1
+        if failed_at >= 0:
+            return -(failed_at + 1)
+        return n_out
+
+    def slot_of(self, uint64_t account_id):
+        return self._acc_find(account_id)
+
+    def slots_of(self, const uint64_t[::1] ids):
+        cdef Py_ssize_t i, n = ids.shape[0]
+        out = np.empty(n, dtype=np.int32)
+        cdef int32_t[::1] o = out
+        with nogil:
+            for i in range(n):
+                o[i] = self._acc_find(ids[i])
+        return out
+
+    def account_row(self, uint64_t account_id):
+        """(asset, flags, user_data) of an account, or None."""
+        cdef int32_t s = self._acc_find(account_id)
+        if s < 0:
+            return None
+        return (self.a_asset[s], self.a_flags[s], self.a_user[s])
+
+    def balance(self, uint64_t account_id):
+        """(debits_posted, credits_posted, debits_pending, credits_pending) or None."""
+        cdef int32_t s = self._acc_find(account_id)
+        if s < 0:
+            return None
+        return (self.dp[s], self.cp[s], self.dpend[s], self.cpend[s])
+
+    def balances_into(self, const uint64_t[::1] ids, int64_t[:, ::1] out, uint8_t[::1] found):
+        """Fill out[i] = (dp, cp, dpend, cpend, available) for each id; found[i] = 0 if unknown."""
+        cdef Py_ssize_t i, n = ids.shape[0]
+        cdef int32_t s
+        with nogil:
+            for i in range(n):
+                s = self._acc_find(ids[i])
+                if s < 0:
+                    found[i] = 0
+                    out[i, 0] = 0
+                    out[i, 1] = 0
+                    out[i, 2] = 0
+                    out[i, 3] = 0
+                    out[i, 4] = 0
+                else:
+                    found[i] = 1
+                    out[i, 0] = self.dp[s]
+                    out[i, 1] = self.cp[s]
+                    out[i, 2] = self.dpend[s]
+                    out[i, 3] = self.cpend[s]
+                    out[i, 4] = self.cp[s] - self.dp[s] - self.dpend[s]
+
+    def lots(self, uint64_t account_id):
+        """[(expires_at, remaining), ...] of an account, soonest first."""
+        cdef int32_t s = self._acc_find(account_id)
+        if s < 0:
+            return None
+        out = []
+        cdef int32_t cur = self.lot_head[s]
+        while cur >= 0:
+            out.append((self.lot_exp[cur], self.lot_amt[cur]))
+            cur = self.lot_next[cur]
+        return out
+
+    # -- transfers -----------------------------------------------------------------------------
+    def apply(self, TRec[::1] batch, uint8_t[::1] results, TRec[::1] out, bint replay=False):
+        """Apply transfers in order, with linked chains all-or-nothing.
+
+        Normal mode: results[i] gets each transfer's result; the committed records (resolved, with the
+        fingerprint of the submitted fields) are written to ``out``; returns how many. Replay mode
+        (records already in the journal): returns the count, or -(i + 1) for the first record that no
+        longer applies (a corrupt journal). Raises MemoryError if an undo log cannot grow.
+        """
+        cdef Py_ssize_t n = batch.shape[0]
+        self.reserve(0, n)
+        cdef Py_ssize_t i, j, chain_start = 0, chain_out = 0, n_out = 0, chain_pending = 0
+        cdef Py_ssize_t failed_at = -1
+        cdef bint in_chain = False, chain_failed = False
+        cdef uint8_t r
+        cdef int rc = 0
+        cdef Buf bal_undo, lot_undo, pend_undo
+        bal_undo.data = NULL; bal_undo.n = 0; bal_undo.cap = 0
+        lot_undo.data = NULL; lot_undo.n = 0; lot_undo.cap = 0
+        pend_undo.data = NULL; pend_undo.n = 0; pend_undo.cap = 0
+        try:
+            with nogil:
+                for i in range(n):
+                    if not in_chain:
+                        chain_start = i
+                        chain_out = n_out
+                        chain_pending = self.n_pending
+                        chain_failed = False
+                        bal_undo.n = 0
+                        lot_undo.n = 0
+                        pend_undo.n = 0
+                    in_chain = (batch[i].flags & F_LINKED) != 0
+                    if chain_failed:
+                        r = R_LINKED_EVENT_FAILED
+                    else:
+                        r = self._apply_one(&batch[i], &out[n_out], replay,
+                                            (in_chain or i > chain_start) and not replay,
+                                            &batch[chain_start], i - chain_start,
+                                            &bal_undo, &lot_undo, &pend_undo, &rc)
+                        if rc:
+                            break
+                        if r == R_OK:
+                            n_out += 1
+                        elif r != R_EXISTS:
+                            if replay:
+                                failed_at = i
+                                break
+                            chain_failed = True
+                            if i > chain_start or in_chain:
+                                self._rollback(&bal_undo, &lot_undo, &pend_undo, chain_pending)
+                                n_out = chain_out
+                                for j in range(chain_start, i):
+                                    results[j] = R_LINKED_EVENT_FAILED
+                    if not replay:
+                        results[i] = r
+                    if not in_chain:
+                        # chain (or single transfer) complete: remember its ids
+                        if self.ids_enabled and not chain_failed:
+                            for j in range(chain_out, n_out):
+                                self._id_insert(out[j].id_lo, out[j].id_hi, out[j].fp)
+                if rc == 0 and failed_at < 0 and in_chain and not replay:
+                    # the batch ended inside a chain: the chain fails as a whole
+                    if not chain_failed:
+                        self._rollback(&bal_undo, &lot_undo, &pend_undo, chain_pending)
+                        n_out = chain_out
+                    for j in range(chain_start, n):
+                        results[j] = R_LINKED_EVENT_CHAIN_OPEN
+        finally:
+            free(bal_undo.data)
+            free(lot_undo.data)
+            free(pend_undo.data)
+        if rc:
+            raise MemoryError("ledger kernel: could not grow an undo log")
+        if failed_at >= 0:
+            return -(failed_at + 1)
+        if replay and self.ids_enabled:
+            self.add_ids(batch)
+        return n_out
+
+    cdef void _rollback(self, Buf* bal_undo, Buf* lot_undo, Buf* pend_undo,
+                        Py_ssize_t chain_pending) noexcept nogil:
+        cdef Py_ssize_t k
+        cdef int32_t s
+        # balances: entries of (slot, dp, cp, dpend, cpend), newest first
+        k = bal_undo.n
+        while k > 0:
+            k -= 5
+            s = <int32_t>bal_undo.data[k]
+            self.dp[s] = bal_undo.data[k + 1]
+            self.cp[s] = bal_undo.data[k + 2]
+            self.dpend[s] = bal_undo.data[k + 3]
+            self.cpend[s] = bal_undo.data[k + 4]
+        bal_undo.n = 0
+        self._lot_restore(lot_undo)
+        # hold states changed by posts/voids: (index, old state), newest first
+        k = pend_undo.n
+        while k > 0:
+            k -= 2
+            self.p_state[pend_undo.data[k]] = <uint8_t>pend_undo.data[k + 1]
+        pend_undo.n = 0
+        self.n_pending = chain_pending
+
+    cdef inline int _save_bal(self, Buf* b, int32_t s) noexcept nogil:
+        if buf_push(b, s) or buf_push(b, self.dp[s]) or buf_push(b, self.cp[s]):
+            return -1
+        return buf_push(b, self.dpend[s]) or buf_push(b, self.cpend[s])
+
+    cdef uint8_t _apply_one(self, const TRec* t, TRec* o, bint replay, bint chained,
+                            const TRec* chain, Py_ssize_t n_chain_before,
+                            Buf* bal_undo, Buf* lot_undo, Buf* pend_undo, int* rc) noexcept nogil:
+        cdef uint16_t f = t.flags
+        cdef uint16_t kind = f & (F_PENDING | F_POST | F_VOID)
+        cdef uint64_t fp, seen_fp
+        cdef int32_t ds, cs, p
+        cdef int64_t amount, held
+        cdef Py_ssize_t j
+        cdef bint system = (f & F_SYSTEM) != 0
+        if t.id_lo == 0 and t.id_hi == 0:
+            return R_ID_ZERO
+        if kind != 0 and kind != F_PENDING and kind != F_POST and kind != F_VOID:
+            return R_FLAGS_EXCLUSIVE
+        if replay:
+            fp = t.fp
+        else:
+            fp = fingerprint(t)
+            if self.ids_enabled:
+                if self._id_find(t.id_lo, t.id_hi, &seen_fp):
+                    return R_EXISTS if seen_fp == fp else R_EXISTS_DIFFERENT
+                for j in range(n_chain_before):
+                    if chain[j].id_lo == t.id_lo and chain[j].id_hi == t.id_hi:
+                        return R_EXISTS if fingerprint(&chain[j]) == fp else R_EXISTS_DIFFERENT
+        if kind == F_POST or kind == F_VOID:
+            if t.related_lo == 0 and t.related_hi == 0:
+                return R_PENDING_ID_REQUIRED
+            p = self._p_find(t.related_lo, t.related_hi)
+            if p < 0:
+                return R_PENDING_NOT_FOUND
+            if self.p_state[p] == P_POSTED:
+                return R_PENDING_ALREADY_POSTED
+            if self.p_state[p] == P_VOIDED:
+                return R_PENDING_ALREADY_VOIDED
+            if self.p_state[p] == P_EXPIRED:
+                return R_PENDING_EXPIRED
+            ds = self.p_dslot[p]
+            cs = self.p_cslot[p]
+            held = self.p_amount[p]
+            if ((t.debit != 0 and t.debit != self.a_id[ds])
+                    or (t.credit != 0 and t.credit != self.a_id[cs])
+                    or (t.asset != 0 and t.asset != self.p_asset[p])
+                    or t.timeout != 0
+                    or (kind == F_VOID and t.amount != 0 and t.amount != held)):
+                return R_PENDING_FIELDS_DIFFER
+            if t.amount < 0:
+                return R_AMOUNT_MUST_BE_POSITIVE
+            amount = held if t.amount == 0 else t.amount
+            if amount > held:
+                return R_PENDING_AMOUNT_EXCEEDED
+            if not system and self.p_deadline[p] <= t.at:
+                return R_PENDING_EXPIRED
+            if kind == F_POST and not system and (
+                    (self.a_flags[ds] & A_CLOSED) or (self.a_flags[cs] & A_CLOSED)):
+                return R_ACCOUNT_CLOSED
+            if kind == F_POST and (self.dp[ds] > INT64_MAX - amount or self.cp[cs] > INT64_MAX - amount):
+                return R_OVERFLOW
+            # apply
+            if chained:
+                if (self._save_bal(bal_undo, ds) or self._save_bal(bal_undo, cs)
+                        or buf_push(pend_undo, p) or buf_push(pend_undo, self.p_state[p])):
+                    rc[0] = -1
+                    return R_OK
+                if kind == F_POST and (self._lot_save(lot_undo, ds) or (
+                        self.p_expires[p] != 0 and self._lot_save(lot_undo, cs))):
+                    rc[0] = -1
+                    return R_OK
+            self.dpend[ds] -= held
+            self.cpend[cs] -= held
+            if kind == F_POST:
+                self.dp[ds] += amount
+                self.cp[cs] += amount
+                self._lot_draw(ds, amount)
+                if self.p_expires[p] != 0:
+                    self._lot_add(cs, self.p_expires[p], amount)
+                self.p_state[p] = P_POSTED
+            else:
+                self.p_state[p] = P_EXPIRED if system else P_VOIDED
+                amount = held
+            o[0] = t[0]
+            o.debit = self.a_id[ds]
+            o.credit = self.a_id[cs]
+            o.asset = self.p_asset[p]
+            o.amount = amount
+            o.expires_at = self.p_expires[p]
+            o.fp = fp
+            return R_OK
+        # plain or pending
+        if t.timeout != 0 and kind != F_PENDING:
+            return R_TIMEOUT_RESERVED
+        if t.timeout < 0:
+            return R_TIMEOUT_RESERVED
+        if t.amount <= 0:
+            return R_AMOUNT_MUST_BE_POSITIVE
+        if t.debit == t.credit:
+            return R_ACCOUNTS_MUST_DIFFER
+        if t.expires_at != 0 and t.expires_at <= t.at:
+            return R_EXPIRY_NOT_AFTER_EVENT
+        ds = self._acc_find(t.debit)
+        cs = self._acc_find(t.credit)
+        if ds < 0 or cs < 0:
+            return R_ACCOUNT_NOT_FOUND
+        if not system and ((self.a_flags[ds] & A_CLOSED) or (self.a_flags[cs] & A_CLOSED)):
+            return R_ACCOUNT_CLOSED
+        if self.a_asset[ds] != t.asset or self.a_asset[cs] != t.asset:
+            return R_ASSET_MISMATCH
+        amount = t.amount
+        if (self.a_flags[ds] & A_DMNEC) and (
+                self.dp[ds] + self.dpend[ds] > self.cp[ds] - amount):
+            return R_EXCEEDS_CREDITS
+        if (self.a_flags[cs] & A_CMNED) and (
+                self.cp[cs] + self.cpend[cs] > self.dp[cs] - amount):
+            return R_EXCEEDS_DEBITS
+        if kind == F_PENDING:
+            if self.dpend[ds] > INT64_MAX - amount or self.cpend[cs] > INT64_MAX - amount:
+                return R_OVERFLOW
+        elif self.dp[ds] > INT64_MAX - amount or self.cp[cs] > INT64_MAX - amount:
+            return R_OVERFLOW
+        if chained:
+            if self._save_bal(bal_undo, ds) or self._save_bal(bal_undo, cs):
+                rc[0] = -1
+                return R_OK
+            if kind != F_PENDING and (self._lot_save(lot_undo, ds) or (
+                    t.expires_at != 0 and self._lot_save(lot_undo, cs))):
+                rc[0] = -1
+                return R_OK
+        if kind == F_PENDING:
+            self.dpend[ds] += amount
+            self.cpend[cs] += amount
+            p = <int32_t>self.n_pending
+            self.n_pending += 1
+            self.p_id_lo[p] = t.id_lo
+            self.p_id_hi[p] = t.id_hi
+            self.p_dslot[p] = ds
+            self.p_cslot[p] = cs
+            self.p_amount[p] = amount
+            self.p_asset[p] = t.asset
+            self.p_code[p] = t.code
+            self.p_deadline[p] = t.at + t.timeout if t.timeout > 0 else INT64_MAX
+            if t.timeout > 0 and t.at > INT64_MAX - t.timeout:
+                self.p_deadline[p] = INT64_MAX
+            self.p_expires[p] = t.expires_at
+            self.p_state[p] = P_PENDING
+            self._p_insert(t.id_lo, t.id_hi, p)
+        else:
+            self.dp[ds] += amount
+            self.cp[cs] += amount
+            self._lot_draw(ds, amount)
+            if t.expires_at != 0:
+                self._lot_add(cs, t.expires_at, amount)
+        o[0] = t[0]
+        o.fp = fp
+        return R_OK
+
+    # -- expiry --------------------------------------------------------------------------------
+    def expiry_records(self, int64_t at, uint64_t sink_id, uint16_t code):
+        """Records (not yet applied) that expire every lot ended by ``at`` on accounts of the sink's
+        asset, and release every hold whose time-out ended by ``at``. Ids are left for the caller."""
+        cdef int32_t sink = self._acc_find(sink_id)
+        if sink < 0:
+            raise KeyError(sink_id)
+        cdef uint32_t asset = self.a_asset[sink]
+        cdef Py_ssize_t s, p, n = 0, k = 0
+        cdef int32_t cur
+        cdef int64_t due, avail
+        # count, allocate, fill
+        for s in range(self.n_accounts):
+            if s != sink and self.a_asset[s] == asset and self.lot_head[s] >= 0 \
+                    and self.lot_exp[self.lot_head[s]] <= at:
+                n += 1
+        for p in range(self.n_pending):
+            if self.p_state[p] == P_PENDING and self.p_deadline[p] <= at:
+                n += 1
+        from .types import RECORD_DTYPE
+        recs = np.zeros(n, dtype=RECORD_DTYPE)
+        if n == 0:
+            return recs
+        cdef TRec[::1] r = recs
+        for s in range(self.n_accounts):
+            if s == sink or self.a_asset[s] != asset or self.lot_head[s] < 0:
+                continue
+            cur = self.lot_head[s]
+            due = 0
+            while cur >= 0 and self.lot_exp[cur] <= at:
+                due += self.lot_amt[cur]
+                cur = self.lot_next[cur]
+            if due == 0:
+                continue
+            if self.a_flags[s] & A_DMNEC:
+                avail = self.cp[s] - self.dp[s] - self.dpend[s]
+                if due > avail:
+                    due = avail if avail > 0 else 0
+            if due <= 0:
+                continue
+            r[k].debit = self.a_id[s]
+            r[k].credit = sink_id
+            r[k].amount = due
+            r[k].asset = asset
+            r[k].code = code
+            r[k].at = at
+            r[k].flags = F_SYSTEM
+            k += 1
+        for p in range(self.n_pending):
+            if self.p_state[p] == P_PENDING and self.p_deadline[p] <= at:
+                r[k].related_lo = self.p_id_lo[p]
+                r[k].related_hi = self.p_id_hi[p]
+                r[k].debit = self.a_id[self.p_dslot[p]]
+                r[k].credit = self.a_id[self.p_cslot[p]]
+                r[k].asset = self.p_asset[p]
+                r[k].amount = self.p_amount[p]
+                r[k].code = self.p_code[p]
+                r[k].at = at
+                r[k].flags = F_SYSTEM | F_VOID
+                k += 1
+        return recs[:k]
+
+    # -- snapshot ------------------------------------------------------------------------------
+    def export(self):
+        """The state as a dict of NumPy arrays (copies), lots in list order."""
+        cdef Py_ssize_t n = self.n_accounts, s, k = 0
+        cdef int32_t cur
+        lot_slot = np.empty(self.lots_in_use, dtype=np.int32)
+        lot_exp = np.empty(self.lots_in_use, dtype=np.int64)
+        lot_amt = np.empty(self.lots_in_use, dtype=np.int64)
+        cdef int32_t[::1] ls = lot_slot
+        cdef int64_t[::1] le = lot_exp, la = lot_amt
+        for s in range(n):
+            cur = self.lot_head[s]
+            while cur >= 0:
+                ls[k] = <int32_t>s
+                le[k] = self.lot_exp[cur]
+                la[k] = self.lot_amt[cur]
+                k += 1
+                cur = self.lot_next[cur]
+        m = self.n_pending
+        return {
+            "a_id": self._a_id[:n].copy(), "a_asset": self._a_asset[:n].copy(),
+            "a_flags": self._a_flags[:n].copy(), "a_user": self._a_user[:n].copy(),
+            "dp": self._dp[:n].copy(), "cp": self._cp[:n].copy(),
+            "dpend": self._dpend[:n].copy(), "cpend": self._cpend[:n].copy(),
+            "lot_slot": lot_slot[:k], "lot_exp": lot_exp[:k], "lot_amt": lot_amt[:k],
+            "p_id_lo": self._p_id_lo[:m].copy(), "p_id_hi": self._p_id_hi[:m].copy(),
+            "p_dslot": self._p_dslot[:m].copy(), "p_cslot": self._p_cslot[:m].copy(),
+            "p_amount": self._p_amount[:m].copy(), "p_asset": self._p_asset[:m].copy(),
+            "p_deadline": self._p_deadline[:m].copy(), "p_expires": self._p_expires[:m].copy(),
+            "p_state": self._p_state[:m].copy(), "p_code": self._p_code[:m].copy(),
+        }
+
+    @classmethod
+    def from_export(cls, d):
+        """A State rebuilt from ``export()``'s arrays (ids not tracked)."""
+        cdef State st = cls()
+        cdef Py_ssize_t n = len(d["a_id"]), m = len(d["p_id_lo"]), i
+        cdef int32_t s, prev_slot = -1, prev = -1, k
+        st.reserve(n, max(len(d["lot_slot"]), m))
+        st.n_accounts = n
+        st._a_id[:n] = d["a_id"]
+        st._a_asset[:n] = d["a_asset"]
+        st._a_flags[:n] = d["a_flags"]
+        st._a_user[:n] = d["a_user"]
+        st._dp[:n] = d["dp"]
+        st._cp[:n] = d["cp"]
+        st._dpend[:n] = d["dpend"]
+        st._cpend[:n] = d["cpend"]
+        for i in range(n):
+            st._acc_insert(st.a_id[i], <int32_t>i)
+        cdef const int32_t[::1] ls = np.ascontiguousarray(d["lot_slot"], dtype=np.int32)
+        cdef const int64_t[::1] le = np.ascontiguousarray(d["lot_exp"], dtype=np.int64)
+        cdef const int64_t[::1] la = np.ascontiguousarray(d["lot_amt"], dtype=np.int64)
+        for i in range(ls.shape[0]):
+            s = ls[i]
+            if s < 0 or s >= n:
+                raise ValueError("snapshot lot names an account slot out of range")
+            k = st._lot_alloc()
+            st.lot_exp[k] = le[i]
+            st.lot_amt[k] = la[i]
+            st.lot_next[k] = -1
+            if s != prev_slot:
+                st.lot_head[s] = k
+            else:
+                st.lot_next[prev] = k
+            prev_slot = s
+            prev = k
+        st.n_pending = m
+        for name in ("p_id_lo", "p_id_hi", "p_dslot", "p_cslot", "p_amount", "p_asset",
+                     "p_deadline", "p_expires", "p_state", "p_code"):
+            getattr(st, "_" + name)[:m] = d[name]
+        for i in range(m):
+            st._p_insert(st.p_id_lo[i], st.p_id_hi[i], <int32_t>i)
+        return st
+
+
+# ---------------------------------------------------------------------------------------------------
+# Index runs: (account, locator) pairs sorted by account; locator = seq << 24 | position
+
+def index_entries(TRec[::1] recs, uint64_t seq):
+    """The index entries of one journal entry's records, sorted by account then locator."""
+    cdef Py_ssize_t i, n = recs.shape[0]
+    acc = np.empty(2 * n, dtype=np.uint64)
+    loc = np.empty(2 * n, dtype=np.uint64)
+    cdef uint64_t[::1] a = acc, l = loc
+    cdef uint64_t base = seq << 24
+    with nogil:
+        for i in range(n):
+            a[2 * i] = recs[i].debit
+            a[2 * i + 1] = recs[i].credit
+            l[2 * i] = base | <uint64_t>i
+            l[2 * i + 1] = base | <uint64_t>i
+    order = np.argsort(acc, kind="stable")
+    return acc[order], loc[order]

@@ -1,0 +1,829 @@
+"""The double-entry points ledger: accounts, transfers, balances, lots, holds, a hash-chained journal.
+
+The journal in LMDB is the truth. Balances, lots and holds are a pure function of it, kept in memory
+by each handle (a compiled :class:`~loyalty_engine._core.State`), written as a snapshot now and then,
+and brought up to date by replaying the journal entries after the state a handle holds. See
+``docs/ledger.md`` for the contract.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from typing import Any
+
+import lmdb
+import numpy as np
+import pyarrow as pa
+
+from . import _core
+from .batch import normalize_accounts, normalize_batch, normalize_transfers
+from .errors import CorruptionError, LedgerClosedError, NotFoundError, StorageError, ValidationError
+from .store import Store, from_u64be, open_store, release_store, u64be
+from .types import (
+    ACCOUNT_RECORD_DTYPE,
+    BALANCE_DTYPE,
+    RECORD_DTYPE,
+    SYSTEM_ID_HI,
+    Account,
+    AccountFlags,
+    AccountResult,
+    Balance,
+    Code,
+    Transfer,
+    TransferResult,
+    VerifyReport,
+    to_micros,
+)
+
+__all__ = ["Ledger"]
+
+KIND_ACCOUNTS = 1
+KIND_TRANSFERS = 2
+# kind, pad, count, seq, committed_at (µs), previous hash
+HEADER = struct.Struct("<B3xIQq32s")
+HASH_SIZE = 32
+ZERO_HASH = bytes(32)
+MAX_BATCH = (1 << 24) - 1
+# Index runs: level-0 runs are merged into one run of the next level when this many pile up.
+RUN_FANOUT = 8
+MAX_RUN_ENTRIES = 1 << 25
+SYNC_MODES = ("full", "group", "none")
+
+
+def _entry_hash(header: bytes, payload: bytes | memoryview) -> bytes:
+    h = hashlib.sha256(header)
+    h.update(payload)
+    return h.digest()
+
+
+class Ledger:
+    """A points ledger in an LMDB directory. Open with :meth:`Ledger.open`; use as a context manager.
+
+    One writer at a time across threads and processes (a second writer waits); readers never block.
+    """
+
+    def __init__(self, store: Store, *, readonly: bool) -> None:
+        self._store: Store | None = store
+        self._readonly = readonly
+        self._lock = threading.RLock()
+        self._state: Any = None  # _core.State, built lazily
+        self._seq = 0
+        self._hash = ZERO_HASH
+        self._since_snapshot = 0
+        self._wrote = False
+
+    # -- opening and closing ------------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], *, sync: str = "full", create: bool = True,
+             readonly: bool = False, map_size: int | None = None) -> Ledger:
+        """Open (creating if needed) the ledger in directory ``path``.
+
+        ``sync``: ``"full"`` (durable at every commit, the default), ``"group"`` (one sync per commit:
+        a power loss may undo the last commit, never damage the ledger) or ``"none"`` (bulk work: a
+        process crash loses nothing; call :meth:`sync` at checkpoints). ``map_size`` is the initial
+        LMDB map in bytes; it grows by itself when the data outgrows it.
+        """
+        if sync not in SYNC_MODES:
+            raise ValidationError(f"sync={sync!r} is not one of {', '.join(map(repr, SYNC_MODES))}")
+        if map_size is not None and (not isinstance(map_size, int) or map_size < 1 << 16):
+            raise ValidationError(f"map_size={map_size!r} must be an integer of at least 65536 bytes")
+        store = open_store(path, mode=sync, create=create, readonly=readonly, map_size=map_size)
+        return cls(store, readonly=readonly)
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Write a snapshot if this handle wrote since the last one, then release the ledger."""
+        with self._lock:
+            if self._store is None:
+                return
+            try:
+                if self._wrote and self._since_snapshot and not self._readonly:
+                    self._write_snapshot()
+                if self._wrote and self._store.mode != "full":
+                    self._store.env.sync(True)
+            finally:
+                release_store(self._store)
+                self._store = None
+                self._state = None
+
+    @property
+    def closed(self) -> bool:
+        return self._store is None
+
+    @property
+    def path(self) -> str:
+        return self._st().path
+
+    def sync(self) -> None:
+        """Force everything committed so far to disk (for ``sync="none"``/``"group"``)."""
+        self._st().env.sync(True)
+
+    def _st(self) -> Store:
+        if self._store is None:
+            raise LedgerClosedError("this ledger handle is closed; open it again with Ledger.open(path)")
+        return self._store
+
+    # -- state: load, catch up ----------------------------------------------------------------------
+    def _head(self, txn: lmdb.Transaction) -> tuple[int, bytes]:
+        raw = txn.get(b"head", db=self._st().dbs[b"meta"])
+        if raw is None:
+            return 0, ZERO_HASH
+        raw = bytes(raw)
+        return from_u64be(raw[:8]), raw[8:40]
+
+    def _reset(self) -> None:
+        self._state = None
+        self._seq = 0
+        self._hash = ZERO_HASH
+        self._since_snapshot = 0
+
+    def _load(self, txn: lmdb.Transaction) -> None:
+        """Build the state from the snapshot (if any) and replay the journal after it."""
+        st = self._st()
+        snap = _read_snapshot(txn, st.dbs[b"snapshot"])
+        if snap is None:
+            self._state = _core.State()
+            self._seq, self._hash = 0, ZERO_HASH
+        else:
+            seq, entry_hash, arrays = snap
+            try:
+                self._state = _core.State.from_export(arrays)
+            except (ValueError, KeyError) as e:
+                raise CorruptionError(f"the snapshot at entry {seq} cannot be decoded: {e}; "
+                                      f"run 'loyalty-engine verify' on the ledger") from e
+            self._seq, self._hash = seq, entry_hash
+        self._since_snapshot = 0
+
+    def _catch_up(self, txn: lmdb.Transaction) -> None:
+        """Replay the journal entries committed after the state this handle holds."""
+        if self._state is None:
+            self._load(txn)
+        head, _ = self._head(txn)
+        if head < self._seq:  # the ledger was replaced under us
+            self._load(txn)
+        if head == self._seq:
+            return
+        jdb = self._st().dbs[b"journal"]
+        cur = txn.cursor(db=jdb)
+        if not cur.set_key(u64be(self._seq + 1)):
+            raise CorruptionError(f"journal entry {self._seq + 1} is missing (head is {head})")
+        for key, value in cur:
+            seq = from_u64be(key)
+            if seq > head:
+                break
+            kind, recs, entry_hash = _decode_entry(seq, value, self._hash)
+            self._replay(seq, kind, recs)
+            self._seq, self._hash = seq, entry_hash
+            self._since_snapshot += len(recs)
+
+    def _replay(self, seq: int, kind: int, recs: np.ndarray) -> None:
+        if kind == KIND_ACCOUNTS:
+            r = self._state.apply_accounts(recs, np.empty(0, np.uint8), np.empty(0, ACCOUNT_RECORD_DTYPE),
+                                           True)
+        else:
+            r = self._state.apply(recs, np.empty(0, np.uint8), np.empty(len(recs), RECORD_DTYPE), True)
+        if r < 0:
+            raise CorruptionError(f"journal entry {seq}, record {-r - 1} does not apply to the state "
+                                  f"before it; run 'loyalty-engine verify' on the ledger")
+
+    def _ensure_ids(self, txn: lmdb.Transaction) -> None:
+        """Track every committed transfer id (needed to answer ``exists``); done once per writer."""
+        if self._state.ids_enabled:
+            return
+        jdb = self._st().dbs[b"journal"]
+        total = 0
+        entries = []
+        for key, value in txn.cursor(db=jdb):
+            if from_u64be(key) > self._seq:
+                break
+            kind, count = value[0], struct.unpack_from("<I", value, 4)[0]
+            if kind == KIND_TRANSFERS:
+                total += count
+                entries.append(value)
+        self._state.enable_ids(total)
+        for value in entries:
+            n = struct.unpack_from("<I", value, 4)[0]
+            recs = np.frombuffer(value, RECORD_DTYPE, n, HEADER.size)
+            self._state.add_ids(recs.copy())
+
+    def _read(self) -> None:
+        """Bring the state up to date for a read (cheap when nothing new was committed)."""
+        st = self._st()
+        with st.begin() as txn:
+            self._catch_up(txn)
+
+    # -- writing ------------------------------------------------------------------------------------
+    def _write(self, fn: Any) -> Any:
+        """Run ``fn(txn)`` in a write transaction with the state caught up; commit; retry on map full."""
+        if self._readonly:
+            raise StorageError("this ledger was opened readonly=True")
+        st = self._st()
+        with self._lock, st.lock:
+            for _attempt in range(40):
+                txn = st.begin(write=True)
+                try:
+                    self._catch_up(txn)
+                    out = fn(txn)
+                    txn.commit()
+                except lmdb.MapFullError:
+                    txn.abort()
+                    self._reset()  # the state may hold the failed batch
+                    st.grow()
+                    continue
+                except BaseException:
+                    txn.abort()
+                    self._reset()
+                    raise
+                self._wrote = True
+                break
+            else:  # pragma: no cover - 40 doublings is beyond any disk
+                raise StorageError("the ledger map could not grow enough for this batch")
+        self._after_commit()
+        return out
+
+    def _append(self, txn: lmdb.Transaction, kind: int, recs: np.ndarray) -> None:
+        """Journal one entry (and its index run) in ``txn``; the state already holds its effect."""
+        st = self._st()
+        seq = self._seq + 1
+        header = HEADER.pack(kind, len(recs), seq, time.time_ns() // 1000, self._hash)
+        payload = recs.tobytes()
+        entry_hash = _entry_hash(header, payload)
+        if not txn.put(u64be(seq), b"".join((header, payload, entry_hash)), db=st.dbs[b"journal"],
+                       append=True, overwrite=False):
+            raise CorruptionError(f"journal entry {seq} already exists: another writer raced this one")
+        txn.put(b"head", u64be(seq) + entry_hash, db=st.dbs[b"meta"])
+        if kind == KIND_TRANSFERS and len(recs):
+            acc, loc = _core.index_entries(recs, seq)
+            _put_run(txn, st.dbs[b"index"], 0, seq, seq, acc, loc)
+        self._seq, self._hash = seq, entry_hash
+        self._since_snapshot += len(recs)
+
+    def _after_commit(self) -> None:
+        """Housekeeping outside the commit: merge index runs, write a snapshot when due."""
+        st = self._st()
+        try:
+            with self._lock, st.lock:
+                with st.begin() as txn:
+                    plan = _compaction_plan(txn, st.dbs[b"index"])
+                if plan:
+                    with st.env.begin(write=True, buffers=True) as txn:
+                        _compact(txn, st.dbs[b"index"], plan)
+                n_acc = self._state.n_accounts if self._state is not None else 0
+                if self._since_snapshot >= 4 * n_acc + 250_000:
+                    self._write_snapshot()
+        except lmdb.MapFullError:
+            st.grow()  # housekeeping retries after a later commit
+
+    def _write_snapshot(self) -> None:
+        st = self._st()
+        with self._lock, st.lock:
+            txn = st.begin(write=True)
+            try:
+                self._catch_up(txn)
+                _put_snapshot(txn, st.dbs[b"snapshot"], self._seq, self._hash, self._state.export())
+                txn.commit()
+            except BaseException:
+                txn.abort()
+                raise
+            self._since_snapshot = 0
+
+    # -- accounts -----------------------------------------------------------------------------------
+    def create_accounts(self, accounts: Sequence[Account]) -> list[AccountResult]:
+        """Create accounts; one :class:`AccountResult` per account, in order."""
+        recs = normalize_accounts(accounts)
+        return [AccountResult(r) for r in self._account_ops(recs)]
+
+    def create_accounts_batch(self, ids: Any, *, asset: int = 0, flags: int = 0,
+                              user_data: int = 0) -> np.ndarray:
+        """Create many accounts of one asset and flags at once; returns a uint8 array of results."""
+        arr = np.asarray(ids)
+        if arr.ndim != 1 or arr.dtype.kind not in "iu":
+            raise ValidationError(f"ids must be a 1-d integer array, not {arr.dtype} of shape {arr.shape}")
+        if arr.dtype.kind == "i" and len(arr) and arr.min() < 0:
+            raise ValidationError(f"ids[{int(np.argmin(arr))}]={int(arr.min())} is negative")
+        recs = np.zeros(len(arr), ACCOUNT_RECORD_DTYPE)
+        recs["id"] = arr.astype(np.uint64)
+        recs["asset"] = _checked_int(asset, "asset", 0, (1 << 32) - 1)
+        recs["flags"] = _checked_int(int(flags), "flags", 0, 0xFFFF)
+        recs["user_data"] = _checked_int(user_data, "user_data", 0, (1 << 64) - 1)
+        return self._account_ops(recs)
+
+    def close_accounts(self, ids: Iterable[int]) -> None:
+        """Mark accounts closed: they take no new transfers. Raises NotFoundError for an unknown id."""
+        self._close_reopen(ids, 1)
+
+    def reopen_accounts(self, ids: Iterable[int]) -> None:
+        """Clear the closed mark."""
+        self._close_reopen(ids, 2)
+
+    def _close_reopen(self, ids: Iterable[int], op: int) -> None:
+        ids = [_checked_int(i, "account id", 1, (1 << 64) - 1) for i in ids]
+        recs = np.zeros(len(ids), ACCOUNT_RECORD_DTYPE)
+        recs["id"] = ids
+        recs["op"] = op
+
+        def run(txn: lmdb.Transaction) -> None:
+            for i in ids:
+                if self._state.slot_of(i) < 0:
+                    raise NotFoundError(f"account {i} does not exist")
+            out = np.empty(len(recs), ACCOUNT_RECORD_DTYPE)
+            k = self._state.apply_accounts(recs, np.empty(len(recs), np.uint8), out, False)
+            if k:
+                self._append(txn, KIND_ACCOUNTS, out[:k])
+
+        if ids:
+            self._write(run)
+
+    def _account_ops(self, recs: np.ndarray) -> np.ndarray:
+        results = np.zeros(len(recs), np.uint8)
+        if len(recs) == 0:
+            return results
+
+        def run(txn: lmdb.Transaction) -> None:
+            out = np.empty(len(recs), ACCOUNT_RECORD_DTYPE)
+            k = self._state.apply_accounts(recs, results, out, False)
+            if k:
+                self._append(txn, KIND_ACCOUNTS, out[:k])
+
+        self._write(run)
+        return results
+
+    def account(self, account_id: int) -> Account:
+        """The account ``account_id`` (flags include CLOSED when closed)."""
+        with self._lock:
+            self._read()
+            row = self._state.account_row(_checked_int(account_id, "account id", 0, (1 << 64) - 1))
+        if row is None:
+            raise NotFoundError(f"account {account_id} does not exist")
+        return Account(id=account_id, asset=int(row[0]), flags=AccountFlags(int(row[1])),
+                       user_data=int(row[2]))
+
+    # -- transfers ----------------------------------------------------------------------------------
+    def post(self, transfers: Sequence[Transfer]) -> list[TransferResult]:
+        """Post transfers in order; one :class:`TransferResult` per transfer.
+
+        Raises only when the call itself is wrong (a wrong type, a naive datetime, a value out of
+        range, a closed handle); then nothing is written.
+        """
+        recs = normalize_transfers(transfers)
+        return [TransferResult(r) for r in self._post(recs)]
+
+    def post_batch(self, batch: Any) -> np.ndarray:
+        """Post a pyarrow Table/RecordBatch or structured NumPy array of transfers (see docs/ledger.md
+        for the columns); returns a ``uint8`` array of :class:`TransferResult` codes."""
+        return self._post(normalize_batch(batch))
+
+    def _post(self, recs: np.ndarray) -> np.ndarray:
+        n = len(recs)
+        if n > MAX_BATCH:
+            raise ValidationError(f"a batch holds at most {MAX_BATCH} transfers, this one {n}; split it")
+        results = np.zeros(n, np.uint8)
+        if n == 0:
+            return results
+
+        def run(txn: lmdb.Transaction) -> None:
+            self._ensure_ids(txn)
+            out = np.empty(n, RECORD_DTYPE)
+            k = self._state.apply(recs, results, out, False)
+            if k:
+                self._append(txn, KIND_TRANSFERS, out[:k])
+
+        self._write(run)
+        return results
+
+    def expire(self, at: datetime | int, sink: int, code: int = Code.EXPIRE) -> int:
+        """Expire what remains of every lot that ended by ``at`` (accounts of the sink's asset) into
+        ``sink``, and release every hold whose time-out ended by ``at``. Returns transfers written."""
+        at_us = to_micros(at, "at")
+        sink = _checked_int(sink, "sink", 1, (1 << 64) - 1)
+        code = _checked_int(int(code), "code", 0, 0xFFFF)
+        count = 0
+
+        def run(txn: lmdb.Transaction) -> None:
+            nonlocal count
+            row = self._state.account_row(sink)
+            if row is None:
+                raise NotFoundError(f"sink account {sink} does not exist")
+            if row[1] & (AccountFlags.CREDITS_MUST_NOT_EXCEED_DEBITS | AccountFlags.CLOSED):
+                raise ValidationError(f"sink account {sink} is closed or may not receive credits "
+                                      f"(flags {AccountFlags(int(row[1]))!r})")
+            recs = self._state.expiry_records(at_us, sink, code)
+            if len(recs) == 0:
+                return
+            seq = self._seq + 1
+            recs["id_hi"] = SYSTEM_ID_HI
+            recs["id_lo"] = (np.uint64(seq) << np.uint64(24)) | np.arange(len(recs), dtype=np.uint64)
+            recs["fp"] = _core.fingerprints(recs)
+            out = np.empty(len(recs), RECORD_DTYPE)
+            results = np.zeros(len(recs), np.uint8)
+            k = self._state.apply(recs, results, out, False)
+            if k != len(recs):
+                bad = int(np.flatnonzero(results)[0])
+                raise CorruptionError(f"expiry transfer {bad} was refused "
+                                      f"({TransferResult(int(results[bad])).name}); the state is "
+                                      f"inconsistent: run 'loyalty-engine verify'")
+            self._append(txn, KIND_TRANSFERS, out)
+            count = k
+
+        self._write(run)
+        return count
+
+    # -- reading ------------------------------------------------------------------------------------
+    def balance(self, account_id: int) -> Balance:
+        """The balance of one account; NotFoundError if it does not exist."""
+        with self._lock:
+            self._read()
+            b = self._state.balance(account_id)
+        if b is None:
+            raise NotFoundError(f"account {account_id} does not exist")
+        return Balance(b[0], b[1], b[2], b[3], b[1] - b[0] - b[2])
+
+    def balances(self, ids: Any) -> np.ndarray:
+        """Balances of many accounts as a ``BALANCE_DTYPE`` array (``found`` False for unknown ids)."""
+        arr = np.ascontiguousarray(ids)
+        if arr.ndim != 1 or arr.dtype.kind not in "iu":
+            raise ValidationError(f"ids must be a 1-d integer array, not {arr.dtype} of shape {arr.shape}")
+        if arr.dtype.kind == "i" and len(arr) and arr.min() < 0:
+            raise ValidationError(f"ids[{int(np.argmin(arr))}]={int(arr.min())} is negative")
+        arr = arr.astype(np.uint64, copy=False)
+        vals = np.empty((len(arr), 5), np.int64)
+        found = np.empty(len(arr), np.uint8)
+        with self._lock:
+            self._read()
+            self._state.balances_into(arr, vals, found)
+        out = np.empty(len(arr), BALANCE_DTYPE)
+        out["id"] = arr
+        for j, name in enumerate(("debits_posted", "credits_posted", "debits_pending", "credits_pending",
+                                  "available")):
+            out[name] = vals[:, j]
+        out["found"] = found.astype(bool)
+        return out
+
+    def lots(self, account_id: int) -> list[tuple[int, int]]:
+        """The account's lots as (expires_at µs, remaining), soonest first."""
+        with self._lock:
+            self._read()
+            lots = self._state.lots(account_id)
+        if lots is None:
+            raise NotFoundError(f"account {account_id} does not exist")
+        return [(int(e), int(a)) for e, a in lots]
+
+    @property
+    def head(self) -> tuple[int, str]:
+        """(sequence number, hex hash) of the last committed journal entry."""
+        with self._st().begin() as txn:
+            seq, h = self._head(txn)
+        return seq, h.hex()
+
+    def transfers(self, account: int | None = None, since: datetime | int | None = None,
+                  until: datetime | int | None = None) -> pa.Table:
+        """Committed transfers (of one account, or all) with ``since <= at < until``, in time order."""
+        lo = to_micros(since, "since") if since is not None else -(1 << 63)
+        hi = to_micros(until, "until") if until is not None else (1 << 63) - 1
+        st = self._st()
+        parts = []
+        with st.begin() as txn:
+            jdb = st.dbs[b"journal"]
+            if account is None:
+                for key, value in txn.cursor(db=jdb):
+                    if value[0] == KIND_TRANSFERS:
+                        n = struct.unpack_from("<I", value, 4)[0]
+                        recs = np.frombuffer(value, RECORD_DTYPE, n, HEADER.size)
+                        sel = np.flatnonzero((recs["at"] >= lo) & (recs["at"] < hi))
+                        parts.append((from_u64be(key), sel, recs[sel].copy()))
+            else:
+                acct = np.uint64(_checked_int(account, "account", 0, (1 << 64) - 1))
+                locs = [loc for loc in _runs_lookup(txn, st.dbs[b"index"], acct) if len(loc)]
+                if locs:
+                    allloc = np.unique(np.concatenate(locs))
+                    seqs = allloc >> np.uint64(24)
+                    pos = (allloc & np.uint64(0xFFFFFF)).astype(np.int64)
+                    for s in np.unique(seqs):
+                        value = txn.get(u64be(int(s)), db=jdb)
+                        if value is None:
+                            raise CorruptionError(f"the index names journal entry {int(s)}, "
+                                                  f"which is missing")
+                        n = struct.unpack_from("<I", value, 4)[0]
+                        recs = np.frombuffer(value, RECORD_DTYPE, n, HEADER.size)
+                        p = pos[seqs == s]
+                        r = recs[p]
+                        keep = (r["at"] >= lo) & (r["at"] < hi)
+                        parts.append((int(s), p[keep], r[keep].copy()))
+        return _records_table(parts)
+
+    def export(self, out: str | os.PathLike[str]) -> int:
+        """Write the whole journal of transfers to a Parquet file; returns rows written."""
+        import pyarrow.parquet as pq
+
+        st = self._st()
+        rows = 0
+        writer = None
+        try:
+            with st.begin() as txn:
+                for key, value in txn.cursor(db=st.dbs[b"journal"]):
+                    if value[0] != KIND_TRANSFERS:
+                        continue
+                    n = struct.unpack_from("<I", value, 4)[0]
+                    recs = np.frombuffer(value, RECORD_DTYPE, n, HEADER.size).copy()
+                    table = _records_table([(from_u64be(key), np.arange(n), recs)], sort=False)
+                    if writer is None:
+                        writer = pq.ParquetWriter(os.fspath(out), table.schema)
+                    writer.write_table(table)
+                    rows += n
+            if writer is None:
+                pq.write_table(_records_table([]), os.fspath(out))
+        finally:
+            if writer is not None:
+                writer.close()
+        return rows
+
+    # -- verification -------------------------------------------------------------------------------
+    def verify(self) -> VerifyReport:
+        """Walk the hash chain, replay the journal from empty, check conservation, and compare the
+        result with the stored snapshot and with this handle's live state."""
+        st = self._st()
+        problems: list[str] = []
+        batches = transfers = 0
+        with self._lock, st.begin() as txn:
+            state = _core.State()
+            prev = ZERO_HASH
+            expected = 1
+            head_seq, head_hash = self._head(txn)
+            snap = None
+            try:
+                snap = _read_snapshot(txn, st.dbs[b"snapshot"])
+            except CorruptionError as e:
+                problems.append(str(e))
+            derived_acc, derived_loc = [], []
+            for key, value in txn.cursor(db=st.dbs[b"journal"]):
+                seq = from_u64be(key)
+                batches += 1
+                if seq != expected:
+                    problems.append(f"journal entry {expected} is missing (found {seq} next)")
+                    expected = seq
+                try:
+                    kind, recs, entry_hash = _decode_entry(seq, value, prev, strict=False)
+                except CorruptionError as e:
+                    problems.append(str(e))
+                    break
+                stored = bytes(value[-HASH_SIZE:])
+                if stored != entry_hash:
+                    problems.append(f"journal entry {seq}: hash mismatch (stored {stored.hex()[:16]}..., "
+                                    f"computed {entry_hash.hex()[:16]}...): the entry was altered")
+                hdr_prev = bytes(value[24:56])
+                if hdr_prev != prev:
+                    problems.append(f"journal entry {seq}: does not chain to entry {seq - 1}")
+                prev = stored
+                if kind == KIND_ACCOUNTS:
+                    r = state.apply_accounts(recs, np.empty(0, np.uint8),
+                                             np.empty(0, ACCOUNT_RECORD_DTYPE), True)
+                else:
+                    r = state.apply(recs, np.empty(0, np.uint8), np.empty(len(recs), RECORD_DTYPE), True)
+                    transfers += len(recs)
+                    a, lo_ = _core.index_entries(recs, seq)
+                    derived_acc.append(a)
+                    derived_loc.append(lo_)
+                if r < 0:
+                    problems.append(f"journal entry {seq}, record {-r - 1}: does not apply to the state "
+                                    f"before it")
+                if snap is not None and seq == snap[0]:
+                    problems += _compare_states(state.export(), snap[2], f"snapshot at entry {seq}")
+                expected = seq + 1
+            if head_seq != expected - 1:
+                problems.append(f"the head names entry {head_seq} but the journal ends at {expected - 1}")
+            elif head_hash != prev:
+                problems.append(f"the head hash does not match journal entry {head_seq}")
+            if snap is not None and snap[0] > expected - 1:
+                problems.append(f"the snapshot names entry {snap[0]}, past the journal's end")
+            final = state.export()
+            problems += _conservation(final)
+            problems += _check_index(txn, st.dbs[b"index"], derived_acc, derived_loc)
+            if not problems and not self._readonly:
+                try:
+                    self._catch_up(txn)
+                    problems += _compare_states(final, self._state.export(), "this handle's live state")
+                except CorruptionError as e:
+                    problems.append(str(e))
+        return VerifyReport(ok=not problems, batches=batches, transfers=transfers, problems=problems)
+
+
+# --- helpers: journal entries ----------------------------------------------------------------------
+
+def _decode_entry(seq: int, value: memoryview, prev_hash: bytes,
+                  strict: bool = True) -> tuple[int, np.ndarray, bytes]:
+    """(kind, records copy, computed hash) of a journal entry; checks the chain when ``strict``."""
+    if len(value) < HEADER.size + HASH_SIZE:
+        raise CorruptionError(f"journal entry {seq} is truncated ({len(value)} bytes)")
+    kind, count, hseq, _at, hprev = HEADER.unpack_from(value, 0)
+    size = {KIND_ACCOUNTS: ACCOUNT_RECORD_DTYPE.itemsize, KIND_TRANSFERS: RECORD_DTYPE.itemsize}.get(kind)
+    if size is None or len(value) != HEADER.size + count * size + HASH_SIZE or hseq != seq:
+        raise CorruptionError(f"journal entry {seq} has a damaged header (kind {kind}, count {count}, "
+                              f"seq {hseq}, {len(value)} bytes)")
+    header = bytes(value[: HEADER.size])
+    payload = value[HEADER.size: HEADER.size + count * size]
+    entry_hash = _entry_hash(header, payload)
+    if strict and (entry_hash != bytes(value[-HASH_SIZE:]) or hprev != prev_hash):
+        raise CorruptionError(f"journal entry {seq} fails its hash check; run 'loyalty-engine verify'")
+    dtype = ACCOUNT_RECORD_DTYPE if kind == KIND_ACCOUNTS else RECORD_DTYPE
+    return kind, np.frombuffer(payload, dtype, count).copy(), entry_hash
+
+
+def _records_table(parts: list[tuple[int, np.ndarray, np.ndarray]], sort: bool = True) -> pa.Table:
+    if parts:
+        seq = np.concatenate([np.full(len(p), s, np.uint64) for s, p, _ in parts])
+        pos = np.concatenate([np.asarray(p, np.uint32) for _, p, _ in parts])
+        recs = np.concatenate([r for _, _, r in parts])
+    else:
+        seq = np.empty(0, np.uint64)
+        pos = np.empty(0, np.uint32)
+        recs = np.empty(0, RECORD_DTYPE)
+    if sort and len(recs):
+        order = np.lexsort((pos, seq, recs["at"]))
+        seq, pos, recs = seq[order], pos[order], recs[order]
+    ts = pa.timestamp("us", tz="UTC")
+    exp = recs["expires_at"]
+    cols = {
+        "seq": pa.array(seq),
+        "position": pa.array(pos),
+        "id": pa.array(recs["id_lo"]),
+        "id_hi": pa.array(recs["id_hi"]),
+        "debit": pa.array(recs["debit"]),
+        "credit": pa.array(recs["credit"]),
+        "amount": pa.array(recs["amount"]),
+        "asset": pa.array(recs["asset"]),
+        "code": pa.array(recs["code"]),
+        "flags": pa.array(recs["flags"]),
+        "at": pa.array(recs["at"], type=pa.int64()).cast(ts),
+        "expires_at": pa.array(exp, type=pa.int64(), mask=exp == 0).cast(ts),
+        "related": pa.array(recs["related_lo"]),
+        "related_hi": pa.array(recs["related_hi"]),
+        "timeout": pa.array(recs["timeout"]),
+        "user_data": pa.array(recs["user_data"]),
+    }
+    return pa.table(cols)
+
+
+# --- helpers: snapshot -----------------------------------------------------------------------------
+
+def _put_snapshot(txn: lmdb.Transaction, db: Any, seq: int, entry_hash: bytes,
+                  arrays: dict[str, np.ndarray]) -> None:
+    names = sorted(arrays)
+    index = []
+    blobs = []
+    off = 0
+    for name in names:
+        a = np.ascontiguousarray(arrays[name])
+        b = a.tobytes()
+        index.append(f"{name}:{a.dtype.str}:{len(a)}:{off}")
+        blobs.append(b)
+        off += len(b)
+    body = b"".join(blobs)
+    meta = ";".join(index).encode()
+    head = u64be(seq) + entry_hash + struct.pack("<I", len(meta)) + meta
+    digest = hashlib.sha256(head + body).digest()
+    txn.put(b"state", head + body + digest, db=db)
+
+
+def _read_snapshot(txn: lmdb.Transaction, db: Any) -> tuple[int, bytes, dict[str, np.ndarray]] | None:
+    raw = txn.get(b"state", db=db)
+    if raw is None:
+        return None
+    try:
+        seq = from_u64be(raw[:8])
+        entry_hash = bytes(raw[8:40])
+        (mlen,) = struct.unpack_from("<I", raw, 40)
+        meta = bytes(raw[44:44 + mlen]).decode()
+        start = 44 + mlen
+        if hashlib.sha256(raw[:-HASH_SIZE]).digest() != bytes(raw[-HASH_SIZE:]):
+            raise CorruptionError(f"the snapshot at entry {seq} fails its hash check (it was altered)")
+        arrays = {}
+        for item in meta.split(";"):
+            name, dt, n, off = item.split(":")
+            arrays[name] = np.frombuffer(raw, np.dtype(dt), int(n), start + int(off)).copy()
+        return seq, entry_hash, arrays
+    except (ValueError, UnicodeDecodeError, struct.error) as e:
+        raise CorruptionError(f"the snapshot cannot be decoded: {e}") from e
+
+
+def _compare_states(a: dict[str, np.ndarray], b: dict[str, np.ndarray], what: str) -> list[str]:
+    problems = []
+    ids = a["a_id"]
+    for name in sorted(set(a) | set(b)):
+        x, y = a.get(name), b.get(name)
+        if x is None or y is None or x.shape != y.shape:
+            problems.append(f"{what}: '{name}' differs in size from the journal's replay")
+        elif not np.array_equal(x, y):
+            i = int(np.flatnonzero(x != y)[0])
+            where = f"account {int(ids[i])}" if name in ("dp", "cp", "dpend", "cpend", "a_flags",
+                                                         "a_asset", "a_user") and i < len(ids) else f"row {i}"
+            problems.append(f"{what}: '{name}' of {where} is {y[i]!r}, the journal gives {x[i]!r}")
+    return problems
+
+
+def _conservation(s: dict[str, np.ndarray]) -> list[str]:
+    problems = []
+    for asset in np.unique(s["a_asset"]):
+        m = s["a_asset"] == asset
+        net = int(s["cp"][m].astype(object).sum() - s["dp"][m].astype(object).sum())
+        pend = int(s["cpend"][m].astype(object).sum() - s["dpend"][m].astype(object).sum())
+        if net or pend:
+            problems.append(f"asset {int(asset)} does not balance: posted {net:+d}, pending {pend:+d}")
+    return problems
+
+
+# --- helpers: index runs ---------------------------------------------------------------------------
+
+def _run_key(level: int, first: int, last: int) -> bytes:
+    return bytes([level]) + u64be(first) + u64be(last)
+
+
+def _put_run(txn: lmdb.Transaction, db: Any, level: int, first: int, last: int,
+             acc: np.ndarray, loc: np.ndarray) -> None:
+    txn.put(_run_key(level, first, last),
+            b"".join((struct.pack("<Q", len(acc)), acc.tobytes(), loc.tobytes())), db=db)
+
+
+def _run_arrays(value: memoryview) -> tuple[np.ndarray, np.ndarray]:
+    (n,) = struct.unpack_from("<Q", value, 0)
+    acc = np.frombuffer(value, np.uint64, n, 8)
+    loc = np.frombuffer(value, np.uint64, n, 8 + 8 * n)
+    return acc, loc
+
+
+def _runs_lookup(txn: lmdb.Transaction, db: Any, account: np.uint64) -> list[np.ndarray]:
+    out = []
+    for _key, value in txn.cursor(db=db):
+        acc, loc = _run_arrays(value)
+        lo = int(np.searchsorted(acc, account, "left"))
+        hi = int(np.searchsorted(acc, account, "right"))
+        if hi > lo:
+            out.append(loc[lo:hi].copy())
+    return out
+
+
+def _compaction_plan(txn: lmdb.Transaction, db: Any) -> list[tuple[int, list[bytes]]]:
+    """Levels with RUN_FANOUT or more runs of mergeable size: (level, their keys)."""
+    by_level: dict[int, list[bytes]] = {}
+    for key, value in txn.cursor(db=db):
+        (n,) = struct.unpack_from("<Q", value, 0)
+        if n < MAX_RUN_ENTRIES:
+            by_level.setdefault(key[0], []).append(bytes(key))
+    return [(lvl, keys[:RUN_FANOUT]) for lvl, keys in sorted(by_level.items()) if len(keys) >= RUN_FANOUT]
+
+
+def _compact(txn: lmdb.Transaction, db: Any, plan: list[tuple[int, list[bytes]]]) -> None:
+    for level, keys in plan:
+        accs, locs = [], []
+        for k in keys:
+            acc, loc = _run_arrays(txn.get(k, db=db))
+            accs.append(acc)
+            locs.append(loc)
+        acc = np.concatenate(accs)
+        loc = np.concatenate(locs)
+        order = np.lexsort((loc, acc))
+        first = from_u64be(keys[0][1:9])
+        last = max(from_u64be(k[9:17]) for k in keys)
+        _put_run(txn, db, min(level + 1, 255), first, last, acc[order], loc[order])
+        for k in keys:
+            txn.delete(k, db=db)
+
+
+def _check_index(txn: lmdb.Transaction, db: Any, derived_acc: list[np.ndarray],
+                 derived_loc: list[np.ndarray]) -> list[str]:
+    accs, locs = [], []
+    for _key, value in txn.cursor(db=db):
+        acc, loc = _run_arrays(value)
+        accs.append(acc)
+        locs.append(loc)
+    def pack(a: list[np.ndarray], b: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        if not a:
+            return np.empty(0, np.uint64), np.empty(0, np.uint64)
+        x, y = np.concatenate(a), np.concatenate(b)
+        o = np.lexsort((y, x))
+        return x[o], y[o]
+    sa, sl = pack(accs, locs)
+    da, dl = pack(derived_acc, derived_loc)
+    if len(sa) != len(da) or not (np.array_equal(sa, da) and np.array_equal(sl, dl)):
+        return [f"the account index ({len(sa)} entries) does not match the journal ({len(da)} entries)"]
+    return []
+
+
+def _checked_int(v: Any, name: str, lo: int, hi: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+        raise ValidationError(f"{name}={v!r} must be an integer")
+    v = int(v)
+    if not lo <= v <= hi:
+        raise ValidationError(f"{name}={v} is out of range [{lo}, {hi}]")
+    return v
+

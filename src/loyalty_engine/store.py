@@ -1,0 +1,140 @@
+"""The LMDB environment under a ledger: opening, named databases, growth, key encodings.
+
+One process opens one LMDB environment per directory (LMDB's rule), so handles on the same path share
+it through a small registry.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import lmdb
+
+from .errors import StorageError
+
+__all__ = ["Store", "open_store", "u64be", "from_u64be"]
+
+FORMAT = b"loyalty_engine ledger 1"
+DEFAULT_MAP_SIZE = 1 << 30
+DB_NAMES = (b"meta", b"journal", b"snapshot", b"index", b"ext")
+
+
+def u64be(n: int) -> bytes:
+    """A key that sorts numerically."""
+    return n.to_bytes(8, "big")
+
+
+def from_u64be(b: bytes | memoryview) -> int:
+    return int.from_bytes(bytes(b), "big")
+
+
+@dataclass
+class Store:
+    """An open LMDB environment and its named databases, shared by the handles of one process."""
+
+    path: str
+    env: lmdb.Environment
+    dbs: dict[bytes, Any]
+    mode: str
+    refs: int = 0
+    #: Serialises this process's writers and map resizes (LMDB's lock serialises processes).
+    lock: threading.RLock = field(default_factory=threading.RLock)
+
+    def grow(self) -> None:
+        """Double the map (the data outgrew it)."""
+        with self.lock:
+            size = self.env.info()["map_size"]
+            self.env.set_mapsize(size * 2)
+
+    def refresh_map(self) -> None:
+        """Adopt a map size another process set."""
+        with self.lock:
+            self.env.set_mapsize(0)
+
+    def begin(self, write: bool = False) -> lmdb.Transaction:
+        """A transaction; adopts another process's map growth if needed."""
+        for _ in range(3):
+            try:
+                return self.env.begin(write=write, buffers=True)
+            except lmdb.MapResizedError:
+                self.refresh_map()
+        return self.env.begin(write=write, buffers=True)
+
+
+_registry: dict[str, Store] = {}
+_registry_lock = threading.Lock()
+
+
+def open_store(path: str | os.PathLike[str], *, mode: str, create: bool, readonly: bool,
+               map_size: int | None) -> Store:
+    """Open (or share) the LMDB environment at ``path``.
+
+    ``mode`` is the durability: ``"full"`` (LMDB syncs data and meta page at every commit),
+    ``"group"`` (one sync per commit; the meta page rides on the next one, so a power loss may undo the
+    last commit but never damages the ledger) or ``"none"`` (the OS writes when it likes: a process crash
+    loses nothing, a power loss may lose recent commits; call ``Ledger.sync()`` at checkpoints).
+    """
+    real = os.path.realpath(os.fspath(path))
+    with _registry_lock:
+        st = _registry.get(real)
+        if st is not None:
+            if st.mode != mode:
+                raise StorageError(f"the ledger at {real!r} is already open in this process with "
+                                   f"sync={st.mode!r}; open it again with the same sync mode")
+            st.refs += 1
+            return st
+        if not os.path.exists(real):
+            if not create or readonly:
+                raise StorageError(f"no ledger at {os.fspath(path)!r}; create it with Ledger.open(path) "
+                                   f"or 'loyalty-engine init {os.fspath(path)}'")
+            try:
+                os.makedirs(real, exist_ok=True)
+            except OSError as e:
+                raise StorageError(f"cannot create the ledger directory {real!r}: {e}") from e
+        elif not os.path.isdir(real):
+            raise StorageError(f"{os.fspath(path)!r} is a file, not a ledger directory")
+        try:
+            env = lmdb.open(
+                real,
+                map_size=map_size or DEFAULT_MAP_SIZE,
+                max_dbs=len(DB_NAMES) + 2,
+                sync=mode != "none",
+                metasync=mode == "full",
+                readonly=readonly,
+                max_readers=1024,
+                max_spare_txns=4,
+            )
+        except lmdb.Error as e:
+            raise StorageError(f"cannot open the ledger at {real!r}: {e}") from e
+        try:
+            if readonly:
+                dbs = {name: env.open_db(name, create=False) for name in DB_NAMES}
+            else:
+                with env.begin(write=True) as txn:
+                    dbs = {name: env.open_db(name, txn=txn) for name in DB_NAMES}
+                    fmt = txn.get(b"format", db=dbs[b"meta"])
+                    if fmt is None:
+                        txn.put(b"format", FORMAT, db=dbs[b"meta"])
+                    elif bytes(fmt) != FORMAT:
+                        raise StorageError(f"{real!r} holds {bytes(fmt)!r}, not a {FORMAT.decode()}")
+        except lmdb.Error as e:
+            env.close()
+            raise StorageError(f"{real!r} is not a loyalty_engine ledger: {e}") from e
+        except StorageError:
+            env.close()
+            raise
+        st = Store(path=real, env=env, dbs=dbs, mode=mode, refs=1)
+        _registry[real] = st
+        return st
+
+
+def release_store(st: Store) -> None:
+    """Drop one handle's reference; the last one closes the environment."""
+    with _registry_lock:
+        st.refs -= 1
+        if st.refs <= 0:
+            _registry.pop(st.path, None)
+            st.env.close()
