@@ -32,6 +32,39 @@ cdef packed struct TRec:
     uint16_t code
     uint16_t flags
 
+cdef packed struct Slot:
+    # one account: balances and lot list head share a cache line
+    int64_t dp
+    int64_t cp
+    int64_t dpend
+    int64_t cpend
+    uint64_t id
+    uint64_t user
+    uint32_t asset
+    uint32_t flags
+    int32_t lot_head
+    int32_t pad
+
+SLOT_DTYPE = np.dtype([("dp", "<i8"), ("cp", "<i8"), ("dpend", "<i8"), ("cpend", "<i8"), ("id", "<u8"),
+                       ("user", "<u8"), ("asset", "<u4"), ("flags", "<u4"), ("lot_head", "<i4"),
+                       ("pad", "<i4")])
+
+cdef packed struct AccEntry:
+    uint64_t key
+    int64_t slot
+
+cdef packed struct IdEntry:
+    uint64_t lo
+    uint64_t hi
+    uint64_t fp
+    uint64_t pad
+
+cdef extern from *:
+    """
+    #define LE_PREFETCH(p) __builtin_prefetch((const void *)(p))
+    """
+    void LE_PREFETCH(const void* p) noexcept nogil
+
 cdef packed struct ARec:
     uint64_t id
     uint64_t user_data
@@ -40,6 +73,8 @@ cdef packed struct ARec:
     uint16_t op
 
 # Transfer flags
+DEF PF_FAR = 16
+DEF PF_NEAR = 8
 DEF F_LINKED = 1
 DEF F_PENDING = 2
 DEF F_POST = 4
@@ -157,18 +192,12 @@ cdef class State:
     """Accounts, balances, lots, holds and (optionally) seen transfer ids, in NumPy buffers."""
 
     # account hash: id -> slot
-    cdef public object _acc_keys_arr, _acc_vals_arr
-    cdef uint64_t[::1] acc_keys
-    cdef int32_t[::1] acc_vals
+    cdef public object _acc_arr
+    cdef AccEntry[::1] acc
     cdef uint64_t acc_mask
     # per slot
-    cdef public object _a_id, _a_asset, _a_flags, _a_user, _dp, _cp, _dpend, _cpend, _lot_head
-    cdef uint64_t[::1] a_id
-    cdef uint32_t[::1] a_asset
-    cdef uint32_t[::1] a_flags
-    cdef uint64_t[::1] a_user
-    cdef int64_t[::1] dp, cp, dpend, cpend
-    cdef int32_t[::1] lot_head
+    cdef public object _slots
+    cdef Slot[::1] sl
     cdef public Py_ssize_t n_accounts
     # lot pool: singly linked lists sorted by expiry
     cdef public object _lot_exp, _lot_amt, _lot_next
@@ -191,8 +220,8 @@ cdef class State:
     cdef uint8_t[::1] p_state
     cdef public Py_ssize_t n_pending
     # seen transfer ids (only for handles that write)
-    cdef public object _t_lo, _t_hi, _t_fp
-    cdef uint64_t[::1] t_lo, t_hi, t_fp
+    cdef public object _ids_arr
+    cdef IdEntry[::1] ids
     cdef uint64_t t_mask
     cdef public Py_ssize_t n_ids
     cdef public bint ids_enabled
@@ -202,6 +231,7 @@ cdef class State:
         self.n_pending = 0
         self.n_ids = 0
         self.ids_enabled = False
+        self._ids_arr = None
         self.lot_free = -1
         self.lot_cap = 0
         self.lots_in_use = 0
@@ -213,42 +243,21 @@ cdef class State:
 
     # -- allocation ---------------------------------------------------------------------------
     def _alloc_accounts(self, Py_ssize_t cap):
-        n = self.n_accounts
-
-        def grow(old, dtype, fill=0):
-            new = np.full(cap, fill, dtype=dtype)
-            if old is not None and n:
-                new[:n] = old[:n]
-            return new
-
-        self._a_id = grow(getattr(self, "_a_id", None), np.uint64)
-        self._a_asset = grow(getattr(self, "_a_asset", None), np.uint32)
-        self._a_flags = grow(getattr(self, "_a_flags", None), np.uint32)
-        self._a_user = grow(getattr(self, "_a_user", None), np.uint64)
-        self._dp = grow(getattr(self, "_dp", None), np.int64)
-        self._cp = grow(getattr(self, "_cp", None), np.int64)
-        self._dpend = grow(getattr(self, "_dpend", None), np.int64)
-        self._cpend = grow(getattr(self, "_cpend", None), np.int64)
-        self._lot_head = grow(getattr(self, "_lot_head", None), np.int32, -1)
-        self.a_id = self._a_id
-        self.a_asset = self._a_asset
-        self.a_flags = self._a_flags
-        self.a_user = self._a_user
-        self.dp = self._dp
-        self.cp = self._cp
-        self.dpend = self._dpend
-        self.cpend = self._cpend
-        self.lot_head = self._lot_head
+        new = np.zeros(cap, dtype=SLOT_DTYPE)
+        new["lot_head"] = -1
+        old = getattr(self, "_slots", None)
+        if old is not None and self.n_accounts:
+            new[:self.n_accounts] = old[:self.n_accounts]
+        self._slots = new
+        self.sl = new
 
     def _alloc_account_hash(self, Py_ssize_t cap):
-        self._acc_keys_arr = np.zeros(cap, dtype=np.uint64)
-        self._acc_vals_arr = np.full(cap, -1, dtype=np.int32)
-        self.acc_keys = self._acc_keys_arr
-        self.acc_vals = self._acc_vals_arr
+        self._acc_arr = np.zeros(cap, dtype=[("key", "<u8"), ("slot", "<i8")])
+        self.acc = self._acc_arr
         self.acc_mask = cap - 1
         cdef Py_ssize_t i
         for i in range(self.n_accounts):
-            self._acc_insert(self.a_id[i], <int32_t>i)
+            self._acc_insert(self.sl[i].id, <int32_t>i)
 
     def _alloc_lots(self, Py_ssize_t cap):
         cdef Py_ssize_t old = self.lot_cap, i
@@ -310,33 +319,31 @@ cdef class State:
             self._p_insert(self.p_id_lo[i], self.p_id_hi[i], <int32_t>i)
 
     def _alloc_ids(self, Py_ssize_t cap):
-        old_lo, old_hi, old_fp = self._t_lo, self._t_hi, self._t_fp
-        self._t_lo = np.zeros(cap, dtype=np.uint64)
-        self._t_hi = np.zeros(cap, dtype=np.uint64)
-        self._t_fp = np.zeros(cap, dtype=np.uint64)
-        self.t_lo, self.t_hi, self.t_fp = self._t_lo, self._t_hi, self._t_fp
+        old = self._ids_arr
+        self._ids_arr = np.zeros(cap, dtype=[("lo", "<u8"), ("hi", "<u8"), ("fp", "<u8"), ("pad", "<u8")])
+        self.ids = self._ids_arr
         self.t_mask = cap - 1
         self.n_ids = 0
-        cdef uint64_t[::1] olo, ohi, ofp
+        cdef IdEntry[::1] o
         cdef Py_ssize_t i
-        if old_lo is not None:
-            olo, ohi, ofp = old_lo, old_hi, old_fp
+        if old is not None:
+            o = old
             with nogil:
-                for i in range(olo.shape[0]):
-                    if olo[i] != 0 or ohi[i] != 0:
-                        self._id_insert(olo[i], ohi[i], ofp[i])
+                for i in range(o.shape[0]):
+                    if o[i].lo != 0 or o[i].hi != 0:
+                        self._id_insert(o[i].lo, o[i].hi, o[i].fp)
 
     def reserve(self, Py_ssize_t accounts=0, Py_ssize_t transfers=0):
         """Grow every table so that ``accounts`` more accounts and ``transfers`` more transfers fit."""
         cdef Py_ssize_t need, cap
         need = self.n_accounts + accounts
-        if need > self._a_id.shape[0]:
-            cap = self._a_id.shape[0]
+        if need > self._slots.shape[0]:
+            cap = self._slots.shape[0]
             while cap < need:
                 cap *= 2
             self._alloc_accounts(cap)
-        if need * 2 > self._acc_keys_arr.shape[0]:
-            cap = self._acc_keys_arr.shape[0]
+        if need * 2 > self._acc_arr.shape[0]:
+            cap = self._acc_arr.shape[0]
             while cap < need * 2:
                 cap *= 2
             self._alloc_account_hash(cap)
@@ -360,8 +367,8 @@ cdef class State:
                 self._alloc_pending_hash(cap)
             if self.ids_enabled:
                 need = self.n_ids + transfers
-                if need * 2 > self._t_lo.shape[0]:
-                    cap = self._t_lo.shape[0]
+                if need * 2 > self._ids_arr.shape[0]:
+                    cap = self._ids_arr.shape[0]
                     while cap < need * 2:
                         cap *= 2
                     self._alloc_ids(cap)
@@ -371,7 +378,7 @@ cdef class State:
         cdef Py_ssize_t cap = 1024
         while cap < expected * 2:
             cap *= 2
-        self._t_lo = None
+        self._ids_arr = None
         self._alloc_ids(cap)
         self.ids_enabled = True
 
@@ -379,18 +386,18 @@ cdef class State:
     cdef inline int32_t _acc_find(self, uint64_t key) noexcept nogil:
         cdef uint64_t i = mix64(key) & self.acc_mask
         while True:
-            if self.acc_keys[i] == key:
-                return self.acc_vals[i]
-            if self.acc_keys[i] == 0:
+            if self.acc[i].key == key:
+                return <int32_t>self.acc[i].slot
+            if self.acc[i].key == 0:
                 return -1
             i = (i + 1) & self.acc_mask
 
     cdef inline void _acc_insert(self, uint64_t key, int32_t slot) noexcept nogil:
         cdef uint64_t i = mix64(key) & self.acc_mask
-        while self.acc_keys[i] != 0 and self.acc_keys[i] != key:
+        while self.acc[i].key != 0 and self.acc[i].key != key:
             i = (i + 1) & self.acc_mask
-        self.acc_keys[i] = key
-        self.acc_vals[i] = slot
+        self.acc[i].key = key
+        self.acc[i].slot = slot
 
     cdef inline int32_t _p_find(self, uint64_t lo, uint64_t hi) noexcept nogil:
         cdef uint64_t i = hash128(lo, hi) & self.p_mask
@@ -417,22 +424,22 @@ cdef class State:
     cdef inline int _id_find(self, uint64_t lo, uint64_t hi, uint64_t* fp) noexcept nogil:
         cdef uint64_t i = hash128(lo, hi) & self.t_mask
         while True:
-            if self.t_lo[i] == lo and self.t_hi[i] == hi:
-                fp[0] = self.t_fp[i]
+            if self.ids[i].lo == lo and self.ids[i].hi == hi:
+                fp[0] = self.ids[i].fp
                 return 1
-            if self.t_lo[i] == 0 and self.t_hi[i] == 0:
+            if self.ids[i].lo == 0 and self.ids[i].hi == 0:
                 return 0
             i = (i + 1) & self.t_mask
 
     cdef inline void _id_insert(self, uint64_t lo, uint64_t hi, uint64_t fp) noexcept nogil:
         cdef uint64_t i = hash128(lo, hi) & self.t_mask
-        while not (self.t_lo[i] == 0 and self.t_hi[i] == 0):
-            if self.t_lo[i] == lo and self.t_hi[i] == hi:
+        while not (self.ids[i].lo == 0 and self.ids[i].hi == 0):
+            if self.ids[i].lo == lo and self.ids[i].hi == hi:
                 return
             i = (i + 1) & self.t_mask
-        self.t_lo[i] = lo
-        self.t_hi[i] = hi
-        self.t_fp[i] = fp
+        self.ids[i].lo = lo
+        self.ids[i].hi = hi
+        self.ids[i].fp = fp
         self.n_ids += 1
 
     def add_ids(self, TRec[::1] recs):
@@ -458,7 +465,7 @@ cdef class State:
         self.lots_in_use -= 1
 
     cdef inline void _lot_add(self, int32_t slot, int64_t exp, int64_t amt) noexcept nogil:
-        cdef int32_t prev = -1, cur = self.lot_head[slot], k
+        cdef int32_t prev = -1, cur = self.sl[slot].lot_head, k
         while cur >= 0 and self.lot_exp[cur] < exp:
             prev = cur
             cur = self.lot_next[cur]
@@ -470,12 +477,12 @@ cdef class State:
         self.lot_amt[k] = amt
         self.lot_next[k] = cur
         if prev < 0:
-            self.lot_head[slot] = k
+            self.sl[slot].lot_head = k
         else:
             self.lot_next[prev] = k
 
     cdef inline void _lot_draw(self, int32_t slot, int64_t amt) noexcept nogil:
-        cdef int32_t cur = self.lot_head[slot], nxt
+        cdef int32_t cur = self.sl[slot].lot_head, nxt
         while cur >= 0 and amt > 0:
             if self.lot_amt[cur] > amt:
                 self.lot_amt[cur] -= amt
@@ -484,12 +491,12 @@ cdef class State:
             nxt = self.lot_next[cur]
             self._lot_release(cur)
             cur = nxt
-            self.lot_head[slot] = cur
+            self.sl[slot].lot_head = cur
 
     cdef int _lot_save(self, Buf* b, int32_t slot) noexcept nogil:
         """Push (slot, count, exp, amt, ...) then the start offset: undo record for one lot list."""
         cdef Py_ssize_t start = b.n
-        cdef int32_t cur = self.lot_head[slot]
+        cdef int32_t cur = self.sl[slot].lot_head
         cdef int64_t count = 0
         if buf_push(b, slot) or buf_push(b, 0):
             return -1
@@ -510,12 +517,12 @@ cdef class State:
             start = b.data[b.n - 1]
             slot = <int32_t>b.data[start]
             count = b.data[start + 1]
-            cur = self.lot_head[slot]
+            cur = self.sl[slot].lot_head
             while cur >= 0:
                 nxt = self.lot_next[cur]
                 self._lot_release(cur)
                 cur = nxt
-            self.lot_head[slot] = -1
+            self.sl[slot].lot_head = -1
             prev = -1
             for j in range(count):
                 k = self._lot_alloc()
@@ -523,7 +530,7 @@ cdef class State:
                 self.lot_amt[k] = b.data[start + 3 + 2 * j]
                 self.lot_next[k] = -1
                 if prev < 0:
-                    self.lot_head[slot] = k
+                    self.sl[slot].lot_head = k
                 else:
                     self.lot_next[prev] = k
                 prev = k
@@ -550,28 +557,28 @@ cdef class State:
                     else:
                         slot = self._acc_find(recs[i].id)
                         if slot >= 0:
-                            if (self.a_asset[slot] == recs[i].asset
-                                    and (self.a_flags[slot] & ~A_CLOSED) == f
-                                    and self.a_user[slot] == recs[i].user_data):
+                            if (self.sl[slot].asset == recs[i].asset
+                                    and (self.sl[slot].flags & ~A_CLOSED) == f
+                                    and self.sl[slot].user == recs[i].user_data):
                                 r = AR_EXISTS
                             else:
                                 r = AR_EXISTS_DIFFERENT
                         else:
                             slot = <int32_t>self.n_accounts
                             self.n_accounts += 1
-                            self.a_id[slot] = recs[i].id
-                            self.a_asset[slot] = recs[i].asset
-                            self.a_flags[slot] = f
-                            self.a_user[slot] = recs[i].user_data
+                            self.sl[slot].id = recs[i].id
+                            self.sl[slot].asset = recs[i].asset
+                            self.sl[slot].flags = f
+                            self.sl[slot].user = recs[i].user_data
                             self._acc_insert(recs[i].id, slot)
                 else:
                     slot = self._acc_find(recs[i].id)
                     if slot < 0:
                         r = AR_ID_ZERO if replay else 255
                     elif recs[i].op == 1:
-                        self.a_flags[slot] |= A_CLOSED
+                        self.sl[slot].flags |= A_CLOSED
                     else:
-                        self.a_flags[slot] &= ~A_CLOSED
+                        self.sl[slot].flags &= ~A_CLOSED
                 if replay:
                     if r != AR_OK:
                         failed_at = i
@@ -602,14 +609,14 @@ cdef class State:
         cdef int32_t s = self._acc_find(account_id)
         if s < 0:
             return None
-        return (self.a_asset[s], self.a_flags[s], self.a_user[s])
+        return (self.sl[s].asset, self.sl[s].flags, self.sl[s].user)
 
     def balance(self, uint64_t account_id):
         """(debits_posted, credits_posted, debits_pending, credits_pending) or None."""
         cdef int32_t s = self._acc_find(account_id)
         if s < 0:
             return None
-        return (self.dp[s], self.cp[s], self.dpend[s], self.cpend[s])
+        return (self.sl[s].dp, self.sl[s].cp, self.sl[s].dpend, self.sl[s].cpend)
 
     def balances_into(self, const uint64_t[::1] ids, int64_t[:, ::1] out, uint8_t[::1] found):
         """Fill out[i] = (dp, cp, dpend, cpend, available) for each id; found[i] = 0 if unknown."""
@@ -627,11 +634,11 @@ cdef class State:
                     out[i, 4] = 0
                 else:
                     found[i] = 1
-                    out[i, 0] = self.dp[s]
-                    out[i, 1] = self.cp[s]
-                    out[i, 2] = self.dpend[s]
-                    out[i, 3] = self.cpend[s]
-                    out[i, 4] = self.cp[s] - self.dp[s] - self.dpend[s]
+                    out[i, 0] = self.sl[s].dp
+                    out[i, 1] = self.sl[s].cp
+                    out[i, 2] = self.sl[s].dpend
+                    out[i, 3] = self.sl[s].cpend
+                    out[i, 4] = self.sl[s].cp - self.sl[s].dp - self.sl[s].dpend
 
     def lots(self, uint64_t account_id):
         """[(expires_at, remaining), ...] of an account, soonest first."""
@@ -639,7 +646,7 @@ cdef class State:
         if s < 0:
             return None
         out = []
-        cdef int32_t cur = self.lot_head[s]
+        cdef int32_t cur = self.sl[s].lot_head
         while cur >= 0:
             out.append((self.lot_exp[cur], self.lot_amt[cur]))
             cur = self.lot_next[cur]
@@ -668,6 +675,10 @@ cdef class State:
         try:
             with nogil:
                 for i in range(n):
+                    if i + PF_FAR < n:
+                        self._prefetch_buckets(&batch[i + PF_FAR])
+                    if i + PF_NEAR < n:
+                        self._prefetch_slots(&batch[i + PF_NEAR])
                     if not in_chain:
                         chain_start = i
                         chain_out = n_out
@@ -724,6 +735,20 @@ cdef class State:
             self.add_ids(batch)
         return n_out
 
+    cdef inline void _prefetch_buckets(self, const TRec* t) noexcept nogil:
+        LE_PREFETCH(&self.acc[mix64(t.debit) & self.acc_mask])
+        LE_PREFETCH(&self.acc[mix64(t.credit) & self.acc_mask])
+        if self.ids_enabled:
+            LE_PREFETCH(&self.ids[hash128(t.id_lo, t.id_hi) & self.t_mask])
+
+    cdef inline void _prefetch_slots(self, const TRec* t) noexcept nogil:
+        cdef int32_t s = self._acc_find(t.debit)
+        if s >= 0:
+            LE_PREFETCH(&self.sl[s])
+        s = self._acc_find(t.credit)
+        if s >= 0:
+            LE_PREFETCH(&self.sl[s])
+
     cdef void _rollback(self, Buf* bal_undo, Buf* lot_undo, Buf* pend_undo,
                         Py_ssize_t chain_pending) noexcept nogil:
         cdef Py_ssize_t k
@@ -733,10 +758,10 @@ cdef class State:
         while k > 0:
             k -= 5
             s = <int32_t>bal_undo.data[k]
-            self.dp[s] = bal_undo.data[k + 1]
-            self.cp[s] = bal_undo.data[k + 2]
-            self.dpend[s] = bal_undo.data[k + 3]
-            self.cpend[s] = bal_undo.data[k + 4]
+            self.sl[s].dp = bal_undo.data[k + 1]
+            self.sl[s].cp = bal_undo.data[k + 2]
+            self.sl[s].dpend = bal_undo.data[k + 3]
+            self.sl[s].cpend = bal_undo.data[k + 4]
         bal_undo.n = 0
         self._lot_restore(lot_undo)
         # hold states changed by posts/voids: (index, old state), newest first
@@ -748,9 +773,9 @@ cdef class State:
         self.n_pending = chain_pending
 
     cdef inline int _save_bal(self, Buf* b, int32_t s) noexcept nogil:
-        if buf_push(b, s) or buf_push(b, self.dp[s]) or buf_push(b, self.cp[s]):
+        if buf_push(b, s) or buf_push(b, self.sl[s].dp) or buf_push(b, self.sl[s].cp):
             return -1
-        return buf_push(b, self.dpend[s]) or buf_push(b, self.cpend[s])
+        return buf_push(b, self.sl[s].dpend) or buf_push(b, self.sl[s].cpend)
 
     cdef uint8_t _apply_one(self, const TRec* t, TRec* o, bint replay, bint chained,
                             const TRec* chain, Py_ssize_t n_chain_before,
@@ -786,13 +811,13 @@ cdef class State:
                 return R_PENDING_ALREADY_POSTED
             if self.p_state[p] == P_VOIDED:
                 return R_PENDING_ALREADY_VOIDED
-            if self.p_state[p] == P_EXPIRED:
+            if self.p_state[p] == P_EXPIRED or (not system and self.p_deadline[p] <= t.at):
                 return R_PENDING_EXPIRED
             ds = self.p_dslot[p]
             cs = self.p_cslot[p]
             held = self.p_amount[p]
-            if ((t.debit != 0 and t.debit != self.a_id[ds])
-                    or (t.credit != 0 and t.credit != self.a_id[cs])
+            if ((t.debit != 0 and t.debit != self.sl[ds].id)
+                    or (t.credit != 0 and t.credit != self.sl[cs].id)
                     or (t.asset != 0 and t.asset != self.p_asset[p])
                     or t.timeout != 0
                     or (kind == F_VOID and t.amount != 0 and t.amount != held)):
@@ -802,12 +827,10 @@ cdef class State:
             amount = held if t.amount == 0 else t.amount
             if amount > held:
                 return R_PENDING_AMOUNT_EXCEEDED
-            if not system and self.p_deadline[p] <= t.at:
-                return R_PENDING_EXPIRED
             if kind == F_POST and not system and (
-                    (self.a_flags[ds] & A_CLOSED) or (self.a_flags[cs] & A_CLOSED)):
+                    (self.sl[ds].flags & A_CLOSED) or (self.sl[cs].flags & A_CLOSED)):
                 return R_ACCOUNT_CLOSED
-            if kind == F_POST and (self.dp[ds] > INT64_MAX - amount or self.cp[cs] > INT64_MAX - amount):
+            if kind == F_POST and (self.sl[ds].dp > INT64_MAX - amount or self.sl[cs].cp > INT64_MAX - amount):
                 return R_OVERFLOW
             # apply
             if chained:
@@ -819,11 +842,11 @@ cdef class State:
                         self.p_expires[p] != 0 and self._lot_save(lot_undo, cs))):
                     rc[0] = -1
                     return R_OK
-            self.dpend[ds] -= held
-            self.cpend[cs] -= held
+            self.sl[ds].dpend -= held
+            self.sl[cs].cpend -= held
             if kind == F_POST:
-                self.dp[ds] += amount
-                self.cp[cs] += amount
+                self.sl[ds].dp += amount
+                self.sl[cs].cp += amount
                 self._lot_draw(ds, amount)
                 if self.p_expires[p] != 0:
                     self._lot_add(cs, self.p_expires[p], amount)
@@ -832,8 +855,8 @@ cdef class State:
                 self.p_state[p] = P_EXPIRED if system else P_VOIDED
                 amount = held
             o[0] = t[0]
-            o.debit = self.a_id[ds]
-            o.credit = self.a_id[cs]
+            o.debit = self.sl[ds].id
+            o.credit = self.sl[cs].id
             o.asset = self.p_asset[p]
             o.amount = amount
             o.expires_at = self.p_expires[p]
@@ -854,21 +877,21 @@ cdef class State:
         cs = self._acc_find(t.credit)
         if ds < 0 or cs < 0:
             return R_ACCOUNT_NOT_FOUND
-        if not system and ((self.a_flags[ds] & A_CLOSED) or (self.a_flags[cs] & A_CLOSED)):
+        if not system and ((self.sl[ds].flags & A_CLOSED) or (self.sl[cs].flags & A_CLOSED)):
             return R_ACCOUNT_CLOSED
-        if self.a_asset[ds] != t.asset or self.a_asset[cs] != t.asset:
+        if self.sl[ds].asset != t.asset or self.sl[cs].asset != t.asset:
             return R_ASSET_MISMATCH
         amount = t.amount
-        if (self.a_flags[ds] & A_DMNEC) and (
-                self.dp[ds] + self.dpend[ds] > self.cp[ds] - amount):
+        if (self.sl[ds].flags & A_DMNEC) and (
+                self.sl[ds].dp + self.sl[ds].dpend > self.sl[ds].cp - amount):
             return R_EXCEEDS_CREDITS
-        if (self.a_flags[cs] & A_CMNED) and (
-                self.cp[cs] + self.cpend[cs] > self.dp[cs] - amount):
+        if (self.sl[cs].flags & A_CMNED) and (
+                self.sl[cs].cp + self.sl[cs].cpend > self.sl[cs].dp - amount):
             return R_EXCEEDS_DEBITS
         if kind == F_PENDING:
-            if self.dpend[ds] > INT64_MAX - amount or self.cpend[cs] > INT64_MAX - amount:
+            if self.sl[ds].dpend > INT64_MAX - amount or self.sl[cs].cpend > INT64_MAX - amount:
                 return R_OVERFLOW
-        elif self.dp[ds] > INT64_MAX - amount or self.cp[cs] > INT64_MAX - amount:
+        elif self.sl[ds].dp > INT64_MAX - amount or self.sl[cs].cp > INT64_MAX - amount:
             return R_OVERFLOW
         if chained:
             if self._save_bal(bal_undo, ds) or self._save_bal(bal_undo, cs):
@@ -879,8 +902,8 @@ cdef class State:
                 rc[0] = -1
                 return R_OK
         if kind == F_PENDING:
-            self.dpend[ds] += amount
-            self.cpend[cs] += amount
+            self.sl[ds].dpend += amount
+            self.sl[cs].cpend += amount
             p = <int32_t>self.n_pending
             self.n_pending += 1
             self.p_id_lo[p] = t.id_lo
@@ -897,8 +920,8 @@ cdef class State:
             self.p_state[p] = P_PENDING
             self._p_insert(t.id_lo, t.id_hi, p)
         else:
-            self.dp[ds] += amount
-            self.cp[cs] += amount
+            self.sl[ds].dp += amount
+            self.sl[cs].cp += amount
             self._lot_draw(ds, amount)
             if t.expires_at != 0:
                 self._lot_add(cs, t.expires_at, amount)
@@ -913,14 +936,14 @@ cdef class State:
         cdef int32_t sink = self._acc_find(sink_id)
         if sink < 0:
             raise KeyError(sink_id)
-        cdef uint32_t asset = self.a_asset[sink]
+        cdef uint32_t asset = self.sl[sink].asset
         cdef Py_ssize_t s, p, n = 0, k = 0
         cdef int32_t cur
         cdef int64_t due, avail
         # count, allocate, fill
         for s in range(self.n_accounts):
-            if s != sink and self.a_asset[s] == asset and self.lot_head[s] >= 0 \
-                    and self.lot_exp[self.lot_head[s]] <= at:
+            if s != sink and self.sl[s].asset == asset and self.sl[s].lot_head >= 0 \
+                    and self.lot_exp[self.sl[s].lot_head] <= at:
                 n += 1
         for p in range(self.n_pending):
             if self.p_state[p] == P_PENDING and self.p_deadline[p] <= at:
@@ -931,22 +954,22 @@ cdef class State:
             return recs
         cdef TRec[::1] r = recs
         for s in range(self.n_accounts):
-            if s == sink or self.a_asset[s] != asset or self.lot_head[s] < 0:
+            if s == sink or self.sl[s].asset != asset or self.sl[s].lot_head < 0:
                 continue
-            cur = self.lot_head[s]
+            cur = self.sl[s].lot_head
             due = 0
             while cur >= 0 and self.lot_exp[cur] <= at:
                 due += self.lot_amt[cur]
                 cur = self.lot_next[cur]
             if due == 0:
                 continue
-            if self.a_flags[s] & A_DMNEC:
-                avail = self.cp[s] - self.dp[s] - self.dpend[s]
+            if self.sl[s].flags & A_DMNEC:
+                avail = self.sl[s].cp - self.sl[s].dp - self.sl[s].dpend
                 if due > avail:
                     due = avail if avail > 0 else 0
             if due <= 0:
                 continue
-            r[k].debit = self.a_id[s]
+            r[k].debit = self.sl[s].id
             r[k].credit = sink_id
             r[k].amount = due
             r[k].asset = asset
@@ -958,8 +981,8 @@ cdef class State:
             if self.p_state[p] == P_PENDING and self.p_deadline[p] <= at:
                 r[k].related_lo = self.p_id_lo[p]
                 r[k].related_hi = self.p_id_hi[p]
-                r[k].debit = self.a_id[self.p_dslot[p]]
-                r[k].credit = self.a_id[self.p_cslot[p]]
+                r[k].debit = self.sl[self.p_dslot[p]].id
+                r[k].credit = self.sl[self.p_cslot[p]].id
                 r[k].asset = self.p_asset[p]
                 r[k].amount = self.p_amount[p]
                 r[k].code = self.p_code[p]
@@ -979,7 +1002,7 @@ cdef class State:
         cdef int32_t[::1] ls = lot_slot
         cdef int64_t[::1] le = lot_exp, la = lot_amt
         for s in range(n):
-            cur = self.lot_head[s]
+            cur = self.sl[s].lot_head
             while cur >= 0:
                 ls[k] = <int32_t>s
                 le[k] = self.lot_exp[cur]
@@ -988,10 +1011,10 @@ cdef class State:
                 cur = self.lot_next[cur]
         m = self.n_pending
         return {
-            "a_id": self._a_id[:n].copy(), "a_asset": self._a_asset[:n].copy(),
-            "a_flags": self._a_flags[:n].copy(), "a_user": self._a_user[:n].copy(),
-            "dp": self._dp[:n].copy(), "cp": self._cp[:n].copy(),
-            "dpend": self._dpend[:n].copy(), "cpend": self._cpend[:n].copy(),
+            "a_id": self._slots["id"][:n].copy(), "a_asset": self._slots["asset"][:n].copy(),
+            "a_flags": self._slots["flags"][:n].copy(), "a_user": self._slots["user"][:n].copy(),
+            "dp": self._slots["dp"][:n].copy(), "cp": self._slots["cp"][:n].copy(),
+            "dpend": self._slots["dpend"][:n].copy(), "cpend": self._slots["cpend"][:n].copy(),
             "lot_slot": lot_slot[:k], "lot_exp": lot_exp[:k], "lot_amt": lot_amt[:k],
             "p_id_lo": self._p_id_lo[:m].copy(), "p_id_hi": self._p_id_hi[:m].copy(),
             "p_dslot": self._p_dslot[:m].copy(), "p_cslot": self._p_cslot[:m].copy(),
@@ -1008,16 +1031,17 @@ cdef class State:
         cdef int32_t s, prev_slot = -1, prev = -1, k
         st.reserve(n, max(len(d["lot_slot"]), m))
         st.n_accounts = n
-        st._a_id[:n] = d["a_id"]
-        st._a_asset[:n] = d["a_asset"]
-        st._a_flags[:n] = d["a_flags"]
-        st._a_user[:n] = d["a_user"]
-        st._dp[:n] = d["dp"]
-        st._cp[:n] = d["cp"]
-        st._dpend[:n] = d["dpend"]
-        st._cpend[:n] = d["cpend"]
+        sl = st._slots
+        sl["id"][:n] = d["a_id"]
+        sl["asset"][:n] = d["a_asset"]
+        sl["flags"][:n] = d["a_flags"]
+        sl["user"][:n] = d["a_user"]
+        sl["dp"][:n] = d["dp"]
+        sl["cp"][:n] = d["cp"]
+        sl["dpend"][:n] = d["dpend"]
+        sl["cpend"][:n] = d["cpend"]
         for i in range(n):
-            st._acc_insert(st.a_id[i], <int32_t>i)
+            st._acc_insert(st.sl[i].id, <int32_t>i)
         cdef const int32_t[::1] ls = np.ascontiguousarray(d["lot_slot"], dtype=np.int32)
         cdef const int64_t[::1] le = np.ascontiguousarray(d["lot_exp"], dtype=np.int64)
         cdef const int64_t[::1] la = np.ascontiguousarray(d["lot_amt"], dtype=np.int64)
@@ -1030,7 +1054,7 @@ cdef class State:
             st.lot_amt[k] = la[i]
             st.lot_next[k] = -1
             if s != prev_slot:
-                st.lot_head[s] = k
+                st.sl[s].lot_head = k
             else:
                 st.lot_next[prev] = k
             prev_slot = s
