@@ -7,10 +7,16 @@ Python objects in their loops. Everything that talks to a person (errors, names,
 Python modules; the kernels return counts and status codes.
 """
 
+cimport cython
 from libc.stdint cimport int64_t, uint64_t, int32_t, uint32_t, uint16_t, uint8_t, INT64_MAX
 from libc.stdlib cimport malloc, realloc, free
+from libc.string cimport memcpy
+
+import mmap
 
 import numpy as np
+
+HUGE_TABLE = 4 << 20
 
 # ---------------------------------------------------------------------------------------------------
 # Records (must match types.RECORD_DTYPE and types.ACCOUNT_RECORD_DTYPE)
@@ -43,11 +49,11 @@ cdef packed struct Slot:
     uint32_t asset
     uint32_t flags
     int32_t lot_head
-    int32_t pad
+    int32_t lot_tail
 
 SLOT_DTYPE = np.dtype([("dp", "<i8"), ("cp", "<i8"), ("dpend", "<i8"), ("cpend", "<i8"), ("id", "<u8"),
                        ("user", "<u8"), ("asset", "<u4"), ("flags", "<u4"), ("lot_head", "<i4"),
-                       ("pad", "<i4")])
+                       ("lot_tail", "<i4")])
 
 cdef packed struct AccEntry:
     uint64_t key
@@ -73,8 +79,8 @@ cdef packed struct ARec:
     uint16_t op
 
 # Transfer flags
-DEF PF_FAR = 16
-DEF PF_NEAR = 8
+DEF PF_FAR = 32
+DEF PF_NEAR = 16
 DEF F_LINKED = 1
 DEF F_PENDING = 2
 DEF F_POST = 4
@@ -156,7 +162,7 @@ cdef inline uint64_t fingerprint(const TRec* r) noexcept nogil:
     return h
 
 
-def fingerprints(TRec[::1] recs):
+def fingerprints(const TRec[::1] recs):
     """The fingerprint of each record's submitted fields (uint64 array)."""
     cdef Py_ssize_t i, n = recs.shape[0]
     out = np.empty(n, dtype=np.uint64)
@@ -188,6 +194,27 @@ cdef inline int buf_push(Buf* b, int64_t v) noexcept nogil:
     return 0
 
 
+def _zeros_aligned(Py_ssize_t n, dtype, Py_ssize_t align=64):
+    """np.zeros(n, dtype) starting on a cache-line boundary (NumPy only promises 16 bytes, and a
+    64-byte slot that straddles two lines costs two memory round trips instead of one)."""
+    dt = np.dtype(dtype)
+    cdef Py_ssize_t size = n * dt.itemsize
+    if size >= HUGE_TABLE:
+        # big tables are probed at random: ask for 2 MiB pages (fewer TLB misses and page faults);
+        # anonymous maps are zeroed and page-aligned
+        m = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # shared maps get no THP
+        if hasattr(mmap, "MADV_HUGEPAGE"):
+            try:
+                m.madvise(mmap.MADV_HUGEPAGE)
+            except OSError:
+                pass
+        return np.frombuffer(m, dtype=dt, count=n)
+    raw = np.zeros(size + align, dtype=np.uint8)
+    cdef Py_ssize_t off = (-raw.ctypes.data) % align
+    return raw[off:off + size].view(dt)
+
+
+@cython.final
 cdef class State:
     """Accounts, balances, lots, holds and (optionally) seen transfer ids, in NumPy buffers."""
 
@@ -243,8 +270,9 @@ cdef class State:
 
     # -- allocation ---------------------------------------------------------------------------
     def _alloc_accounts(self, Py_ssize_t cap):
-        new = np.zeros(cap, dtype=SLOT_DTYPE)
+        new = _zeros_aligned(cap, SLOT_DTYPE)
         new["lot_head"] = -1
+        new["lot_tail"] = -1
         old = getattr(self, "_slots", None)
         if old is not None and self.n_accounts:
             new[:self.n_accounts] = old[:self.n_accounts]
@@ -252,7 +280,7 @@ cdef class State:
         self.sl = new
 
     def _alloc_account_hash(self, Py_ssize_t cap):
-        self._acc_arr = np.zeros(cap, dtype=[("key", "<u8"), ("slot", "<i8")])
+        self._acc_arr = _zeros_aligned(cap, [("key", "<u8"), ("slot", "<i8")])
         self.acc = self._acc_arr
         self.acc_mask = cap - 1
         cdef Py_ssize_t i
@@ -320,7 +348,7 @@ cdef class State:
 
     def _alloc_ids(self, Py_ssize_t cap):
         old = self._ids_arr
-        self._ids_arr = np.zeros(cap, dtype=[("lo", "<u8"), ("hi", "<u8"), ("fp", "<u8"), ("pad", "<u8")])
+        self._ids_arr = _zeros_aligned(cap, [("lo", "<u8"), ("hi", "<u8"), ("fp", "<u8"), ("pad", "<u8")])
         self.ids = self._ids_arr
         self.t_mask = cap - 1
         self.n_ids = 0
@@ -385,6 +413,8 @@ cdef class State:
     # -- hash tables ---------------------------------------------------------------------------
     cdef inline int32_t _acc_find(self, uint64_t key) noexcept nogil:
         cdef uint64_t i = mix64(key) & self.acc_mask
+        if key == 0:  # the empty-bucket marker: account 0 never exists
+            return -1
         while True:
             if self.acc[i].key == key:
                 return <int32_t>self.acc[i].slot
@@ -442,7 +472,7 @@ cdef class State:
         self.ids[i].fp = fp
         self.n_ids += 1
 
-    def add_ids(self, TRec[::1] recs):
+    def add_ids(self, const TRec[::1] recs):
         """Record the ids (and submitted-field fingerprints) of committed transfers."""
         cdef Py_ssize_t i, n = recs.shape[0]
         if not self.ids_enabled:
@@ -466,6 +496,19 @@ cdef class State:
 
     cdef inline void _lot_add(self, int32_t slot, int64_t exp, int64_t amt) noexcept nogil:
         cdef int32_t prev = -1, cur = self.sl[slot].lot_head, k
+        cdef int32_t tail = self.sl[slot].lot_tail
+        # the common case: a new lot expires no sooner than the last one (append or merge, O(1))
+        if tail >= 0 and self.lot_exp[tail] <= exp:
+            if self.lot_exp[tail] == exp:
+                self.lot_amt[tail] += amt
+                return
+            k = self._lot_alloc()
+            self.lot_exp[k] = exp
+            self.lot_amt[k] = amt
+            self.lot_next[k] = -1
+            self.lot_next[tail] = k
+            self.sl[slot].lot_tail = k
+            return
         while cur >= 0 and self.lot_exp[cur] < exp:
             prev = cur
             cur = self.lot_next[cur]
@@ -480,6 +523,8 @@ cdef class State:
             self.sl[slot].lot_head = k
         else:
             self.lot_next[prev] = k
+        if cur < 0:
+            self.sl[slot].lot_tail = k
 
     cdef inline void _lot_draw(self, int32_t slot, int64_t amt) noexcept nogil:
         cdef int32_t cur = self.sl[slot].lot_head, nxt
@@ -492,6 +537,8 @@ cdef class State:
             self._lot_release(cur)
             cur = nxt
             self.sl[slot].lot_head = cur
+            if cur < 0:
+                self.sl[slot].lot_tail = -1
 
     cdef int _lot_save(self, Buf* b, int32_t slot) noexcept nogil:
         """Push (slot, count, exp, amt, ...) then the start offset: undo record for one lot list."""
@@ -534,6 +581,7 @@ cdef class State:
                 else:
                     self.lot_next[prev] = k
                 prev = k
+            self.sl[slot].lot_tail = prev
             b.n = start
 
     # -- accounts ------------------------------------------------------------------------------
@@ -653,7 +701,7 @@ cdef class State:
         return out
 
     # -- transfers -----------------------------------------------------------------------------
-    def apply(self, TRec[::1] batch, uint8_t[::1] results, TRec[::1] out, bint replay=False):
+    def apply(self, const TRec[::1] batch, uint8_t[::1] results, TRec[::1] out, bint replay=False):
         """Apply transfers in order, with linked chains all-or-nothing.
 
         Normal mode: results[i] gets each transfer's result; the committed records (resolved, with the
@@ -672,13 +720,33 @@ cdef class State:
         bal_undo.data = NULL; bal_undo.n = 0; bal_undo.cap = 0
         lot_undo.data = NULL; lot_undo.n = 0; lot_undo.cap = 0
         pend_undo.data = NULL; pend_undo.n = 0; pend_undo.cap = 0
+        # Accounts cannot appear during a transfer batch, so every debit and credit is resolved to its
+        # slot up front: independent hash probes that the prefetcher overlaps, and exact addresses to
+        # prefetch in the second pass (memory latency, not arithmetic, is the cost at a million accounts).
+        cdef int32_t* slots = <int32_t*>malloc((2 * n + 1) * sizeof(int32_t))
+        if slots == NULL:
+            raise MemoryError("ledger kernel: no memory for the slot table")
         try:
             with nogil:
                 for i in range(n):
                     if i + PF_FAR < n:
-                        self._prefetch_buckets(&batch[i + PF_FAR])
+                        LE_PREFETCH(&self.acc[mix64(batch[i + PF_FAR].debit) & self.acc_mask])
+                        LE_PREFETCH(&self.acc[mix64(batch[i + PF_FAR].credit) & self.acc_mask])
+                        if self.ids_enabled:
+                            LE_PREFETCH(&self.ids[hash128(batch[i + PF_FAR].id_lo, batch[i + PF_FAR].id_hi)
+                                                  & self.t_mask])
+                    slots[2 * i] = self._acc_find(batch[i].debit)
+                    slots[2 * i + 1] = self._acc_find(batch[i].credit)
+                for i in range(n):
                     if i + PF_NEAR < n:
-                        self._prefetch_slots(&batch[i + PF_NEAR])
+                        j = 2 * (i + PF_NEAR)
+                        if slots[j] >= 0:
+                            LE_PREFETCH(&self.sl[slots[j]])
+                        if slots[j + 1] >= 0:
+                            LE_PREFETCH(&self.sl[slots[j + 1]])
+                        if self.ids_enabled:
+                            LE_PREFETCH(&self.ids[hash128(batch[i + PF_NEAR].id_lo, batch[i + PF_NEAR].id_hi)
+                                                  & self.t_mask])
                     if not in_chain:
                         chain_start = i
                         chain_out = n_out
@@ -691,7 +759,7 @@ cdef class State:
                     if chain_failed:
                         r = R_LINKED_EVENT_FAILED
                     else:
-                        r = self._apply_one(&batch[i], &out[n_out], replay,
+                        r = self._apply_one(&batch[i], slots[2 * i], slots[2 * i + 1], &out[n_out], replay,
                                             (in_chain or i > chain_start) and not replay,
                                             &batch[chain_start], i - chain_start,
                                             &bal_undo, &lot_undo, &pend_undo, &rc)
@@ -724,6 +792,7 @@ cdef class State:
                     for j in range(chain_start, n):
                         results[j] = R_LINKED_EVENT_CHAIN_OPEN
         finally:
+            free(slots)
             free(bal_undo.data)
             free(lot_undo.data)
             free(pend_undo.data)
@@ -734,20 +803,6 @@ cdef class State:
         if replay and self.ids_enabled:
             self.add_ids(batch)
         return n_out
-
-    cdef inline void _prefetch_buckets(self, const TRec* t) noexcept nogil:
-        LE_PREFETCH(&self.acc[mix64(t.debit) & self.acc_mask])
-        LE_PREFETCH(&self.acc[mix64(t.credit) & self.acc_mask])
-        if self.ids_enabled:
-            LE_PREFETCH(&self.ids[hash128(t.id_lo, t.id_hi) & self.t_mask])
-
-    cdef inline void _prefetch_slots(self, const TRec* t) noexcept nogil:
-        cdef int32_t s = self._acc_find(t.debit)
-        if s >= 0:
-            LE_PREFETCH(&self.sl[s])
-        s = self._acc_find(t.credit)
-        if s >= 0:
-            LE_PREFETCH(&self.sl[s])
 
     cdef void _rollback(self, Buf* bal_undo, Buf* lot_undo, Buf* pend_undo,
                         Py_ssize_t chain_pending) noexcept nogil:
@@ -777,13 +832,13 @@ cdef class State:
             return -1
         return buf_push(b, self.sl[s].dpend) or buf_push(b, self.sl[s].cpend)
 
-    cdef uint8_t _apply_one(self, const TRec* t, TRec* o, bint replay, bint chained,
+    cdef uint8_t _apply_one(self, const TRec* t, int32_t ds, int32_t cs, TRec* o, bint replay, bint chained,
                             const TRec* chain, Py_ssize_t n_chain_before,
                             Buf* bal_undo, Buf* lot_undo, Buf* pend_undo, int* rc) noexcept nogil:
         cdef uint16_t f = t.flags
         cdef uint16_t kind = f & (F_PENDING | F_POST | F_VOID)
         cdef uint64_t fp, seen_fp
-        cdef int32_t ds, cs, p
+        cdef int32_t p
         cdef int64_t amount, held
         cdef Py_ssize_t j
         cdef bint system = (f & F_SYSTEM) != 0
@@ -873,9 +928,7 @@ cdef class State:
             return R_ACCOUNTS_MUST_DIFFER
         if t.expires_at != 0 and t.expires_at <= t.at:
             return R_EXPIRY_NOT_AFTER_EVENT
-        ds = self._acc_find(t.debit)
-        cs = self._acc_find(t.credit)
-        if ds < 0 or cs < 0:
+        if ds < 0 or cs < 0:  # resolved by apply()
             return R_ACCOUNT_NOT_FOUND
         if not system and ((self.sl[ds].flags & A_CLOSED) or (self.sl[cs].flags & A_CLOSED)):
             return R_ACCOUNT_CLOSED
@@ -1057,6 +1110,7 @@ cdef class State:
                 st.sl[s].lot_head = k
             else:
                 st.lot_next[prev] = k
+            st.sl[s].lot_tail = k
             prev_slot = s
             prev = k
         st.n_pending = m
@@ -1069,20 +1123,104 @@ cdef class State:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Index runs: (account, locator) pairs sorted by account; locator = seq << 24 | position
+# Index runs: (account, locator) pairs sorted by account then locator; locator = seq << 24 | position.
+# A stored run is one buffer: n (u64), n accounts, n locators (little-endian u64).
 
-def index_entries(TRec[::1] recs, uint64_t seq):
-    """The index entries of one journal entry's records, sorted by account then locator."""
-    cdef Py_ssize_t i, n = recs.shape[0]
-    acc = np.empty(2 * n, dtype=np.uint64)
-    loc = np.empty(2 * n, dtype=np.uint64)
-    cdef uint64_t[::1] a = acc, l = loc
-    cdef uint64_t base = seq << 24
-    with nogil:
+cdef uint64_t* _radix_pairs(uint64_t* k, uint64_t* v, uint64_t* k2, uint64_t* v2,
+                            Py_ssize_t n) noexcept nogil:
+    """Stable LSD radix sort of (k, v) pairs by k, ping-ponging with (k2, v2); bytes where every key
+    agrees are skipped (account ids rarely use all eight). Returns whichever key buffer holds the
+    result; its values are in the matching value buffer."""
+    cdef Py_ssize_t counts[8][256]
+    cdef Py_ssize_t i, d, pos, c
+    cdef uint64_t x
+    cdef uint64_t* tk
+    cdef uint64_t* tv
+    for d in range(8):
+        for i in range(256):
+            counts[d][i] = 0
+    for i in range(n):
+        x = k[i]
+        for d in range(8):
+            counts[d][(x >> (8 * d)) & 0xFF] += 1
+    for d in range(8):
+        if counts[d][(k[0] >> (8 * d)) & 0xFF] == n:
+            continue  # every key has this byte: the pass would not move anything
+        pos = 0
+        for i in range(256):
+            c = counts[d][i]
+            counts[d][i] = pos
+            pos += c
         for i in range(n):
-            a[2 * i] = recs[i].debit
-            a[2 * i + 1] = recs[i].credit
-            l[2 * i] = base | <uint64_t>i
-            l[2 * i + 1] = base | <uint64_t>i
-    order = np.argsort(acc, kind="stable")
-    return acc[order], loc[order]
+            x = (k[i] >> (8 * d)) & 0xFF
+            pos = counts[d][x]
+            counts[d][x] = pos + 1
+            k2[pos] = k[i]
+            v2[pos] = v[i]
+        tk = k; k = k2; k2 = tk
+        tv = v; v = v2; v2 = tv
+    return k
+
+
+cdef object _sorted_run(uint64_t* k, uint64_t* v, uint64_t* k2, uint64_t* v2, Py_ssize_t n):
+    """Sort (k, v) (scratch k2, v2) into a new stored-run buffer."""
+    buf = np.empty(8 + 16 * n, dtype=np.uint8)
+    cdef uint8_t[::1] b = buf
+    cdef uint64_t* head = <uint64_t*>&b[0]
+    cdef uint64_t* res
+    head[0] = <uint64_t>n
+    if n == 0:
+        return buf
+    with nogil:
+        res = _radix_pairs(k, v, k2, v2, n)
+        if res == k:
+            memcpy(head + 1, k, n * sizeof(uint64_t))
+            memcpy(head + 1 + n, v, n * sizeof(uint64_t))
+        else:
+            memcpy(head + 1, k2, n * sizeof(uint64_t))
+            memcpy(head + 1 + n, v2, n * sizeof(uint64_t))
+    return buf
+
+
+def index_run(const TRec[::1] recs, uint64_t seq):
+    """The stored index run of one journal entry: both accounts of every record, sorted."""
+    cdef Py_ssize_t i, n = recs.shape[0], m = 2 * recs.shape[0]
+    cdef uint64_t base = seq << 24
+    cdef uint64_t* scratch = <uint64_t*>malloc((4 * m + 1) * sizeof(uint64_t))
+    if scratch == NULL:
+        raise MemoryError("index run: no memory")
+    try:
+        with nogil:
+            for i in range(n):
+                scratch[2 * i] = recs[i].debit
+                scratch[2 * i + 1] = recs[i].credit
+                scratch[m + 2 * i] = base | <uint64_t>i
+                scratch[m + 2 * i + 1] = base | <uint64_t>i
+        return _sorted_run(scratch, scratch + m, scratch + 2 * m, scratch + 3 * m, m)
+    finally:
+        free(scratch)
+
+
+def merge_runs(list runs):
+    """Merge stored runs (buffers, in journal order) into one stored run."""
+    cdef Py_ssize_t total = 0, at = 0, n
+    cdef const uint8_t[::1] r
+    for run in runs:
+        r = run
+        total += (<const uint64_t*>&r[0])[0]
+    cdef uint64_t* scratch = <uint64_t*>malloc((4 * total + 1) * sizeof(uint64_t))
+    if scratch == NULL:
+        raise MemoryError("index merge: no memory")
+    try:
+        for run in runs:
+            r = run
+            n = <Py_ssize_t>(<const uint64_t*>&r[0])[0]
+            if r.shape[0] != 8 + 16 * n:
+                raise ValueError(f"index run of {r.shape[0]} bytes does not hold {n} entries")
+            memcpy(scratch + at, &r[8], n * sizeof(uint64_t))
+            memcpy(scratch + total + at, &r[8 + 8 * n], n * sizeof(uint64_t))
+            at += n
+        # runs in journal order hold increasing locators, so a stable sort by account is the merge
+        return _sorted_run(scratch, scratch + total, scratch + 2 * total, scratch + 3 * total, total)
+    finally:
+        free(scratch)

@@ -150,8 +150,8 @@ def normalize_batch(batch: Any) -> np.ndarray:
         if batch.ndim != 1:
             raise ValidationError(f"a structured array batch must be 1-d, not of shape {batch.shape}")
         if batch.dtype == RECORD_DTYPE:
-            out = batch.copy()
-            out["fp"] = 0
+            # used as it is (the kernel only reads it, and computes the fingerprints itself)
+            out = np.ascontiguousarray(batch)
             _check_flags(out["flags"])
             sys_ids = out["id_hi"] == np.uint64(SYSTEM_ID_HI)
             if sys_ids.any():

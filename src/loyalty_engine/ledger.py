@@ -13,6 +13,7 @@ import os
 import struct
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
@@ -48,6 +49,7 @@ KIND_TRANSFERS = 2
 # kind, pad, count, seq, committed_at (µs), previous hash
 HEADER = struct.Struct("<B3xIQq32s")
 HASH_SIZE = 32
+HASH_CHUNK = 1 << 18
 ZERO_HASH = bytes(32)
 MAX_BATCH = (1 << 24) - 1
 # Index runs: level-0 runs are merged into one run of the next level when this many pile up.
@@ -56,9 +58,32 @@ MAX_RUN_ENTRIES = 1 << 25
 SYNC_MODES = ("full", "group", "none")
 
 
-def _entry_hash(header: bytes, payload: bytes | memoryview) -> bytes:
-    h = hashlib.sha256(header)
-    h.update(payload)
+def _leaf(chunk: memoryview) -> bytes:
+    return hashlib.blake2b(chunk, digest_size=32, person=b"loyalty-leaf").digest()
+
+
+_pool_lock = threading.Lock()
+_pool: ThreadPoolExecutor | None = None
+
+
+def _hash_pool() -> ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)),
+                                       thread_name_prefix="loyalty-hash")
+        return _pool
+
+
+def _entry_hash(header: bytes | memoryview, payload: bytes | memoryview) -> bytes:
+    """The hash of a journal entry: BLAKE2b-256 of its header (which holds the previous entry's hash)
+    and of the BLAKE2b-256 digests of its payload's 256 KiB chunks, hashed in parallel threads."""
+    mv = memoryview(payload).cast("B")
+    chunks = [mv[i: i + HASH_CHUNK] for i in range(0, len(mv), HASH_CHUNK)]
+    leaves = list(_hash_pool().map(_leaf, chunks)) if len(chunks) > 1 else [_leaf(c) for c in chunks]
+    h = hashlib.blake2b(header, digest_size=32, person=b"loyalty-entry")
+    for leaf in leaves:
+        h.update(leaf)
     return h.digest()
 
 
@@ -252,33 +277,48 @@ class Ledger:
         self._after_commit()
         return out
 
+    @staticmethod
+    def _entry_buffer(dtype: np.dtype[Any], n: int) -> tuple[np.ndarray, np.ndarray]:
+        """A journal entry's bytes, and a view of room for ``n`` records in it (filled in place, so
+        the records are never copied between the kernel and LMDB)."""
+        buf = np.empty(HEADER.size + n * dtype.itemsize + HASH_SIZE, np.uint8)
+        return buf, buf[HEADER.size: HEADER.size + n * dtype.itemsize].view(dtype)
+
     def _append(self, txn: lmdb.Transaction, kind: int, recs: np.ndarray) -> None:
         """Journal one entry (and its index run) in ``txn``; the state already holds its effect."""
+        buf, room = self._entry_buffer(recs.dtype, len(recs))
+        room[:] = recs
+        self._append_entry(txn, kind, buf, len(recs))
+
+    def _append_entry(self, txn: lmdb.Transaction, kind: int, buf: np.ndarray, count: int) -> None:
+        """Journal the entry whose first ``count`` records are already in place in ``buf``."""
         st = self._st()
         seq = self._seq + 1
-        header = HEADER.pack(kind, len(recs), seq, time.time_ns() // 1000, self._hash)
-        payload = recs.tobytes()
-        entry_hash = _entry_hash(header, payload)
-        if not txn.put(u64be(seq), b"".join((header, payload, entry_hash)), db=st.dbs[b"journal"],
-                       append=True, overwrite=False):
+        size = (RECORD_DTYPE if kind == KIND_TRANSFERS else ACCOUNT_RECORD_DTYPE).itemsize
+        end = HEADER.size + count * size
+        mv = memoryview(buf)
+        HEADER.pack_into(buf, 0, kind, count, seq, time.time_ns() // 1000, self._hash)
+        entry_hash = _entry_hash(mv[: HEADER.size], mv[HEADER.size: end])
+        buf[end: end + HASH_SIZE] = np.frombuffer(entry_hash, np.uint8)
+        if not txn.put(u64be(seq), mv[: end + HASH_SIZE], db=st.dbs[b"journal"], append=True,
+                       overwrite=False):
             raise CorruptionError(f"journal entry {seq} already exists: another writer raced this one")
         txn.put(b"head", u64be(seq) + entry_hash, db=st.dbs[b"meta"])
-        if kind == KIND_TRANSFERS and len(recs):
-            acc, loc = _core.index_entries(recs, seq)
-            _put_run(txn, st.dbs[b"index"], 0, seq, seq, acc, loc)
+        if kind == KIND_TRANSFERS and count:
+            recs = buf[HEADER.size: end].view(RECORD_DTYPE)
+            txn.put(_run_key(0, seq, seq), _core.index_run(recs, seq), db=st.dbs[b"index"])
+            # merge runs in the same transaction: one commit (and one fsync) either way
+            plan = _compaction_plan(txn, st.dbs[b"index"])
+            if plan:
+                _compact(txn, st.dbs[b"index"], plan)
         self._seq, self._hash = seq, entry_hash
-        self._since_snapshot += len(recs)
+        self._since_snapshot += count
 
     def _after_commit(self) -> None:
-        """Housekeeping outside the commit: merge index runs, write a snapshot when due."""
+        """Housekeeping outside the commit: write a snapshot when due."""
         st = self._st()
         try:
             with self._lock, st.lock:
-                with st.begin() as txn:
-                    plan = _compaction_plan(txn, st.dbs[b"index"])
-                if plan:
-                    with st.env.begin(write=True, buffers=True) as txn:
-                        _compact(txn, st.dbs[b"index"], plan)
                 n_acc = self._state.n_accounts if self._state is not None else 0
                 if self._since_snapshot >= 4 * n_acc + 250_000:
                     self._write_snapshot()
@@ -394,10 +434,10 @@ class Ledger:
 
         def run(txn: lmdb.Transaction) -> None:
             self._ensure_ids(txn)
-            out = np.empty(n, RECORD_DTYPE)
+            buf, out = self._entry_buffer(RECORD_DTYPE, n)
             k = self._state.apply(recs, results, out, False)
             if k:
-                self._append(txn, KIND_TRANSFERS, out[:k])
+                self._append_entry(txn, KIND_TRANSFERS, buf, k)
 
         self._write(run)
         return results
@@ -565,7 +605,7 @@ class Ledger:
                 snap = _read_snapshot(txn, st.dbs[b"snapshot"])
             except CorruptionError as e:
                 problems.append(str(e))
-            derived_acc, derived_loc = [], []
+            derived_runs: list[np.ndarray] = []
             for key, value in txn.cursor(db=st.dbs[b"journal"]):
                 seq = from_u64be(key)
                 batches += 1
@@ -591,9 +631,7 @@ class Ledger:
                 else:
                     r = state.apply(recs, np.empty(0, np.uint8), np.empty(len(recs), RECORD_DTYPE), True)
                     transfers += len(recs)
-                    a, lo_ = _core.index_entries(recs, seq)
-                    derived_acc.append(a)
-                    derived_loc.append(lo_)
+                    derived_runs.append(_core.index_run(recs, seq))
                 if r < 0:
                     problems.append(f"journal entry {seq}, record {-r - 1}: does not apply to the state "
                                     f"before it")
@@ -608,7 +646,7 @@ class Ledger:
                 problems.append(f"the snapshot names entry {snap[0]}, past the journal's end")
             final = state.export()
             problems += _conservation(final)
-            problems += _check_index(txn, st.dbs[b"index"], derived_acc, derived_loc)
+            problems += _check_index(txn, st.dbs[b"index"], derived_runs)
             if not problems and not self._readonly:
                 try:
                     self._catch_up(txn)
@@ -748,12 +786,6 @@ def _run_key(level: int, first: int, last: int) -> bytes:
     return bytes([level]) + u64be(first) + u64be(last)
 
 
-def _put_run(txn: lmdb.Transaction, db: Any, level: int, first: int, last: int,
-             acc: np.ndarray, loc: np.ndarray) -> None:
-    txn.put(_run_key(level, first, last),
-            b"".join((struct.pack("<Q", len(acc)), acc.tobytes(), loc.tobytes())), db=db)
-
-
 def _run_arrays(value: memoryview) -> tuple[np.ndarray, np.ndarray]:
     (n,) = struct.unpack_from("<Q", value, 0)
     acc = np.frombuffer(value, np.uint64, n, 8)
@@ -784,38 +816,26 @@ def _compaction_plan(txn: lmdb.Transaction, db: Any) -> list[tuple[int, list[byt
 
 def _compact(txn: lmdb.Transaction, db: Any, plan: list[tuple[int, list[bytes]]]) -> None:
     for level, keys in plan:
-        accs, locs = [], []
-        for k in keys:
-            acc, loc = _run_arrays(txn.get(k, db=db))
-            accs.append(acc)
-            locs.append(loc)
-        acc = np.concatenate(accs)
-        loc = np.concatenate(locs)
-        order = np.lexsort((loc, acc))
+        merged = _core.merge_runs([np.frombuffer(txn.get(k, db=db), np.uint8) for k in keys])
         first = from_u64be(keys[0][1:9])
         last = max(from_u64be(k[9:17]) for k in keys)
-        _put_run(txn, db, min(level + 1, 255), first, last, acc[order], loc[order])
+        txn.put(_run_key(min(level + 1, 255), first, last), merged, db=db)
         for k in keys:
             txn.delete(k, db=db)
 
 
-def _check_index(txn: lmdb.Transaction, db: Any, derived_acc: list[np.ndarray],
-                 derived_loc: list[np.ndarray]) -> list[str]:
-    accs, locs = [], []
-    for _key, value in txn.cursor(db=db):
-        acc, loc = _run_arrays(value)
-        accs.append(acc)
-        locs.append(loc)
-    def pack(a: list[np.ndarray], b: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        if not a:
-            return np.empty(0, np.uint64), np.empty(0, np.uint64)
-        x, y = np.concatenate(a), np.concatenate(b)
-        o = np.lexsort((y, x))
-        return x[o], y[o]
-    sa, sl = pack(accs, locs)
-    da, dl = pack(derived_acc, derived_loc)
-    if len(sa) != len(da) or not (np.array_equal(sa, da) and np.array_equal(sl, dl)):
-        return [f"the account index ({len(sa)} entries) does not match the journal ({len(da)} entries)"]
+def _check_index(txn: lmdb.Transaction, db: Any, derived_runs: list[np.ndarray]) -> list[str]:
+    """Compare the stored index runs, as a whole, with the runs derived from the journal."""
+    stored = sorted(((from_u64be(bytes(key[1:9])), value) for key, value in txn.cursor(db=db)),
+                    key=lambda kv: kv[0])
+    try:
+        have = _core.merge_runs([np.frombuffer(v, np.uint8) for _, v in stored])
+    except ValueError as e:
+        return [f"the account index is damaged: {e}"]
+    want = _core.merge_runs(derived_runs)
+    if not np.array_equal(have, want):
+        return [f"the account index ({(len(have) - 8) // 16} entries) does not match the journal "
+                f"({(len(want) - 8) // 16} entries)"]
     return []
 
 
