@@ -1,0 +1,120 @@
+"""Bugs found once, and the storage paths the state machine's small batches do not reach."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lmdb
+import numpy as np
+import pytest
+
+from loyalty_engine import RECORD_DTYPE, Account, AccountFlags, Ledger, Transfer, TransferFlags, TransferResult
+
+AT = 1_767_225_600_000_000  # 2026-01-01T00:00Z in µs
+SEC = 1_000_000
+
+
+def test_account_zero_never_resolves_to_an_existing_account(tmp_path: Path) -> None:
+    """Id 0 marks an empty hash bucket; once it resolved to the first account created."""
+    with Ledger.open(tmp_path / "l", sync="none") as ledger:
+        ledger.create_accounts([Account(id=5, asset=0), Account(id=6, asset=0)])
+        res = ledger.post([Transfer(id=1, debit=0, credit=6, amount=3, at=AT),
+                           Transfer(id=2, debit=6, credit=0, amount=3, at=AT)])
+        assert res == [TransferResult.ACCOUNT_NOT_FOUND, TransferResult.ACCOUNT_NOT_FOUND]
+        assert ledger.balance(5).debits_posted == 0 and ledger.balance(6).credits_posted == 0
+        assert ledger.balances(np.array([0], np.uint64))["found"].tolist() == [False]
+
+
+def test_a_timed_out_hold_answers_pending_expired_before_field_checks(tmp_path: Path) -> None:
+    """docs/ledger.md check 4 orders PENDING_EXPIRED before PENDING_FIELDS_DIFFER."""
+    with Ledger.open(tmp_path / "l", sync="none") as ledger:
+        ledger.create_accounts([Account(id=1, asset=0), Account(id=2, asset=0), Account(id=3, asset=0)])
+        assert ledger.post([Transfer(id=10, debit=1, credit=2, amount=5, at=AT, timeout=SEC,
+                                     flags=TransferFlags.PENDING)]) == [TransferResult.OK]
+        late = Transfer(id=11, debit=0, credit=3, amount=0, related=10, at=AT + 2 * SEC,
+                        flags=TransferFlags.POST_PENDING)
+        assert ledger.post([late]) == [TransferResult.PENDING_EXPIRED]
+        in_time = Transfer(id=12, debit=0, credit=3, amount=0, related=10, at=AT,
+                           flags=TransferFlags.POST_PENDING)
+        assert ledger.post([in_time]) == [TransferResult.PENDING_FIELDS_DIFFER]
+
+
+def _earn_batch(first_id: int, n: int, members: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    r = np.zeros(n, RECORD_DTYPE)
+    r["id_lo"] = np.arange(first_id, first_id + n, dtype=np.uint64)
+    r["debit"] = 1
+    r["credit"] = rng.choice(members, n)
+    r["amount"] = rng.integers(1, 100, n)
+    r["at"] = AT + r["id_lo"].astype(np.int64)
+    # expiries out of order, so lots are inserted at the head, the middle and the tail of the lists
+    r["expires_at"] = AT + SEC * rng.integers(1, 50, n) * 3600
+    return r
+
+
+def test_many_batches_merge_index_runs_and_queries_stay_exact(tmp_path: Path) -> None:
+    rng = np.random.default_rng(7)
+    members = np.arange(100, 160, dtype=np.uint64)
+    path = tmp_path / "l"
+    with Ledger.open(path, sync="none") as ledger:
+        ledger.create_accounts([Account(id=1, asset=0)])
+        ledger.create_accounts_batch(members, asset=0, flags=AccountFlags.DEBITS_MUST_NOT_EXCEED_CREDITS)
+        posted = []
+        for b in range(20):  # 20 batches: level-0 runs merge twice into level-1 runs
+            batch = _earn_batch(1 + 500 * b, 500, members, rng)
+            assert (ledger.post_batch(batch) == TransferResult.OK).all()
+            posted.append(batch)
+        allrecs = np.concatenate(posted)
+        for m in members[:10]:
+            got = ledger.transfers(account=int(m))
+            want = allrecs[allrecs["credit"] == m]
+            assert got["id"].to_pylist() == want["id_lo"].tolist()  # time order = posting order here
+            assert sum(got["amount"].to_pylist()) == ledger.balance(int(m)).credits_posted
+            lots = ledger.lots(int(m))
+            assert [e for e, _ in lots] == sorted({int(e) for e in want["expires_at"]})
+            assert sum(a for _, a in lots) == ledger.balance(int(m)).available
+        assert len(ledger.transfers(account=1)) == len(allrecs)
+        assert ledger.verify().ok
+    env = lmdb.open(str(path), max_dbs=8, readonly=True, lock=False)
+    with env.begin(db=env.open_db(b"index", create=False)) as txn:
+        levels = [bytes(k)[0] for k, _ in txn.cursor()]
+    env.close()
+    assert levels.count(1) == 2 and levels.count(0) == 4, levels
+
+
+def test_a_byte_flipped_in_a_later_chunk_of_a_large_entry_is_found(tmp_path: Path) -> None:
+    """Entries over 256 KiB are hashed as a tree of chunks; every chunk is covered."""
+    rng = np.random.default_rng(3)
+    members = np.arange(100, 200, dtype=np.uint64)
+    path = tmp_path / "l"
+    with Ledger.open(path, sync="none") as ledger:
+        ledger.create_accounts([Account(id=1, asset=0)])
+        ledger.create_accounts_batch(members, asset=0)
+        assert (ledger.post_batch(_earn_batch(1, 8000, members, rng)) == TransferResult.OK).all()
+        seq = ledger.head[0]
+    env = lmdb.open(str(path), max_dbs=8, lock=False)
+    journal = env.open_db(b"journal", create=False)
+    with env.begin(write=True, db=journal) as txn:
+        value = bytearray(txn.get(seq.to_bytes(8, "big")))
+        assert len(value) > 3 * (1 << 18)
+        value[3 * (1 << 18) + 100] ^= 0x40
+        txn.put(seq.to_bytes(8, "big"), bytes(value))
+    env.close()
+    with Ledger.open(path, sync="none", readonly=True, create=False) as ledger:
+        report = ledger.verify()
+    assert not report.ok
+    assert any(f"journal entry {seq}" in p for p in report.problems), report.problems
+
+
+@pytest.mark.parametrize("readonly", [True, False])
+def test_post_batch_does_not_modify_the_callers_array(tmp_path: Path, readonly: bool) -> None:
+    rng = np.random.default_rng(1)
+    members = np.arange(100, 110, dtype=np.uint64)
+    batch = _earn_batch(1, 50, members, rng)
+    before = batch.copy()
+    batch.flags.writeable = not readonly
+    with Ledger.open(tmp_path / "l", sync="none") as ledger:
+        ledger.create_accounts([Account(id=1, asset=0)])
+        ledger.create_accounts_batch(members, asset=0)
+        assert (ledger.post_batch(batch) == TransferResult.OK).all()
+        assert (ledger.post_batch(batch) == TransferResult.EXISTS).all()
+    assert batch.tobytes() == before.tobytes()
