@@ -6,7 +6,9 @@ it through a small registry.
 
 from __future__ import annotations
 
+import mmap
 import os
+import struct
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,6 +44,18 @@ class Store:
     refs: int = 0
     #: Serialises this process's writers and map resizes (LMDB's lock serialises processes).
     lock: threading.RLock = field(default_factory=threading.RLock)
+    #: ``head.hint``: the last committed sequence number, mapped shared by every process. Writers set
+    #: it after each commit so that a reader can tell in nanoseconds that nothing changed; it is only a
+    #: hint (readers still look at the journal head now and then), never the truth.
+    hint: mmap.mmap | None = None
+
+    def hinted_head(self) -> int:
+        """The head sequence number as last published by a writer (-1 if there is no hint)."""
+        return struct.unpack_from("<Q", self.hint, 0)[0] if self.hint is not None else -1
+
+    def publish_head(self, seq: int) -> None:
+        if self.hint is not None and not self.hint.closed:
+            struct.pack_into("<Q", self.hint, 0, seq)
 
     def grow(self) -> None:
         """Double the map (the data outgrew it)."""
@@ -126,7 +140,7 @@ def open_store(path: str | os.PathLike[str], *, mode: str, create: bool, readonl
         except StorageError:
             env.close()
             raise
-        st = Store(path=real, env=env, dbs=dbs, mode=mode, refs=1)
+        st = Store(path=real, env=env, dbs=dbs, mode=mode, refs=1, hint=_open_hint(real, not readonly))
         _registry[real] = st
         return st
 
@@ -138,3 +152,24 @@ def release_store(st: Store) -> None:
         if st.refs <= 0:
             _registry.pop(st.path, None)
             st.env.close()
+            if st.hint is not None:
+                st.hint.close()
+
+
+def _open_hint(real: str, writable: bool) -> mmap.mmap | None:
+    """Map ``head.hint`` in the ledger directory (created by writers); None where it cannot be."""
+    path = os.path.join(real, "head.hint")
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644) if writable else os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        if os.fstat(fd).st_size < 8:
+            if not writable:
+                return None
+            os.ftruncate(fd, 8)
+        return mmap.mmap(fd, 8, access=mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ)
+    except (OSError, ValueError):
+        return None
+    finally:
+        os.close(fd)

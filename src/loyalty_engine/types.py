@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from enum import IntEnum, IntFlag
+from typing import NamedTuple
 
 import numpy as np
 
@@ -243,9 +244,9 @@ class Transfer:
     user_data: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class Balance:
-    """An account's balance, in the asset's smallest unit."""
+class Balance(NamedTuple):
+    """An account's balance, in the asset's smallest unit. (A named tuple rather than a frozen
+    dataclass: it is made once per balance read, and a tuple is made in a fifth of the time.)"""
 
     debits_posted: int
     credits_posted: int
