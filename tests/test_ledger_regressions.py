@@ -59,7 +59,7 @@ def test_many_batches_merge_index_runs_and_queries_stay_exact(tmp_path: Path) ->
         ledger.create_accounts([Account(id=1, asset=0)])
         ledger.create_accounts_batch(members, asset=0, flags=AccountFlags.DEBITS_MUST_NOT_EXCEED_CREDITS)
         posted = []
-        for b in range(20):  # 20 batches: level-0 runs merge twice into level-1 runs
+        for b in range(20):  # 20 batches: level-0 runs merge into a level-1 run
             batch = _earn_batch(1 + 500 * b, 500, members, rng)
             assert (ledger.post_batch(batch) == TransferResult.OK).all()
             posted.append(batch)
@@ -78,7 +78,8 @@ def test_many_batches_merge_index_runs_and_queries_stay_exact(tmp_path: Path) ->
     with env.begin(db=env.open_db(b"index", create=False)) as txn:
         levels = [bytes(k)[0] for k, _ in txn.cursor()]
     env.close()
-    assert levels.count(1) == 2 and levels.count(0) == 4, levels
+    # entries 1-2 create accounts, 3-22 hold transfers; entry 16 merged runs 3-10 (every 8th entry looks)
+    assert levels.count(1) == 1 and levels.count(0) == 12, levels
 
 
 def test_a_byte_flipped_in_a_later_chunk_of_a_large_entry_is_found(tmp_path: Path) -> None:

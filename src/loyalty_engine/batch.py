@@ -49,6 +49,7 @@ TRANSFER_COLUMNS: dict[str, tuple[str, int, int, bool]] = {
     "user_data": ("user_data", 0, U64, False),
 }
 TIME_COLUMNS = ("at", "expires_at")
+_ID_LIMIT = SYSTEM_ID_HI << 64
 
 
 def _int(v: Any, where: str, lo: int, hi: int) -> int:
@@ -83,6 +84,18 @@ def normalize_transfers(transfers: Sequence[Transfer]) -> np.ndarray:
     n = len(transfers)
     recs = np.zeros(n, RECORD_DTYPE)
     for i, t in enumerate(transfers):
+        # the common case, checked without building a message: plain ints, no times to convert
+        if (type(t) is Transfer and type(t.id) is int and 0 < t.id < _ID_LIMIT and type(t.debit) is int
+                and 0 <= t.debit <= U64 and type(t.credit) is int and 0 <= t.credit <= U64
+                and type(t.amount) is int and I64_MIN <= t.amount <= I64_MAX and type(t.at) is int
+                and I64_MIN <= t.at <= I64_MAX and t.expires_at is None and type(t.related) is int
+                and 0 <= t.related < 1 << 128 and type(t.timeout) is int and I64_MIN <= t.timeout <= I64_MAX
+                and type(t.user_data) is int and 0 <= t.user_data <= U64 and type(t.asset) is int
+                and 0 <= t.asset < 1 << 32 and type(t.code) is int and 0 <= t.code <= 0xFFFF
+                and not t.flags & ~HOST_TRANSFER_FLAGS):
+            recs[i] = (t.id & U64, t.id >> 64, t.debit, t.credit, t.amount, t.related & U64, t.related >> 64,
+                       t.user_data, t.at, 0, t.timeout, 0, t.asset, t.code, int(t.flags))
+            continue
         if not isinstance(t, Transfer):
             raise ValidationError(f"transfers[{i}]={t!r} is not a Transfer")
         w = f"transfers[{i}]"

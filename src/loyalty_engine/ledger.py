@@ -44,6 +44,8 @@ from .types import (
 
 __all__ = ["Ledger"]
 
+_RESULTS = tuple(TransferResult(i) if i in TransferResult._value2member_map_ else i for i in range(256))
+
 KIND_ACCOUNTS = 1
 KIND_TRANSFERS = 2
 # kind, pad, count, seq, committed_at (µs), previous hash
@@ -82,8 +84,10 @@ def _entry_hash(header: bytes | memoryview, payload: bytes | memoryview) -> byte
     """The hash of a journal entry: BLAKE2b-256 of its header (which holds the previous entry's hash)
     and of the BLAKE2b-256 digests of its payload's 256 KiB chunks, hashed in parallel threads."""
     mv = memoryview(payload).cast("B")
-    chunks = [mv[i: i + HASH_CHUNK] for i in range(0, len(mv), HASH_CHUNK)]
-    leaves = list(_hash_pool().map(_leaf, chunks)) if len(chunks) > 1 else [_leaf(c) for c in chunks]
+    if len(mv) <= HASH_CHUNK:
+        leaves = [_leaf(mv)] if len(mv) else []
+    else:
+        leaves = list(_hash_pool().map(_leaf, [mv[i: i + HASH_CHUNK] for i in range(0, len(mv), HASH_CHUNK)]))
     h = hashlib.blake2b(header, digest_size=32, person=b"loyalty-entry")
     for leaf in leaves:
         h.update(leaf)
@@ -312,9 +316,9 @@ class Ledger:
         size = (RECORD_DTYPE if kind == KIND_TRANSFERS else ACCOUNT_RECORD_DTYPE).itemsize
         end = HEADER.size + count * size
         mv = memoryview(buf)
-        HEADER.pack_into(buf, 0, kind, count, seq, time.time_ns() // 1000, self._hash)
+        HEADER.pack_into(mv, 0, kind, count, seq, time.time_ns() // 1000, self._hash)
         entry_hash = _entry_hash(mv[: HEADER.size], mv[HEADER.size: end])
-        buf[end: end + HASH_SIZE] = np.frombuffer(entry_hash, np.uint8)
+        mv[end: end + HASH_SIZE] = entry_hash
         if not txn.put(u64be(seq), mv[: end + HASH_SIZE], db=st.dbs[b"journal"], append=True,
                        overwrite=False):
             raise CorruptionError(f"journal entry {seq} already exists: another writer raced this one")
@@ -322,10 +326,10 @@ class Ledger:
         if kind == KIND_TRANSFERS and count:
             recs = buf[HEADER.size: end].view(RECORD_DTYPE)
             txn.put(_run_key(0, seq, seq), _core.index_run(recs, seq), db=st.dbs[b"index"])
-            # merge runs in the same transaction: one commit (and one fsync) either way
-            plan = _compaction_plan(txn, st.dbs[b"index"])
-            if plan:
-                _compact(txn, st.dbs[b"index"], plan)
+            # merge runs in the same transaction (one commit, one fsync either way); looked at every
+            # RUN_FANOUT entries, so a level holds fewer than 2 * RUN_FANOUT runs
+            if seq % RUN_FANOUT == 0:
+                _compact_levels(txn, st.dbs[b"index"])
         self._seq, self._hash = seq, entry_hash
         self._since_snapshot += count
 
@@ -432,7 +436,7 @@ class Ledger:
         range, a closed handle); then nothing is written.
         """
         recs = normalize_transfers(transfers)
-        return [TransferResult(r) for r in self._post(recs)]
+        return [_RESULTS[r] for r in self._post(recs).tolist()]
 
     def post_batch(self, batch: Any) -> np.ndarray:
         """Post a pyarrow Table/RecordBatch or structured NumPy array of transfers (see docs/ledger.md
@@ -819,24 +823,35 @@ def _runs_lookup(txn: lmdb.Transaction, db: Any, account: np.uint64) -> list[np.
     return out
 
 
-def _compaction_plan(txn: lmdb.Transaction, db: Any) -> list[tuple[int, list[bytes]]]:
-    """Levels with RUN_FANOUT or more runs of mergeable size: (level, their keys)."""
-    by_level: dict[int, list[bytes]] = {}
-    for key, value in txn.cursor(db=db):
-        (n,) = struct.unpack_from("<Q", value, 0)
-        if n < MAX_RUN_ENTRIES:
-            by_level.setdefault(key[0], []).append(bytes(key))
-    return [(lvl, keys[:RUN_FANOUT]) for lvl, keys in sorted(by_level.items()) if len(keys) >= RUN_FANOUT]
+def _level_keys(txn: lmdb.Transaction, db: Any, level: int, limit: int) -> list[bytes]:
+    """Keys of up to ``limit`` mergeable runs of one level, oldest first."""
+    keys: list[bytes] = []
+    cur = txn.cursor(db=db)
+    if not cur.set_range(bytes([level])):
+        return keys
+    for key, value in cur:
+        if key[0] != level or len(keys) == limit:
+            break
+        if struct.unpack_from("<Q", value, 0)[0] < MAX_RUN_ENTRIES:
+            keys.append(bytes(key))
+    return keys
 
 
-def _compact(txn: lmdb.Transaction, db: Any, plan: list[tuple[int, list[bytes]]]) -> None:
-    for level, keys in plan:
+def _compact_levels(txn: lmdb.Transaction, db: Any) -> None:
+    """Merge RUN_FANOUT runs of level 0 into one of level 1 when that many piled up; cascade upwards
+    (each level looked at only when the one below just grew it)."""
+    level = 0
+    while level < 255:
+        keys = _level_keys(txn, db, level, RUN_FANOUT)
+        if len(keys) < RUN_FANOUT:
+            return
         merged = _core.merge_runs([np.frombuffer(txn.get(k, db=db), np.uint8) for k in keys])
         first = from_u64be(keys[0][1:9])
         last = max(from_u64be(k[9:17]) for k in keys)
-        txn.put(_run_key(min(level + 1, 255), first, last), merged, db=db)
+        txn.put(_run_key(level + 1, first, last), merged, db=db)
         for k in keys:
             txn.delete(k, db=db)
+        level += 1
 
 
 def _check_index(txn: lmdb.Transaction, db: Any, derived_runs: list[np.ndarray]) -> list[str]:

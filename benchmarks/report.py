@@ -1,0 +1,254 @@
+"""Capacity figures for the ledger, measured beside the SQLite peer in one process.
+
+    python -m benchmarks.report            # the full run (about 5-10 minutes on 2 cores)
+    python -m benchmarks.report --quick    # small sizes, about a minute
+    python -m benchmarks.report --json out.json
+
+Each scenario prints rows/s (or latency percentiles) for the ledger and the peer, their ratio, the
+issue's target and whether it was met. Temporary ledgers go under $TMPDIR (put it on the disk you want
+to size: fsync figures mean nothing on tmpfs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lmdb
+import numpy as np
+
+from loyalty_engine import Account, AccountFlags, Ledger, Transfer, TransferResult
+
+from .sqlite_peer import SqlitePeer
+from .workloads import MEMBER_BASE, SYSTEM, T0, make_workload, member_ids, open_ledger
+
+ns = time.perf_counter_ns
+
+
+def pct(samples: list[int], q: float) -> float:
+    return float(np.percentile(np.asarray(samples, dtype=np.float64), q)) / 1000.0  # µs
+
+
+class Report:
+    def __init__(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+
+    def add(self, scenario: str, metric: str, ledger: float, peer: float | None, target: str,
+            met: bool | None, unit: str) -> None:
+        row = {"scenario": scenario, "metric": metric, "ledger": ledger, "peer": peer, "unit": unit,
+               "ratio": (ledger / peer if peer else None), "target": target, "met": met}
+        self.rows.append(row)
+        ratio = f"{row['ratio']:.2f}x" if row["ratio"] is not None else "-"
+        peer_s = f"{peer:,.1f}" if peer is not None else "-"
+        status = {True: "MET", False: "MISSED", None: ""}[met]
+        print(f"{scenario:<38} {metric:<16} {ledger:>14,.1f} {peer_s:>14} {ratio:>8}  {unit:<8} "
+              f"{target:<24} {status}", flush=True)
+
+
+def post_batch_scenario(rep: Report, tmp: Path, members: int, batch: int, n_batches: int,
+                        peer_batches: int, target_rate: float) -> None:
+    name = f"post_batch {batch:,} x {members:,} members"
+    work = make_workload(members, batch, 1 + n_batches, seed=members + batch)
+    ledger = open_ledger(str(tmp / f"l-{members}-{batch}"), members, sync="full")
+    peer = SqlitePeer(str(tmp / f"p-{members}-{batch}.sqlite"))
+    try:
+        peer.create_accounts(SYSTEM, 0)
+        peer.create_accounts(member_ids(members).tolist(), int(AccountFlags.DEBITS_MUST_NOT_EXCEED_CREDITS))
+        # warm-up (funds members, builds tables); not timed
+        first_l = ledger.post_batch(work.batches[0])
+        first_p = peer.post_batch(work.batches[0])
+        assert np.array_equal(first_l, first_p), "the ledger and the peer disagree on the warm-up batch"
+        gc.collect()
+        t = ns()
+        results = [ledger.post_batch(b) for b in work.batches[1:]]
+        ledger_s = (ns() - t) / 1e9
+        t = ns()
+        peer_results = [peer.post_batch(b) for b in work.batches[1: 1 + peer_batches]]
+        peer_s = (ns() - t) / 1e9
+        for i, (a, b) in enumerate(zip(results, peer_results, strict=False)):
+            assert np.array_equal(a, b), f"the ledger and the peer disagree on batch {i + 1}"
+    finally:
+        ledger.close()
+        peer.close()
+    ok = int(sum(int((r == TransferResult.OK).sum()) for r in results))
+    rows = n_batches * batch
+    rate = rows / ledger_s
+    peer_rate = peer_batches * batch / peer_s
+    rep.add(name, "transfers/s", rate, peer_rate, f">= {target_rate:,.0f}/s and >= 3x",
+            rate >= target_rate and rate >= 3 * peer_rate, "rows/s")
+    print(f"    ({rows:,} transfers in {n_batches} durable batches, {ok:,} ok, "
+          f"{rows - ok:,} refused for want of points; peer: {peer_batches} batches)")
+
+
+def single_post_scenario(rep: Report, tmp: Path, n_none: int, n_full: int) -> None:
+    def one_by_one(sync: str, n: int) -> list[int]:
+        with Ledger.open(tmp / f"single-{sync}", sync=sync) as ledger:
+            ledger.create_accounts([Account(id=1, asset=0), Account(id=2, asset=0)])
+            samples = []
+            for i in range(n + 200):
+                tr = [Transfer(id=i + 1, debit=1, credit=2, amount=1, at=T0 + i)]
+                t = ns()
+                ledger.post(tr)
+                samples.append(ns() - t)
+            return samples[200:]
+
+    none = one_by_one("none", n_none)
+    rep.add("post 1 transfer per call, sync=none", "p50", pct(none, 50), None, "< 15 us", pct(none, 50) < 15,
+            "us")
+    rep.add("post 1 transfer per call, sync=none", "p99", pct(none, 99), None, "", None, "us")
+
+    # the fsync floor: the cheapest durable LMDB commit (one small put) on this disk
+    env = lmdb.open(str(tmp / "floor"), sync=True, metasync=True, map_size=1 << 26)
+    floor = []
+    for i in range(n_full + 50):
+        t = ns()
+        with env.begin(write=True) as txn:
+            txn.put(i.to_bytes(8, "big"), b"x" * 104)
+        floor.append(ns() - t)
+    env.close()
+    floor = floor[50:]
+    full = one_by_one("full", n_full)
+    peer = SqlitePeer(str(tmp / "single.sqlite"))
+    peer.create_accounts([1, 2], 0)
+    ps = []
+    work = make_workload(1, 1, n_full, seed=5)
+    for b in work.batches:
+        b["debit"], b["credit"] = 1, 2
+        t = ns()
+        peer.post_batch(b)
+        ps.append(ns() - t)
+    peer.close()
+    f50, fl50 = pct(full, 50), pct(floor, 50)
+    rep.add("post 1 transfer per call, sync=full", "p50", f50, pct(ps, 50), "<= 1.3x fsync floor",
+            f50 <= 1.3 * fl50, "us")
+    rep.add("post 1 transfer per call, sync=full", "p99", pct(full, 99), pct(ps, 99), "", None, "us")
+    rep.add("fsync floor (LMDB put + durable commit)", "p50", fl50, None, "", None, "us")
+    print(f"    (sync=full p50 is {f50 / fl50:.2f}x the fsync floor)")
+
+
+def balance_scenario(rep: Report, tmp: Path, members: int, n: int) -> None:
+    ledger = open_ledger(str(tmp / "balances"), members, sync="none")
+    peer = SqlitePeer(str(tmp / "balances.sqlite"))
+    try:
+        peer.create_accounts(member_ids(members).tolist(), 1)
+        ids = (MEMBER_BASE + np.random.default_rng(9).integers(0, members, n)).tolist()
+        for i in ids[:1000]:  # warm-up
+            ledger.balance(i)
+        samples = []
+        for i in ids:
+            t = ns()
+            ledger.balance(i)
+            samples.append(ns() - t)
+        peer_samples = []
+        for i in ids[: n // 10]:
+            t = ns()
+            peer.balance(i)
+            peer_samples.append(ns() - t)
+        arr = np.asarray(ids, np.uint64)
+        t = ns()
+        ledger.balances(arr)
+        many = (ns() - t) / len(arr) / 1000
+    finally:
+        ledger.close()
+        peer.close()
+    name = f"balance read, {members:,} accounts"
+    rep.add(name, "p50", pct(samples, 50), pct(peer_samples, 50), "< 2 us", pct(samples, 50) < 2, "us")
+    rep.add(name, "p99", pct(samples, 99), pct(peer_samples, 99), "", None, "us")
+    rep.add(f"balances(array of {len(arr):,})", "per id", many, None, "", None, "us")
+
+
+def transfers_scenario(rep: Report, tmp: Path, total: int, per_member: int, peer_total: int,
+                       queries: int) -> None:
+    members = max(1, total // per_member)
+    batch = 500_000 if total >= 2_000_000 else max(1, total // 8)
+    n_batches = max(1, total // batch)
+    print(f"    (building a ledger of {n_batches * batch:,} transfers over {members:,} members ...)", flush=True)
+    ledger = open_ledger(str(tmp / "history"), members, sync="none")
+    peer = SqlitePeer(str(tmp / "history.sqlite"), synchronous="OFF")
+    try:
+        t = ns()
+        loaded = 0
+        for b in range(n_batches):
+            work = make_workload(members, batch, 1, seed=100 + b, first_id=1 + b * batch, spend_share=0.0)
+            ledger.post_batch(work.batches[0])
+            if loaded < peer_total:
+                peer.bulk_load(work.batches[0][: peer_total - loaded])
+                loaded += min(batch, peer_total - loaded)
+        ledger.sync()
+        print(f"    (built in {(ns() - t) / 1e9:.1f} s)", flush=True)
+        rng = np.random.default_rng(11)
+        picks = (MEMBER_BASE + rng.integers(0, members, queries)).tolist()
+        samples, sizes = [], []
+        for m in picks:
+            t = ns()
+            tbl = ledger.transfers(account=m)
+            samples.append(ns() - t)
+            sizes.append(tbl.num_rows)
+        peer_members = max(1, min(members, peer_total // per_member))
+        peer_samples = []
+        for m in (MEMBER_BASE + rng.integers(0, peer_members, queries)).tolist():
+            t = ns()
+            peer.transfers_of(m)
+            peer_samples.append(ns() - t)
+    finally:
+        ledger.close()
+        peer.close()
+    name = f"transfers(account), ledger of {n_batches * batch / 1e6:.0f}M"
+    p50 = pct(samples, 50) / 1000
+    rep.add(name, "p50", p50, pct(peer_samples, 50) / 1000, "a few ms", p50 < 5, "ms")
+    rep.add(name, "p99", pct(samples, 99) / 1000, pct(peer_samples, 99) / 1000, "", None, "ms")
+    print(f"    (a member has {np.median(sizes):.0f} transfers on median; the peer's table holds "
+          f"{min(peer_total, n_batches * batch):,} rows)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small sizes (a smoke run, about a minute)")
+    ap.add_argument("--json", type=Path, help="also write the figures to this JSON file")
+    ap.add_argument("--only", choices=["post_batch", "single", "balance", "transfers"], action="append",
+                    help="run only these scenarios")
+    args = ap.parse_args(argv)
+    only = set(args.only or ["post_batch", "single", "balance", "transfers"])
+    q = args.quick
+    tmp = Path(tempfile.mkdtemp(prefix="loyalty-bench-"))
+    rep = Report()
+    print(f"loyalty_engine capacity report - {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} cores, Python {sys.version.split()[0]}, temp dir {tmp}")
+    print(f"{'scenario':<38} {'metric':<16} {'ledger':>14} {'sqlite peer':>14} {'ratio':>8}  {'unit':<8} "
+          f"{'target':<24}")
+    steps: list[tuple[str, Callable[[], None]]] = [
+        ("post_batch", lambda: post_batch_scenario(rep, tmp, 100_000 if q else 1_000_000, 100_000 if q else 100_000,
+                                                   3 if q else 20, 1, 1_000_000)),
+        ("post_batch", lambda: post_batch_scenario(rep, tmp, 10_000, 10_000, 20 if q else 200, 2 if q else 10,
+                                                   1_500_000)),
+        ("single", lambda: single_post_scenario(rep, tmp, 2000 if q else 20_000, 300 if q else 3000)),
+        ("balance", lambda: balance_scenario(rep, tmp, 100_000 if q else 1_000_000, 20_000 if q else 200_000)),
+        ("transfers", lambda: transfers_scenario(
+            rep, tmp, int(os.environ.get("BENCH_TRANSFERS", 1_000_000 if q else 10_000_000)), 300,
+            200_000 if q else 2_000_000, 200 if q else 1000)),
+    ]
+    try:
+        for kind, step in steps:
+            if kind in only:
+                step()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if args.json:
+        args.json.write_text(json.dumps({"quick": q, "rows": rep.rows}, indent=2))
+    missed = [r for r in rep.rows if r["met"] is False]
+    print(f"{len([r for r in rep.rows if r['met']])} targets met, {len(missed)} missed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
