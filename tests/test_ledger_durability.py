@@ -129,7 +129,7 @@ def test_a_flipped_snapshot_byte_is_reported(tmp_path: Path) -> None:
 
 def test_a_flipped_index_byte_is_reported(tmp_path: Path) -> None:
     path = tmp_path / "t.ledger"
-    _make(path)
+    _make(path, n=2000)  # entries this big are indexed at once
     _flip(path, b"index", None, 8 + 8 * 3)  # an account id in the first run
     with Ledger.open(path, sync="none", readonly=True, create=False) as ledger:
         rep = ledger.verify()

@@ -59,8 +59,8 @@ def test_many_batches_merge_index_runs_and_queries_stay_exact(tmp_path: Path) ->
         ledger.create_accounts([Account(id=1, asset=0)])
         ledger.create_accounts_batch(members, asset=0, flags=AccountFlags.DEBITS_MUST_NOT_EXCEED_CREDITS)
         posted = []
-        for b in range(20):  # 20 batches: level-0 runs merge into a level-1 run
-            batch = _earn_batch(1 + 500 * b, 500, members, rng)
+        for b in range(20):  # 20 batches, each indexed at once: level-0 runs merge into level-1 runs
+            batch = _earn_batch(1 + 1500 * b, 1500, members, rng)
             assert (ledger.post_batch(batch) == TransferResult.OK).all()
             posted.append(batch)
         allrecs = np.concatenate(posted)
@@ -78,8 +78,29 @@ def test_many_batches_merge_index_runs_and_queries_stay_exact(tmp_path: Path) ->
     with env.begin(db=env.open_db(b"index", create=False)) as txn:
         levels = [bytes(k)[0] for k, _ in txn.cursor()]
     env.close()
-    # entries 1-2 create accounts, 3-22 hold transfers; entry 16 merged runs 3-10 (every 8th entry looks)
-    assert levels.count(1) == 1 and levels.count(0) == 12, levels
+    # 20 level-0 runs (the first also covers the two account entries): two merges of eight
+    assert levels.count(1) == 2 and levels.count(0) == 4 and levels.count(255) == 1, levels
+
+
+def test_small_entries_wait_in_the_tail_and_queries_still_see_them(tmp_path: Path) -> None:
+    path = tmp_path / "l"
+    with Ledger.open(path, sync="none") as ledger:
+        ledger.create_accounts([Account(id=1, asset=0), Account(id=2, asset=0), Account(id=3, asset=0)])
+        for i in range(1, 71):  # 70 single posts: the tail is indexed at entries 32 and 64
+            assert ledger.post([Transfer(id=i, debit=1, credit=2 + i % 2, amount=i, at=AT + i)]) == [
+                TransferResult.OK]
+            if i in (5, 31, 32, 33, 70):
+                got = ledger.transfers(account=3)["id"].to_pylist()
+                assert got == [k for k in range(1, i + 1) if k % 2 == 1], i
+        assert ledger.transfers(account=2)["amount"].to_pylist() == list(range(2, 71, 2))
+        assert ledger.verify().ok
+    env = lmdb.open(str(path), max_dbs=8, readonly=True, lock=False)
+    with env.begin(db=env.open_db(b"index", create=False)) as txn:
+        keys = [bytes(k) for k, _ in txn.cursor()]
+        indexed = int.from_bytes(bytes(txn.get(keys[-1])), "big")
+    env.close()
+    # entry 1 holds the accounts; entries 2..71 the posts; runs cover 1..32 and 33..64
+    assert [k[0] for k in keys] == [0, 0, 255] and indexed == 64
 
 
 def test_a_byte_flipped_in_a_later_chunk_of_a_large_entry_is_found(tmp_path: Path) -> None:
