@@ -11,6 +11,7 @@ cimport cython
 from libc.stdint cimport int64_t, uint64_t, int32_t, uint32_t, uint16_t, uint8_t, INT64_MAX
 from libc.stdlib cimport malloc, realloc, free
 from libc.string cimport memcpy
+from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE, PyBUF_WRITABLE
 
 import mmap
 
@@ -130,6 +131,21 @@ DEF P_EXPIRED = 3
 
 RECORD_SIZE = sizeof(TRec)
 ACCOUNT_RECORD_SIZE = sizeof(ARec)
+
+
+cdef object _RECORD_DTYPE = None
+
+
+cdef inline int _check_records(object arr, str name) except -1:
+    """Raise unless ``arr`` is a RECORD_DTYPE array (identity first: the common case costs nothing)."""
+    global _RECORD_DTYPE
+    if _RECORD_DTYPE is None:
+        from .types import RECORD_DTYPE
+        _RECORD_DTYPE = RECORD_DTYPE
+    dt = getattr(arr, "dtype", None)
+    if dt is not _RECORD_DTYPE and dt != _RECORD_DTYPE:
+        raise TypeError(f"{name} must be a RECORD_DTYPE array, not {dt!r}")
+    return 0
 
 
 cdef inline uint64_t mix64(uint64_t x) noexcept nogil:
@@ -361,7 +377,7 @@ cdef class State:
                     if o[i].lo != 0 or o[i].hi != 0:
                         self._id_insert(o[i].lo, o[i].hi, o[i].fp)
 
-    def reserve(self, Py_ssize_t accounts=0, Py_ssize_t transfers=0):
+    cpdef reserve(self, Py_ssize_t accounts=0, Py_ssize_t transfers=0):
         """Grow every table so that ``accounts`` more accounts and ``transfers`` more transfers fit."""
         cdef Py_ssize_t need, cap
         need = self.n_accounts + accounts
@@ -701,15 +717,43 @@ cdef class State:
         return out
 
     # -- transfers -----------------------------------------------------------------------------
-    def apply(self, const TRec[::1] batch, uint8_t[::1] results, TRec[::1] out, bint replay=False):
+    def apply(self, batch, results, out, bint replay=False):
         """Apply transfers in order, with linked chains all-or-nothing.
 
-        Normal mode: results[i] gets each transfer's result; the committed records (resolved, with the
-        fingerprint of the submitted fields) are written to ``out``; returns how many. Replay mode
-        (records already in the journal): returns the count, or -(i + 1) for the first record that no
-        longer applies (a corrupt journal). Raises MemoryError if an undo log cannot grow.
+        ``batch`` and ``out`` are contiguous ``RECORD_DTYPE`` arrays, ``results`` a ``uint8`` array
+        (ignored in replay mode). Normal mode: results[i] gets each transfer's result; the committed
+        records (resolved, with the fingerprint of the submitted fields) are written to ``out``;
+        returns how many. Replay mode (records already in the journal): returns the count, or
+        -(i + 1) for the first record that no longer applies (a corrupt journal). Raises MemoryError
+        if an undo log cannot grow.
+
+        The arrays are taken as plain buffers (a typed struct memoryview costs microseconds to check
+        its format, which is most of a one-transfer call); their dtypes are checked by size.
         """
-        cdef Py_ssize_t n = batch.shape[0]
+        cdef Py_buffer bb, rb, ob
+        cdef Py_ssize_t n
+        _check_records(batch, "batch")
+        _check_records(out, "out")
+        PyObject_GetBuffer(batch, &bb, PyBUF_SIMPLE)
+        try:
+            n = bb.len // sizeof(TRec)
+            PyObject_GetBuffer(out, &ob, PyBUF_SIMPLE | PyBUF_WRITABLE)
+            try:
+                if ob.len // <Py_ssize_t>sizeof(TRec) < n:
+                    raise ValueError(f"out holds {ob.len // sizeof(TRec)} records, the batch {n}")
+                PyObject_GetBuffer(results, &rb, PyBUF_SIMPLE | PyBUF_WRITABLE)
+                try:
+                    if not replay and rb.len < n:
+                        raise ValueError(f"results holds {rb.len} bytes, the batch {n} records")
+                    return self._apply(<const TRec*>bb.buf, n, <uint8_t*>rb.buf, <TRec*>ob.buf, replay)
+                finally:
+                    PyBuffer_Release(&rb)
+            finally:
+                PyBuffer_Release(&ob)
+        finally:
+            PyBuffer_Release(&bb)
+
+    cdef object _apply(self, const TRec* batch, Py_ssize_t n, uint8_t* results, TRec* out, bint replay):
         self.reserve(0, n)
         cdef Py_ssize_t i, j, chain_start = 0, chain_out = 0, n_out = 0, chain_pending = 0
         cdef Py_ssize_t failed_at = -1
@@ -801,7 +845,9 @@ cdef class State:
         if failed_at >= 0:
             return -(failed_at + 1)
         if replay and self.ids_enabled:
-            self.add_ids(batch)
+            with nogil:
+                for i in range(n):
+                    self._id_insert(batch[i].id_lo, batch[i].id_hi, batch[i].fp)
         return n_out
 
     cdef void _rollback(self, Buf* bal_undo, Buf* lot_undo, Buf* pend_undo,
@@ -1182,9 +1228,19 @@ cdef object _sorted_run(uint64_t* k, uint64_t* v, uint64_t* k2, uint64_t* v2, Py
     return buf
 
 
-def index_run(const TRec[::1] recs, uint64_t seq):
+def index_run(recs, uint64_t seq):
     """The stored index run of one journal entry: both accounts of every record, sorted."""
-    cdef Py_ssize_t i, n = recs.shape[0], m = 2 * recs.shape[0]
+    cdef Py_buffer rb
+    _check_records(recs, "recs")
+    PyObject_GetBuffer(recs, &rb, PyBUF_SIMPLE)
+    try:
+        return _index_run(<const TRec*>rb.buf, rb.len // sizeof(TRec), seq)
+    finally:
+        PyBuffer_Release(&rb)
+
+
+cdef object _index_run(const TRec* recs, Py_ssize_t n, uint64_t seq):
+    cdef Py_ssize_t i, m = 2 * n
     cdef uint64_t base = seq << 24
     cdef uint64_t* scratch = <uint64_t*>malloc((4 * m + 1) * sizeof(uint64_t))
     if scratch == NULL:
