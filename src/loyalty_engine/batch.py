@@ -7,6 +7,8 @@ rejections (zero amounts, unknown accounts) are left to the kernel, which answer
 
 from __future__ import annotations
 
+import struct
+
 from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
@@ -50,6 +52,9 @@ TRANSFER_COLUMNS: dict[str, tuple[str, int, int, bool]] = {
 }
 TIME_COLUMNS = ("at", "expires_at")
 _ID_LIMIT = SYSTEM_ID_HI << 64
+#: One RECORD_DTYPE record (id_lo, id_hi, debit, credit, amount, related_lo, related_hi, user_data, at,
+#: expires_at, timeout, fp, asset, code, flags).
+_PACK = struct.Struct("<QQQQqQQQqqqQIHH")
 
 
 def _int(v: Any, where: str, lo: int, hi: int) -> int:
@@ -82,9 +87,11 @@ def normalize_transfers(transfers: Sequence[Transfer]) -> np.ndarray:
     if isinstance(transfers, Transfer):
         raise ValidationError("post takes a list of Transfer, not one Transfer; use post([t])")
     n = len(transfers)
-    recs = np.zeros(n, RECORD_DTYPE)
+    raw = bytearray(n * _PACK.size)
     for i, t in enumerate(transfers):
         # the common case, checked without building a message: plain ints, no times to convert
+        fl = t.flags if type(t) is Transfer else -1
+        fl = fl if type(fl) is int else (int(fl) if isinstance(fl, (int, np.integer)) else -1)
         if (type(t) is Transfer and type(t.id) is int and 0 < t.id < _ID_LIMIT and type(t.debit) is int
                 and 0 <= t.debit <= U64 and type(t.credit) is int and 0 <= t.credit <= U64
                 and type(t.amount) is int and I64_MIN <= t.amount <= I64_MAX and type(t.at) is int
@@ -92,9 +99,10 @@ def normalize_transfers(transfers: Sequence[Transfer]) -> np.ndarray:
                 and 0 <= t.related < 1 << 128 and type(t.timeout) is int and I64_MIN <= t.timeout <= I64_MAX
                 and type(t.user_data) is int and 0 <= t.user_data <= U64 and type(t.asset) is int
                 and 0 <= t.asset < 1 << 32 and type(t.code) is int and 0 <= t.code <= 0xFFFF
-                and not t.flags & ~HOST_TRANSFER_FLAGS):
-            recs[i] = (t.id & U64, t.id >> 64, t.debit, t.credit, t.amount, t.related & U64, t.related >> 64,
-                       t.user_data, t.at, 0, t.timeout, 0, t.asset, t.code, int(t.flags))
+                and 0 <= fl <= 0xFFFF and not fl & ~HOST_TRANSFER_FLAGS):
+            _PACK.pack_into(raw, i * _PACK.size, t.id & U64, t.id >> 64, t.debit, t.credit, t.amount,
+                            t.related & U64, t.related >> 64, t.user_data, t.at, 0, t.timeout, 0, t.asset,
+                            t.code, fl)
             continue
         if not isinstance(t, Transfer):
             raise ValidationError(f"transfers[{i}]={t!r} is not a Transfer")
@@ -111,7 +119,8 @@ def normalize_transfers(transfers: Sequence[Transfer]) -> np.ndarray:
         exp = 0 if t.expires_at is None else to_micros(t.expires_at, f"{w}.expires_at")
         if t.expires_at is not None and exp == 0:
             raise ValidationError(f"{w}.expires_at=0 is the epoch itself; use None for 'never'")
-        recs[i] = (
+        _PACK.pack_into(
+            raw, i * _PACK.size,
             tid & U64, tid >> 64,
             _int(t.debit, f"{w}.debit", 0, U64),
             _int(t.credit, f"{w}.credit", 0, U64),
@@ -125,7 +134,7 @@ def normalize_transfers(transfers: Sequence[Transfer]) -> np.ndarray:
             _int(t.code, f"{w}.code", 0, 0xFFFF),
             flags,
         )
-    return recs
+    return np.frombuffer(raw, RECORD_DTYPE) if n else np.zeros(0, RECORD_DTYPE)
 
 
 def _arrow_column(col: pa.ChunkedArray | pa.Array, name: str) -> np.ndarray:
