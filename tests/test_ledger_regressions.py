@@ -103,8 +103,10 @@ def test_small_entries_wait_in_the_tail_and_queries_still_see_them(tmp_path: Pat
     assert [k[0] for k in keys] == [0, 0, 255] and indexed == 64
 
 
-def test_a_byte_flipped_in_a_later_chunk_of_a_large_entry_is_found(tmp_path: Path) -> None:
-    """Entries over 256 KiB are hashed as a tree of chunks; every chunk is covered."""
+@pytest.mark.parametrize("damage", ["flip", "delete"])
+def test_damage_to_a_later_part_of_a_large_entry_is_found(tmp_path: Path, damage: str) -> None:
+    """Entries over SEG_RECORDS records keep their records in parts (one hash leaf each); every part is
+    covered by the entry's hash, and a missing part is reported."""
     rng = np.random.default_rng(3)
     members = np.arange(100, 200, dtype=np.uint64)
     path = tmp_path / "l"
@@ -113,16 +115,24 @@ def test_a_byte_flipped_in_a_later_chunk_of_a_large_entry_is_found(tmp_path: Pat
         ledger.create_accounts_batch(members, asset=0)
         assert (ledger.post_batch(_earn_batch(1, 8000, members, rng)) == TransferResult.OK).all()
         seq = ledger.head[0]
+        before = ledger.transfers(account=150)
     env = lmdb.open(str(path), max_dbs=8, lock=False)
-    journal = env.open_db(b"journal", create=False)
-    with env.begin(write=True, db=journal) as txn:
-        value = bytearray(txn.get(seq.to_bytes(8, "big")))
-        assert len(value) > 3 * (1 << 18)
-        value[3 * (1 << 18) + 100] ^= 0x40
-        txn.put(seq.to_bytes(8, "big"), bytes(value))
+    records = env.open_db(b"records", create=False)
+    key = seq.to_bytes(8, "big") + (2).to_bytes(4, "big")
+    with env.begin(write=True, db=records) as txn:
+        parts = [bytes(k) for k, _ in txn.cursor()]
+        assert len(parts) == 4  # 8000 records in parts of 2520
+        if damage == "flip":
+            value = bytearray(txn.get(key))
+            value[1000] ^= 0x40
+            txn.put(key, bytes(value))
+        else:
+            txn.delete(key)
     env.close()
     with Ledger.open(path, sync="none", readonly=True, create=False) as ledger:
         report = ledger.verify()
+        if damage == "flip":  # records in other parts still read
+            assert ledger.transfers(account=150).num_rows == before.num_rows
     assert not report.ok
     assert any(f"journal entry {seq}" in p for p in report.problems), report.problems
 
@@ -140,3 +150,32 @@ def test_post_batch_does_not_modify_the_callers_array(tmp_path: Path, readonly: 
         assert (ledger.post_batch(batch) == TransferResult.OK).all()
         assert (ledger.post_batch(batch) == TransferResult.EXISTS).all()
     assert batch.tobytes() == before.tobytes()
+
+
+def test_big_runs_are_stored_in_chunks_and_merge(tmp_path: Path) -> None:
+    """A run over RUN_CHUNK entries is chunks under a directory; lookups read only the chunks that
+    can hold the account, and merging and verification read them all."""
+    rng = np.random.default_rng(5)
+    members = np.arange(100, 5100, dtype=np.uint64)
+    path = tmp_path / "l"
+    with Ledger.open(path, sync="none") as ledger:
+        ledger.create_accounts([Account(id=1, asset=0)])
+        ledger.create_accounts_batch(members, asset=0)
+        posted = []
+        for b in range(9):  # 9 runs of 80,000 entries: eight merge into one of 640,000
+            batch = _earn_batch(1 + 40_000 * b, 40_000, members, rng)
+            assert (ledger.post_batch(batch) == TransferResult.OK).all()
+            posted.append(batch)
+        allrecs = np.concatenate(posted)
+        for m in (100, 101, 2600, 5099):
+            got = ledger.transfers(account=m)["id"].to_numpy()
+            assert np.array_equal(got, allrecs["id_lo"][allrecs["credit"] == m])
+        assert ledger.verify().ok
+    env = lmdb.open(str(path), max_dbs=8, readonly=True, lock=False)
+    with env.begin(db=env.open_db(b"index", create=False)) as txn:
+        keys = [bytes(k) for k, _ in txn.cursor()]
+    env.close()
+    directories = [k for k in keys if len(k) == 17]
+    chunks = [k for k in keys if len(k) == 21]
+    assert [k[0] for k in directories] == [0, 1]
+    assert len(chunks) == 2 + 10  # 80,000 entries in 2 chunks; 640,000 in 10

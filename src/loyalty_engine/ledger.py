@@ -51,7 +51,11 @@ KIND_TRANSFERS = 2
 # kind, pad, count, seq, committed_at (µs), previous hash
 HEADER = struct.Struct("<B3xIQq32s")
 HASH_SIZE = 32
-HASH_CHUNK = 1 << 18
+#: A big transfer entry keeps its records outside the journal value, in parts of this many records
+#: (py-lmdb makes a value's buffer in time proportional to its size, so values stay small); a part is
+#: also one leaf of the entry's hash.
+SEG_RECORDS = 2520
+HASH_CHUNK = SEG_RECORDS * 104  # 262,080 bytes
 ZERO_HASH = bytes(32)
 MAX_BATCH = (1 << 24) - 1
 # Index runs: level-0 runs are merged into one run of the next level when this many pile up.
@@ -63,6 +67,10 @@ INDEX_NOW_RECORDS = 1024
 INDEX_TAIL_ENTRIES = 32
 #: In the index database: the last journal entry covered by runs (8 bytes, big-endian).
 INDEXED_KEY = b"\xff\xffindexed"
+#: Runs of more entries than this are stored as chunks of this many, under a directory value.
+RUN_CHUNK = 1 << 16
+CHUNKED = 1 << 63
+RUN_KEY_LEN = 17
 SYNC_MODES = ("full", "group", "none")
 #: Seconds a reader trusts ``head.hint`` before it looks at the journal head itself (the hint lags
 #: only if a writer died between its commit and publishing it).
@@ -88,12 +96,13 @@ def _hash_pool() -> ThreadPoolExecutor:
 
 def _entry_hash(header: bytes | memoryview, payload: bytes | memoryview) -> bytes:
     """The hash of a journal entry: BLAKE2b-256 of its header (which holds the previous entry's hash)
-    and of the BLAKE2b-256 digests of its payload's 256 KiB chunks, hashed in parallel threads."""
+    and of the BLAKE2b-256 digests of its payload's HASH_CHUNK-byte chunks, hashed in parallel."""
     mv = memoryview(payload).cast("B")
-    if len(mv) <= HASH_CHUNK:
-        leaves = [_leaf(mv)] if len(mv) else []
-    else:
-        leaves = list(_hash_pool().map(_leaf, [mv[i: i + HASH_CHUNK] for i in range(0, len(mv), HASH_CHUNK)]))
+    return _entry_hash_parts(header, [mv[i: i + HASH_CHUNK] for i in range(0, len(mv), HASH_CHUNK)])
+
+
+def _entry_hash_parts(header: bytes | memoryview, chunks: list[Any]) -> bytes:
+    leaves = list(_hash_pool().map(_leaf, chunks)) if len(chunks) > 1 else [_leaf(c) for c in chunks]
     h = hashlib.blake2b(header, digest_size=32, person=b"loyalty-entry")
     for leaf in leaves:
         h.update(leaf)
@@ -226,7 +235,7 @@ class Ledger:
             seq = from_u64be(key)
             if seq > head:
                 break
-            kind, recs, entry_hash = _decode_entry(seq, value, self._hash)
+            kind, recs, entry_hash = _decode_entry(txn, self._st().dbs[b"records"], seq, value, self._hash)
             self._replay(seq, kind, recs)
             self._seq, self._hash = seq, entry_hash
             self._since_snapshot += len(recs)
@@ -254,12 +263,11 @@ class Ledger:
             kind, count = value[0], struct.unpack_from("<I", value, 4)[0]
             if kind == KIND_TRANSFERS:
                 total += count
-                entries.append(value)
+                entries.append((from_u64be(key), value))
         self._state.enable_ids(total)
-        for value in entries:
-            n = struct.unpack_from("<I", value, 4)[0]
-            recs = np.frombuffer(value, RECORD_DTYPE, n, HEADER.size)
-            self._state.add_ids(recs.copy())
+        rdb = self._st().dbs[b"records"]
+        for seq, value in entries:
+            self._state.add_ids(_records(txn, rdb, seq, value))
 
     def _read(self) -> None:
         """Bring the state up to date for a read. When the head a writer published (``head.hint``)
@@ -326,8 +334,15 @@ class Ledger:
         HEADER.pack_into(mv, 0, kind, count, seq, time.time_ns() // 1000, self._hash)
         entry_hash = _entry_hash(mv[: HEADER.size], mv[HEADER.size: end])
         mv[end: end + HASH_SIZE] = entry_hash
-        if not txn.put(u64be(seq), mv[: end + HASH_SIZE], db=st.dbs[b"journal"], append=True,
-                       overwrite=False):
+        if kind == KIND_TRANSFERS and count > SEG_RECORDS:
+            value: Any = bytes(mv[: HEADER.size]) + entry_hash
+            rdb = st.dbs[b"records"]
+            for j, off in enumerate(range(HEADER.size, end, HASH_CHUNK)):
+                if not txn.put(_part_key(seq, j), mv[off: min(off + HASH_CHUNK, end)], db=rdb, append=True):
+                    raise CorruptionError(f"journal entry {seq} part {j} already exists")
+        else:
+            value = mv[: end + HASH_SIZE]
+        if not txn.put(u64be(seq), value, db=st.dbs[b"journal"], append=True, overwrite=False):
             raise CorruptionError(f"journal entry {seq} already exists: another writer raced this one")
         if kind == KIND_TRANSFERS and count:
             # Index the unindexed tail of the journal when this entry is big or the tail is long;
@@ -336,7 +351,7 @@ class Ledger:
             raw = txn.get(INDEXED_KEY, db=idb)
             indexed = from_u64be(raw) if raw is not None else 0
             if count >= INDEX_NOW_RECORDS or seq - indexed >= INDEX_TAIL_ENTRIES:
-                _index_tail(txn, st.dbs[b"journal"], idb, indexed, seq)
+                _index_tail(txn, st.dbs[b"journal"], st.dbs[b"records"], idb, indexed, seq)
         self._seq, self._hash = seq, entry_hash
         self._since_snapshot += count
 
@@ -561,11 +576,11 @@ class Ledger:
         parts = []
         with st.begin() as txn:
             jdb = st.dbs[b"journal"]
+            rdb = st.dbs[b"records"]
             if account is None:
                 for key, value in txn.cursor(db=jdb):
                     if value[0] == KIND_TRANSFERS:
-                        n = struct.unpack_from("<I", value, 4)[0]
-                        recs = np.frombuffer(value, RECORD_DTYPE, n, HEADER.size)
+                        recs = _records(txn, rdb, from_u64be(key), value)
                         sel = np.flatnonzero((recs["at"] >= lo) & (recs["at"] < hi))
                         parts.append((from_u64be(key), sel, recs[sel].copy()))
             else:
@@ -577,8 +592,7 @@ class Ledger:
                     for key, value in cur:
                         if value[0] != KIND_TRANSFERS:
                             continue
-                        n = struct.unpack_from("<I", value, 4)[0]
-                        recs = np.frombuffer(value, RECORD_DTYPE, n, HEADER.size)
+                        recs = _records(txn, rdb, from_u64be(key), value)
                         p = np.flatnonzero((recs["debit"] == acct) | (recs["credit"] == acct))
                         if len(p):
                             locs.append((np.uint64(from_u64be(key)) << np.uint64(24)) | p.astype(np.uint64))
@@ -587,14 +601,8 @@ class Ledger:
                     seqs = allloc >> np.uint64(24)
                     pos = (allloc & np.uint64(0xFFFFFF)).astype(np.int64)
                     for s in np.unique(seqs):
-                        value = txn.get(u64be(int(s)), db=jdb)
-                        if value is None:
-                            raise CorruptionError(f"the index names journal entry {int(s)}, "
-                                                  f"which is missing")
-                        n = struct.unpack_from("<I", value, 4)[0]
-                        recs = np.frombuffer(value, RECORD_DTYPE, n, HEADER.size)
                         p = pos[seqs == s]
-                        r = recs[p]
+                        r = _records_at(txn, jdb, rdb, int(s), p)
                         keep = (r["at"] >= lo) & (r["at"] < hi)
                         parts.append((int(s), p[keep], r[keep].copy()))
         return _records_table(parts)
@@ -611,8 +619,8 @@ class Ledger:
                 for key, value in txn.cursor(db=st.dbs[b"journal"]):
                     if value[0] != KIND_TRANSFERS:
                         continue
-                    n = struct.unpack_from("<I", value, 4)[0]
-                    recs = np.frombuffer(value, RECORD_DTYPE, n, HEADER.size).copy()
+                    recs = np.array(_records(txn, st.dbs[b"records"], from_u64be(key), value))
+                    n = len(recs)
                     table = _records_table([(from_u64be(key), np.arange(n), recs)], sort=False)
                     if writer is None:
                         writer = pq.ParquetWriter(os.fspath(out), table.schema)
@@ -649,7 +657,8 @@ class Ledger:
                     problems.append(f"journal entry {expected} is missing (found {seq} next)")
                     expected = seq
                 try:
-                    kind, recs, entry_hash = _decode_entry(seq, value, prev, strict=False)
+                    kind, recs, entry_hash = _decode_entry(txn, st.dbs[b"records"], seq, value, prev,
+                                                           strict=False)
                 except CorruptionError as e:
                     problems.append(str(e))
                     break
@@ -690,23 +699,87 @@ class Ledger:
 
 # --- helpers: journal entries ----------------------------------------------------------------------
 
-def _decode_entry(seq: int, value: memoryview, prev_hash: bytes,
+def _part_key(seq: int, part: int) -> bytes:
+    return u64be(seq) + part.to_bytes(4, "big")
+
+
+def _parts(txn: lmdb.Transaction, rdb: Any, seq: int, count: int) -> list[memoryview]:
+    """The record parts of a big transfer entry, checked for number and size."""
+    want = -(-count // SEG_RECORDS)
+    out: list[memoryview] = []
+    cur = txn.cursor(db=rdb)
+    prefix = u64be(seq)
+    if want and cur.set_key(_part_key(seq, 0)):
+        for key, value in cur:
+            if len(out) == want or bytes(key[:8]) != prefix:
+                break
+            out.append(value)
+    size = RECORD_DTYPE.itemsize
+    if len(out) != want or sum(len(v) for v in out) != count * size or any(
+            len(v) % size for v in out):
+        raise CorruptionError(f"journal entry {seq}: its records are missing or damaged "
+                              f"({len(out)} of {want} parts)")
+    return out
+
+
+def _records(txn: lmdb.Transaction, rdb: Any, seq: int, value: memoryview) -> np.ndarray:
+    """The records of a transfer entry: a view into the map when they are stored inline."""
+    n = struct.unpack_from("<I", value, 4)[0]
+    if len(value) == HEADER.size + n * RECORD_DTYPE.itemsize + HASH_SIZE:
+        return np.frombuffer(value, RECORD_DTYPE, n, HEADER.size)
+    if len(value) != HEADER.size + HASH_SIZE or n <= SEG_RECORDS:
+        raise CorruptionError(f"journal entry {seq} has a damaged header ({n} records, {len(value)} bytes)")
+    return np.concatenate([np.frombuffer(v, RECORD_DTYPE) for v in _parts(txn, rdb, seq, n)])
+
+
+def _records_at(txn: lmdb.Transaction, jdb: Any, rdb: Any, seq: int, pos: np.ndarray) -> np.ndarray:
+    """Copies of the records at positions ``pos`` (sorted) of entry ``seq``: reads only their parts."""
+    value = txn.get(u64be(seq), db=jdb)
+    if value is None:
+        raise CorruptionError(f"the index names journal entry {seq}, which is missing")
+    n = struct.unpack_from("<I", value, 4)[0]
+    if len(pos) and int(pos[-1]) >= n:
+        raise CorruptionError(f"the index names record {int(pos[-1])} of journal entry {seq}, which has {n}")
+    if len(value) == HEADER.size + n * RECORD_DTYPE.itemsize + HASH_SIZE:
+        return np.frombuffer(value, RECORD_DTYPE, n, HEADER.size)[pos]
+    part = pos // SEG_RECORDS
+    out = np.empty(len(pos), RECORD_DTYPE)
+    for j in np.unique(part):
+        raw = txn.get(_part_key(seq, int(j)), db=rdb)
+        if raw is None:
+            raise CorruptionError(f"journal entry {seq}: record part {int(j)} is missing")
+        recs = np.frombuffer(raw, RECORD_DTYPE)
+        sel = part == j
+        out[sel] = recs[pos[sel] - int(j) * SEG_RECORDS]
+    return out
+
+
+def _decode_entry(txn: lmdb.Transaction, rdb: Any, seq: int, value: memoryview, prev_hash: bytes,
                   strict: bool = True) -> tuple[int, np.ndarray, bytes]:
     """(kind, records copy, computed hash) of a journal entry; checks the chain when ``strict``."""
     if len(value) < HEADER.size + HASH_SIZE:
         raise CorruptionError(f"journal entry {seq} is truncated ({len(value)} bytes)")
     kind, count, hseq, _at, hprev = HEADER.unpack_from(value, 0)
     size = {KIND_ACCOUNTS: ACCOUNT_RECORD_DTYPE.itemsize, KIND_TRANSFERS: RECORD_DTYPE.itemsize}.get(kind)
-    if size is None or len(value) != HEADER.size + count * size + HASH_SIZE or hseq != seq:
+    external = (kind == KIND_TRANSFERS and count > SEG_RECORDS
+                and len(value) == HEADER.size + HASH_SIZE and hseq == seq)
+    if not external and (size is None or len(value) != HEADER.size + count * size + HASH_SIZE
+                         or hseq != seq):
         raise CorruptionError(f"journal entry {seq} has a damaged header (kind {kind}, count {count}, "
                               f"seq {hseq}, {len(value)} bytes)")
     header = bytes(value[: HEADER.size])
-    payload = value[HEADER.size: HEADER.size + count * size]
-    entry_hash = _entry_hash(header, payload)
+    if external:
+        chunks: list[Any] = _parts(txn, rdb, seq, count)
+        entry_hash = _entry_hash_parts(header, chunks)
+        recs = np.concatenate([np.frombuffer(c, RECORD_DTYPE) for c in chunks])
+    else:
+        payload = value[HEADER.size: HEADER.size + count * size]
+        entry_hash = _entry_hash(header, payload)
+        dtype = ACCOUNT_RECORD_DTYPE if kind == KIND_ACCOUNTS else RECORD_DTYPE
+        recs = np.frombuffer(payload, dtype, count).copy()
     if strict and (entry_hash != bytes(value[-HASH_SIZE:]) or hprev != prev_hash):
         raise CorruptionError(f"journal entry {seq} fails its hash check; run 'loyalty-engine verify'")
-    dtype = ACCOUNT_RECORD_DTYPE if kind == KIND_ACCOUNTS else RECORD_DTYPE
-    return kind, np.frombuffer(payload, dtype, count).copy(), entry_hash
+    return kind, recs, entry_hash
 
 
 def _records_table(parts: list[tuple[int, np.ndarray, np.ndarray]], sort: bool = True) -> pa.Table:
@@ -833,15 +906,76 @@ def _runs_lookup(txn: lmdb.Transaction, db: Any, account: np.uint64) -> tuple[li
         if key == INDEXED_KEY:
             indexed = from_u64be(value)
             continue
-        acc, loc = _run_arrays(value)
-        lo = int(np.searchsorted(acc, account, "left"))
-        hi = int(np.searchsorted(acc, account, "right"))
-        if hi > lo:
-            out.append(loc[lo:hi].copy())
+        if len(key) != RUN_KEY_LEN:
+            continue  # a chunk, read through its directory
+        n, k = struct.unpack_from("<QQ", value, 0) if len(value) >= 16 else (len(value), 0)
+        if n & CHUNKED:
+            firsts = np.frombuffer(value, np.uint64, k, 16)
+            c0 = max(0, int(np.searchsorted(firsts, account, "left")) - 1)
+            c1 = int(np.searchsorted(firsts, account, "right"))
+            chunks = []
+            for c in range(c0, c1):
+                raw = txn.get(bytes(key) + c.to_bytes(4, "big"), db=db)
+                if raw is None:
+                    raise CorruptionError(f"index run {bytes(key).hex()}: chunk {c} is missing")
+                chunks.append(raw)
+        else:
+            chunks = [value]
+        for raw in chunks:
+            acc, loc = _run_arrays(raw)
+            lo = int(np.searchsorted(acc, account, "left"))
+            hi = int(np.searchsorted(acc, account, "right"))
+            if hi > lo:
+                out.append(loc[lo:hi].copy())
     return out, indexed
 
 
-def _index_tail(txn: lmdb.Transaction, jdb: Any, idb: Any, indexed: int, seq: int) -> None:
+def _put_run(txn: lmdb.Transaction, db: Any, key: bytes, run: np.ndarray) -> None:
+    """Store a run; one of more than RUN_CHUNK entries as chunks under a directory of their first
+    accounts (so a lookup reads a few small values, however big the run)."""
+    n = int(struct.unpack_from("<Q", run, 0)[0])
+    if n <= RUN_CHUNK:
+        txn.put(key, run, db=db)
+        return
+    acc = run[8: 8 + 8 * n].view(np.uint64)
+    loc = run[8 + 8 * n: 8 + 16 * n].view(np.uint64)
+    k = -(-n // RUN_CHUNK)
+    for c in range(k):
+        a = acc[c * RUN_CHUNK: (c + 1) * RUN_CHUNK]
+        lc = loc[c * RUN_CHUNK: (c + 1) * RUN_CHUNK]
+        txn.put(key + c.to_bytes(4, "big"), b"".join((struct.pack("<Q", len(a)), a.tobytes(), lc.tobytes())),
+                db=db)
+    txn.put(key, struct.pack("<QQ", n | CHUNKED, k) + acc[::RUN_CHUNK].tobytes(), db=db)
+
+
+def _run_size(value: memoryview) -> int:
+    return int(struct.unpack_from("<Q", value, 0)[0]) & ~CHUNKED
+
+
+def _get_run(txn: lmdb.Transaction, db: Any, key: bytes, value: memoryview) -> np.ndarray:
+    """A stored run as one buffer (chunks joined)."""
+    n = int(struct.unpack_from("<Q", value, 0)[0])
+    if not n & CHUNKED:
+        return np.frombuffer(value, np.uint8)
+    k = int(struct.unpack_from("<Q", value, 8)[0])
+    chunks = []
+    for c in range(k):
+        raw = txn.get(key + c.to_bytes(4, "big"), db=db)
+        if raw is None:
+            raise CorruptionError(f"index run {key.hex()}: chunk {c} is missing")
+        chunks.append(np.frombuffer(raw, np.uint8))
+    return _core.merge_runs(chunks)
+
+
+def _delete_run(txn: lmdb.Transaction, db: Any, key: bytes) -> None:
+    value = txn.get(key, db=db)
+    if value is not None and int(struct.unpack_from("<Q", value, 0)[0]) & CHUNKED:
+        for c in range(int(struct.unpack_from("<Q", value, 8)[0])):
+            txn.delete(key + c.to_bytes(4, "big"), db=db)
+    txn.delete(key, db=db)
+
+
+def _index_tail(txn: lmdb.Transaction, jdb: Any, rdb: Any, idb: Any, indexed: int, seq: int) -> None:
     """Index journal entries ``indexed + 1 .. seq`` as one level-0 run, then merge levels."""
     runs = []
     cur = txn.cursor(db=jdb)
@@ -851,11 +985,10 @@ def _index_tail(txn: lmdb.Transaction, jdb: Any, idb: Any, indexed: int, seq: in
             if s > seq:
                 break
             if value[0] == KIND_TRANSFERS:
-                n = struct.unpack_from("<I", value, 4)[0]
-                runs.append(_core.index_run(np.frombuffer(value, RECORD_DTYPE, n, HEADER.size), s))
+                runs.append(_core.index_run(_records(txn, rdb, s, value), s))
     if runs:
         run = runs[0] if len(runs) == 1 else _core.merge_runs(runs)
-        txn.put(_run_key(0, indexed + 1, seq), run, db=idb)
+        _put_run(txn, idb, _run_key(0, indexed + 1, seq), run)
     txn.put(INDEXED_KEY, u64be(seq), db=idb)
     _compact_levels(txn, idb)
 
@@ -869,7 +1002,7 @@ def _level_keys(txn: lmdb.Transaction, db: Any, level: int, limit: int) -> list[
     for key, value in cur:
         if key[0] != level or len(keys) == limit:
             break
-        if struct.unpack_from("<Q", value, 0)[0] < MAX_RUN_ENTRIES:
+        if len(key) == RUN_KEY_LEN and _run_size(value) < MAX_RUN_ENTRIES:
             keys.append(bytes(key))
     return keys
 
@@ -882,12 +1015,12 @@ def _compact_levels(txn: lmdb.Transaction, db: Any) -> None:
         keys = _level_keys(txn, db, level, RUN_FANOUT)
         if len(keys) < RUN_FANOUT:
             return
-        merged = _core.merge_runs([np.frombuffer(txn.get(k, db=db), np.uint8) for k in keys])
+        merged = _core.merge_runs([_get_run(txn, db, k, txn.get(k, db=db)) for k in keys])
         first = from_u64be(keys[0][1:9])
         last = max(from_u64be(k[9:17]) for k in keys)
-        txn.put(_run_key(min(level + 1, 254), first, last), merged, db=db)
         for k in keys:
-            txn.delete(k, db=db)
+            _delete_run(txn, db, k)
+        _put_run(txn, db, _run_key(min(level + 1, 254), first, last), merged)
         level += 1
 
 
@@ -900,11 +1033,11 @@ def _check_index(txn: lmdb.Transaction, db: Any, derived_runs: list[tuple[int, n
     if indexed > journal_end:
         return [f"the account index claims to cover entry {indexed}, past the journal's end ({journal_end})"]
     derived_runs = [r for s, r in derived_runs if s <= indexed]
-    stored = sorted(((from_u64be(bytes(key[1:9])), value) for key, value in txn.cursor(db=db)
-                     if key != INDEXED_KEY), key=lambda kv: kv[0])
+    stored = sorted(((from_u64be(bytes(key[1:9])), bytes(key), value) for key, value in txn.cursor(db=db)
+                     if key != INDEXED_KEY and len(key) == RUN_KEY_LEN), key=lambda kv: kv[0])
     try:
-        have = _core.merge_runs([np.frombuffer(v, np.uint8) for _, v in stored])
-    except ValueError as e:
+        have = _core.merge_runs([_get_run(txn, db, k, v) for _, k, v in stored])
+    except (ValueError, CorruptionError) as e:
         return [f"the account index is damaged: {e}"]
     want = _core.merge_runs(derived_runs)
     if not np.array_equal(have, want):

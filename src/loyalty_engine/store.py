@@ -19,9 +19,9 @@ from .errors import StorageError
 
 __all__ = ["Store", "open_store", "u64be", "from_u64be"]
 
-FORMAT = b"loyalty_engine ledger 1"
+FORMAT = b"loyalty_engine ledger 2"
 DEFAULT_MAP_SIZE = 1 << 30
-DB_NAMES = (b"meta", b"journal", b"snapshot", b"index", b"ext")
+DB_NAMES = (b"meta", b"journal", b"records", b"snapshot", b"index", b"ext")
 
 
 def u64be(n: int) -> bytes:
