@@ -742,16 +742,18 @@ def _records_at(txn: lmdb.Transaction, jdb: Any, rdb: Any, seq: int, pos: np.nda
         raise CorruptionError(f"the index names record {int(pos[-1])} of journal entry {seq}, which has {n}")
     if len(value) == HEADER.size + n * RECORD_DTYPE.itemsize + HASH_SIZE:
         return np.frombuffer(value, RECORD_DTYPE, n, HEADER.size)[pos]
-    part = pos // SEG_RECORDS
-    out = np.empty(len(pos), RECORD_DTYPE)
-    for j in np.unique(part):
-        raw = txn.get(_part_key(seq, int(j)), db=rdb)
-        if raw is None:
-            raise CorruptionError(f"journal entry {seq}: record part {int(j)} is missing")
-        recs = np.frombuffer(raw, RECORD_DTYPE)
-        sel = part == j
-        out[sel] = recs[pos[sel] - int(j) * SEG_RECORDS]
-    return out
+    size = RECORD_DTYPE.itemsize
+    out = bytearray(len(pos) * size)
+    have, raw = -1, None
+    for i, p in enumerate(pos.tolist()):  # a member's records lie in different parts: one get each
+        j, r = divmod(p, SEG_RECORDS)
+        if j != have:
+            raw = txn.get(_part_key(seq, j), db=rdb)
+            if raw is None or len(raw) < (r + 1) * size:
+                raise CorruptionError(f"journal entry {seq}: record part {j} is missing or short")
+            have = j
+        out[i * size: (i + 1) * size] = raw[r * size: (r + 1) * size]
+    return np.frombuffer(out, RECORD_DTYPE)
 
 
 def _decode_entry(txn: lmdb.Transaction, rdb: Any, seq: int, value: memoryview, prev_hash: bytes,
@@ -902,12 +904,12 @@ def _runs_lookup(txn: lmdb.Transaction, db: Any, account: np.uint64) -> tuple[li
     """Locators of ``account`` in every stored run, and the last journal entry the runs cover."""
     out = []
     indexed = 0
-    for key, value in txn.cursor(db=db):
-        if key == INDEXED_KEY:
-            indexed = from_u64be(value)
-            continue
+    for key in txn.cursor(db=db).iternext(keys=True, values=False):
         if len(key) != RUN_KEY_LEN:
-            continue  # a chunk, read through its directory
+            if key == INDEXED_KEY:
+                indexed = from_u64be(txn.get(INDEXED_KEY, db=db))
+            continue  # a chunk is read through its directory
+        value = txn.get(key, db=db)
         n, k = struct.unpack_from("<QQ", value, 0) if len(value) >= 16 else (len(value), 0)
         if n & CHUNKED:
             firsts = np.frombuffer(value, np.uint64, k, 16)
