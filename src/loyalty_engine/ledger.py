@@ -8,16 +8,15 @@ and brought up to date by replaying the journal entries after the state a handle
 
 from __future__ import annotations
 
-import hashlib
 import os
 import struct
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
+import blake3
 import lmdb
 import numpy as np
 import pyarrow as pa
@@ -52,10 +51,9 @@ KIND_TRANSFERS = 2
 HEADER = struct.Struct("<B3xIQq32s")
 HASH_SIZE = 32
 #: A big transfer entry keeps its records outside the journal value, in parts of this many records
-#: (py-lmdb makes a value's buffer in time proportional to its size, so values stay small); a part is
-#: also one leaf of the entry's hash.
+#: (py-lmdb makes a value's buffer in time proportional to its size, so values stay small).
 SEG_RECORDS = 2520
-HASH_CHUNK = SEG_RECORDS * 104  # 262,080 bytes
+PART_BYTES = SEG_RECORDS * 104  # 262,080 bytes
 ZERO_HASH = bytes(32)
 MAX_BATCH = (1 << 24) - 1
 # Index runs: level-0 runs are merged into one run of the next level when this many pile up.
@@ -77,35 +75,18 @@ SYNC_MODES = ("full", "group", "none")
 HINT_TRUST = 0.05
 
 
-def _leaf(chunk: memoryview) -> bytes:
-    return hashlib.blake2b(chunk, digest_size=32, person=b"loyalty-leaf").digest()
-
-
-_pool_lock = threading.Lock()
-_pool: ThreadPoolExecutor | None = None
-
-
-def _hash_pool() -> ThreadPoolExecutor:
-    global _pool
-    with _pool_lock:
-        if _pool is None:
-            _pool = ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)),
-                                       thread_name_prefix="loyalty-hash")
-        return _pool
-
-
 def _entry_hash(header: bytes | memoryview, payload: bytes | memoryview) -> bytes:
-    """The hash of a journal entry: BLAKE2b-256 of its header (which holds the previous entry's hash)
-    and of the BLAKE2b-256 digests of its payload's HASH_CHUNK-byte chunks, hashed in parallel."""
-    mv = memoryview(payload).cast("B")
-    return _entry_hash_parts(header, [mv[i: i + HASH_CHUNK] for i in range(0, len(mv), HASH_CHUNK)])
+    """The hash of a journal entry: BLAKE3 of its header (which holds the previous entry's hash) and
+    its records. BLAKE3 is a tree hash: big payloads are hashed on every core, the GIL released."""
+    return _entry_hash_parts(header, [payload])
 
 
-def _entry_hash_parts(header: bytes | memoryview, chunks: list[Any]) -> bytes:
-    leaves = list(_hash_pool().map(_leaf, chunks)) if len(chunks) > 1 else [_leaf(c) for c in chunks]
-    h = hashlib.blake2b(header, digest_size=32, person=b"loyalty-entry")
-    for leaf in leaves:
-        h.update(leaf)
+def _entry_hash_parts(header: bytes | memoryview, parts: list[Any]) -> bytes:
+    """The same hash over records given as consecutive parts."""
+    big = sum(len(p) for p in parts) >= 1 << 20
+    h = blake3.blake3(header, max_threads=blake3.blake3.AUTO if big else 1)
+    for p in parts:
+        h.update(p)
     return h.digest()
 
 
@@ -337,8 +318,8 @@ class Ledger:
         if kind == KIND_TRANSFERS and count > SEG_RECORDS:
             value: Any = bytes(mv[: HEADER.size]) + entry_hash
             rdb = st.dbs[b"records"]
-            for j, off in enumerate(range(HEADER.size, end, HASH_CHUNK)):
-                if not txn.put(_part_key(seq, j), mv[off: min(off + HASH_CHUNK, end)], db=rdb, append=True):
+            for j, off in enumerate(range(HEADER.size, end, PART_BYTES)):
+                if not txn.put(_part_key(seq, j), mv[off: min(off + PART_BYTES, end)], db=rdb, append=True):
                     raise CorruptionError(f"journal entry {seq} part {j} already exists")
         else:
             value = mv[: end + HASH_SIZE]
@@ -351,7 +332,8 @@ class Ledger:
             raw = txn.get(INDEXED_KEY, db=idb)
             indexed = from_u64be(raw) if raw is not None else 0
             if count >= INDEX_NOW_RECORDS or seq - indexed >= INDEX_TAIL_ENTRIES:
-                _index_tail(txn, st.dbs[b"journal"], st.dbs[b"records"], idb, indexed, seq)
+                _index_tail(txn, st.dbs[b"journal"], st.dbs[b"records"], idb, indexed, seq,
+                            buf[HEADER.size: end].view(RECORD_DTYPE))
         self._seq, self._hash = seq, entry_hash
         self._since_snapshot += count
 
@@ -360,8 +342,10 @@ class Ledger:
         st = self._st()
         try:
             with self._lock, st.lock:
-                n_acc = self._state.n_accounts if self._state is not None else 0
-                if self._since_snapshot >= 4 * n_acc + 250_000:
+                state = self._state
+                size = state.n_accounts + state.lots_in_use + state.n_pending if state is not None else 0
+                # a snapshot costs about as much as replaying this many transfers
+                if self._since_snapshot >= 4 * size + 250_000:
                     self._write_snapshot()
         except lmdb.MapFullError:
             st.grow()  # housekeeping retries after a later commit
@@ -833,11 +817,12 @@ def _put_snapshot(txn: lmdb.Transaction, db: Any, seq: int, entry_hash: bytes,
         index.append(f"{name}:{a.dtype.str}:{len(a)}:{off}")
         blobs.append(b)
         off += len(b)
-    body = b"".join(blobs)
     meta = ";".join(index).encode()
     head = u64be(seq) + entry_hash + struct.pack("<I", len(meta)) + meta
-    digest = hashlib.sha256(head + body).digest()
-    txn.put(b"state", head + body + digest, db=db)
+    h = blake3.blake3(head, max_threads=blake3.blake3.AUTO)
+    for b in blobs:
+        h.update(b)
+    txn.put(b"state", b"".join((head, *blobs, h.digest())), db=db)
 
 
 def _read_snapshot(txn: lmdb.Transaction, db: Any) -> tuple[int, bytes, dict[str, np.ndarray]] | None:
@@ -850,7 +835,7 @@ def _read_snapshot(txn: lmdb.Transaction, db: Any) -> tuple[int, bytes, dict[str
         (mlen,) = struct.unpack_from("<I", raw, 40)
         meta = bytes(raw[44:44 + mlen]).decode()
         start = 44 + mlen
-        if hashlib.sha256(raw[:-HASH_SIZE]).digest() != bytes(raw[-HASH_SIZE:]):
+        if blake3.blake3(raw[:-HASH_SIZE], max_threads=blake3.blake3.AUTO).digest() != bytes(raw[-HASH_SIZE:]):
             raise CorruptionError(f"the snapshot at entry {seq} fails its hash check (it was altered)")
         arrays = {}
         for item in meta.split(";"):
@@ -977,17 +962,20 @@ def _delete_run(txn: lmdb.Transaction, db: Any, key: bytes) -> None:
     txn.delete(key, db=db)
 
 
-def _index_tail(txn: lmdb.Transaction, jdb: Any, rdb: Any, idb: Any, indexed: int, seq: int) -> None:
-    """Index journal entries ``indexed + 1 .. seq`` as one level-0 run, then merge levels."""
+def _index_tail(txn: lmdb.Transaction, jdb: Any, rdb: Any, idb: Any, indexed: int, seq: int,
+                last: np.ndarray) -> None:
+    """Index journal entries ``indexed + 1 .. seq`` as one level-0 run (``last``: the records of
+    entry ``seq``, at hand), then merge levels."""
     runs = []
     cur = txn.cursor(db=jdb)
-    if cur.set_range(u64be(indexed + 1)):
+    if seq > indexed + 1 and cur.set_range(u64be(indexed + 1)):
         for key, value in cur:
             s = from_u64be(key)
-            if s > seq:
+            if s >= seq:
                 break
             if value[0] == KIND_TRANSFERS:
                 runs.append(_core.index_run(_records(txn, rdb, s, value), s))
+    runs.append(_core.index_run(last, seq))
     if runs:
         run = runs[0] if len(runs) == 1 else _core.merge_runs(runs)
         _put_run(txn, idb, _run_key(0, indexed + 1, seq), run)
