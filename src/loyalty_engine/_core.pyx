@@ -1257,26 +1257,92 @@ cdef object _index_run(const TRec* recs, Py_ssize_t n, uint64_t seq):
         free(scratch)
 
 
+cdef void _merge2(const uint64_t* ak, const uint64_t* av, Py_ssize_t na,
+                  const uint64_t* bk, const uint64_t* bv, Py_ssize_t nb,
+                  uint64_t* ok, uint64_t* ov) noexcept nogil:
+    """Stable merge by key: on equal keys the left run's entry (the older journal entry) comes first."""
+    cdef Py_ssize_t i = 0, j = 0, o = 0
+    while i < na and j < nb:
+        if bk[j] < ak[i]:
+            ok[o] = bk[j]
+            ov[o] = bv[j]
+            j += 1
+        else:
+            ok[o] = ak[i]
+            ov[o] = av[i]
+            i += 1
+        o += 1
+    if i < na:
+        memcpy(ok + o, ak + i, (na - i) * sizeof(uint64_t))
+        memcpy(ov + o, av + i, (na - i) * sizeof(uint64_t))
+    if j < nb:
+        memcpy(ok + o, bk + j, (nb - j) * sizeof(uint64_t))
+        memcpy(ov + o, bv + j, (nb - j) * sizeof(uint64_t))
+
+
 def merge_runs(list runs):
-    """Merge stored runs (buffers, in journal order) into one stored run."""
-    cdef Py_ssize_t total = 0, at = 0, n
+    """Merge stored runs (buffers, in journal order, each sorted) into one stored run: pairwise
+    sequential merges, log2(runs) passes."""
+    cdef Py_ssize_t total = 0, at = 0, n, k = len(runs), m, w, lo, mid, hi, i
     cdef const uint8_t[::1] r
     for run in runs:
         r = run
+        if r.shape[0] < 8:
+            raise ValueError(f"index run of {r.shape[0]} bytes is truncated")
         total += (<const uint64_t*>&r[0])[0]
+    buf = np.empty(8 + 16 * total, dtype=np.uint8)
+    cdef uint8_t[::1] out = buf
+    (<uint64_t*>&out[0])[0] = <uint64_t>total
+    if total == 0:
+        return buf
     cdef uint64_t* scratch = <uint64_t*>malloc((4 * total + 1) * sizeof(uint64_t))
-    if scratch == NULL:
+    cdef Py_ssize_t* bounds = <Py_ssize_t*>malloc((k + 1) * sizeof(Py_ssize_t))
+    cdef uint64_t* K = scratch
+    cdef uint64_t* V = scratch + total
+    cdef uint64_t* K2 = scratch + 2 * total
+    cdef uint64_t* V2 = scratch + 3 * total
+    cdef uint64_t* t
+    if scratch == NULL or bounds == NULL:
+        free(scratch)
+        free(bounds)
         raise MemoryError("index merge: no memory")
     try:
+        m = 0
         for run in runs:
             r = run
             n = <Py_ssize_t>(<const uint64_t*>&r[0])[0]
             if r.shape[0] != 8 + 16 * n:
                 raise ValueError(f"index run of {r.shape[0]} bytes does not hold {n} entries")
-            memcpy(scratch + at, &r[8], n * sizeof(uint64_t))
-            memcpy(scratch + total + at, &r[8 + 8 * n], n * sizeof(uint64_t))
+            if n == 0:
+                continue
+            bounds[m] = at
+            m += 1
+            memcpy(K + at, &r[8], n * sizeof(uint64_t))
+            memcpy(V + at, &r[8 + 8 * n], n * sizeof(uint64_t))
             at += n
-        # runs in journal order hold increasing locators, so a stable sort by account is the merge
-        return _sorted_run(scratch, scratch + total, scratch + 2 * total, scratch + 3 * total, total)
+        bounds[m] = total
+        with nogil:
+            while m > 1:
+                w = 0
+                for i in range(0, m, 2):
+                    lo = bounds[i]
+                    if i + 1 < m:
+                        mid = bounds[i + 1]
+                        hi = bounds[i + 2]
+                        _merge2(K + lo, V + lo, mid - lo, K + mid, V + mid, hi - mid, K2 + lo, V2 + lo)
+                    else:
+                        hi = bounds[i + 1]
+                        memcpy(K2 + lo, K + lo, (hi - lo) * sizeof(uint64_t))
+                        memcpy(V2 + lo, V + lo, (hi - lo) * sizeof(uint64_t))
+                    bounds[w] = lo
+                    w += 1
+                bounds[w] = total
+                m = w
+                t = K; K = K2; K2 = t
+                t = V; V = V2; V2 = t
+            memcpy(&out[8], K, total * sizeof(uint64_t))
+            memcpy(&out[8 + 8 * total], V, total * sizeof(uint64_t))
+        return buf
     finally:
         free(scratch)
+        free(bounds)
