@@ -369,11 +369,16 @@ cdef class State:
         self.t_mask = cap - 1
         self.n_ids = 0
         cdef IdEntry[::1] o
-        cdef Py_ssize_t i
+        cdef Py_ssize_t i, n
         if old is not None:
             o = old
+            n = o.shape[0]
             with nogil:
-                for i in range(o.shape[0]):
+                # the old table is read in order; the new buckets are prefetched ahead, so the
+                # scattered writes overlap instead of waiting on memory one at a time
+                for i in range(n):
+                    if i + PF_FAR < n and (o[i + PF_FAR].lo != 0 or o[i + PF_FAR].hi != 0):
+                        LE_PREFETCH(&self.ids[hash128(o[i + PF_FAR].lo, o[i + PF_FAR].hi) & self.t_mask])
                     if o[i].lo != 0 or o[i].hi != 0:
                         self._id_insert(o[i].lo, o[i].hi, o[i].fp)
 
@@ -414,7 +419,7 @@ cdef class State:
                 if need * 2 > self._ids_arr.shape[0]:
                     cap = self._ids_arr.shape[0]
                     while cap < need * 2:
-                        cap *= 2
+                        cap *= 4  # the id table only grows: rehash it less often
                     self._alloc_ids(cap)
 
     def enable_ids(self, Py_ssize_t expected=0):
