@@ -204,3 +204,33 @@ def test_the_map_grows_by_itself(tmp_path: Path) -> None:
         assert ledger.balance(2).credits_posted == 10_000
         assert ledger.verify().ok
     assert os.path.getsize(path / "data.mdb") > 1 << 16
+
+
+def test_writer_threads_with_their_own_handles_lose_nothing(tmp_path: Path) -> None:
+    import threading
+
+    path = tmp_path / "threads.ledger"
+    with Ledger.open(path, sync="none") as ledger:
+        ledger.create_accounts([Account(id=1, asset=0), Account(id=2, asset=0)])
+    errors: list[BaseException] = []
+
+    def writer(base: int) -> None:
+        try:
+            with Ledger.open(path, sync="none") as own:
+                for i in range(200):
+                    res = own.post([Transfer(id=base + i, debit=1, credit=2, amount=1, at=10**15)])
+                    assert res == [TransferResult.OK], res
+                    assert own.balance(2).credits_posted >= i + 1
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=writer, args=(base,)) for base in (1, 10_001, 20_001)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    with Ledger.open(path, sync="none") as ledger:
+        assert ledger.balance(2).credits_posted == 600
+        assert len(ledger.transfers(account=2)) == 600
+        assert ledger.verify().ok

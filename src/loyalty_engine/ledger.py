@@ -106,6 +106,7 @@ class Ledger:
         self._since_snapshot = 0
         self._wrote = False
         self._fresh_until = 0.0
+        self._scratch = np.empty(0, np.uint8)
 
     # -- opening and closing ------------------------------------------------------------------------
     @classmethod
@@ -292,11 +293,14 @@ class Ledger:
         self._after_commit()
         return out
 
-    @staticmethod
-    def _entry_buffer(dtype: np.dtype[Any], n: int) -> tuple[np.ndarray, np.ndarray]:
+    def _entry_buffer(self, dtype: np.dtype[Any], n: int) -> tuple[np.ndarray, np.ndarray]:
         """A journal entry's bytes, and a view of room for ``n`` records in it (filled in place, so
-        the records are never copied between the kernel and LMDB)."""
-        buf = np.empty(HEADER.size + n * dtype.itemsize + HASH_SIZE, np.uint8)
+        the records are never copied between the kernel and LMDB). The memory is this handle's,
+        reused by every write (under the handle's lock): fresh memory costs a page fault per 4 KB."""
+        size = HEADER.size + n * dtype.itemsize + HASH_SIZE
+        if len(self._scratch) < size:
+            self._scratch = np.empty(max(size, 2 * len(self._scratch)), np.uint8)
+        buf = self._scratch[:size]
         return buf, buf[HEADER.size: HEADER.size + n * dtype.itemsize].view(dtype)
 
     def _append(self, txn: lmdb.Transaction, kind: int, recs: np.ndarray) -> None:
