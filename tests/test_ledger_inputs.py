@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -144,4 +144,4 @@ def test_an_aware_datetime_in_another_zone_is_the_same_instant(ledger: Ledger) -
     when = datetime(2026, 1, 1, 3, 30, tzinfo=tehran)  # 2026-01-01T00:00Z
     assert ledger.post([Transfer(id=60, debit=1, credit=2, amount=1, at=when)]) == [TransferResult.OK]
     row = ledger.transfers(account=2).to_pylist()[-1]
-    assert row["id"] == 60 and row["at"] == datetime(2026, 1, 1, tzinfo=timezone.utc)
+    assert row["id"] == 60 and row["at"] == datetime(2026, 1, 1, tzinfo=UTC)

@@ -8,7 +8,15 @@ import lmdb
 import numpy as np
 import pytest
 
-from loyalty_engine import RECORD_DTYPE, Account, AccountFlags, Ledger, Transfer, TransferFlags, TransferResult
+from loyalty_engine import (
+    RECORD_DTYPE,
+    Account,
+    AccountFlags,
+    Ledger,
+    Transfer,
+    TransferFlags,
+    TransferResult,
+)
 
 AT = 1_767_225_600_000_000  # 2026-01-01T00:00Z in µs
 SEC = 1_000_000

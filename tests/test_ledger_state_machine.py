@@ -15,7 +15,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import replace
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any, TypeVar
 
 import numpy as np
@@ -46,7 +46,7 @@ HOUR = 60 * MIN
 DAY = 24 * HOUR
 T0 = 1_767_225_600 * SEC  # 2026-01-01T00:00:00Z
 TEHRAN = timezone(timedelta(hours=3, minutes=30))
-EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 M = AccountFlags.DEBITS_MUST_NOT_EXCEED_CREDITS
 B = AccountFlags.CREDITS_MUST_NOT_EXCEED_DEBITS

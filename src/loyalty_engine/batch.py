@@ -8,7 +8,6 @@ rejections (zero amounts, unknown accounts) are left to the kernel, which answer
 from __future__ import annotations
 
 import struct
-
 from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any

@@ -7,7 +7,7 @@ asset's smallest unit, times as aware datetimes or integer microseconds since th
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from enum import IntEnum, IntFlag
 from typing import NamedTuple
 
@@ -31,7 +31,7 @@ __all__ = [
     "from_micros",
 ]
 
-EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 U64_MAX = (1 << 64) - 1
 I64_MAX = (1 << 63) - 1
 U32_MAX = (1 << 32) - 1
