@@ -145,3 +145,9 @@ def test_an_aware_datetime_in_another_zone_is_the_same_instant(ledger: Ledger) -
     assert ledger.post([Transfer(id=60, debit=1, credit=2, amount=1, at=when)]) == [TransferResult.OK]
     row = ledger.transfers(account=2).to_pylist()[-1]
     assert row["id"] == 60 and row["at"] == datetime(2026, 1, 1, tzinfo=UTC)
+
+
+@pytest.mark.parametrize("bad", [-1, 1 << 64, "7", 2.0])
+def test_a_bad_account_id_in_a_read_is_named(ledger: Ledger, bad: object) -> None:
+    with pytest.raises(ValidationError, match="account="):
+        ledger.balance(bad)  # type: ignore[arg-type]

@@ -681,11 +681,12 @@ cdef class State:
         return (self.sl[s].asset, self.sl[s].flags, self.sl[s].user)
 
     def balance(self, uint64_t account_id):
-        """(debits_posted, credits_posted, debits_pending, credits_pending) or None."""
+        """(debits_posted, credits_posted, debits_pending, credits_pending, available) or None."""
         cdef int32_t s = self._acc_find(account_id)
         if s < 0:
             return None
-        return (self.sl[s].dp, self.sl[s].cp, self.sl[s].dpend, self.sl[s].cpend)
+        return (self.sl[s].dp, self.sl[s].cp, self.sl[s].dpend, self.sl[s].cpend,
+                self.sl[s].cp - self.sl[s].dp - self.sl[s].dpend)
 
     def balances_into(self, const uint64_t[::1] ids, int64_t[:, ::1] out, uint8_t[::1] found):
         """Fill out[i] = (dp, cp, dpend, cpend, available) for each id; found[i] = 0 if unknown."""

@@ -512,11 +512,21 @@ class Ledger:
     def balance(self, account_id: int) -> Balance:
         """The balance of one account; NotFoundError if it does not exist."""
         with self._lock:
-            self._read()
-            b = self._state.balance(account_id)
+            st = self._store
+            # the common case inline (see _read): nothing committed since this handle last looked
+            if (st is None or self._state is None or st.hinted_head() != self._seq
+                    or time.monotonic() >= self._fresh_until):
+                self._read()
+            try:
+                if type(account_id) is not int and not isinstance(account_id, np.integer):
+                    raise TypeError
+                b = self._state.balance(account_id)
+            except (OverflowError, TypeError):
+                raise ValidationError(f"account={account_id!r} is not an account id (an integer in "
+                                      f"[0, 2**64 - 1])") from None
         if b is None:
             raise NotFoundError(f"account {account_id} does not exist")
-        return tuple.__new__(Balance, (*b, b[1] - b[0] - b[2]))
+        return tuple.__new__(Balance, b)
 
     def balances(self, ids: Any) -> np.ndarray:
         """Balances of many accounts as a ``BALANCE_DTYPE`` array (``found`` False for unknown ids)."""
