@@ -211,6 +211,22 @@ def transfers_scenario(rep: Report, tmp: Path, total: int, per_member: int, peer
           f"{min(peer_total, n_batches * batch):,} rows)")
 
 
+def machine_speed() -> str:
+    """A fixed amount of Python and of memory work, timed: on a shared virtual machine the speed
+    drifts, and comparing this line at the start and the end of a run tells whether it did."""
+    t = ns()
+    x = 0
+    for i in range(1_000_000):
+        x += i
+    py = (ns() - t) / 1e6
+    a = np.random.default_rng(0).integers(0, 1 << 23, 2_000_000)
+    table = np.ones(1 << 23, np.int64)
+    t = ns()
+    table[a].sum()
+    mem = (ns() - t) / 2e6
+    return f"python loop 1M: {py:.1f} ms; random 8-byte reads over 64 MB: {mem:.1f} ns each"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small sizes (a smoke run, about a minute)")
@@ -237,14 +253,19 @@ def main(argv: list[str] | None = None) -> int:
             rep, tmp, int(os.environ.get("BENCH_TRANSFERS", 1_000_000 if q else 10_000_000)), 300,
             200_000 if q else 2_000_000, 200 if q else 1000)),
     ]
+    start_speed = machine_speed()
+    print(f"machine speed at the start: {start_speed}")
     try:
         for kind, step in steps:
             if kind in only:
                 step()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    end_speed = machine_speed()
+    print(f"machine speed at the end:   {end_speed}")
     if args.json:
-        args.json.write_text(json.dumps({"quick": q, "rows": rep.rows}, indent=2))
+        args.json.write_text(json.dumps({"quick": q, "rows": rep.rows, "machine_speed": [start_speed, end_speed]},
+                                        indent=2))
     missed = [r for r in rep.rows if r["met"] is False]
     print(f"{len([r for r in rep.rows if r['met']])} targets met, {len(missed)} missed")
     return 0
