@@ -8,6 +8,7 @@ import lmdb
 import numpy as np
 import pytest
 
+import loyalty_engine.ledger as ledger_module
 from loyalty_engine import (
     RECORD_DTYPE,
     Account,
@@ -59,7 +60,8 @@ def _earn_batch(first_id: int, n: int, members: np.ndarray, rng: np.random.Gener
     return r
 
 
-def test_many_batches_merge_index_runs_and_queries_stay_exact(tmp_path: Path) -> None:
+def test_many_batches_merge_index_runs_and_queries_stay_exact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ledger_module, "RUN_FANOUT", 8)  # merges after 8 runs instead of 16
     rng = np.random.default_rng(7)
     members = np.arange(100, 160, dtype=np.uint64)
     path = tmp_path / "l"
@@ -160,9 +162,10 @@ def test_post_batch_does_not_modify_the_callers_array(tmp_path: Path, readonly: 
     assert batch.tobytes() == before.tobytes()
 
 
-def test_big_runs_are_stored_in_chunks_and_merge(tmp_path: Path) -> None:
+def test_big_runs_are_stored_in_chunks_and_merge(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A run over RUN_CHUNK entries is chunks under a directory; lookups read only the chunks that
     can hold the account, and merging and verification read them all."""
+    monkeypatch.setattr(ledger_module, "RUN_FANOUT", 8)  # merges after 8 runs instead of 16
     rng = np.random.default_rng(5)
     members = np.arange(100, 5100, dtype=np.uint64)
     path = tmp_path / "l"

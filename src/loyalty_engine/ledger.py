@@ -57,7 +57,7 @@ PART_BYTES = SEG_RECORDS * 104  # 262,080 bytes
 ZERO_HASH = bytes(32)
 MAX_BATCH = (1 << 24) - 1
 # Index runs: level-0 runs are merged into one run of the next level when this many pile up.
-RUN_FANOUT = 8
+RUN_FANOUT = 16
 MAX_RUN_ENTRIES = 1 << 25
 # The journal's tail (entries after the last indexed one) is indexed as one level-0 run as soon as
 # an entry holds this many records, or the tail this many entries; queries scan the tail itself.
