@@ -82,6 +82,7 @@ cdef packed struct ARec:
 # Transfer flags
 DEF PF_FAR = 32
 DEF PF_NEAR = 16
+DEF PF_LOTS = 6
 DEF F_LINKED = 1
 DEF F_PENDING = 2
 DEF F_POST = 4
@@ -766,6 +767,7 @@ cdef class State:
         cdef bint in_chain = False, chain_failed = False
         cdef uint8_t r
         cdef int rc = 0
+        cdef int32_t k
         cdef Buf bal_undo, lot_undo, pend_undo
         bal_undo.data = NULL; bal_undo.n = 0; bal_undo.cap = 0
         lot_undo.data = NULL; lot_undo.n = 0; lot_undo.cap = 0
@@ -797,6 +799,19 @@ cdef class State:
                         if self.ids_enabled:
                             LE_PREFETCH(&self.ids[hash128(batch[i + PF_NEAR].id_lo, batch[i + PF_NEAR].id_hi)
                                                   & self.t_mask])
+                    if i + PF_LOTS < n:
+                        # the slots prefetched PF_NEAR - PF_LOTS transfers ago are in cache by now:
+                        # fetch the lot a debit draws from (the head) and one a credit joins (the tail)
+                        j = 2 * (i + PF_LOTS)
+                        if slots[j] >= 0 and self.sl[slots[j]].lot_head >= 0:
+                            k = self.sl[slots[j]].lot_head
+                            LE_PREFETCH(&self.lot_exp[k])
+                            LE_PREFETCH(&self.lot_amt[k])
+                            LE_PREFETCH(&self.lot_next[k])
+                        if slots[j + 1] >= 0 and self.sl[slots[j + 1]].lot_tail >= 0:
+                            k = self.sl[slots[j + 1]].lot_tail
+                            LE_PREFETCH(&self.lot_exp[k])
+                            LE_PREFETCH(&self.lot_amt[k])
                     if not in_chain:
                         chain_start = i
                         chain_out = n_out
