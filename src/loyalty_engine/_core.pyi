@@ -8,6 +8,7 @@ import numpy.typing as npt
 RECORD_SIZE: int
 ACCOUNT_RECORD_SIZE: int
 SLOT_DTYPE: np.dtype[Any]
+LOT_DTYPE: np.dtype[Any]
 HUGE_TABLE: int
 
 _Records = npt.NDArray[np.void]
@@ -30,9 +31,7 @@ class State:
     _slots: npt.NDArray[np.void]
     _acc_arr: npt.NDArray[np.void]
     _ids_arr: npt.NDArray[np.void] | None
-    _lot_exp: npt.NDArray[np.int64]
-    _lot_amt: npt.NDArray[np.int64]
-    _lot_next: npt.NDArray[np.int32]
+    _lots_arr: npt.NDArray[np.void]
     _p_keys_lo: _U64
     _p_keys_hi: _U64
     _p_vals: npt.NDArray[np.int32]

@@ -56,6 +56,16 @@ SLOT_DTYPE = np.dtype([("dp", "<i8"), ("cp", "<i8"), ("dpend", "<i8"), ("cpend",
                        ("user", "<u8"), ("asset", "<u4"), ("flags", "<u4"), ("lot_head", "<i4"),
                        ("lot_tail", "<i4")])
 
+cdef packed struct Lot:
+    # one lot: what a debit reads and writes shares a cache line (two lots a line)
+    int64_t exp
+    int64_t amt
+    int32_t next
+    int32_t pad
+    int64_t pad2
+
+LOT_DTYPE = np.dtype([("exp", "<i8"), ("amt", "<i8"), ("next", "<i4"), ("pad", "<i4"), ("pad2", "<i8")])
+
 cdef packed struct AccEntry:
     uint64_t key
     int64_t slot
@@ -244,9 +254,8 @@ cdef class State:
     cdef Slot[::1] sl
     cdef public Py_ssize_t n_accounts
     # lot pool: singly linked lists sorted by expiry
-    cdef public object _lot_exp, _lot_amt, _lot_next
-    cdef int64_t[::1] lot_exp, lot_amt
-    cdef int32_t[::1] lot_next
+    cdef public object _lots_arr
+    cdef Lot[::1] lots_
     cdef public int32_t lot_free
     cdef public Py_ssize_t lot_cap, lots_in_use
     # holds
@@ -306,18 +315,14 @@ cdef class State:
 
     def _alloc_lots(self, Py_ssize_t cap):
         cdef Py_ssize_t old = self.lot_cap, i
-        exp = np.zeros(cap, dtype=np.int64)
-        amt = np.zeros(cap, dtype=np.int64)
-        nxt = np.full(cap, -1, dtype=np.int32)
+        arr = _zeros_aligned(cap, LOT_DTYPE)
         if old:
-            exp[:old] = self._lot_exp
-            amt[:old] = self._lot_amt
-            nxt[:old] = self._lot_next
-        self._lot_exp, self._lot_amt, self._lot_next = exp, amt, nxt
-        self.lot_exp, self.lot_amt, self.lot_next = exp, amt, nxt
+            arr[:old] = self._lots_arr[:old]
+        self._lots_arr = arr
+        self.lots_ = arr
         # chain the new nodes into the free list
         for i in range(cap - 1, old - 1, -1):
-            self.lot_next[i] = self.lot_free
+            self.lots_[i].next = self.lot_free
             self.lot_free = <int32_t>i
         self.lot_cap = cap
 
@@ -507,12 +512,12 @@ cdef class State:
     # -- lots ----------------------------------------------------------------------------------
     cdef inline int32_t _lot_alloc(self) noexcept nogil:
         cdef int32_t k = self.lot_free
-        self.lot_free = self.lot_next[k]
+        self.lot_free = self.lots_[k].next
         self.lots_in_use += 1
         return k
 
     cdef inline void _lot_release(self, int32_t k) noexcept nogil:
-        self.lot_next[k] = self.lot_free
+        self.lots_[k].next = self.lot_free
         self.lot_free = k
         self.lots_in_use -= 1
 
@@ -520,42 +525,42 @@ cdef class State:
         cdef int32_t prev = -1, cur = self.sl[slot].lot_head, k
         cdef int32_t tail = self.sl[slot].lot_tail
         # the common case: a new lot expires no sooner than the last one (append or merge, O(1))
-        if tail >= 0 and self.lot_exp[tail] <= exp:
-            if self.lot_exp[tail] == exp:
-                self.lot_amt[tail] += amt
+        if tail >= 0 and self.lots_[tail].exp <= exp:
+            if self.lots_[tail].exp == exp:
+                self.lots_[tail].amt += amt
                 return
             k = self._lot_alloc()
-            self.lot_exp[k] = exp
-            self.lot_amt[k] = amt
-            self.lot_next[k] = -1
-            self.lot_next[tail] = k
+            self.lots_[k].exp = exp
+            self.lots_[k].amt = amt
+            self.lots_[k].next = -1
+            self.lots_[tail].next = k
             self.sl[slot].lot_tail = k
             return
-        while cur >= 0 and self.lot_exp[cur] < exp:
+        while cur >= 0 and self.lots_[cur].exp < exp:
             prev = cur
-            cur = self.lot_next[cur]
-        if cur >= 0 and self.lot_exp[cur] == exp:
-            self.lot_amt[cur] += amt
+            cur = self.lots_[cur].next
+        if cur >= 0 and self.lots_[cur].exp == exp:
+            self.lots_[cur].amt += amt
             return
         k = self._lot_alloc()
-        self.lot_exp[k] = exp
-        self.lot_amt[k] = amt
-        self.lot_next[k] = cur
+        self.lots_[k].exp = exp
+        self.lots_[k].amt = amt
+        self.lots_[k].next = cur
         if prev < 0:
             self.sl[slot].lot_head = k
         else:
-            self.lot_next[prev] = k
+            self.lots_[prev].next = k
         if cur < 0:
             self.sl[slot].lot_tail = k
 
     cdef inline void _lot_draw(self, int32_t slot, int64_t amt) noexcept nogil:
         cdef int32_t cur = self.sl[slot].lot_head, nxt
         while cur >= 0 and amt > 0:
-            if self.lot_amt[cur] > amt:
-                self.lot_amt[cur] -= amt
+            if self.lots_[cur].amt > amt:
+                self.lots_[cur].amt -= amt
                 return
-            amt -= self.lot_amt[cur]
-            nxt = self.lot_next[cur]
+            amt -= self.lots_[cur].amt
+            nxt = self.lots_[cur].next
             self._lot_release(cur)
             cur = nxt
             self.sl[slot].lot_head = cur
@@ -570,10 +575,10 @@ cdef class State:
         if buf_push(b, slot) or buf_push(b, 0):
             return -1
         while cur >= 0:
-            if buf_push(b, self.lot_exp[cur]) or buf_push(b, self.lot_amt[cur]):
+            if buf_push(b, self.lots_[cur].exp) or buf_push(b, self.lots_[cur].amt):
                 return -1
             count += 1
-            cur = self.lot_next[cur]
+            cur = self.lots_[cur].next
         b.data[start + 1] = count
         return buf_push(b, start)
 
@@ -588,20 +593,20 @@ cdef class State:
             count = b.data[start + 1]
             cur = self.sl[slot].lot_head
             while cur >= 0:
-                nxt = self.lot_next[cur]
+                nxt = self.lots_[cur].next
                 self._lot_release(cur)
                 cur = nxt
             self.sl[slot].lot_head = -1
             prev = -1
             for j in range(count):
                 k = self._lot_alloc()
-                self.lot_exp[k] = b.data[start + 2 + 2 * j]
-                self.lot_amt[k] = b.data[start + 3 + 2 * j]
-                self.lot_next[k] = -1
+                self.lots_[k].exp = b.data[start + 2 + 2 * j]
+                self.lots_[k].amt = b.data[start + 3 + 2 * j]
+                self.lots_[k].next = -1
                 if prev < 0:
                     self.sl[slot].lot_head = k
                 else:
-                    self.lot_next[prev] = k
+                    self.lots_[prev].next = k
                 prev = k
             self.sl[slot].lot_tail = prev
             b.n = start
@@ -719,8 +724,8 @@ cdef class State:
         out = []
         cdef int32_t cur = self.sl[s].lot_head
         while cur >= 0:
-            out.append((self.lot_exp[cur], self.lot_amt[cur]))
-            cur = self.lot_next[cur]
+            out.append((self.lots_[cur].exp, self.lots_[cur].amt))
+            cur = self.lots_[cur].next
         return out
 
     # -- transfers -----------------------------------------------------------------------------
@@ -805,13 +810,10 @@ cdef class State:
                         j = 2 * (i + PF_LOTS)
                         if slots[j] >= 0 and self.sl[slots[j]].lot_head >= 0:
                             k = self.sl[slots[j]].lot_head
-                            LE_PREFETCH(&self.lot_exp[k])
-                            LE_PREFETCH(&self.lot_amt[k])
-                            LE_PREFETCH(&self.lot_next[k])
+                            LE_PREFETCH(&self.lots_[k])
                         if slots[j + 1] >= 0 and self.sl[slots[j + 1]].lot_tail >= 0:
                             k = self.sl[slots[j + 1]].lot_tail
-                            LE_PREFETCH(&self.lot_exp[k])
-                            LE_PREFETCH(&self.lot_amt[k])
+                            LE_PREFETCH(&self.lots_[k])
                     if not in_chain:
                         chain_start = i
                         chain_out = n_out
@@ -1063,7 +1065,7 @@ cdef class State:
         # count, allocate, fill
         for s in range(self.n_accounts):
             if s != sink and self.sl[s].asset == asset and self.sl[s].lot_head >= 0 \
-                    and self.lot_exp[self.sl[s].lot_head] <= at:
+                    and self.lots_[self.sl[s].lot_head].exp <= at:
                 n += 1
         for p in range(self.n_pending):
             if self.p_state[p] == P_PENDING and self.p_deadline[p] <= at:
@@ -1078,9 +1080,9 @@ cdef class State:
                 continue
             cur = self.sl[s].lot_head
             due = 0
-            while cur >= 0 and self.lot_exp[cur] <= at:
-                due += self.lot_amt[cur]
-                cur = self.lot_next[cur]
+            while cur >= 0 and self.lots_[cur].exp <= at:
+                due += self.lots_[cur].amt
+                cur = self.lots_[cur].next
             if due == 0:
                 continue
             if self.sl[s].flags & A_DMNEC:
@@ -1125,10 +1127,10 @@ cdef class State:
             cur = self.sl[s].lot_head
             while cur >= 0:
                 ls[k] = <int32_t>s
-                le[k] = self.lot_exp[cur]
-                la[k] = self.lot_amt[cur]
+                le[k] = self.lots_[cur].exp
+                la[k] = self.lots_[cur].amt
                 k += 1
-                cur = self.lot_next[cur]
+                cur = self.lots_[cur].next
         m = self.n_pending
         return {
             "a_id": self._slots["id"][:n].copy(), "a_asset": self._slots["asset"][:n].copy(),
@@ -1170,13 +1172,13 @@ cdef class State:
             if s < 0 or s >= n:
                 raise ValueError("snapshot lot names an account slot out of range")
             k = st._lot_alloc()
-            st.lot_exp[k] = le[i]
-            st.lot_amt[k] = la[i]
-            st.lot_next[k] = -1
+            st.lots_[k].exp = le[i]
+            st.lots_[k].amt = la[i]
+            st.lots_[k].next = -1
             if s != prev_slot:
                 st.sl[s].lot_head = k
             else:
-                st.lot_next[prev] = k
+                st.lots_[prev].next = k
             st.sl[s].lot_tail = k
             prev_slot = s
             prev = k
