@@ -31,7 +31,6 @@ class State:
     _slots: npt.NDArray[np.void]
     _acc_arr: npt.NDArray[np.void]
     _ids_arr: npt.NDArray[np.void] | None
-    _id_fp_arr: _U64 | None
     _lots_arr: npt.NDArray[np.void]
     _p_keys_lo: _U64
     _p_keys_hi: _U64

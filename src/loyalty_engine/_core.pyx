@@ -71,9 +71,10 @@ cdef packed struct AccEntry:
     int64_t slot
 
 cdef packed struct IdEntry:
-    # a seen transfer id; its fingerprint lives in a side array read only when the id is found
     uint64_t lo
     uint64_t hi
+    uint64_t fp
+    uint64_t pad
 
 cdef extern from *:
     """
@@ -272,9 +273,8 @@ cdef class State:
     cdef uint8_t[::1] p_state
     cdef public Py_ssize_t n_pending
     # seen transfer ids (only for handles that write)
-    cdef public object _ids_arr, _id_fp_arr
+    cdef public object _ids_arr
     cdef IdEntry[::1] ids
-    cdef uint64_t[::1] id_fp
     cdef uint64_t t_mask
     cdef public Py_ssize_t n_ids
     cdef public bint ids_enabled
@@ -285,7 +285,6 @@ cdef class State:
         self.n_ids = 0
         self.ids_enabled = False
         self._ids_arr = None
-        self._id_fp_arr = None
         self.lot_free = -1
         self.lot_cap = 0
         self.lots_in_use = 0
@@ -371,19 +370,14 @@ cdef class State:
 
     def _alloc_ids(self, Py_ssize_t cap):
         old = self._ids_arr
-        old_fp = self._id_fp_arr
-        self._ids_arr = _zeros_aligned(cap, [("lo", "<u8"), ("hi", "<u8")])
-        self._id_fp_arr = _zeros_aligned(cap, np.uint64)
+        self._ids_arr = _zeros_aligned(cap, [("lo", "<u8"), ("hi", "<u8"), ("fp", "<u8"), ("pad", "<u8")])
         self.ids = self._ids_arr
-        self.id_fp = self._id_fp_arr
         self.t_mask = cap - 1
         self.n_ids = 0
         cdef IdEntry[::1] o
-        cdef uint64_t[::1] ofp
         cdef Py_ssize_t i, n
         if old is not None:
             o = old
-            ofp = old_fp
             n = o.shape[0]
             with nogil:
                 # the old table is read in order; the new buckets are prefetched ahead, so the
@@ -392,7 +386,7 @@ cdef class State:
                     if i + PF_FAR < n and (o[i + PF_FAR].lo != 0 or o[i + PF_FAR].hi != 0):
                         LE_PREFETCH(&self.ids[hash128(o[i + PF_FAR].lo, o[i + PF_FAR].hi) & self.t_mask])
                     if o[i].lo != 0 or o[i].hi != 0:
-                        self._id_insert(o[i].lo, o[i].hi, ofp[i])
+                        self._id_insert(o[i].lo, o[i].hi, o[i].fp)
 
     cpdef reserve(self, Py_ssize_t accounts=0, Py_ssize_t transfers=0):
         """Grow every table so that ``accounts`` more accounts and ``transfers`` more transfers fit."""
@@ -440,7 +434,6 @@ cdef class State:
         while cap < expected * 2:
             cap *= 2
         self._ids_arr = None
-        self._id_fp_arr = None
         self._alloc_ids(cap)
         self.ids_enabled = True
 
@@ -489,7 +482,7 @@ cdef class State:
         cdef uint64_t i = hash128(lo, hi) & self.t_mask
         while True:
             if self.ids[i].lo == lo and self.ids[i].hi == hi:
-                fp[0] = self.id_fp[i]
+                fp[0] = self.ids[i].fp
                 return 1
             if self.ids[i].lo == 0 and self.ids[i].hi == 0:
                 return 0
@@ -503,7 +496,7 @@ cdef class State:
             i = (i + 1) & self.t_mask
         self.ids[i].lo = lo
         self.ids[i].hi = hi
-        self.id_fp[i] = fp
+        self.ids[i].fp = fp
         self.n_ids += 1
 
     def add_ids(self, const TRec[::1] recs):
