@@ -60,20 +60,33 @@ def _earn_batch(first_id: int, n: int, members: np.ndarray, rng: np.random.Gener
     return r
 
 
+def _open_club(path: Path, members: np.ndarray, flags: int = 0) -> Ledger:
+    """A ledger with the issuer (account 1) and ``members``."""
+    ledger = Ledger.open(path, sync="none")
+    ledger.create_accounts([Account(id=1, asset=0)])
+    ledger.create_accounts_batch(members, asset=0, flags=flags)
+    return ledger
+
+
+def _post_earns(ledger: Ledger, members: np.ndarray, rng: np.random.Generator, batches: int,
+                size: int) -> np.ndarray:
+    """Post ``batches`` earn batches of ``size``; all must be OK. Returns every record posted."""
+    posted = []
+    for b in range(batches):
+        batch = _earn_batch(1 + size * b, size, members, rng)
+        assert (ledger.post_batch(batch) == TransferResult.OK).all()
+        posted.append(batch)
+    return np.concatenate(posted)
+
+
 def test_many_batches_merge_index_runs_and_queries_stay_exact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ledger_module, "RUN_FANOUT", 8)  # merges after 8 runs instead of 16
     rng = np.random.default_rng(7)
     members = np.arange(100, 160, dtype=np.uint64)
     path = tmp_path / "l"
-    with Ledger.open(path, sync="none") as ledger:
-        ledger.create_accounts([Account(id=1, asset=0)])
-        ledger.create_accounts_batch(members, asset=0, flags=AccountFlags.DEBITS_MUST_NOT_EXCEED_CREDITS)
-        posted = []
-        for b in range(20):  # 20 batches, each indexed at once: level-0 runs merge into level-1 runs
-            batch = _earn_batch(1 + 1500 * b, 1500, members, rng)
-            assert (ledger.post_batch(batch) == TransferResult.OK).all()
-            posted.append(batch)
-        allrecs = np.concatenate(posted)
+    with _open_club(path, members, AccountFlags.DEBITS_MUST_NOT_EXCEED_CREDITS) as ledger:
+        # 20 batches, each indexed at once: level-0 runs merge into level-1 runs
+        allrecs = _post_earns(ledger, members, rng, 20, 1500)
         for m in members[:10]:
             got = ledger.transfers(account=int(m))
             want = allrecs[allrecs["credit"] == m]
@@ -120,9 +133,7 @@ def test_damage_to_a_later_part_of_a_large_entry_is_found(tmp_path: Path, damage
     rng = np.random.default_rng(3)
     members = np.arange(100, 200, dtype=np.uint64)
     path = tmp_path / "l"
-    with Ledger.open(path, sync="none") as ledger:
-        ledger.create_accounts([Account(id=1, asset=0)])
-        ledger.create_accounts_batch(members, asset=0)
+    with _open_club(path, members) as ledger:
         assert (ledger.post_batch(_earn_batch(1, 8000, members, rng)) == TransferResult.OK).all()
         seq = ledger.head[0]
         before = ledger.transfers(account=150)
@@ -154,9 +165,7 @@ def test_post_batch_does_not_modify_the_callers_array(tmp_path: Path, readonly: 
     batch = _earn_batch(1, 50, members, rng)
     before = batch.copy()
     batch.flags.writeable = not readonly
-    with Ledger.open(tmp_path / "l", sync="none") as ledger:
-        ledger.create_accounts([Account(id=1, asset=0)])
-        ledger.create_accounts_batch(members, asset=0)
+    with _open_club(tmp_path / "l", members) as ledger:
         assert (ledger.post_batch(batch) == TransferResult.OK).all()
         assert (ledger.post_batch(batch) == TransferResult.EXISTS).all()
     assert batch.tobytes() == before.tobytes()
@@ -169,15 +178,9 @@ def test_big_runs_are_stored_in_chunks_and_merge(tmp_path: Path, monkeypatch: py
     rng = np.random.default_rng(5)
     members = np.arange(100, 5100, dtype=np.uint64)
     path = tmp_path / "l"
-    with Ledger.open(path, sync="none") as ledger:
-        ledger.create_accounts([Account(id=1, asset=0)])
-        ledger.create_accounts_batch(members, asset=0)
-        posted = []
-        for b in range(9):  # 9 runs of 80,000 entries: eight merge into one of 640,000
-            batch = _earn_batch(1 + 40_000 * b, 40_000, members, rng)
-            assert (ledger.post_batch(batch) == TransferResult.OK).all()
-            posted.append(batch)
-        allrecs = np.concatenate(posted)
+    with _open_club(path, members) as ledger:
+        # 9 runs of 80,000 entries: eight merge into one of 640,000
+        allrecs = _post_earns(ledger, members, rng, 9, 40_000)
         for m in (100, 101, 2600, 5099):
             got = ledger.transfers(account=m)["id"].to_numpy()
             assert np.array_equal(got, allrecs["id_lo"][allrecs["credit"] == m])

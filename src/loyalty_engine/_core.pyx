@@ -670,15 +670,6 @@ cdef class State:
     def slot_of(self, uint64_t account_id):
         return self._acc_find(account_id)
 
-    def slots_of(self, const uint64_t[::1] ids):
-        cdef Py_ssize_t i, n = ids.shape[0]
-        out = np.empty(n, dtype=np.int32)
-        cdef int32_t[::1] o = out
-        with nogil:
-            for i in range(n):
-                o[i] = self._acc_find(ids[i])
-        return out
-
     def account_row(self, uint64_t account_id):
         """(asset, flags, user_data) of an account, or None."""
         cdef int32_t s = self._acc_find(account_id)

@@ -512,11 +512,7 @@ class Ledger:
     def balance(self, account_id: int) -> Balance:
         """The balance of one account; NotFoundError if it does not exist."""
         with self._lock:
-            st = self._store
-            # the common case inline (see _read): nothing committed since this handle last looked
-            if (st is None or self._state is None or st.hinted_head() != self._seq
-                    or time.monotonic() >= self._fresh_until):
-                self._read()
+            self._read()
             try:
                 if type(account_id) is not int and not isinstance(account_id, np.integer):
                     raise TypeError
