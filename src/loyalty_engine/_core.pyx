@@ -8,9 +8,9 @@ Python modules; the kernels return counts and status codes.
 """
 
 cimport cython
-from libc.stdint cimport int64_t, uint64_t, int32_t, uint32_t, uint16_t, uint8_t, INT64_MAX
+from libc.stdint cimport int64_t, uint64_t, int32_t, uint32_t, int16_t, uint16_t, int8_t, uint8_t, INT64_MAX
 from libc.stdlib cimport malloc, realloc, free
-from libc.string cimport memcpy
+from libc.string cimport memcpy, memset
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE, PyBUF_WRITABLE
 
 import mmap
@@ -1360,3 +1360,819 @@ def merge_runs(list runs):
     finally:
         free(scratch)
         free(bounds)
+
+
+# ===================================================================================================
+# The rule engine: a bytecode VM for conditions and the purchase evaluator (program.py compiles the
+# tables; engine.py and importer paths call evaluate(); see docs/rules.md for the semantics).
+
+cdef extern from *:
+    ctypedef long long i128 "__int128"
+
+# opcodes (must match rules.expr.Op)
+DEF OP_CONST = 1
+DEF OP_VAR = 2
+DEF OP_ADD = 3
+DEF OP_SUB = 4
+DEF OP_MUL = 5
+DEF OP_DIV = 6
+DEF OP_MOD = 7
+DEF OP_NEG = 8
+DEF OP_EQ = 9
+DEF OP_NE = 10
+DEF OP_LT = 11
+DEF OP_LE = 12
+DEF OP_GT = 13
+DEF OP_GE = 14
+DEF OP_NOT = 15
+DEF OP_JFALSE = 16
+DEF OP_JTRUE = 17
+DEF OP_IN = 18
+DEF OP_BIT = 19
+DEF OP_MIN = 20
+DEF OP_MAX = 21
+DEF OP_ABS = 22
+DEF OP_RANGES = 23
+DEF OP_CATAMT = 24
+DEF OP_SKUAMT = 25
+DEF OP_BOOL = 26
+
+# facts slots (must match rules.expr.VARIABLES)
+DEF F_AMOUNT = 0
+DEF F_QUANTITY = 1
+DEF F_HOUR = 2
+DEF F_WEEKDAY = 3
+DEF F_DATE = 4
+DEF F_MONTH = 5
+DEF F_DOM = 6
+DEF F_BRANCH = 7
+DEF F_CHANNEL = 8
+DEF F_CATS = 9
+DEF F_SKUS = 10
+DEF F_FIRST = 11
+DEF F_SINCE = 12
+DEF F_V30 = 13
+DEF F_V90 = 14
+DEF F_V365 = 15
+DEF F_S30 = 16
+DEF F_S90 = 17
+DEF F_S365 = 18
+DEF F_AVG = 19
+DEF F_GAP = 20
+DEF F_TIER = 21
+DEF F_POINTS = 22
+DEF F_CREDIT = 23
+DEF F_BDAY = 24
+DEF F_MDAYS = 25
+DEF F_REFERRED = 26
+DEF N_FACTS = 27
+
+# program parameters (must match program.P_*)
+DEF P_RATE_POINTS = 0
+DEF P_RATE_PER = 1
+DEF P_ROUNDING = 2
+DEF P_MIN_BASKET = 3
+DEF P_CAP_RECEIPT = 4
+DEF P_CAP_DAY = 5
+DEF P_STACKING = 6
+DEF P_TIER_METRIC = 7
+DEF P_TIER_WINDOW = 8
+DEF P_REVIEW = 9
+DEF P_GRACE = 10
+DEF P_BDAY_POINTS = 11
+DEF P_BDAY_WITHIN = 12
+DEF P_ANNIV_POINTS = 13
+DEF P_ANNIV_WITHIN = 14
+DEF P_REF_REFERRER = 15
+DEF P_REF_REFERRED = 16
+DEF P_BURN_POINTS = 17
+DEF P_BURN_VALUE = 18
+DEF P_BURN_MIN = 19
+DEF P_BURN_STEP = 20
+DEF P_BURN_SHARE = 21
+DEF P_HORIZON = 22
+
+DEF BP = 10000
+DEF STACK = 32
+
+# row status (must match engine.RowStatus)
+DEF ST_OK = 0
+DEF ST_REDEEM_BELOW_MIN = 1
+DEF ST_REDEEM_STEP = 2
+DEF ST_REDEEM_INSUFFICIENT = 3
+DEF ST_REDEEM_SHARE = 4
+DEF ST_REDEEM_DISABLED = 5
+DEF ST_OUT_OF_ORDER = 6
+
+cdef packed struct MState:
+    int64_t points
+    int64_t credit
+    int64_t purchases
+    int64_t earned_today
+    int64_t referrer
+    int32_t enroll_day
+    int32_t last_day
+    int32_t tier
+    int32_t review_day
+    int32_t earn_day
+    int32_t bday_year
+    int32_t anniv_year
+    int32_t notice_year
+    int16_t birth_md
+    int8_t referred
+    int8_t pad
+
+MSTATE_DTYPE = np.dtype([("points", "<i8"), ("credit", "<i8"), ("purchases", "<i8"), ("earned_today", "<i8"),
+                         ("referrer", "<i8"), ("enroll_day", "<i4"), ("last_day", "<i4"), ("tier", "<i4"),
+                         ("review_day", "<i4"), ("earn_day", "<i4"), ("bday_year", "<i4"),
+                         ("anniv_year", "<i4"), ("notice_year", "<i4"),
+                         ("birth_md", "<i2"), ("referred", "i1"), ("pad", "i1")])
+
+cdef packed struct HEv:
+    int32_t day
+    int32_t visits     # 1 for a purchase; 0 or -1 for a refund's correction
+    int64_t amount
+    int64_t points
+
+HEV_DTYPE = np.dtype([("day", "<i4"), ("visits", "<i4"), ("amount", "<i8"), ("points", "<i8")])
+
+cdef packed struct RowIn:
+    int64_t member
+    int64_t amount
+    int64_t quantity
+    int64_t redeem
+    int64_t cats
+    int64_t skus
+    int32_t day
+    int32_t hour
+    int32_t weekday
+    int32_t month
+    int32_t dom
+    int32_t branch
+    int32_t channel
+    int32_t item_start
+    int32_t item_end
+    int32_t pad
+
+ROW_DTYPE = np.dtype([("member", "<i8"), ("amount", "<i8"), ("quantity", "<i8"), ("redeem", "<i8"),
+                      ("cats", "<i8"), ("skus", "<i8"), ("day", "<i4"), ("hour", "<i4"), ("weekday", "<i4"),
+                      ("month", "<i4"), ("dom", "<i4"), ("branch", "<i4"), ("channel", "<i4"),
+                      ("item_start", "<i4"), ("item_end", "<i4"), ("pad", "<i4")])
+
+cdef packed struct RowOut:
+    int64_t points          # all points credited to the member by this purchase
+    int64_t base_points     # the base rate on the paid amount
+    int64_t rule_points     # what multipliers (rules, tier, offers) added
+    int64_t bonus_points    # fixed bonuses of rules and offers
+    int64_t event_points    # birthday, anniversary, referral (the member's side)
+    int64_t capped          # points the caps took off
+    int64_t referrer_points
+    int64_t referrer
+    int64_t credit
+    int64_t discount
+    int64_t redeemed
+    int64_t redeem_value
+    int64_t paid
+    int64_t rules_fired
+    int64_t offers_fired
+    int32_t tier_before
+    int32_t tier_after
+    int32_t status
+    int32_t pad
+
+OUT_DTYPE = np.dtype([("points", "<i8"), ("base_points", "<i8"), ("rule_points", "<i8"),
+                      ("bonus_points", "<i8"), ("event_points", "<i8"), ("capped", "<i8"),
+                      ("referrer_points", "<i8"), ("referrer", "<i8"), ("credit", "<i8"),
+                      ("discount", "<i8"), ("redeemed", "<i8"), ("redeem_value", "<i8"), ("paid", "<i8"),
+                      ("rules_fired", "<i8"), ("offers_fired", "<i8"), ("tier_before", "<i4"),
+                      ("tier_after", "<i4"), ("status", "<i4"), ("pad", "<i4")])
+
+
+cdef inline int64_t fdiv(int64_t a, int64_t b) noexcept nogil:
+    cdef int64_t q
+    if b == 0:
+        return 0
+    q = a // b
+    if (a % b != 0) and ((a < 0) != (b < 0)):
+        q -= 1
+    return q
+
+
+cdef inline int64_t fmod_(int64_t a, int64_t b) noexcept nogil:
+    if b == 0:
+        return 0
+    return a - fdiv(a, b) * b
+
+
+cdef int64_t vm(const int64_t* code, int64_t pc, int64_t end, const int64_t* pool, const int64_t* facts,
+                const int64_t* cat_amt, const int64_t* sku_amt) noexcept nogil:
+    """Run one compiled expression (code[pc:end]); returns the value on top of the stack."""
+    cdef int64_t st[STACK]
+    cdef int sp = -1
+    cdef int64_t op, arg, a, b, k, i, x
+    while pc < end:
+        op = code[pc]
+        arg = code[pc + 1]
+        pc += 2
+        if op == OP_VAR:
+            sp += 1
+            st[sp] = facts[arg]
+        elif op == OP_CONST:
+            sp += 1
+            st[sp] = arg
+        elif op == OP_JFALSE:
+            if st[sp] == 0:
+                pc = arg
+            else:
+                sp -= 1
+        elif op == OP_JTRUE:
+            if st[sp] != 0:
+                pc = arg
+            else:
+                sp -= 1
+        elif op == OP_NOT:
+            st[sp] = st[sp] == 0
+        elif op == OP_NEG:
+            st[sp] = -st[sp]
+        elif op == OP_ABS:
+            if st[sp] < 0:
+                st[sp] = -st[sp]
+        elif op == OP_BOOL:
+            st[sp] = st[sp] != 0
+        elif op == OP_BIT:
+            st[sp] = (st[sp] >> arg) & 1
+        elif op == OP_IN:
+            x = st[sp]
+            k = pool[arg]
+            st[sp] = 0
+            for i in range(k):
+                if pool[arg + 1 + i] == x:
+                    st[sp] = 1
+                    break
+        elif op == OP_RANGES:
+            x = st[sp]
+            k = pool[arg]
+            st[sp] = 0
+            for i in range(k):
+                if pool[arg + 1 + 2 * i] <= x <= pool[arg + 2 + 2 * i]:
+                    st[sp] = 1
+                    break
+        elif op == OP_CATAMT:
+            sp += 1
+            st[sp] = cat_amt[arg] if 0 <= arg < 64 else 0
+        elif op == OP_SKUAMT:
+            sp += 1
+            st[sp] = sku_amt[arg] if 0 <= arg < 64 else 0
+        else:
+            b = st[sp]
+            sp -= 1
+            a = st[sp]
+            if op == OP_ADD:
+                st[sp] = a + b
+            elif op == OP_SUB:
+                st[sp] = a - b
+            elif op == OP_MUL:
+                st[sp] = a * b
+            elif op == OP_DIV:
+                st[sp] = fdiv(a, b)
+            elif op == OP_MOD:
+                st[sp] = fmod_(a, b)
+            elif op == OP_EQ:
+                st[sp] = a == b
+            elif op == OP_NE:
+                st[sp] = a != b
+            elif op == OP_LT:
+                st[sp] = a < b
+            elif op == OP_LE:
+                st[sp] = a <= b
+            elif op == OP_GT:
+                st[sp] = a > b
+            elif op == OP_GE:
+                st[sp] = a >= b
+            elif op == OP_MIN:
+                st[sp] = a if a < b else b
+            elif op == OP_MAX:
+                st[sp] = a if a > b else b
+    return st[sp] if sp >= 0 else 0
+
+
+def run_expr(const int64_t[::1] code, const int64_t[::1] pool, const int64_t[::1] facts,
+             const int64_t[::1] cat_amt, const int64_t[::1] sku_amt):
+    """Run a whole compiled expression over one facts vector (tests compare it with rules.expr.evaluate)."""
+    if facts.shape[0] < N_FACTS or cat_amt.shape[0] < 64 or sku_amt.shape[0] < 64:
+        raise ValueError("facts needs %d slots and the amount vectors 64" % N_FACTS)
+    return vm(&code[0], 0, code.shape[0], &pool[0], &facts[0], &cat_amt[0], &sku_amt[0])
+
+
+# -- calendar (days since 1970-01-01, proleptic Gregorian; H. Hinnant's algorithms) ------------------
+
+cdef inline int64_t days_from_civil(int64_t y, int64_t m, int64_t d) noexcept nogil:
+    cdef int64_t era, yoe, doy, doe
+    if m <= 2:
+        y -= 1
+    era = (y if y >= 0 else y - 399) // 400
+    yoe = y - era * 400
+    doy = (153 * (m - 3 if m > 2 else m + 9) + 2) // 5 + d - 1
+    doe = yoe * 365 + yoe // 4 - yoe // 100 + doy
+    return era * 146097 + doe - 719468
+
+
+cdef inline void civil_from_days(int64_t z, int64_t* y, int64_t* m, int64_t* d) noexcept nogil:
+    cdef int64_t era, doe, yoe, doy, mp
+    z += 719468
+    era = (z if z >= 0 else z - 146096) // 146097
+    doe = z - era * 146097
+    yoe = (doe - doe // 1460 + doe // 36524 - doe // 146096) // 365
+    doy = doe - (365 * yoe + yoe // 4 - yoe // 100)
+    mp = (5 * doy + 2) // 153
+    d[0] = doy - (153 * mp + 2) // 5 + 1
+    m[0] = mp + 3 if mp < 10 else mp - 9
+    y[0] = yoe + era * 400 + (1 if m[0] <= 2 else 0)
+
+
+cdef inline bint is_leap(int64_t y) noexcept nogil:
+    return (y % 4 == 0 and y % 100 != 0) or y % 400 == 0
+
+
+cdef inline int64_t md_in_year(int64_t y, int64_t md) noexcept nogil:
+    """The day of month-day ``md`` (month*100+day) in year ``y``; 29 February is 28 February in
+    common years."""
+    cdef int64_t m = md // 100, d = md % 100
+    if m == 2 and d == 29 and not is_leap(y):
+        d = 28
+    return days_from_civil(y, m, d)
+
+
+cdef inline int64_t next_boundary(int64_t day, int64_t review) noexcept nogil:
+    """The first day of the period after the one holding ``day`` (review 1 month, 2 quarter, 3 year)."""
+    cdef int64_t y, m, d
+    civil_from_days(day, &y, &m, &d)
+    if review == 1:
+        return days_from_civil(y + (1 if m == 12 else 0), 1 if m == 12 else m + 1, 1)
+    if review == 2:
+        m = ((m - 1) // 3) * 3 + 4
+        if m > 12:
+            return days_from_civil(y + 1, 1, 1)
+        return days_from_civil(y, m, 1)
+    return days_from_civil(y + 1, 1, 1)
+
+
+def calendar_check(const int64_t[::1] days):
+    """(year, month, day, next month, next quarter, next year) per day: a test hook for the calendar."""
+    cdef Py_ssize_t i, n = days.shape[0]
+    out = np.zeros((n, 6), np.int64)
+    cdef int64_t[:, ::1] o = out
+    cdef int64_t y, m, d
+    for i in range(n):
+        civil_from_days(days[i], &y, &m, &d)
+        o[i, 0] = y
+        o[i, 1] = m
+        o[i, 2] = d
+        o[i, 3] = next_boundary(days[i], 1)
+        o[i, 4] = next_boundary(days[i], 2)
+        o[i, 5] = next_boundary(days[i], 3)
+    return out
+
+
+cdef inline int64_t round_div(i128 num, i128 den, int64_t mode) noexcept nogil:
+    """num // den (num >= 0, den > 0) rounded: 0 floor, 1 half to even, 2 ceiling."""
+    cdef i128 q = num // den
+    cdef i128 r = num - q * den
+    if mode == 2:
+        if r != 0:
+            q += 1
+    elif mode == 1:
+        if 2 * r > den or (2 * r == den and (q & 1)):
+            q += 1
+    return <int64_t>q
+
+
+cdef inline int64_t tier_for(const int64_t[:, ::1] tiers, int64_t metric) noexcept nogil:
+    cdef Py_ssize_t i, nt = tiers.shape[0]
+    cdef int64_t t = 0
+    for i in range(nt):
+        if tiers[i, 0] <= metric:
+            t = i + 1
+    return t
+
+
+cdef inline int64_t metric_of(int64_t kind, int64_t count, int64_t amount, int64_t points) noexcept nogil:
+    if kind == 0:
+        return points
+    if kind == 1:
+        return amount
+    return count
+
+
+def evaluate(const int64_t[::1] code, const int64_t[::1] pool, const int64_t[:, ::1] conds,
+             const int64_t[:, ::1] rules, const int64_t[:, ::1] offers, const int64_t[:, ::1] tiers,
+             const int64_t[::1] params, const RowIn[::1] rows, const int32_t[::1] item_cat,
+             const int32_t[::1] item_sku, const int64_t[::1] item_amount, MState[::1] members,
+             const int64_t[::1] hist_off, const HEv[::1] hist, int64_t[::1] out_off, HEv[::1] out_hist,
+             int64_t[:, :, ::1] offer_use, int64_t[::1] budget_used, RowOut[::1] out, int64_t[:, ::1] facts_out):
+    """Evaluate purchase rows against a compiled program, updating member state in place.
+
+    ``rows`` are grouped by member (segment s = the s-th run of equal ``member``) and in time order within
+    a member; ``hist[hist_off[s]:hist_off[s+1]]`` is segment s's purchase history (day order), and the
+    kernel writes the history to keep (the horizon's worth, this batch's purchases included) to
+    ``out_hist[out_off[s]:out_off[s+1]]`` (``out_hist`` holds at least len(hist) + len(rows) events).
+    ``facts_out`` is (len(rows), N_FACTS) to record every row's facts (for explanations) or (0, N_FACTS).
+    Returns the number of segments.
+    """
+    cdef Py_ssize_t n = rows.shape[0], nrules = rules.shape[0], noff = offers.shape[0]
+    cdef Py_ssize_t nt = tiers.shape[0], ncond = conds.shape[0]
+    if hist_off.shape[0] < 1 or out_off.shape[0] < hist_off.shape[0]:
+        raise ValueError("hist_off/out_off are too short")
+    if facts_out.shape[0] != 0 and (facts_out.shape[0] < n or facts_out.shape[1] < N_FACTS):
+        raise ValueError("facts_out must be (rows, %d) or empty" % N_FACTS)
+    if offers.shape[0] and (offer_use.shape[1] < noff or offer_use.shape[2] < 3 or budget_used.shape[0] < noff):
+        raise ValueError("offer_use must be (members, offers, 3) and budget_used (offers,)")
+    if out.shape[0] < n:
+        raise ValueError("out is shorter than rows")
+    if code.shape[0] == 0 and ncond:
+        raise ValueError("conditions without code")
+    cdef Py_ssize_t i, j, k, s = -1, seg_start = 0
+    cdef int64_t nseg = hist_off.shape[0] - 1
+    for i in range(n):
+        if rows[i].member < 0 or rows[i].member >= members.shape[0]:
+            raise ValueError("row %d names member %d, beyond the state (%d members)" % (i, rows[i].member, members.shape[0]))
+        if rows[i].item_start < 0 or rows[i].item_end > item_amount.shape[0] or rows[i].item_end < rows[i].item_start:
+            raise ValueError("row %d: items [%d, %d) are out of range" % (i, rows[i].item_start, rows[i].item_end))
+        for j in range(rows[i].item_start, rows[i].item_end):
+            if item_cat[j] < 0 or item_cat[j] >= 64 or item_sku[j] < 0 or item_sku[j] >= 64:
+                raise ValueError("item %d: category/sku symbol out of range" % j)
+        if i and rows[i].member != rows[i - 1].member:
+            seg_start += 1
+    if n and seg_start + 1 != nseg:
+        raise ValueError("rows hold %d member runs but the history has %d" % (seg_start + 1, nseg))
+    if out_hist.shape[0] < hist.shape[0] + n or hist_off[nseg] > hist.shape[0]:
+        raise ValueError("out_hist must hold len(hist) + len(rows) events")
+    if n == 0:
+        out_off[0] = 0
+        return 0
+    cdef const int64_t* cp = &code[0] if code.shape[0] else NULL
+    cdef const int64_t* pp = &pool[0]
+    cdef int64_t facts[N_FACTS]
+    cdef int64_t cat_amt[64]
+    cdef int64_t sku_amt[64]
+    cdef int64_t line_f[64]
+    cdef int64_t fired_cond[64]
+    cdef MState* m
+    cdef int64_t rate_pts = params[P_RATE_POINTS], rate_per = params[P_RATE_PER], rmode = params[P_ROUNDING]
+    cdef int64_t stacking = params[P_STACKING], window = params[P_TIER_WINDOW], review = params[P_REVIEW]
+    cdef int64_t tmetric = params[P_TIER_METRIC], horizon = params[P_HORIZON]
+    cdef int64_t p0, p, lo30, lo90, lo365, lot, c30, c90, c365, a30, a90, a365, tc, ta, tpts
+    cdef int64_t d, amount, f, mlt, paid, disc, burn_money, earned, base, bonus, evpts, credit, give
+    cdef int64_t y, mo, dd, b_next, b_prev, occ, metric, tnew, items_total, gap_first, q
+    cdef i128 S
+    cdef bint fired, any_fired, excl
+    cdef int64_t offers_mask, rules_mask, pstart, cidx
+    cdef Py_ssize_t seg = -1, first_item, last_item
+    with nogil:
+        out_off[0] = 0
+        p = 0
+        for i in range(n):
+            d = rows[i].day
+            m = &members[rows[i].member]
+            if i == 0 or rows[i].member != rows[i - 1].member:
+                if seg >= 0:
+                    # close the previous segment: keep the horizon's worth of history
+                    p = _trim(out_hist, p0, p, out_hist[p - 1].day - horizon + 1 if p > p0 else 0)
+                    out_off[seg + 1] = p
+                seg += 1
+                p0 = p
+                for k in range(hist_off[seg], hist_off[seg + 1]):
+                    out_hist[p] = hist[k]
+                    p += 1
+                lo30 = lo90 = lo365 = lot = p0
+                c30 = c90 = c365 = a30 = a90 = a365 = tc = ta = tpts = 0
+                for k in range(p0, p):
+                    c30 += out_hist[k].visits; c90 += out_hist[k].visits; c365 += out_hist[k].visits
+                    tc += out_hist[k].visits
+                    a30 += out_hist[k].amount; a90 += out_hist[k].amount; a365 += out_hist[k].amount
+                    ta += out_hist[k].amount; tpts += out_hist[k].points
+            memset(&out[i], 0, sizeof(RowOut))
+            out[i].tier_before = m.tier
+            out[i].referrer = -1
+            if d < m.last_day:
+                out[i].status = ST_OUT_OF_ORDER
+                out[i].tier_after = m.tier
+                continue
+            # windows: the W days ending today, purchases before this one
+            while lo30 < p and out_hist[lo30].day < d - 29:
+                c30 -= out_hist[lo30].visits; a30 -= out_hist[lo30].amount; lo30 += 1
+            while lo90 < p and out_hist[lo90].day < d - 89:
+                c90 -= out_hist[lo90].visits; a90 -= out_hist[lo90].amount; lo90 += 1
+            while lo365 < p and out_hist[lo365].day < d - 364:
+                c365 -= out_hist[lo365].visits; a365 -= out_hist[lo365].amount; lo365 += 1
+            while lot < p and out_hist[lot].day < d - window + 1:
+                tc -= out_hist[lot].visits; ta -= out_hist[lot].amount; tpts -= out_hist[lot].points; lot += 1
+            # tier review (downgrades happen only at a period end, after the grace days)
+            if nt and review:
+                while d >= m.review_day + params[P_GRACE]:
+                    metric = _window_metric(out_hist, p0, p, m.review_day - window - 1, m.review_day - 1, tmetric)
+                    tnew = tier_for(tiers, metric)
+                    if tnew < m.tier:
+                        m.tier = <int32_t>tnew
+                    m.review_day = <int32_t>next_boundary(m.review_day, review)
+                out[i].tier_before = m.tier
+            amount = rows[i].amount
+            facts[F_AMOUNT] = amount
+            facts[F_QUANTITY] = rows[i].quantity
+            facts[F_HOUR] = rows[i].hour
+            facts[F_WEEKDAY] = rows[i].weekday
+            facts[F_DATE] = d
+            facts[F_MONTH] = rows[i].month
+            facts[F_DOM] = rows[i].dom
+            facts[F_BRANCH] = rows[i].branch
+            facts[F_CHANNEL] = rows[i].channel
+            facts[F_CATS] = rows[i].cats
+            facts[F_SKUS] = rows[i].skus
+            facts[F_FIRST] = m.purchases == 0
+            facts[F_SINCE] = d - m.last_day if m.last_day >= 0 and m.purchases > 0 else -1
+            facts[F_V30] = c30
+            facts[F_V90] = c90
+            facts[F_V365] = c365
+            facts[F_S30] = a30
+            facts[F_S90] = a90
+            facts[F_S365] = a365
+            facts[F_AVG] = a365 // c365 if c365 else 0
+            facts[F_GAP] = (out_hist[p - 1].day - out_hist[lo365].day) // (c365 - 1) if c365 >= 2 else 0
+            facts[F_TIER] = m.tier
+            facts[F_POINTS] = m.points
+            facts[F_CREDIT] = m.credit
+            civil_from_days(d, &y, &mo, &dd)
+            if m.birth_md > 0:
+                b_next = md_in_year(y, m.birth_md)
+                if b_next < d:
+                    b_next = md_in_year(y + 1, m.birth_md)
+                facts[F_BDAY] = b_next - d
+            else:
+                facts[F_BDAY] = -1
+            facts[F_MDAYS] = d - m.enroll_day
+            facts[F_REFERRED] = m.referred
+            # the basket's items: amounts per category and SKU, one line each
+            for k in range(64):
+                cat_amt[k] = 0
+                sku_amt[k] = 0
+            first_item = rows[i].item_start
+            last_item = rows[i].item_end
+            items_total = 0
+            for j in range(first_item, last_item):
+                cat_amt[item_cat[j]] += item_amount[j]
+                sku_amt[item_sku[j]] += item_amount[j]
+                items_total += item_amount[j]
+            if facts_out.shape[0]:
+                for k in range(N_FACTS):
+                    facts_out[i, k] = facts[k]
+            # conditions of rules and offers, each evaluated once
+            for k in range(ncond if ncond < 64 else 64):
+                fired_cond[k] = -1
+            # offers, highest priority first
+            offers_mask = 0
+            any_fired = False
+            disc = 0
+            if nt:
+                disc = <int64_t>((<i128>amount * tiers[m.tier - 1, 2]) // BP) if m.tier > 0 else 0
+            for k in range(noff):
+                excl = offers[k, 1] != 0
+                if excl and any_fired:
+                    continue
+                if offers[k, 4] and offer_use[rows[i].member, k, 0] >= offers[k, 4]:
+                    continue
+                if offers[k, 5]:
+                    if offer_use[rows[i].member, k, 1] and d - offer_use[rows[i].member, k, 2] < offers[k, 6]:
+                        if offer_use[rows[i].member, k, 1] >= offers[k, 5]:
+                            continue
+                if offers[k, 7] and budget_used[k] >= offers[k, 7]:
+                    continue
+                cidx = offers[k, 0]
+                if cidx >= 0 and not _cond(cp, conds, cidx, pp, facts, cat_amt, sku_amt, fired_cond):
+                    continue
+                offers_mask |= (<int64_t>1) << k
+                any_fired = True
+                if offers[k, 2] == 4:   # discount_percent
+                    disc += <int64_t>((<i128>amount * offers[k, 3]) // BP)
+                if excl:
+                    break
+            if disc > amount:
+                disc = amount
+            # redemption
+            burn_money = 0
+            if rows[i].redeem > 0:
+                q = rows[i].redeem
+                if params[P_BURN_VALUE] == 0:
+                    out[i].status = ST_REDEEM_DISABLED
+                elif q < params[P_BURN_MIN]:
+                    out[i].status = ST_REDEEM_BELOW_MIN
+                elif q % params[P_BURN_STEP] != 0:
+                    out[i].status = ST_REDEEM_STEP
+                elif q > m.points:
+                    out[i].status = ST_REDEEM_INSUFFICIENT
+                else:
+                    burn_money = <int64_t>((<i128>q * params[P_BURN_VALUE]) // params[P_BURN_POINTS])
+                    if <i128>burn_money * BP > <i128>(amount - disc) * params[P_BURN_SHARE]:
+                        out[i].status = ST_REDEEM_SHARE
+                if out[i].status != ST_OK:
+                    out[i].tier_after = m.tier
+                    out[i].discount = 0
+                    continue
+            paid = amount - disc - burn_money
+            out[i].discount = disc
+            out[i].redeemed = rows[i].redeem
+            out[i].redeem_value = burn_money
+            out[i].paid = paid
+            # earning: one line per item (or the whole basket), each with its stacked multiplier
+            rules_mask = 0
+            bonus = 0
+            earned = 0
+            base = 0
+            if amount >= params[P_MIN_BASKET] and rate_pts > 0 and paid > 0:
+                if last_item == first_item:
+                    items_total = amount
+                S = 0
+                base = round_div(<i128>paid * rate_pts, <i128>rate_per, rmode)
+                for j in range(first_item, last_item if last_item > first_item else first_item + 1):
+                    f = BP
+                    for k in range(nrules):
+                        if rules[k, 3] != 0:
+                            continue
+                        if rules[k, 1] == 1 and (last_item == first_item or item_cat[j] != rules[k, 2]):
+                            continue
+                        if rules[k, 1] == 2 and (last_item == first_item or item_sku[j] != rules[k, 2]):
+                            continue
+                        cidx = rules[k, 0]
+                        if cidx >= 0 and not _cond(cp, conds, cidx, pp, facts, cat_amt, sku_amt, fired_cond):
+                            continue
+                        rules_mask |= (<int64_t>1) << k
+                        f = _stack(f, rules[k, 4], stacking)
+                    for k in range(noff):
+                        if (offers_mask >> k) & 1 and offers[k, 2] == 1:
+                            f = _stack(f, offers[k, 3], stacking)
+                    if nt and m.tier > 0:
+                        f = <int64_t>((<i128>f * tiers[m.tier - 1, 1]) // BP)
+                    S += <i128>(item_amount[j] if last_item > first_item else amount) * f
+                earned = round_div(S * paid * rate_pts, <i128>items_total * rate_per * BP, rmode) if items_total > 0 else 0
+                out[i].base_points = base
+                out[i].rule_points = earned - base
+                for k in range(nrules):
+                    if rules[k, 3] != 1:
+                        continue
+                    if rules[k, 1] == 1 and not ((rows[i].cats >> rules[k, 2]) & 1):
+                        continue
+                    if rules[k, 1] == 2 and not ((rows[i].skus >> rules[k, 2]) & 1):
+                        continue
+                    cidx = rules[k, 0]
+                    if cidx >= 0 and not _cond(cp, conds, cidx, pp, facts, cat_amt, sku_amt, fired_cond):
+                        continue
+                    rules_mask |= (<int64_t>1) << k
+                    bonus += rules[k, 4]
+            # offers' points and credit (budgets cap what an offer gives)
+            credit = 0
+            if nt and m.tier > 0:
+                credit = <int64_t>((<i128>paid * tiers[m.tier - 1, 3]) // BP)
+            for k in range(noff):
+                if not (offers_mask >> k) & 1:
+                    continue
+                give = 0
+                if offers[k, 2] == 0:
+                    give = offers[k, 3]
+                elif offers[k, 2] == 2:
+                    give = <int64_t>((<i128>paid * offers[k, 3]) // BP)
+                elif offers[k, 2] == 3:
+                    give = offers[k, 3]
+                if offers[k, 7] and give > offers[k, 7] - budget_used[k]:
+                    give = offers[k, 7] - budget_used[k]
+                if offers[k, 7]:
+                    budget_used[k] += give
+                if offers[k, 2] == 0:
+                    bonus += give
+                elif offers[k, 2] == 2 or offers[k, 2] == 3:
+                    credit += give
+                # usage
+                offer_use[rows[i].member, k, 0] += 1
+                if offers[k, 5]:
+                    if offer_use[rows[i].member, k, 1] == 0 or d - offer_use[rows[i].member, k, 2] >= offers[k, 6]:
+                        offer_use[rows[i].member, k, 1] = 0
+                        offer_use[rows[i].member, k, 2] = d
+                    offer_use[rows[i].member, k, 1] += 1
+            out[i].bonus_points = bonus
+            earned += bonus
+            # caps (per receipt, then per day)
+            if m.earn_day != d:
+                m.earn_day = <int32_t>d
+                m.earned_today = 0
+            q = earned
+            if params[P_CAP_RECEIPT] and q > params[P_CAP_RECEIPT]:
+                q = params[P_CAP_RECEIPT]
+            if params[P_CAP_DAY]:
+                if m.earned_today >= params[P_CAP_DAY]:
+                    q = 0
+                elif q > params[P_CAP_DAY] - m.earned_today:
+                    q = params[P_CAP_DAY] - m.earned_today
+            out[i].capped = earned - q
+            earned = q
+            m.earned_today += earned
+            # event bonuses: birthday and anniversary (once a year, within N days), referral
+            evpts = 0
+            if params[P_BDAY_POINTS] and m.birth_md > 0:
+                occ = _occurrence(d, y, m.birth_md, params[P_BDAY_WITHIN], m.bday_year)
+                if occ > 0:
+                    m.bday_year = <int32_t>occ
+                    evpts += params[P_BDAY_POINTS]
+            if params[P_ANNIV_POINTS]:
+                civil_from_days(m.enroll_day, &q, &mo, &dd)
+                occ = _occurrence(d, y, mo * 100 + dd, params[P_ANNIV_WITHIN],
+                                  m.anniv_year if m.anniv_year > q else q)
+                if occ > 0:
+                    m.anniv_year = <int32_t>occ
+                    evpts += params[P_ANNIV_POINTS]
+            if m.purchases == 0 and m.referred and m.referrer >= 0:
+                evpts += params[P_REF_REFERRED]
+                if params[P_REF_REFERRER]:
+                    out[i].referrer_points = params[P_REF_REFERRER]
+                    out[i].referrer = m.referrer
+                    members[m.referrer].points += params[P_REF_REFERRER]
+            out[i].event_points = evpts
+            out[i].points = earned + evpts
+            out[i].credit = credit
+            out[i].rules_fired = rules_mask
+            out[i].offers_fired = offers_mask
+            m.points += earned + evpts - rows[i].redeem
+            m.credit += credit
+            m.purchases += 1
+            m.last_day = <int32_t>d
+            # this purchase joins the history and every window
+            out_hist[p].day = <int32_t>d
+            out_hist[p].visits = 1
+            out_hist[p].amount = amount
+            out_hist[p].points = earned + evpts
+            p += 1
+            c30 += 1; c90 += 1; c365 += 1; tc += 1
+            a30 += amount; a90 += amount; a365 += amount; ta += amount; tpts += earned + evpts
+            if nt:
+                tnew = tier_for(tiers, metric_of(tmetric, tc, ta, tpts))
+                if tnew > m.tier:
+                    m.tier = <int32_t>tnew
+            out[i].tier_after = m.tier
+        p = _trim(out_hist, p0, p, out_hist[p - 1].day - horizon + 1 if p > p0 else 0)
+        out_off[seg + 1] = p
+    return seg + 1
+
+
+cdef inline int64_t _stack(int64_t f, int64_t mult, int64_t stacking) noexcept nogil:
+    if stacking == 0:
+        return <int64_t>((<i128>f * mult) // BP)
+    if stacking == 1:
+        return f + mult - BP
+    return mult if mult > f else f
+
+
+cdef inline bint _cond(const int64_t* cp, const int64_t[:, ::1] conds, int64_t c, const int64_t* pp,
+                       const int64_t* facts, const int64_t* cat_amt, const int64_t* sku_amt,
+                       int64_t* memo) noexcept nogil:
+    """Condition ``c``'s truth for this row (memoised for the first 64 conditions)."""
+    cdef int64_t v
+    if c < 64 and memo[c] >= 0:
+        return memo[c] != 0
+    v = vm(cp, conds[c, 0], conds[c, 1], pp, facts, cat_amt, sku_amt) != 0
+    if c < 64:
+        memo[c] = v
+    return v != 0
+
+
+cdef inline int64_t _window_metric(const HEv[::1] h, int64_t p0, int64_t p, int64_t lo, int64_t hi,
+                                   int64_t kind) noexcept nogil:
+    cdef int64_t k, c = 0, a = 0, pts = 0
+    for k in range(p0, p):
+        if lo < h[k].day <= hi:
+            c += h[k].visits
+            a += h[k].amount
+            pts += h[k].points
+    return metric_of(kind, c, a, pts)
+
+
+cdef inline int64_t _trim(HEv[::1] h, int64_t p0, int64_t p, int64_t keep_from) noexcept nogil:
+    """Drop the segment's events before day ``keep_from``; returns the new end."""
+    cdef int64_t k = p0, w
+    while k < p and h[k].day < keep_from:
+        k += 1
+    if k == p0:
+        return p
+    w = p0
+    while k < p:
+        h[w] = h[k]
+        w += 1
+        k += 1
+    return w
+
+
+cdef inline int64_t _occurrence(int64_t d, int64_t y, int64_t md, int64_t within, int64_t last_year) noexcept nogil:
+    """The year whose occurrence of month-day ``md`` lies within ``within`` days of day ``d`` and is
+    later than ``last_year`` (when it was last rewarded), or -1."""
+    cdef int64_t yy, b
+    for yy in range(y - 1, y + 2):
+        b = md_in_year(yy, md)
+        if b - within <= d <= b + within and yy > last_year:
+            return yy
+    return -1

@@ -471,6 +471,33 @@ class Ledger:
         self._write(run)
         return results
 
+    def _post_with(self, recs: np.ndarray, extra: Any) -> np.ndarray:
+        """Post ``recs`` (RECORD_DTYPE) and run ``extra(txn, results)`` in the same write transaction,
+        so that what a caller stores beside the ledger (the engine's members, receipts, outbox) commits
+        with the transfers or not at all; ``extra`` raising aborts both."""
+        n = len(recs)
+        if n > MAX_BATCH:
+            raise ValidationError(f"a batch holds at most {MAX_BATCH} transfers, this one {n}; split it")
+        results = np.zeros(n, np.uint8)
+
+        def run(txn: lmdb.Transaction) -> Any:
+            if n:
+                self._ensure_ids(txn)
+                buf, out = self._entry_buffer(RECORD_DTYPE, n)
+                k = self._state.apply(recs, results, out, False)
+                if k:
+                    self._append_entry(txn, KIND_TRANSFERS, buf, k)
+            return extra(txn, results)
+
+        return self._write(run)
+
+    def _ext_db(self) -> Any:
+        """The named database extensions (the engine) keep their own keys in."""
+        return self._st().dbs[b"ext"]
+
+    def _ext_begin(self) -> lmdb.Transaction:
+        return self._st().begin()
+
     def expire(self, at: datetime | int, sink: int, code: int = Code.EXPIRE) -> int:
         """Expire what remains of every lot that ended by ``at`` (accounts of the sink's asset) into
         ``sink``, and release every hold whose time-out ended by ``at``. Returns transfers written."""

@@ -1,0 +1,1165 @@
+"""The engine: a customer club run by a :class:`~loyalty_engine.program.Program` over a ledger.
+
+One facade for the host: enroll, purchase (one receipt or a batch of millions, through the same
+kernel), quote, refund, redeem, member, expire, and an outbox of events to deliver. Every call that
+changes something is one LMDB write transaction holding the ledger transfers, the members' state, the
+receipt and the events together. See docs/rules.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import date, datetime
+from enum import IntEnum
+from typing import Any
+
+import lmdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from . import _core
+from .errors import ConfigError, InsufficientBalanceError, NotFoundError, StorageError, ValidationError
+from .ledger import Ledger
+from .program import Program
+from .rules.expr import EPOCH_ORDINAL, VARIABLES
+from .types import RECORD_DTYPE, Account, AccountFlags, Code, TransferFlags, TransferResult, from_micros, to_micros
+
+__all__ = ["Engine", "Item", "Receipt", "RefundReceipt", "MemberInfo", "Event", "RowStatus", "POINTS", "CREDIT"]
+
+POINTS, CREDIT = 1, 2                       # ledger assets
+ISSUE_POINTS, REDEEMED_POINTS, EXPIRED_POINTS, CLAWBACK_POINTS = 1, 2, 3, 4
+ISSUE_CREDIT, SPENT_CREDIT, CLAWBACK_CREDIT = 5, 6, 7
+MEMBER_BASE = 1 << 20
+DAY_US = 86_400_000_000
+MSTATE = _core.MSTATE_DTYPE
+HEV = _core.HEV_DTYPE
+ROW = _core.ROW_DTYPE
+OUT = _core.OUT_DTYPE
+N_FACTS = len(VARIABLES)
+CHUNK_ROWS = 200_000
+
+
+class RowStatus(IntEnum):
+    """Why a purchase row was not applied (0 = it was)."""
+
+    OK = 0
+    REDEEM_BELOW_MIN = 1
+    REDEEM_STEP = 2
+    REDEEM_INSUFFICIENT = 3
+    REDEEM_SHARE = 4
+    REDEEM_DISABLED = 5
+    OUT_OF_ORDER = 6
+    UNKNOWN_MEMBER = 7
+    DUPLICATE = 8
+
+
+_STATUS_TEXT = {
+    RowStatus.REDEEM_BELOW_MIN: "fewer points than the program's min_points",
+    RowStatus.REDEEM_STEP: "points not a multiple of the program's step",
+    RowStatus.REDEEM_INSUFFICIENT: "more points than the member has",
+    RowStatus.REDEEM_SHARE: "points worth more than the program's max share of the basket",
+    RowStatus.REDEEM_DISABLED: "the program has no burn rate (burn.value = 0)",
+    RowStatus.OUT_OF_ORDER: "a purchase dated before the member's last one (purchases go in time order)",
+    RowStatus.UNKNOWN_MEMBER: "no such member (enroll them first)",
+    RowStatus.DUPLICATE: "this ref was already used",
+}
+
+
+def points_account(member: int) -> int:
+    """The ledger account of member number ``member``'s points."""
+    return MEMBER_BASE + 2 * member
+
+
+def credit_account(member: int) -> int:
+    """The ledger account of member number ``member``'s store credit."""
+    return MEMBER_BASE + 2 * member + 1
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Item:
+    """One line of a basket."""
+
+    #: The product's SKU.
+    sku: str = ""
+    #: The product's category.
+    category: str = ""
+    #: What the line costs, in the currency's minor unit.
+    amount: int
+    #: How many.
+    quantity: int = 1
+
+
+RECEIPT_DTYPE = np.dtype([("member", "<i8"), ("at", "<i8"), ("amount", "<i8"), ("kind", "<i8"),
+                          ("refunded", "<i8"), ("points_taken", "<i8"), ("credit_taken", "<i8"),
+                          ("shortfall", "<i8"), ("out", OUT), ("facts", "<i8", (N_FACTS,))])
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Receipt:
+    """What a purchase gave and took, and why (:meth:`explain`)."""
+
+    ref: str
+    member: str
+    at: datetime
+    amount: int
+    #: Points credited to the member (earned plus event bonuses).
+    points_earned: int
+    #: Store credit credited (tier cashback and offers).
+    credit_earned: int
+    #: Discount on the basket (tier and offers), in money.
+    discount: int
+    #: Points the member spent on this basket, and what they paid for.
+    points_redeemed: int
+    redeem_value: int
+    tier_before: str
+    tier_after: str
+    #: Names of the offers that fired.
+    offers: tuple[str, ...]
+    #: Names of the earn rules that fired.
+    rules: tuple[str, ...]
+    base_points: int
+    rule_points: int
+    bonus_points: int
+    event_points: int
+    capped: int
+    referrer_points: int
+    #: The member's facts just before the purchase (the conditions' inputs).
+    facts: dict[str, int] = field(repr=False)
+    #: False for a quote.
+    committed: bool = True
+
+    def explain(self) -> str:
+        """Which rules and offers fired, on what inputs, for how much."""
+        lines = [f"receipt {self.ref}: {self.member} spent {self.amount:,} at {self.at.isoformat()}"]
+        paid = self.amount - self.discount - self.redeem_value
+        lines.append(f"  paid {paid:,} (discount {self.discount:,}, points redeemed {self.points_redeemed:,} "
+                     f"worth {self.redeem_value:,})")
+        lines.append(f"  base rate: {self.base_points:,} points")
+        for r in self.rules:
+            lines.append(f"  earn rule fired: {r}")
+        if self.rule_points:
+            lines.append(f"  multipliers (rules, tier {self.tier_before!r}, offers) added {self.rule_points:,} points")
+        for o in self.offers:
+            lines.append(f"  offer granted: {o}")
+        if self.bonus_points:
+            lines.append(f"  fixed bonuses: {self.bonus_points:,} points")
+        if self.capped:
+            lines.append(f"  caps took off {self.capped:,} points")
+        if self.event_points:
+            lines.append(f"  birthday / anniversary / referral bonus: {self.event_points:,} points")
+        if self.referrer_points:
+            lines.append(f"  the referrer received {self.referrer_points:,} points")
+        lines.append(f"  total: {self.points_earned:,} points, {self.credit_earned:,} credit; "
+                     f"tier {self.tier_before or '-'} -> {self.tier_after or '-'}")
+        shown = ("amount", "days_since_last", "visits_90d", "avg_basket", "avg_gap_days", "spend_365d",
+                 "points_balance", "days_to_birthday")
+        lines.append("  inputs: " + ", ".join(f"{k}={self.facts[k]}" for k in shown if k in self.facts))
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RefundReceipt:
+    """What a refund took back."""
+
+    ref: str
+    purchase_ref: str
+    amount: int
+    points_taken: int
+    credit_taken: int
+    #: Points the member had already spent and the ``cap`` policy did not take (0 under ``allow``).
+    shortfall: int
+    tier_after: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MemberInfo:
+    """A member's balances, tier, window figures and offer usage."""
+
+    member: str
+    number: int
+    points: int
+    credit: int
+    tier: str
+    enrolled: date
+    purchases: int
+    figures: dict[str, int]
+    offers_used: dict[str, int]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Event:
+    """A message for the host to deliver (SMS, push, e-mail)."""
+
+    seq: int
+    kind: str          #: welcome, points_changed, tier_changed, offer_granted, birthday_soon
+    member: str
+    at: datetime
+    data: dict[str, Any]
+
+
+def _ref_id(ref: str, kind: int) -> tuple[int, int]:
+    """The 128-bit transfer id of part ``kind`` of the operation named ``ref`` (lo, hi)."""
+    h = hashlib.blake2b(ref.encode(), digest_size=16, person=b"loyalty-ref").digest()
+    lo = int.from_bytes(h[:8], "little") & ~0xFF | kind
+    hi = int.from_bytes(h[8:], "little") & 0x7FFF_FFFF_FFFF_FFFF
+    return lo or 1, hi
+
+
+def _checked_ref(ref: Any, what: str = "ref") -> str:
+    if not isinstance(ref, str) or not ref or len(ref.encode()) > 400:
+        raise ValidationError(f"{what} must be a non-empty string of at most 400 bytes, not {ref!r}")
+    return ref
+
+
+def _checked_amount(v: Any, what: str, zero: bool = False) -> int:
+    if isinstance(v, bool) or not isinstance(v, int | np.integer):
+        raise ValidationError(f"{what} must be an integer in the currency's minor unit, not {type(v).__name__} {v!r}")
+    v = int(v)
+    if v < 0 or (v == 0 and not zero) or v >= 1 << 53:
+        raise ValidationError(f"{what} must be {'>= 0' if zero else '> 0'} and below 2**53, not {v}")
+    return v
+
+
+class Engine:
+    """A customer club: a program, its members and their ledger. Open with :meth:`open`.
+
+    One process owns an engine's directory at a time (the ledger below may be read by others)."""
+
+    def __init__(self, ledger: Ledger, program: Program) -> None:
+        self.ledger = ledger
+        self.program = program
+        self._lock = threading.RLock()
+        self._names: dict[str, int] = {}
+        self._member_names: list[str] = []
+        self._members = np.zeros(16, MSTATE)
+        self._hist: dict[int, np.ndarray] = {}
+        noff = len(program.offers)
+        self._offer_use = np.zeros((16, max(noff, 1), 3), np.int64)
+        self._budget = np.zeros(max(noff, 1), np.int64)
+        self._event_seq = 0
+        self._zone = program.zone
+        self._expiry_cache: dict[tuple[int, int], int] = {}
+
+    # -- opening -------------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], *, program: Program, sync: str = "full",
+             map_size: int | None = None) -> Engine:
+        """Open (or create) the club at ``path`` with ``program``. Members, receipts and the outbox live
+        in the ledger's LMDB environment beside the journal."""
+        if not isinstance(program, Program):
+            raise ConfigError(f"program must be a Program (Program.from_toml / from_dict), not {type(program).__name__}")
+        ledger = Ledger.open(path, sync=sync, map_size=map_size)
+        try:
+            eng = cls(ledger, program)
+            eng._setup()
+        except BaseException:
+            ledger.close()
+            raise
+        return eng
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.ledger.close()
+
+    def _setup(self) -> None:
+        flag = AccountFlags.DEBITS_MUST_NOT_EXCEED_CREDITS
+        self.ledger.create_accounts([
+            Account(id=ISSUE_POINTS, asset=POINTS), Account(id=REDEEMED_POINTS, asset=POINTS),
+            Account(id=EXPIRED_POINTS, asset=POINTS), Account(id=CLAWBACK_POINTS, asset=POINTS),
+            Account(id=ISSUE_CREDIT, asset=CREDIT), Account(id=SPENT_CREDIT, asset=CREDIT),
+            Account(id=CLAWBACK_CREDIT, asset=CREDIT)])
+        del flag
+        db = self.ledger._ext_db()
+        with self.ledger._ext_begin() as txn:
+            fp = txn.get(b"P", db=db)
+            if fp is not None and bytes(fp).decode() != self.program.fingerprint:
+                # a new program version is allowed (a shop changes its rules); offers are matched by name
+                pass
+            cur = txn.cursor(db=db)
+            if cur.set_range(b"M"):
+                for key, value in cur:
+                    if not bytes(key[:1]) == b"M":
+                        break
+                    self._load_member(int.from_bytes(bytes(key[1:9]), "big"), bytes(value))
+            raw = txn.get(b"B", db=db)
+            if raw is not None:
+                saved = json.loads(bytes(raw))
+                for i, o in enumerate(self.program.offers):
+                    self._budget[i] = saved.get(o.name, 0)
+            raw = txn.get(b"S", db=db)
+            if raw is not None:
+                self._event_seq = json.loads(bytes(raw))["event_seq"]
+
+    def _grow(self, n: int) -> None:
+        if n <= len(self._members):
+            return
+        cap = max(n, 2 * len(self._members))
+        m = np.zeros(cap, MSTATE)
+        m[: len(self._members)] = self._members
+        self._members = m
+        u = np.zeros((cap, *self._offer_use.shape[1:]), np.int64)
+        u[: len(self._offer_use)] = self._offer_use
+        self._offer_use = u
+
+    # member record: name length (2) + name + state + offer usage (by offer name, json) + history
+    def _member_value(self, idx: int) -> bytes:
+        name = self._member_names[idx].encode()
+        use = {o.name: self._offer_use[idx, i].tolist() for i, o in enumerate(self.program.offers)
+               if self._offer_use[idx, i].any()}
+        use_b = json.dumps(use).encode()
+        hist = self._hist.get(idx)
+        return (len(name).to_bytes(2, "little") + name + self._members[idx: idx + 1].tobytes()
+                + len(use_b).to_bytes(4, "little") + use_b + (hist.tobytes() if hist is not None else b""))
+
+    def _load_member(self, idx: int, v: bytes) -> None:
+        k = int.from_bytes(v[:2], "little")
+        name = v[2: 2 + k].decode()
+        p = 2 + k
+        self._grow(idx + 1)
+        self._members[idx] = np.frombuffer(v[p: p + MSTATE.itemsize], MSTATE)[0]
+        p += MSTATE.itemsize
+        k = int.from_bytes(v[p: p + 4], "little")
+        use = json.loads(v[p + 4: p + 4 + k])
+        p += 4 + k
+        for i, o in enumerate(self.program.offers):
+            if o.name in use:
+                self._offer_use[idx, i] = use[o.name]
+        if p < len(v):
+            self._hist[idx] = np.frombuffer(v[p:], HEV).copy()
+        while len(self._member_names) <= idx:
+            self._member_names.append("")
+        self._member_names[idx] = name
+        self._names[name] = idx
+
+    def _put_member(self, txn: lmdb.Transaction, idx: int) -> None:
+        txn.put(b"M" + idx.to_bytes(8, "big"), self._member_value(idx), db=self.ledger._ext_db())
+
+    def _put_event(self, txn: lmdb.Transaction, kind: str, member: str, at_us: int, **data: Any) -> None:
+        self._event_seq += 1
+        body = json.dumps({"kind": kind, "member": member, "at": at_us, "data": data}).encode()
+        txn.put(b"E" + self._event_seq.to_bytes(8, "big"), body, db=self.ledger._ext_db())
+        txn.put(b"S", json.dumps({"event_seq": self._event_seq}).encode(), db=self.ledger._ext_db())
+
+    def _put_budget(self, txn: lmdb.Transaction) -> None:
+        if len(self.program.offers):
+            body = {o.name: int(self._budget[i]) for i, o in enumerate(self.program.offers)}
+            txn.put(b"B", json.dumps(body).encode(), db=self.ledger._ext_db())
+
+    # -- time --------------------------------------------------------------------------------------------
+    def _local_fields(self, at_us: np.ndarray) -> dict[str, np.ndarray]:
+        """Day number, hour, weekday (Mon = 0), month and day of month in the program's timezone."""
+        arr = pa.array(at_us, type=pa.timestamp("us", tz=self.program.timezone))
+        local = pc.local_timestamp(arr).cast(pa.int64()).to_numpy(zero_copy_only=False)
+        day = np.floor_divide(local, DAY_US)
+        hour = np.floor_divide(local, 3_600_000_000) % 24
+        dates = day.astype("datetime64[D]")
+        months = dates.astype("datetime64[M]")
+        month = months.astype(np.int64) % 12 + 1
+        dom = (dates - months.astype("datetime64[D]")).astype(np.int64) + 1
+        return {"day": day, "hour": hour, "weekday": (day + 3) % 7, "month": month, "dom": dom}
+
+    def _day_of(self, at_us: int) -> int:
+        return int(self._local_fields(np.array([at_us], np.int64))["day"][0])
+
+    def _expiry(self, at_us: np.ndarray, day: np.ndarray) -> np.ndarray:
+        """When points earned at ``at_us`` expire (0 = never)."""
+        p = self.program
+        if p.expiry == "never":
+            return np.zeros(len(at_us), np.int64)
+        if p.expiry == "days":
+            return at_us + p.expiry_days * DAY_US
+        out = np.empty(len(at_us), np.int64)
+        dates = day.astype("datetime64[D]")
+        unit = "M" if p.expiry == "end_of_month" else "Y"
+        periods = dates.astype(f"datetime64[{unit}]").astype(np.int64)
+        for v in np.unique(periods):
+            key = (int(v), 0 if unit == "M" else 1)
+            if key not in self._expiry_cache:
+                nxt = (np.datetime64(int(v) + 1, unit).astype("datetime64[D]").astype(object))
+                local = datetime(nxt.year, nxt.month, nxt.day, tzinfo=self._zone)
+                self._expiry_cache[key] = to_micros(local)
+            out[periods == v] = self._expiry_cache[key]
+        return out
+
+    # -- members ----------------------------------------------------------------------------------------
+    def _idx(self, member: str) -> int:
+        if not isinstance(member, str):
+            raise ValidationError(f"a member is named by a string, not {type(member).__name__} {member!r}")
+        idx = self._names.get(member)
+        if idx is None:
+            raise NotFoundError(f"no member {member!r}; enroll them first (engine.enroll)")
+        return idx
+
+    def enroll(self, member: str, *, at: datetime | int, birth_date: date | None = None,
+               referred_by: str | None = None) -> MemberInfo:
+        """Make ``member`` a member (idempotent: enrolling again changes nothing). The sign-up bonus and
+        the welcome event commit with the enrolment."""
+        if not isinstance(member, str) or not member or len(member.encode()) > 200:
+            raise ValidationError(f"a member name is a non-empty string of at most 200 bytes, not {member!r}")
+        at_us = to_micros(at, "at")
+        if birth_date is not None and not isinstance(birth_date, date):
+            raise ValidationError(f"birth_date must be a datetime.date, not {birth_date!r}")
+        with self._lock:
+            if member in self._names:
+                return self.member(member)
+            referrer = -1
+            if referred_by is not None:
+                referrer = self._idx(referred_by)
+            idx = len(self._member_names)
+            flags = 0 if self.program.negative_balance == "allow" else AccountFlags.DEBITS_MUST_NOT_EXCEED_CREDITS
+            res = self.ledger.create_accounts([Account(id=points_account(idx), asset=POINTS, flags=flags),
+                                               Account(id=credit_account(idx), asset=CREDIT,
+                                                       flags=AccountFlags.DEBITS_MUST_NOT_EXCEED_CREDITS)])
+            if any(int(r) not in (0, 3) for r in res):  # OK or EXISTS (a crash between the two writes)
+                raise StorageError(f"cannot create the ledger accounts of member {member!r}: {res}")
+            self._grow(idx + 1)
+            day = self._day_of(at_us)
+            st = self._members[idx]
+            st["enroll_day"] = day
+            st["last_day"] = -1
+            st["tier"] = 1 if self.program.tiers else 0
+            st["review_day"] = int(_core.calendar_check(np.array([day], np.int64))[0][
+                {"month": 3, "quarter": 4, "year": 5}.get(self.program.tier_review, 5)])
+            st["referrer"] = referrer
+            st["referred"] = referrer >= 0
+            st["birth_md"] = birth_date.month * 100 + birth_date.day if birth_date else 0
+            st["earn_day"] = -1
+            self._member_names.append(member)
+            self._names[member] = idx
+            bonus = self.program.signup_bonus
+            recs = self._transfers([(ISSUE_POINTS, points_account(idx), bonus, POINTS, Code.BONUS)],
+                                   f"enroll:{member}", at_us, self._expiry(np.array([at_us]), np.array([day]))[0])
+
+            def extra(txn: lmdb.Transaction, results: np.ndarray) -> None:
+                _raise_on(results, f"enrolling {member!r}")
+                self._members[idx]["points"] += bonus
+                self._put_member(txn, idx)
+                txn.put(b"N" + member.encode(), idx.to_bytes(8, "big"), db=self.ledger._ext_db())
+                self._put_event(txn, "welcome", member, at_us, points=bonus)
+                if bonus:
+                    self._put_event(txn, "points_changed", member, at_us, delta=bonus, reason="signup")
+
+            try:
+                self.ledger._post_with(recs, extra)
+            except BaseException:
+                self._member_names.pop()
+                del self._names[member]
+                self._members[idx] = np.zeros(1, MSTATE)[0]
+                raise
+            return self.member(member)
+
+    def _transfers(self, parts: list[tuple[int, int, int, int, int]], ref: str, at_us: int,
+                   expires: int = 0) -> np.ndarray:
+        """One linked chain of transfers (debit, credit, amount, asset, code) named after ``ref``;
+        zero amounts are left out."""
+        parts = [p for p in parts if p[2] > 0]
+        recs = np.zeros(len(parts), RECORD_DTYPE)
+        for i, (debit, credit, amount, asset, code) in enumerate(parts):
+            lo, hi = _ref_id(ref, i + 1)
+            recs[i] = (lo, hi, debit, credit, amount, 0, 0, 0, at_us,
+                       expires if (asset == POINTS and debit == ISSUE_POINTS) else 0, 0, 0, asset, code,
+                       TransferFlags.LINKED if i + 1 < len(parts) else 0)
+        return recs
+
+    # -- purchases ---------------------------------------------------------------------------------------
+    def purchase(self, member: str, *, amount: int, at: datetime | int, ref: str,
+                 items: Sequence[Item] = (), branch: str = "", channel: str = "",
+                 redeem_points: int = 0) -> Receipt:
+        """Evaluate and commit one purchase; a retry with the same ``ref`` returns the first receipt."""
+        return self._purchase(member, amount, at, ref, items, branch, channel, redeem_points, commit=True)
+
+    def quote(self, member: str, *, amount: int, at: datetime | int, ref: str = "quote",
+              items: Sequence[Item] = (), branch: str = "", channel: str = "", redeem_points: int = 0) -> Receipt:
+        """The receipt :meth:`purchase` would give, with nothing committed."""
+        return self._purchase(member, amount, at, ref, items, branch, channel, redeem_points, commit=False)
+
+    def _row(self, idx: int, amount: int, at_us: int, items: Sequence[Item], branch: str, channel: str,
+             redeem: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        sym = self.program.symbols.tables
+        rows = np.zeros(1, ROW)
+        r = rows[0]
+        lf = self._local_fields(np.array([at_us], np.int64))
+        r["member"], r["amount"], r["redeem"] = idx, amount, redeem
+        for k in ("day", "hour", "weekday", "month", "dom"):
+            r[k] = lf[k][0]
+        r["branch"] = sym["branch"].get(branch, 0)
+        r["channel"] = sym["channel"].get(channel, 0)
+        n = len(items)
+        cat = np.zeros(n, np.int32)
+        sku = np.zeros(n, np.int32)
+        amt = np.zeros(n, np.int64)
+        qty = 0
+        for j, it in enumerate(items):
+            if not isinstance(it, Item):
+                raise ValidationError(f"items[{j}] must be an Item, not {type(it).__name__}")
+            amt[j] = _checked_amount(it.amount, f"items[{j}].amount", zero=True)
+            cat[j] = sym["category"].get(it.category, 0)
+            sku[j] = sym["sku"].get(it.sku, 0)
+            qty += it.quantity
+        r["quantity"] = qty if n else 1
+        r["cats"] = int(np.bitwise_or.reduce(np.left_shift(np.int64(1), cat.astype(np.int64)))) if n else 0
+        r["skus"] = int(np.bitwise_or.reduce(np.left_shift(np.int64(1), sku.astype(np.int64)))) if n else 0
+        r["item_start"], r["item_end"] = 0, n
+        return rows, cat, sku, amt
+
+    def _evaluate(self, rows: np.ndarray, cat: np.ndarray, sku: np.ndarray, amt: np.ndarray,
+                  facts: bool) -> np.ndarray:
+        """Run the kernel over rows (grouped by member, time order within); updates the state."""
+        c = self.program.compiled
+        seg_members = rows["member"][np.r_[True, rows["member"][1:] != rows["member"][:-1]]] if len(rows) else []
+        hists = [self._hist.get(int(m), np.zeros(0, HEV)) for m in seg_members]
+        hist_off = np.zeros(len(hists) + 1, np.int64)
+        hist_off[1:] = np.cumsum([len(h) for h in hists])
+        hist = np.concatenate(hists) if hists else np.zeros(0, HEV)
+        out_hist = np.zeros(len(hist) + len(rows), HEV)
+        out_off = np.zeros(len(hists) + 1, np.int64)
+        out = np.zeros(len(rows), OUT)
+        fx = np.zeros((len(rows) if facts else 0, N_FACTS), np.int64)
+        _core.evaluate(c.code if len(c.code) else np.zeros(0, np.int64), c.pool, c.conds, c.rules, c.offers,
+                       c.tiers, c.params, rows, cat, sku, amt, self._members, hist_off, hist, out_off, out_hist,
+                       self._offer_use, self._budget, out, fx)
+        for s, m in enumerate(seg_members):
+            self._hist[int(m)] = out_hist[out_off[s]: out_off[s + 1]].copy()
+        return out if not facts else (out, fx)  # type: ignore[return-value]
+
+    def _purchase(self, member: str, amount: int, at: Any, ref: str, items: Sequence[Item], branch: str,
+                  channel: str, redeem: int, commit: bool) -> Receipt:
+        ref = _checked_ref(ref)
+        amount = _checked_amount(amount, "amount")
+        redeem = _checked_amount(redeem, "redeem_points", zero=True)
+        at_us = to_micros(at, "at")
+        for name, v in (("branch", branch), ("channel", channel)):
+            if not isinstance(v, str):
+                raise ValidationError(f"{name} must be a string, not {v!r}")
+        with self._lock:
+            idx = self._idx(member)
+            if commit:
+                old = self._receipt(ref)
+                if old is not None:
+                    if old["member"] != idx or old["amount"] != amount:
+                        raise ValidationError(f"ref {ref!r} was already used for another purchase "
+                                              f"({self._member_names[int(old['member'])]}, amount {int(old['amount'])})")
+                    return self._receipt_obj(ref, old)
+            rows, cat, sku, amt = self._row(idx, amount, at_us, items, branch, channel, redeem)
+            self._members[idx]["points"] = self.ledger.balance(points_account(idx)).available
+            self._members[idx]["credit"] = self.ledger.balance(credit_account(idx)).available
+            referrer = int(self._members[idx]["referrer"])
+            saved = self._save(idx, referrer)
+            try:
+                out, fx = self._evaluate(rows, cat, sku, amt, facts=True)  # type: ignore[misc]
+                o = out[0]
+                status = int(o["status"])
+                if status:
+                    raise (InsufficientBalanceError if status == RowStatus.REDEEM_INSUFFICIENT else ValidationError)(
+                        f"purchase {ref!r} of {member!r} refused: {_STATUS_TEXT[RowStatus(status)]} "
+                        f"(redeem_points={redeem}, amount={amount})")
+                rec = np.zeros(1, RECEIPT_DTYPE)[0]
+                rec["member"], rec["at"], rec["amount"], rec["out"], rec["facts"] = idx, at_us, amount, o, fx[0]
+                if not commit:
+                    self._restore(saved)
+                    return self._receipt_obj(ref, rec, committed=False)
+                recs = self._purchase_transfers(ref, idx, o, at_us, int(rows[0]["day"]))
+
+                def extra(txn: lmdb.Transaction, results: np.ndarray) -> None:
+                    _raise_on(results, f"purchase {ref!r}")
+                    self._commit_rows(txn, [ref], rec.reshape(1), [idx] + ([referrer] if referrer >= 0 else []))
+
+                self.ledger._post_with(recs, extra)
+            except BaseException:
+                self._restore(saved)
+                raise
+            return self._receipt_obj(ref, rec)
+
+    def _save(self, idx: int, referrer: int) -> tuple[Any, ...]:
+        keep = [idx] + ([referrer] if referrer >= 0 else [])
+        return (keep, self._members[keep].copy(), self._offer_use[keep].copy(), self._budget.copy(),
+                {k: self._hist.get(k) for k in keep})
+
+    def _restore(self, saved: tuple[Any, ...]) -> None:
+        keep, members, use, budget, hist = saved
+        self._members[keep] = members
+        self._offer_use[keep] = use
+        self._budget[:] = budget
+        for k, h in hist.items():
+            if h is None:
+                self._hist.pop(k, None)
+            else:
+                self._hist[k] = h
+
+    def _purchase_transfers(self, ref: str, idx: int, o: Any, at_us: int, day: int) -> np.ndarray:
+        exp = int(self._expiry(np.array([at_us], np.int64), np.array([day], np.int64))[0])
+        parts = [(points_account(idx), REDEEMED_POINTS, int(o["redeemed"]), POINTS, Code.REDEEM),
+                 (ISSUE_POINTS, points_account(idx), int(o["points"]), POINTS, Code.EARN),
+                 (ISSUE_CREDIT, credit_account(idx), int(o["credit"]), CREDIT, Code.CREDIT)]
+        if o["referrer_points"]:
+            parts.append((ISSUE_POINTS, points_account(int(o["referrer"])), int(o["referrer_points"]), POINTS,
+                          Code.BONUS))
+        return self._transfers(parts, ref, at_us, exp)
+
+    def _commit_rows(self, txn: lmdb.Transaction, refs: Sequence[str], recs: np.ndarray,
+                     touched: Sequence[int], events: bool = True) -> None:
+        """Store receipts, members and events of committed purchase rows (inside the ledger's txn)."""
+        db = self.ledger._ext_db()
+        for ref, rec in zip(refs, recs, strict=True):
+            txn.put(b"R" + ref.encode(), rec.tobytes(), db=db)
+            if not events:
+                continue
+            o = rec["out"]
+            name = self._member_names[int(rec["member"])]
+            at = int(rec["at"])
+            delta = int(o["points"]) - int(o["redeemed"])
+            if delta:
+                self._put_event(txn, "points_changed", name, at, delta=delta, reason="purchase", ref=ref)
+            if o["tier_after"] != o["tier_before"]:
+                self._put_event(txn, "tier_changed", name, at, before=self.program.tier_name(int(o["tier_before"])),
+                                after=self.program.tier_name(int(o["tier_after"])), ref=ref)
+            for k, off in enumerate(self.program.offers):
+                if (int(o["offers_fired"]) >> k) & 1:
+                    self._put_event(txn, "offer_granted", name, at, offer=off.name, ref=ref)
+            if o["referrer_points"]:
+                self._put_event(txn, "points_changed", self._member_names[int(o["referrer"])], at,
+                                delta=int(o["referrer_points"]), reason="referral", ref=ref)
+        for idx in set(touched):
+            self._put_member(txn, idx)
+        self._put_budget(txn)
+
+    def _receipt(self, ref: str) -> np.void | None:
+        with self.ledger._ext_begin() as txn:
+            raw = txn.get(b"R" + ref.encode(), db=self.ledger._ext_db())
+            if raw is None:
+                return None
+            return np.frombuffer(bytes(raw), RECEIPT_DTYPE)[0].copy()
+
+    def _receipt_obj(self, ref: str, rec: Any, committed: bool = True) -> Receipt:
+        o = rec["out"]
+        p = self.program
+        return Receipt(
+            ref=ref, member=self._member_names[int(rec["member"])], at=from_micros(int(rec["at"])).astimezone(self._zone),
+            amount=int(rec["amount"]), points_earned=int(o["points"]), credit_earned=int(o["credit"]),
+            discount=int(o["discount"]), points_redeemed=int(o["redeemed"]), redeem_value=int(o["redeem_value"]),
+            tier_before=p.tier_name(int(o["tier_before"])), tier_after=p.tier_name(int(o["tier_after"])),
+            offers=tuple(x.name for k, x in enumerate(p.offers) if (int(o["offers_fired"]) >> k) & 1),
+            rules=tuple(x.name for k, x in enumerate(p.rules) if (int(o["rules_fired"]) >> k) & 1),
+            base_points=int(o["base_points"]), rule_points=int(o["rule_points"]), bonus_points=int(o["bonus_points"]),
+            event_points=int(o["event_points"]), capped=int(o["capped"]), referrer_points=int(o["referrer_points"]),
+            facts={name: int(rec["facts"][v.slot]) for name, v in VARIABLES.items()}, committed=committed)
+
+    def receipt(self, ref: str) -> Receipt:
+        """The receipt of the purchase committed as ``ref``."""
+        rec = self._receipt(_checked_ref(ref))
+        if rec is None or int(rec["kind"]) != 0:
+            raise NotFoundError(f"no purchase with ref {ref!r}")
+        return self._receipt_obj(ref, rec)
+
+    # -- batches --------------------------------------------------------------------------------------
+    def purchase_batch(self, table: Any, *, events: bool = True) -> pa.Table:
+        """Evaluate and commit many purchases (a pyarrow Table/RecordBatch or a dict of columns):
+        ``member`` (str), ``at`` (timestamp with a timezone, or int64 microseconds UTC), ``amount``,
+        ``ref``; optional ``redeem_points``, ``branch``, ``channel``, ``category``, ``sku``, ``quantity``
+        (one item per row). Rows go in time order per member through the same kernel as
+        :meth:`purchase`. Returns a table with one row per input row: ref, status (:class:`RowStatus`),
+        points, credit, discount, redeemed, tier_after."""
+        t = _as_table(table)
+        n = t.num_rows
+        for col in ("member", "at", "amount", "ref"):
+            if col not in t.column_names:
+                raise ValidationError(f"purchase_batch: missing column {col!r}; columns are {t.column_names}")
+        known = {"member", "at", "amount", "ref", "redeem_points", "branch", "channel", "category", "sku", "quantity"}
+        unknown = [c for c in t.column_names if c not in known]
+        if unknown:
+            raise ValidationError(f"purchase_batch: unknown column(s) {unknown}; the columns are {sorted(known)}")
+        members = _str_column(t, "member")
+        refs = _str_column(t, "ref")
+        at = _time_column(t, "at")
+        amount = _int_column(t, "amount", 1)
+        redeem = _int_column(t, "redeem_points", 0) if "redeem_points" in t.column_names else np.zeros(n, np.int64)
+        status = np.zeros(n, np.int32)
+        out = np.zeros(n, OUT)
+        with self._lock:
+            idx = np.array([self._names.get(m, -1) for m in members], np.int64)
+            status[idx < 0] = RowStatus.UNKNOWN_MEMBER
+            seen: set[str] = set()
+            with self.ledger._ext_begin() as txn:
+                db = self.ledger._ext_db()
+                for i, r in enumerate(refs):
+                    if not r:
+                        raise ValidationError(f"purchase_batch: column 'ref' row {i} is empty")
+                    if r in seen or txn.get(b"R" + r.encode(), db=db) is not None:
+                        status[i] = RowStatus.DUPLICATE
+                    seen.add(r)
+            live = np.flatnonzero(status == 0)
+            order = live[np.argsort(at[live], kind="stable")]
+            lf = self._local_fields(at)
+            sym = self.program.symbols.tables
+            cat_col = _sym_column(t, "category", sym["category"])
+            sku_col = _sym_column(t, "sku", sym["sku"])
+            br = _sym_column(t, "branch", sym["branch"])
+            ch = _sym_column(t, "channel", sym["channel"])
+            qty = _int_column(t, "quantity", 0) if "quantity" in t.column_names else np.ones(n, np.int64)
+            has_items = "category" in t.column_names or "sku" in t.column_names
+            for start in range(0, len(order), CHUNK_ROWS):
+                chunk = order[start: start + CHUNK_ROWS]
+                chunk = chunk[np.lexsort((at[chunk], idx[chunk]))]
+                rows = np.zeros(len(chunk), ROW)
+                rows["member"], rows["amount"], rows["redeem"] = idx[chunk], amount[chunk], redeem[chunk]
+                rows["quantity"] = qty[chunk]
+                for k in ("day", "hour", "weekday", "month", "dom"):
+                    rows[k] = lf[k][chunk]
+                rows["branch"], rows["channel"] = br[chunk], ch[chunk]
+                if has_items:
+                    rows["cats"] = np.left_shift(1, cat_col[chunk].astype(np.int64))
+                    rows["skus"] = np.left_shift(1, sku_col[chunk].astype(np.int64))
+                    rows["item_start"] = np.arange(len(chunk))
+                    rows["item_end"] = rows["item_start"] + 1
+                    icat, isku, iamt = cat_col[chunk], sku_col[chunk], amount[chunk].copy()
+                else:
+                    icat = isku = np.zeros(0, np.int32)
+                    iamt = np.zeros(0, np.int64)
+                self._refresh_points(np.unique(np.concatenate([idx[chunk], self._members["referrer"][idx[chunk]]])))
+                saved_all = (self._members.copy(), self._offer_use.copy(), self._budget.copy(), dict(self._hist))
+                try:
+                    o = self._evaluate(rows, icat, isku, iamt, facts=False)
+                    ok = o["status"] == 0
+                    recs = self._batch_transfers([refs[i] for i in chunk], chunk, idx, o, at, lf["day"])
+                    okrows = np.flatnonzero(ok)
+                    rec = np.zeros(len(okrows), RECEIPT_DTYPE)
+                    rec["member"] = idx[chunk][okrows]
+                    rec["at"] = at[chunk][okrows]
+                    rec["amount"] = amount[chunk][okrows]
+                    rec["out"] = o[okrows]
+                    touched = np.unique(np.concatenate([idx[chunk], o["referrer"][o["referrer"] >= 0]]))
+                    ok_refs = [refs[chunk[i]] for i in okrows]
+
+                    def extra(txn: lmdb.Transaction, results: np.ndarray) -> None:
+                        _raise_on(results, "purchase_batch")
+                        self._commit_rows(txn, ok_refs, rec, touched.tolist(), events=events)
+
+                    self.ledger._post_with(recs, extra)
+                except BaseException:
+                    self._members, self._offer_use, self._budget, self._hist = saved_all
+                    raise
+                out[chunk] = o
+                status[chunk] = o["status"]
+        return pa.table({"ref": refs, "status": status, "points": out["points"], "credit": out["credit"],
+                         "discount": out["discount"], "redeemed": out["redeemed"], "tier_after": out["tier_after"],
+                         "offers_fired": out["offers_fired"]})
+
+    def _refresh_points(self, idx: np.ndarray) -> None:
+        """Take members' available points and credit from the ledger (the truth)."""
+        idx = idx[idx >= 0]
+        if len(idx) == 0:
+            return
+        b = self.ledger.balances(np.concatenate([points_account(idx), credit_account(idx)]).astype(np.uint64))
+        avail = b["available"] if b.dtype.names and "available" in b.dtype.names else b[:, -1]
+        self._members["points"][idx] = avail[: len(idx)]
+        self._members["credit"][idx] = avail[len(idx):]
+
+    def _batch_transfers(self, refs: list[str], chunk: np.ndarray, idx: np.ndarray, o: np.ndarray,
+                         at: np.ndarray, day: np.ndarray) -> np.ndarray:
+        ok = np.flatnonzero(o["status"] == 0)
+        m = idx[chunk][ok]
+        a = at[chunk][ok]
+        exp = self._expiry(a, day[chunk][ok])
+        oo = o[ok]
+        kinds = [  # (debit, credit, amount, asset, code, expires)
+            (points_account(m), np.full(len(ok), REDEEMED_POINTS), oo["redeemed"], POINTS, Code.REDEEM, 0),
+            (np.full(len(ok), ISSUE_POINTS), points_account(m), oo["points"], POINTS, Code.EARN, 1),
+            (np.full(len(ok), ISSUE_CREDIT), credit_account(m), oo["credit"], CREDIT, Code.CREDIT, 0),
+            (np.full(len(ok), ISSUE_POINTS), points_account(np.maximum(oo["referrer"], 0)), oo["referrer_points"],
+             POINTS, Code.BONUS, 1),
+        ]
+        present = np.stack([k[2] > 0 for k in kinds], axis=1)       # rows x kinds
+        count = present.sum(axis=1)
+        total = int(count.sum())
+        recs = np.zeros(total, RECORD_DTYPE)
+        pos = np.cumsum(count) - count                               # each row's first transfer
+        rank = np.cumsum(present, axis=1) - 1                         # place of each kind within its row
+        ids = np.array([_ref_id(refs[i], 0) for i in ok], dtype=np.uint64).reshape(-1, 2)
+        for kcol, (deb, cre, amt, asset, code, expiring) in enumerate(kinds):
+            sel = np.flatnonzero(present[:, kcol])
+            at_pos = pos[sel] + rank[sel, kcol]
+            recs["id_lo"][at_pos] = ids[sel, 0] | np.uint64(kcol + 1)
+            recs["id_hi"][at_pos] = ids[sel, 1]
+            recs["debit"][at_pos] = np.asarray(deb)[sel]
+            recs["credit"][at_pos] = np.asarray(cre)[sel]
+            recs["amount"][at_pos] = amt[sel]
+            recs["asset"][at_pos] = asset
+            recs["code"][at_pos] = code
+            recs["at"][at_pos] = a[sel]
+            if expiring:
+                recs["expires_at"][at_pos] = exp[sel]
+        last = pos + count - 1
+        recs["flags"] = TransferFlags.LINKED
+        recs["flags"][last[count > 0]] = 0
+        return recs
+
+    # -- refunds, redemptions, bonuses ------------------------------------------------------------------
+    def refund(self, purchase_ref: str, *, amount: int, at: datetime | int, ref: str) -> RefundReceipt:
+        """Refund ``amount`` of the purchase ``purchase_ref``: take back the points and credit earned by
+        that share (never more than was earned), and undo a tier upgrade the refunded spend no longer
+        supports. A retry with the same ``ref`` returns the first refund receipt."""
+        purchase_ref, ref = _checked_ref(purchase_ref, "purchase_ref"), _checked_ref(ref)
+        amount = _checked_amount(amount, "amount")
+        at_us = to_micros(at, "at")
+        with self._lock:
+            done = self._receipt(ref)
+            if done is not None:
+                if int(done["kind"]) != 1:
+                    raise ValidationError(f"ref {ref!r} was already used for something else than a refund")
+                with self.ledger._ext_begin() as txn:
+                    orig = txn.get(b"r" + ref.encode(), db=self.ledger._ext_db())
+                if orig is None or bytes(orig).decode() != purchase_ref:
+                    raise ValidationError(f"ref {ref!r} was already used to refund another purchase")
+                return self._refund_obj(ref, done, purchase_ref)
+            rec = self._receipt(purchase_ref)
+            if rec is None or int(rec["kind"]) != 0:
+                raise NotFoundError(f"no purchase with ref {purchase_ref!r} to refund")
+            if int(rec["refunded"]) + amount > int(rec["amount"]):
+                raise ValidationError(f"refund of {amount} exceeds what is left of purchase {purchase_ref!r} "
+                                      f"({int(rec['amount']) - int(rec['refunded'])} of {int(rec['amount'])})")
+            idx = int(rec["member"])
+            o = rec["out"]
+            share = int(rec["refunded"]) + amount
+            earned = int(o["points"]) - int(o["event_points"])
+            pts = earned * share // int(rec["amount"]) - int(rec["points_taken"])
+            cred = int(o["credit"]) * share // int(rec["amount"]) - int(rec["credit_taken"])
+            bal = self.ledger.balance(points_account(idx)).available
+            cbal = self.ledger.balance(credit_account(idx)).available
+            shortfall = 0
+            if self.program.negative_balance == "cap":
+                if pts > max(bal, 0):
+                    shortfall = pts - max(bal, 0)
+                    pts = max(bal, 0)
+            cred_short = max(cred - max(cbal, 0), 0)
+            cred -= cred_short
+            recs = self._transfers([(points_account(idx), CLAWBACK_POINTS, pts, POINTS, Code.REFUND),
+                                    (credit_account(idx), CLAWBACK_CREDIT, cred, CREDIT, Code.REFUND)], ref, at_us)
+            saved = self._save(idx, -1)
+            # the refunded spend leaves the member's history (and with it the tier metric)
+            day = int(self._local_fields(np.array([int(rec["at"])], np.int64))["day"][0])
+            hist = self._hist.get(idx, np.zeros(0, HEV))
+            fix = np.zeros(1, HEV)
+            fix[0] = (day, -1 if share == int(rec["amount"]) else 0, -amount, -(pts + shortfall))
+            pos = int(np.searchsorted(hist["day"], day, side="right"))
+            self._hist[idx] = np.concatenate([hist[:pos], fix, hist[pos:]])
+            st = self._members[idx]
+            tier_before = int(st["tier"])
+            if int(o["tier_after"]) > int(o["tier_before"]) and tier_before == int(o["tier_after"]) and self.program.tiers:
+                now = self._day_of(at_us)
+                new = max(int(o["tier_before"]), self._tier_metric_tier(idx, now))
+                if new < tier_before:
+                    st["tier"] = new
+            rec["refunded"] += amount
+            rec["points_taken"] += pts + shortfall
+            rec["credit_taken"] += cred
+            rec["shortfall"] += shortfall
+            ref_rec = np.zeros(1, RECEIPT_DTYPE)[0]
+            ref_rec["member"], ref_rec["at"], ref_rec["amount"], ref_rec["kind"] = idx, at_us, amount, 1
+            ref_rec["points_taken"], ref_rec["credit_taken"], ref_rec["shortfall"] = pts, cred, shortfall
+            ref_rec["out"]["tier_after"] = st["tier"]
+            name = self._member_names[idx]
+
+            def extra(txn: lmdb.Transaction, results: np.ndarray) -> None:
+                _raise_on(results, f"refund {ref!r}")
+                db = self.ledger._ext_db()
+                txn.put(b"R" + purchase_ref.encode(), rec.tobytes(), db=db)
+                txn.put(b"R" + ref.encode(), ref_rec.tobytes(), db=db)
+                txn.put(b"r" + ref.encode(), purchase_ref.encode(), db=db)
+                self._put_member(txn, idx)
+                if pts:
+                    self._put_event(txn, "points_changed", name, at_us, delta=-pts, reason="refund", ref=ref)
+                if int(st["tier"]) != tier_before:
+                    self._put_event(txn, "tier_changed", name, at_us, before=self.program.tier_name(tier_before),
+                                    after=self.program.tier_name(int(st["tier"])), ref=ref)
+
+            try:
+                self.ledger._post_with(recs, extra)
+            except BaseException:
+                self._restore(saved)
+                raise
+            self._members[idx]["points"] -= pts
+            return self._refund_obj(ref, ref_rec, purchase_ref)
+
+    def _refund_obj(self, ref: str, rec: Any, purchase_ref: str) -> RefundReceipt:
+        return RefundReceipt(ref=ref, purchase_ref=purchase_ref, amount=int(rec["amount"]),
+                             points_taken=int(rec["points_taken"]), credit_taken=int(rec["credit_taken"]),
+                             shortfall=int(rec["shortfall"]), tier_after=self.program.tier_name(int(rec["out"]["tier_after"])))
+
+    def _tier_metric_tier(self, idx: int, day: int) -> int:
+        h = self._hist.get(idx, np.zeros(0, HEV))
+        w = h[(h["day"] > day - self.program.tier_window_days) & (h["day"] <= day)]
+        metric = {"points": int(w["points"].sum()), "spend": int(w["amount"].sum()),
+                  "visits": int(w["visits"].sum())}[self.program.tier_metric]
+        t = 0
+        for i, tier in enumerate(self.program.tiers):
+            if tier.threshold <= metric:
+                t = i + 1
+        return t
+
+    def redeem(self, member: str, *, points: int, at: datetime | int, ref: str) -> int:
+        """Spend ``points`` outside a purchase (a voucher, a gift); returns their money value. Refused with
+        :class:`InsufficientBalanceError` when the member has fewer available points."""
+        ref = _checked_ref(ref)
+        points = _checked_amount(points, "points")
+        at_us = to_micros(at, "at")
+        p = self.program
+        with self._lock:
+            idx = self._idx(member)
+            if points < p.burn_min or points % p.burn_step:
+                raise ValidationError(f"redeem of {points} points refused: the program takes at least "
+                                      f"{p.burn_min}, in steps of {p.burn_step}")
+            done = self._receipt(ref)
+            if done is not None:
+                return int(done["out"]["redeem_value"])
+            bal = self.ledger.balance(points_account(idx)).available
+            if points > bal:
+                raise InsufficientBalanceError(f"{member!r} has {bal} points available, cannot redeem {points}")
+            value = points * p.burn_value // p.burn_points
+            recs = self._transfers([(points_account(idx), REDEEMED_POINTS, points, POINTS, Code.REDEEM)], ref, at_us)
+            rec = np.zeros(1, RECEIPT_DTYPE)[0]
+            rec["member"], rec["at"], rec["kind"] = idx, at_us, 2
+            rec["out"]["redeemed"], rec["out"]["redeem_value"] = points, value
+
+            def extra(txn: lmdb.Transaction, results: np.ndarray) -> None:
+                if results[0] != 0:
+                    raise InsufficientBalanceError(f"{member!r} cannot redeem {points} points: "
+                                                   f"{TransferResult(int(results[0])).name}")
+                txn.put(b"R" + ref.encode(), rec.tobytes(), db=self.ledger._ext_db())
+                self._put_event(txn, "points_changed", member, at_us, delta=-points, reason="redeem", ref=ref)
+
+            self.ledger._post_with(recs, extra)
+            self._members[idx]["points"] = bal - points
+            return value
+
+    def survey(self, member: str, *, at: datetime | int, ref: str) -> int:
+        """Credit the program's survey bonus for an answered survey (once per ``ref``); returns the points."""
+        ref = _checked_ref(ref)
+        at_us = to_micros(at, "at")
+        with self._lock:
+            idx = self._idx(member)
+            if self._receipt(ref) is not None:
+                return self.program.survey_bonus
+            pts = self.program.survey_bonus
+            day = self._day_of(at_us)
+            recs = self._transfers([(ISSUE_POINTS, points_account(idx), pts, POINTS, Code.BONUS)], ref, at_us,
+                                   int(self._expiry(np.array([at_us]), np.array([day]))[0]))
+            rec = np.zeros(1, RECEIPT_DTYPE)[0]
+            rec["member"], rec["at"], rec["kind"] = idx, at_us, 3
+            rec["out"]["points"] = pts
+
+            def extra(txn: lmdb.Transaction, results: np.ndarray) -> None:
+                _raise_on(results, f"survey {ref!r}")
+                txn.put(b"R" + ref.encode(), rec.tobytes(), db=self.ledger._ext_db())
+                if pts:
+                    self._put_event(txn, "points_changed", member, at_us, delta=pts, reason="survey", ref=ref)
+
+            self.ledger._post_with(recs, extra)
+            self._members[idx]["points"] += pts
+            return pts
+
+    # -- reading -----------------------------------------------------------------------------------------
+    def member(self, member: str, at: datetime | int | None = None) -> MemberInfo:
+        """Balances, tier, window figures (as of ``at``, default the last purchase day) and offer usage."""
+        with self._lock:
+            idx = self._idx(member)
+            st = self._members[idx]
+            day = self._day_of(to_micros(at, "at")) if at is not None else max(int(st["last_day"]), int(st["enroll_day"]))
+            h = self._hist.get(idx, np.zeros(0, HEV))
+            figures: dict[str, int] = {}
+            for w in (30, 90, 365):
+                sel = h[(h["day"] > day - w) & (h["day"] <= day)]
+                figures[f"visits_{w}d"] = int(sel["visits"].sum())
+                figures[f"spend_{w}d"] = int(sel["amount"].sum())
+            figures["avg_basket"] = figures["spend_365d"] // figures["visits_365d"] if figures["visits_365d"] > 0 else 0
+            figures["days_since_last"] = day - int(st["last_day"]) if st["purchases"] else -1
+            figures["member_days"] = day - int(st["enroll_day"])
+            return MemberInfo(
+                member=member, number=idx, points=self.ledger.balance(points_account(idx)).available,
+                credit=self.ledger.balance(credit_account(idx)).available, tier=self.program.tier_name(int(st["tier"])),
+                enrolled=date.fromordinal(int(st["enroll_day"]) + EPOCH_ORDINAL), purchases=int(st["purchases"]),
+                figures=figures,
+                offers_used={o.name: int(self._offer_use[idx, i, 0]) for i, o in enumerate(self.program.offers)})
+
+    @property
+    def members(self) -> int:
+        """How many members the club has."""
+        return len(self._member_names)
+
+    # -- housekeeping ----------------------------------------------------------------------------------------
+    def expire(self, at: datetime | int) -> int:
+        """Expire points whose lots ended by ``at``, and queue ``birthday_soon`` events for members whose
+        birthday is within the program's birthday window (once a year). Run it daily. Returns the number
+        of expiry transfers."""
+        at_us = to_micros(at, "at")
+        with self._lock:
+            n = self.ledger.expire(at_us, sink=EXPIRED_POINTS)
+            count = len(self._member_names)
+            if count == 0:
+                return n
+            ids = np.arange(count, dtype=np.int64)
+            before = self._members["points"][:count].copy()
+            self._refresh_points(ids)
+            after = self._members["points"][:count]
+            changed = np.flatnonzero(after != before)
+            day = self._day_of(at_us)
+            soon: list[tuple[int, int]] = []
+            p = self.program
+            if p.birthday_bonus:
+                md = self._members["birth_md"][:count].astype(np.int64)
+                today = date.fromordinal(day + EPOCH_ORDINAL)
+                for i in np.flatnonzero(md > 0):
+                    m, dd = divmod(int(md[i]), 100)
+                    for y in (today.year, today.year + 1):
+                        try:
+                            b = date(y, m, dd)
+                        except ValueError:
+                            b = date(y, 2, 28)
+                        gap = (b - today).days
+                        if 0 <= gap <= p.birthday_within and int(self._members[i]["notice_year"]) < y:
+                            soon.append((int(i), y))
+                            break
+            if not len(changed) and not soon:
+                return n
+
+            def extra(txn: lmdb.Transaction, results: np.ndarray) -> None:
+                for i in changed:
+                    self._put_event(txn, "points_changed", self._member_names[i], at_us,
+                                    delta=int(after[i] - before[i]), reason="expiry")
+                for i, y in soon:
+                    self._members[i]["notice_year"] = y
+                    self._put_member(txn, i)
+                    self._put_event(txn, "birthday_soon", self._member_names[i], at_us,
+                                    points=p.birthday_bonus, within_days=p.birthday_within)
+
+            self.ledger._post_with(np.zeros(0, RECORD_DTYPE), extra)
+            return n
+
+    def events(self, after: int = 0, limit: int = 1000) -> list[Event]:
+        """Undelivered events with a sequence number above ``after``, oldest first."""
+        out: list[Event] = []
+        with self.ledger._ext_begin() as txn:
+            cur = txn.cursor(db=self.ledger._ext_db())
+            if not cur.set_range(b"E" + (after + 1).to_bytes(8, "big")):
+                return out
+            for key, value in cur:
+                k = bytes(key)
+                if k[:1] != b"E" or len(out) >= limit:
+                    break
+                body = json.loads(bytes(value))
+                out.append(Event(seq=int.from_bytes(k[1:], "big"), kind=body["kind"], member=body["member"],
+                                 at=from_micros(body["at"]).astimezone(self._zone), data=body["data"]))
+        return out
+
+    def ack(self, upto: int) -> int:
+        """Acknowledge (delete) every event up to and including sequence number ``upto``; returns how many."""
+        if isinstance(upto, bool) or not isinstance(upto, int) or upto < 0:
+            raise ValidationError(f"ack takes an event sequence number, not {upto!r}")
+
+        def extra(txn: lmdb.Transaction, results: np.ndarray) -> int:
+            db = self.ledger._ext_db()
+            cur = txn.cursor(db=db)
+            n = 0
+            if cur.set_range(b"E"):
+                while True:
+                    k = bytes(cur.key())
+                    if k[:1] != b"E" or int.from_bytes(k[1:], "big") > upto:
+                        break
+                    cur.delete()
+                    n += 1
+                    if not cur.key():
+                        break
+            return n
+
+        with self._lock:
+            return int(self.ledger._post_with(np.zeros(0, RECORD_DTYPE), extra))
+
+
+def _raise_on(results: np.ndarray, what: str) -> None:
+    bad = np.flatnonzero(results != 0)
+    if len(bad):
+        r = TransferResult(int(results[bad[0]]))
+        if r == TransferResult.EXISTS:
+            raise StorageError(f"{what}: its transfers are already in the ledger but its receipt is not; "
+                               f"the engine's records were written by another program version")
+        if r.name.startswith("EXCEEDS"):
+            raise InsufficientBalanceError(f"{what}: the ledger refused it ({r.name})")
+        raise ValidationError(f"{what}: the ledger refused it ({r.name})")
+
+
+def _as_table(table: Any) -> pa.Table:
+    if isinstance(table, pa.RecordBatch):
+        return pa.Table.from_batches([table])
+    if isinstance(table, pa.Table):
+        return table
+    if isinstance(table, dict):
+        return pa.table(table)
+    raise ValidationError(f"purchase_batch takes a pyarrow Table/RecordBatch or a dict of columns, "
+                          f"not {type(table).__name__}")
+
+
+def _str_column(t: pa.Table, name: str) -> list[str]:
+    col = t.column(name)
+    if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
+        raise ValidationError(f"column {name!r} must be strings, not {col.type}")
+    if col.null_count:
+        row = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
+        raise ValidationError(f"column {name!r} row {row} is null")
+    return col.to_pylist()
+
+
+def _int_column(t: pa.Table, name: str, lo: int) -> np.ndarray:
+    col = t.column(name)
+    if not pa.types.is_integer(col.type):
+        raise ValidationError(f"column {name!r} must be integers (money in the minor unit), not {col.type}")
+    if col.null_count:
+        row = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
+        raise ValidationError(f"column {name!r} row {row} is null")
+    arr = col.to_numpy().astype(np.int64)
+    bad = np.flatnonzero((arr < lo) | (arr >= 1 << 53))
+    if len(bad):
+        raise ValidationError(f"column {name!r} row {int(bad[0])}: {int(arr[bad[0]])} is out of range [{lo}, 2**53)")
+    return arr
+
+
+def _time_column(t: pa.Table, name: str) -> np.ndarray:
+    col = t.column(name)
+    if pa.types.is_timestamp(col.type):
+        if col.type.tz is None:
+            raise ValidationError(f"column {name!r} is a timestamp without a timezone; give it one "
+                                  f"(e.g. pa.timestamp('us', tz='UTC')) or pass int64 microseconds UTC")
+        col = col.cast(pa.timestamp("us", tz=col.type.tz)).cast(pa.int64())
+    elif not pa.types.is_integer(col.type):
+        raise ValidationError(f"column {name!r} must be a timestamp with a timezone or int64 microseconds, not {col.type}")
+    if col.null_count:
+        row = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
+        raise ValidationError(f"column {name!r} row {row} is null")
+    return col.to_numpy().astype(np.int64)
+
+
+def _sym_column(t: pa.Table, name: str, table: dict[str, int]) -> np.ndarray:
+    if name not in t.column_names:
+        return np.zeros(t.num_rows, np.int32)
+    col = t.column(name)
+    if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
+        raise ValidationError(f"column {name!r} must be strings, not {col.type}")
+    if not table:
+        return np.zeros(t.num_rows, np.int32)
+    keys = pa.array(list(table), pa.string())
+    pos = pc.index_in(col, value_set=keys).to_numpy(zero_copy_only=False)
+    vals = np.asarray(list(table.values()), np.int32)
+    out = np.zeros(t.num_rows, np.int32)
+    hit = ~np.isnan(pos.astype(float)) if pos.dtype.kind == "f" else pos >= 0
+    out[hit] = vals[pos[hit].astype(np.int64)]
+    return out
+
