@@ -10,8 +10,13 @@ ACCOUNT_RECORD_SIZE: int
 SLOT_DTYPE: np.dtype[Any]
 LOT_DTYPE: np.dtype[Any]
 HUGE_TABLE: int
+MSTATE_DTYPE: np.dtype[Any]
+HEV_DTYPE: np.dtype[Any]
+ROW_DTYPE: np.dtype[Any]
+OUT_DTYPE: np.dtype[Any]
 
 _Records = npt.NDArray[np.void]
+_I64 = npt.NDArray[np.int64]
 _U8 = npt.NDArray[np.uint8]
 _U64 = npt.NDArray[np.uint64]
 
@@ -19,6 +24,13 @@ def fingerprints(recs: _Records) -> _U64: ...
 def index_run(recs: _Records, seq: int) -> _U8: ...
 def merge_runs(runs: list[_U8]) -> _U8: ...
 def _zeros_aligned(n: int, dtype: Any, align: int = 64) -> npt.NDArray[Any]: ...
+def run_expr(code: _I64, pool: _I64, facts: _I64, cat_amt: _I64, sku_amt: _I64) -> int: ...
+def calendar_check(days: _I64) -> _I64: ...
+def evaluate(code: _I64, pool: _I64, conds: _I64, rules: _I64, offers: _I64, tiers: _I64, params: _I64,
+             rows: npt.NDArray[Any], seg_of: _I64, item_cat: npt.NDArray[np.int32],
+             item_sku: npt.NDArray[np.int32], item_amount: _I64, members: npt.NDArray[Any], hist_off: _I64,
+             hist: npt.NDArray[Any], out_off: _I64, out_hist: npt.NDArray[Any], offer_use: _I64,
+             budget_used: _I64, out: npt.NDArray[Any], facts_out: _I64) -> int: ...
 
 class State:
     n_accounts: int

@@ -1766,91 +1766,135 @@ cdef inline int64_t metric_of(int64_t kind, int64_t count, int64_t amount, int64
 
 def evaluate(const int64_t[::1] code, const int64_t[::1] pool, const int64_t[:, ::1] conds,
              const int64_t[:, ::1] rules, const int64_t[:, ::1] offers, const int64_t[:, ::1] tiers,
-             const int64_t[::1] params, const RowIn[::1] rows, const int32_t[::1] item_cat,
-             const int32_t[::1] item_sku, const int64_t[::1] item_amount, MState[::1] members,
-             const int64_t[::1] hist_off, const HEv[::1] hist, int64_t[::1] out_off, HEv[::1] out_hist,
-             int64_t[:, :, ::1] offer_use, int64_t[::1] budget_used, RowOut[::1] out, int64_t[:, ::1] facts_out):
+             const int64_t[::1] params, const RowIn[::1] rows, const int64_t[::1] seg_of,
+             const int32_t[::1] item_cat, const int32_t[::1] item_sku, const int64_t[::1] item_amount,
+             MState[::1] members, const int64_t[::1] hist_off, const HEv[::1] hist, int64_t[::1] out_off,
+             HEv[::1] out_hist, int64_t[:, :, ::1] offer_use, int64_t[::1] budget_used, RowOut[::1] out,
+             int64_t[:, ::1] facts_out):
     """Evaluate purchase rows against a compiled program, updating member state in place.
 
-    ``rows`` are grouped by member (segment s = the s-th run of equal ``member``) and in time order within
-    a member; ``hist[hist_off[s]:hist_off[s+1]]`` is segment s's purchase history (day order), and the
-    kernel writes the history to keep (the horizon's worth, this batch's purchases included) to
-    ``out_hist[out_off[s]:out_off[s+1]]`` (``out_hist`` holds at least len(hist) + len(rows) events).
-    ``facts_out`` is (len(rows), N_FACTS) to record every row's facts (for explanations) or (0, N_FACTS).
-    Returns the number of segments.
+    Rows are evaluated in the order given, which must be time order (so that budgets, caps and
+    referral bonuses see what came first, exactly as one purchase at a time would). ``seg_of[i]`` is
+    row i's member segment: ``hist[hist_off[s]:hist_off[s+1]]`` is segment s's purchase history (day
+    order), and the kernel writes the history to keep (the horizon's worth, this batch's purchases
+    included) to ``out_hist[out_off[s]:out_off[s+1]]`` (``out_hist`` holds at least len(hist) +
+    len(rows) events). ``facts_out`` is (len(rows), N_FACTS) to record every row's facts (for
+    explanations) or (0, N_FACTS). Returns the number of segments.
     """
     cdef Py_ssize_t n = rows.shape[0], nrules = rules.shape[0], noff = offers.shape[0]
     cdef Py_ssize_t nt = tiers.shape[0], ncond = conds.shape[0]
-    if hist_off.shape[0] < 1 or out_off.shape[0] < hist_off.shape[0]:
-        raise ValueError("hist_off/out_off are too short")
+    cdef Py_ssize_t i, j, k, s
+    cdef int64_t nseg = hist_off.shape[0] - 1
+    if nseg < 0 or out_off.shape[0] < nseg + 1 or seg_of.shape[0] < n:
+        raise ValueError("hist_off/out_off/seg_of are too short")
     if facts_out.shape[0] != 0 and (facts_out.shape[0] < n or facts_out.shape[1] < N_FACTS):
         raise ValueError("facts_out must be (rows, %d) or empty" % N_FACTS)
-    if offers.shape[0] and (offer_use.shape[1] < noff or offer_use.shape[2] < 3 or budget_used.shape[0] < noff):
+    if offers.shape[0] and (offer_use.shape[1] < noff or offer_use.shape[2] < 3 or budget_used.shape[0] < noff
+                            or offer_use.shape[0] < members.shape[0]):
         raise ValueError("offer_use must be (members, offers, 3) and budget_used (offers,)")
     if out.shape[0] < n:
         raise ValueError("out is shorter than rows")
-    if code.shape[0] == 0 and ncond:
-        raise ValueError("conditions without code")
-    cdef Py_ssize_t i, j, k, s = -1, seg_start = 0
-    cdef int64_t nseg = hist_off.shape[0] - 1
-    for i in range(n):
-        if rows[i].member < 0 or rows[i].member >= members.shape[0]:
-            raise ValueError("row %d names member %d, beyond the state (%d members)" % (i, rows[i].member, members.shape[0]))
-        if rows[i].item_start < 0 or rows[i].item_end > item_amount.shape[0] or rows[i].item_end < rows[i].item_start:
-            raise ValueError("row %d: items [%d, %d) are out of range" % (i, rows[i].item_start, rows[i].item_end))
-        for j in range(rows[i].item_start, rows[i].item_end):
-            if item_cat[j] < 0 or item_cat[j] >= 64 or item_sku[j] < 0 or item_sku[j] >= 64:
-                raise ValueError("item %d: category/sku symbol out of range" % j)
-        if i and rows[i].member != rows[i - 1].member:
-            seg_start += 1
-    if n and seg_start + 1 != nseg:
-        raise ValueError("rows hold %d member runs but the history has %d" % (seg_start + 1, nseg))
     if out_hist.shape[0] < hist.shape[0] + n or hist_off[nseg] > hist.shape[0]:
         raise ValueError("out_hist must hold len(hist) + len(rows) events")
-    if n == 0:
-        out_off[0] = 0
-        return 0
+    for k in range(ncond):
+        if not (0 <= conds[k, 0] <= conds[k, 1] <= code.shape[0]):
+            raise ValueError("condition %d lies outside the code" % k)
+    cdef int64_t* W = <int64_t*>malloc((nseg + 1) * 16 * sizeof(int64_t))
+    cdef int64_t* seg_member = <int64_t*>malloc((nseg + 1) * sizeof(int64_t))
+    if W == NULL or seg_member == NULL:
+        free(W)
+        free(seg_member)
+        raise MemoryError()
+    for s in range(nseg + 1):
+        W[s * 16 + 1] = 0
+        seg_member[s] = -1
+    try:
+        for i in range(n):
+            if rows[i].member < 0 or rows[i].member >= members.shape[0]:
+                raise ValueError("row %d names member %d, beyond the state (%d members)" % (i, rows[i].member, members.shape[0]))
+            if seg_of[i] < 0 or seg_of[i] >= nseg:
+                raise ValueError("row %d: segment %d is out of range" % (i, seg_of[i]))
+            if seg_member[seg_of[i]] == -1:
+                seg_member[seg_of[i]] = rows[i].member
+            elif seg_member[seg_of[i]] != rows[i].member:
+                raise ValueError("row %d: segment %d holds two members" % (i, seg_of[i]))
+            W[seg_of[i] * 16 + 1] += 1
+            if rows[i].item_start < 0 or rows[i].item_end > item_amount.shape[0] or rows[i].item_end < rows[i].item_start:
+                raise ValueError("row %d: items [%d, %d) are out of range" % (i, rows[i].item_start, rows[i].item_end))
+            if item_cat.shape[0] < item_amount.shape[0] or item_sku.shape[0] < item_amount.shape[0]:
+                raise ValueError("item arrays differ in length")
+            for j in range(rows[i].item_start, rows[i].item_end):
+                if item_cat[j] < 0 or item_cat[j] >= 64 or item_sku[j] < 0 or item_sku[j] >= 64:
+                    raise ValueError("item %d: category/sku symbol out of range" % j)
+        for s in range(nseg):
+            if hist_off[s] > hist_off[s + 1]:
+                raise ValueError("hist_off must not decrease")
+        return _evaluate(code, pool, conds, rules, offers, tiers, params, rows, seg_of, item_cat, item_sku,
+                         item_amount, members, hist_off, hist, out_off, out_hist, offer_use, budget_used, out,
+                         facts_out, W, nseg)
+    finally:
+        free(W)
+        free(seg_member)
+
+
+cdef int64_t _evaluate(const int64_t[::1] code, const int64_t[::1] pool, const int64_t[:, ::1] conds,
+                       const int64_t[:, ::1] rules, const int64_t[:, ::1] offers, const int64_t[:, ::1] tiers,
+                       const int64_t[::1] params, const RowIn[::1] rows, const int64_t[::1] seg_of,
+                       const int32_t[::1] item_cat, const int32_t[::1] item_sku, const int64_t[::1] item_amount,
+                       MState[::1] members, const int64_t[::1] hist_off, const HEv[::1] hist,
+                       int64_t[::1] out_off, HEv[::1] out_hist, int64_t[:, :, ::1] offer_use,
+                       int64_t[::1] budget_used, RowOut[::1] out, int64_t[:, ::1] facts_out, int64_t* W,
+                       int64_t nseg) noexcept nogil:
+    cdef Py_ssize_t n = rows.shape[0], nrules = rules.shape[0], noff = offers.shape[0]
+    cdef Py_ssize_t nt = tiers.shape[0], ncond = conds.shape[0]
+    cdef Py_ssize_t i, j, k, s
     cdef const int64_t* cp = &code[0] if code.shape[0] else NULL
     cdef const int64_t* pp = &pool[0]
     cdef int64_t facts[N_FACTS]
     cdef int64_t cat_amt[64]
     cdef int64_t sku_amt[64]
-    cdef int64_t line_f[64]
     cdef int64_t fired_cond[64]
+    cdef int64_t* ws
     cdef MState* m
     cdef int64_t rate_pts = params[P_RATE_POINTS], rate_per = params[P_RATE_PER], rmode = params[P_ROUNDING]
     cdef int64_t stacking = params[P_STACKING], window = params[P_TIER_WINDOW], review = params[P_REVIEW]
     cdef int64_t tmetric = params[P_TIER_METRIC], horizon = params[P_HORIZON]
     cdef int64_t p0, p, lo30, lo90, lo365, lot, c30, c90, c365, a30, a90, a365, tc, ta, tpts
-    cdef int64_t d, amount, f, mlt, paid, disc, burn_money, earned, base, bonus, evpts, credit, give
-    cdef int64_t y, mo, dd, b_next, b_prev, occ, metric, tnew, items_total, gap_first, q
+    cdef int64_t d, amount, f, paid, disc, burn_money, earned, base, bonus, evpts, credit, give
+    cdef int64_t y, mo, dd, occ, metric, tnew, items_total, q, base_at, b_next
+    cdef int32_t saved_tier, saved_review
     cdef i128 S
-    cdef bint fired, any_fired, excl
-    cdef int64_t offers_mask, rules_mask, pstart, cidx
-    cdef Py_ssize_t seg = -1, first_item, last_item
-    with nogil:
-        out_off[0] = 0
-        p = 0
-        for i in range(n):
-            d = rows[i].day
-            m = &members[rows[i].member]
-            if i == 0 or rows[i].member != rows[i - 1].member:
-                if seg >= 0:
-                    # close the previous segment: keep the horizon's worth of history
-                    p = _trim(out_hist, p0, p, out_hist[p - 1].day - horizon + 1 if p > p0 else 0)
-                    out_off[seg + 1] = p
-                seg += 1
-                p0 = p
-                for k in range(hist_off[seg], hist_off[seg + 1]):
-                    out_hist[p] = hist[k]
-                    p += 1
-                lo30 = lo90 = lo365 = lot = p0
-                c30 = c90 = c365 = a30 = a90 = a365 = tc = ta = tpts = 0
-                for k in range(p0, p):
-                    c30 += out_hist[k].visits; c90 += out_hist[k].visits; c365 += out_hist[k].visits
-                    tc += out_hist[k].visits
-                    a30 += out_hist[k].amount; a90 += out_hist[k].amount; a365 += out_hist[k].amount
-                    ta += out_hist[k].amount; tpts += out_hist[k].points
+    cdef bint any_fired, excl
+    cdef int64_t offers_mask, rules_mask, cidx
+    cdef Py_ssize_t first_item, last_item
+    # lay the segments out: each gets room for its history and its rows
+    base_at = 0
+    for s in range(nseg):
+        ws = W + s * 16
+        k = ws[1]                       # rows of this segment (counted by the caller's check)
+        ws[0] = base_at
+        p = base_at
+        for j in range(hist_off[s], hist_off[s + 1]):
+            out_hist[p] = hist[j]
+            p += 1
+        ws[1] = p
+        ws[2] = ws[3] = ws[4] = ws[5] = base_at
+        for j in range(6, 16):
+            ws[j] = 0
+        for j in range(base_at, p):
+            ws[6] += out_hist[j].visits; ws[7] += out_hist[j].visits; ws[8] += out_hist[j].visits
+            ws[12] += out_hist[j].visits
+            ws[9] += out_hist[j].amount; ws[10] += out_hist[j].amount; ws[11] += out_hist[j].amount
+            ws[13] += out_hist[j].amount; ws[14] += out_hist[j].points
+        base_at = p + k
+    for i in range(n):
+        d = rows[i].day
+        m = &members[rows[i].member]
+        ws = W + seg_of[i] * 16
+        p0 = ws[0]; p = ws[1]; lo30 = ws[2]; lo90 = ws[3]; lo365 = ws[4]; lot = ws[5]
+        c30 = ws[6]; c90 = ws[7]; c365 = ws[8]; a30 = ws[9]; a90 = ws[10]; a365 = ws[11]
+        tc = ws[12]; ta = ws[13]; tpts = ws[14]
+        if True:
             memset(&out[i], 0, sizeof(RowOut))
             out[i].tier_before = m.tier
             out[i].referrer = -1
@@ -1867,7 +1911,10 @@ def evaluate(const int64_t[::1] code, const int64_t[::1] pool, const int64_t[:, 
                 c365 -= out_hist[lo365].visits; a365 -= out_hist[lo365].amount; lo365 += 1
             while lot < p and out_hist[lot].day < d - window + 1:
                 tc -= out_hist[lot].visits; ta -= out_hist[lot].amount; tpts -= out_hist[lot].points; lot += 1
-            # tier review (downgrades happen only at a period end, after the grace days)
+            # tier review (downgrades happen only at a period end, after the grace days); a refused
+            # row changes nothing, so remember what the review may change
+            saved_tier = m.tier
+            saved_review = m.review_day
             if nt and review:
                 while d >= m.review_day + params[P_GRACE]:
                     metric = _window_metric(out_hist, p0, p, m.review_day - window - 1, m.review_day - 1, tmetric)
@@ -1974,6 +2021,9 @@ def evaluate(const int64_t[::1] code, const int64_t[::1] pool, const int64_t[:, 
                     if <i128>burn_money * BP > <i128>(amount - disc) * params[P_BURN_SHARE]:
                         out[i].status = ST_REDEEM_SHARE
                 if out[i].status != ST_OK:
+                    m.tier = saved_tier
+                    m.review_day = saved_review
+                    out[i].tier_before = m.tier
                     out[i].tier_after = m.tier
                     out[i].discount = 0
                     continue
@@ -2115,9 +2165,27 @@ def evaluate(const int64_t[::1] code, const int64_t[::1] pool, const int64_t[:, 
                 if tnew > m.tier:
                     m.tier = <int32_t>tnew
             out[i].tier_after = m.tier
-        p = _trim(out_hist, p0, p, out_hist[p - 1].day - horizon + 1 if p > p0 else 0)
-        out_off[seg + 1] = p
-    return seg + 1
+            ws[1] = p; ws[2] = lo30; ws[3] = lo90; ws[4] = lo365; ws[5] = lot
+            ws[6] = c30; ws[7] = c90; ws[8] = c365; ws[9] = a30; ws[10] = a90; ws[11] = a365
+            ws[12] = tc; ws[13] = ta; ws[14] = tpts
+    # keep each segment's horizon and pack the segments together
+    out_off[0] = 0
+    base_at = 0
+    for s in range(nseg):
+        ws = W + s * 16
+        p0 = ws[0]
+        p = ws[1]
+        j = p0
+        if p > p0:
+            q = out_hist[p - 1].day - horizon + 1
+            while j < p and out_hist[j].day < q:
+                j += 1
+        while j < p:
+            out_hist[base_at] = out_hist[j]
+            base_at += 1
+            j += 1
+        out_off[s + 1] = base_at
+    return nseg
 
 
 cdef inline int64_t _stack(int64_t f, int64_t mult, int64_t stacking) noexcept nogil:

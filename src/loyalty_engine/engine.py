@@ -42,6 +42,7 @@ HEV = _core.HEV_DTYPE
 ROW = _core.ROW_DTYPE
 OUT = _core.OUT_DTYPE
 N_FACTS = len(VARIABLES)
+_NO_HIST = np.zeros(0, HEV)
 CHUNK_ROWS = 200_000
 
 
@@ -514,24 +515,24 @@ class Engine:
         return rows, cat, sku, amt
 
     def _evaluate(self, rows: np.ndarray, cat: np.ndarray, sku: np.ndarray, amt: np.ndarray,
-                  facts: bool) -> np.ndarray:
-        """Run the kernel over rows (grouped by member, time order within); updates the state."""
+                  facts: bool) -> Any:
+        """Run the kernel over rows in time order; updates the members' state and histories."""
         c = self.program.compiled
-        seg_members = rows["member"][np.r_[True, rows["member"][1:] != rows["member"][:-1]]] if len(rows) else []
-        hists = [self._hist.get(int(m), np.zeros(0, HEV)) for m in seg_members]
+        seg_members, seg_of = np.unique(rows["member"], return_inverse=True)
+        hists = [self._hist.get(int(m), _NO_HIST) for m in seg_members]
         hist_off = np.zeros(len(hists) + 1, np.int64)
         hist_off[1:] = np.cumsum([len(h) for h in hists])
-        hist = np.concatenate(hists) if hists else np.zeros(0, HEV)
+        hist = np.concatenate(hists) if hists else _NO_HIST
         out_hist = np.zeros(len(hist) + len(rows), HEV)
         out_off = np.zeros(len(hists) + 1, np.int64)
         out = np.zeros(len(rows), OUT)
         fx = np.zeros((len(rows) if facts else 0, N_FACTS), np.int64)
-        _core.evaluate(c.code if len(c.code) else np.zeros(0, np.int64), c.pool, c.conds, c.rules, c.offers,
-                       c.tiers, c.params, rows, cat, sku, amt, self._members, hist_off, hist, out_off, out_hist,
+        _core.evaluate(c.code, c.pool, c.conds, c.rules, c.offers, c.tiers, c.params, rows,
+                       seg_of.astype(np.int64), cat, sku, amt, self._members, hist_off, hist, out_off, out_hist,
                        self._offer_use, self._budget, out, fx)
         for s, m in enumerate(seg_members):
             self._hist[int(m)] = out_hist[out_off[s]: out_off[s + 1]].copy()
-        return out if not facts else (out, fx)  # type: ignore[return-value]
+        return (out, fx) if facts else out
 
     def _purchase(self, member: str, amount: int, at: Any, ref: str, items: Sequence[Item], branch: str,
                   channel: str, redeem: int, commit: bool) -> Receipt:
@@ -709,8 +710,7 @@ class Engine:
             qty = _int_column(t, "quantity", 0) if "quantity" in t.column_names else np.ones(n, np.int64)
             has_items = "category" in t.column_names or "sku" in t.column_names
             for start in range(0, len(order), CHUNK_ROWS):
-                chunk = order[start: start + CHUNK_ROWS]
-                chunk = chunk[np.lexsort((at[chunk], idx[chunk]))]
+                chunk = order[start: start + CHUNK_ROWS]   # time order: budgets and caps see what came first
                 rows = np.zeros(len(chunk), ROW)
                 rows["member"], rows["amount"], rows["redeem"] = idx[chunk], amount[chunk], redeem[chunk]
                 rows["quantity"] = qty[chunk]
@@ -855,7 +855,8 @@ class Engine:
             self._hist[idx] = np.concatenate([hist[:pos], fix, hist[pos:]])
             st = self._members[idx]
             tier_before = int(st["tier"])
-            if int(o["tier_after"]) > int(o["tier_before"]) and tier_before == int(o["tier_after"]) and self.program.tiers:
+            if int(o["tier_after"]) > int(o["tier_before"]) and tier_before > int(o["tier_before"]) and self.program.tiers:
+                # the purchase lifted the member: drop back as far as the remaining spend allows
                 now = self._day_of(at_us)
                 new = max(int(o["tier_before"]), self._tier_metric_tier(idx, now))
                 if new < tier_before:

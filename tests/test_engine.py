@@ -1,0 +1,372 @@
+"""The engine: purchases, quotes, refunds, redemptions, tiers, offers, bonuses, the outbox, and the
+property that one purchase at a time and a batch give identical ledgers."""
+
+from __future__ import annotations
+
+import os
+from datetime import UTC, date, datetime, timedelta
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from loyalty_engine.engine import Engine, Item, RowStatus, credit_account, points_account
+from loyalty_engine.errors import ConfigError, InsufficientBalanceError, NotFoundError, ValidationError
+from loyalty_engine.program import Program
+
+T0 = datetime(2026, 1, 5, 12, tzinfo=UTC)
+
+CLUB = {
+    "name": "test shop", "timezone": "UTC",
+    "earn": {"points": 1, "per": 1000},
+    "expiry": {"kind": "days", "days": 365},
+    "tiers": {"metric": "spend", "window_days": 365, "review": "year", "levels": [
+        {"name": "bronze", "threshold": 0},
+        {"name": "silver", "threshold": 1_000_000, "multiplier": 1.5},
+        {"name": "gold", "threshold": 3_000_000, "multiplier": 2, "cashback_percent": 2, "discount_percent": 5}]},
+    "earn_rules": [{"name": "cosmetics x2", "category": "cosmetics", "multiplier": 2}],
+    "offers": [
+        {"name": "bigger basket", "when": "avg_gap_days <= 12 and visits_90d >= 3 and amount >= 4 * avg_basket",
+         "effect": {"credit_percent": 20}, "limit_per_member": 1},
+        {"name": "come back", "when": "avg_gap_days >= 40 and days_since_last >= 0 and days_since_last <= 20",
+         "effect": {"credit_percent": 20}, "limit_per_member": 1}],
+    "bonuses": {"signup": 20, "birthday": {"points": 100, "within_days": 7},
+                "referral": {"referrer": 50, "referred": 30}},
+    "burn": {"points": 1, "value": 100, "min_points": 10, "step": 10, "max_share_percent": 50},
+}
+
+
+@pytest.fixture
+def club(tmp_path):
+    with Engine.open(tmp_path / "club", program=Program.from_dict(CLUB), sync="none") as e:
+        e.enroll("anna", at=T0 - timedelta(days=30))
+        yield e
+
+
+def test_the_two_brochure_offers(club):
+    # every 10 days about 50,000; then a basket of 200,000 -> 20% credit
+    for k in range(4):
+        r = club.purchase("anna", amount=50_000, at=T0 + timedelta(days=10 * k), ref=f"a{k}")
+        assert r.offers == ()
+    r = club.purchase("anna", amount=200_000, at=T0 + timedelta(days=40), ref="big")
+    assert r.offers == ("bigger basket",) and r.credit_earned == 40_000
+    assert r.facts["avg_basket"] == 50_000 and r.facts["avg_gap_days"] == 10
+    assert "offer granted: bigger basket" in r.explain() and "avg_basket=50000" in r.explain()
+    # once per member
+    r = club.purchase("anna", amount=400_000, at=T0 + timedelta(days=50), ref="big2")
+    assert "bigger basket" not in r.offers
+
+    club.enroll("bahram", at=T0)
+    for k in range(3):  # every 45 days
+        assert club.purchase("bahram", amount=80_000, at=T0 + timedelta(days=45 * k), ref=f"b{k}").offers == ()
+    late = club.quote("bahram", amount=80_000, at=T0 + timedelta(days=90 + 21))
+    assert late.offers == ()
+    r = club.purchase("bahram", amount=80_000, at=T0 + timedelta(days=90 + 20), ref="b-back")
+    assert r.offers == ("come back",) and r.credit_earned == 16_000
+
+
+def test_a_purchase_that_reaches_gold_earns_the_next_one_golds_multiplier(club):
+    r1 = club.purchase("anna", amount=3_000_000, at=T0, ref="p1")
+    assert (r1.tier_before, r1.tier_after) == ("bronze", "gold")
+    assert r1.points_earned == 3_000            # bronze rate for the purchase that lifts
+    r2 = club.purchase("anna", amount=100_000, at=T0 + timedelta(hours=1), ref="p2")
+    assert r2.tier_before == "gold"
+    assert r2.discount == 5_000                 # gold's 5% discount
+    assert r2.points_earned == 95 * 2           # paid 95,000 at x2
+    assert r2.credit_earned == 95_000 * 2 // 100
+    kinds = [(e.kind, e.data.get("after")) for e in club.events()]
+    assert ("tier_changed", "gold") in kinds
+
+
+def test_category_multiplier_applies_to_its_items_only(club):
+    r = club.purchase("anna", amount=300_000, at=T0, ref="p", items=[
+        Item(sku="lipstick", category="cosmetics", amount=100_000), Item(sku="bread", category="food", amount=200_000)])
+    assert r.rules == ("cosmetics x2",)
+    assert (r.base_points, r.points_earned) == (300, 400)
+
+
+def test_retry_with_the_same_ref_changes_nothing(club):
+    r = club.purchase("anna", amount=120_000, at=T0, ref="pos1-000123")
+    before = club.ledger.balance(points_account(0))
+    again = club.purchase("anna", amount=120_000, at=T0, ref="pos1-000123")
+    assert again == r
+    assert club.ledger.balance(points_account(0)) == before
+    with pytest.raises(ValidationError, match="already used for another purchase"):
+        club.purchase("anna", amount=999, at=T0, ref="pos1-000123")
+
+
+def test_quote_commits_nothing(club):
+    seq = club.ledger.head
+    q = club.quote("anna", amount=3_000_000, at=T0)
+    assert not q.committed and q.tier_after == "gold"
+    assert club.ledger.head == seq
+    assert club.member("anna").tier == "bronze"
+    r = club.purchase("anna", amount=3_000_000, at=T0, ref="real")
+    assert (r.points_earned, r.tier_after) == (q.points_earned, q.tier_after)
+
+
+def test_refund_takes_back_the_refunded_share_and_undoes_the_upgrade(club):
+    r = club.purchase("anna", amount=3_000_000, at=T0, ref="p1")
+    assert r.tier_after == "gold" and r.points_earned == 3_000
+    rf = club.refund("p1", amount=1_000_000, at=T0 + timedelta(days=1), ref="p1-r1")
+    assert rf.points_taken == 1_000 and rf.tier_after == "silver"
+    assert club.member("anna").tier == "silver"
+    rf2 = club.refund("p1", amount=2_000_000, at=T0 + timedelta(days=2), ref="p1-r2")
+    assert rf2.points_taken == 2_000 and rf2.tier_after == "bronze"
+    assert club.ledger.balance(points_account(0)).available == 20    # the sign-up bonus stays
+    assert club.refund("p1", amount=2_000_000, at=T0, ref="p1-r2") == rf2   # retry
+    with pytest.raises(ValidationError, match="exceeds what is left"):
+        club.refund("p1", amount=1, at=T0, ref="p1-r3")
+    with pytest.raises(NotFoundError):
+        club.refund("nope", amount=1, at=T0, ref="x")
+
+
+def test_refund_after_spending_caps_at_zero_and_records_the_shortfall(club):
+    club.purchase("anna", amount=1_000_000, at=T0, ref="p1")              # 1,000 points
+    club.redeem("anna", points=1_000, at=T0 + timedelta(hours=1), ref="spend")
+    rf = club.refund("p1", amount=1_000_000, at=T0 + timedelta(days=1), ref="r1")
+    assert rf.points_taken == 20 and rf.shortfall == 980
+    assert club.ledger.balance(points_account(0)).available == 0
+
+
+def test_refund_under_allow_policy_goes_negative(tmp_path):
+    prog = Program.from_dict({**CLUB, "negative_balance": "allow"})
+    with Engine.open(tmp_path / "c", program=prog, sync="none") as e:
+        e.enroll("anna", at=T0)
+        e.purchase("anna", amount=1_000_000, at=T0, ref="p1")
+        e.redeem("anna", points=1_000, at=T0, ref="spend")
+        rf = e.refund("p1", amount=1_000_000, at=T0, ref="r1")
+        assert rf.points_taken == 1_000 and rf.shortfall == 0
+        assert e.ledger.balance(points_account(0)).available == -980
+
+
+def test_redeeming_points_at_checkout(club):
+    club.purchase("anna", amount=500_000, at=T0, ref="p1")                # 520 points
+    r = club.purchase("anna", amount=100_000, at=T0 + timedelta(hours=1), ref="p2", redeem_points=500)
+    assert r.points_redeemed == 500 and r.redeem_value == 50_000 and r.points_earned == 50
+    assert club.member("anna").points == 520 - 500 + 50
+    with pytest.raises(ValidationError, match="max share"):
+        club.purchase("anna", amount=10_000, at=T0 + timedelta(hours=2), ref="p3", redeem_points=60)
+    with pytest.raises(ValidationError, match="multiple of the program's step"):
+        club.purchase("anna", amount=100_000, at=T0 + timedelta(hours=2), ref="p3", redeem_points=15)
+    with pytest.raises(InsufficientBalanceError):
+        club.purchase("anna", amount=10_000_000, at=T0 + timedelta(hours=2), ref="p3", redeem_points=1000)
+    assert club.member("anna").points == 70   # refusals changed nothing
+    with pytest.raises(InsufficientBalanceError):
+        club.redeem("anna", points=1000, at=T0, ref="r")
+
+
+def test_bonuses_signup_birthday_referral_survey(tmp_path):
+    prog = Program.from_dict({**CLUB, "bonuses": {**CLUB["bonuses"], "survey": 15}})
+    with Engine.open(tmp_path / "c", program=prog, sync="none") as e:
+        e.enroll("anna", at=T0, birth_date=date(1990, 1, 10))
+        e.enroll("bahram", at=T0, referred_by="anna")
+        assert e.member("anna").points == 20
+        r = e.purchase("anna", amount=10_000, at=T0, ref="a1")         # 5 days before the birthday
+        assert r.event_points == 100
+        assert e.purchase("anna", amount=10_000, at=T0 + timedelta(days=8), ref="a2").event_points == 0  # once a year
+        r = e.purchase("bahram", amount=10_000, at=T0, ref="b1")
+        assert r.event_points == 30 and r.referrer_points == 50
+        assert e.purchase("bahram", amount=10_000, at=T0 + timedelta(days=1), ref="b2").event_points == 0
+        assert e.survey("bahram", at=T0, ref="survey-1") == 15
+        assert e.member("anna").points == 20 + 10 + 100 + 10 + 50
+        assert e.member("bahram").points == 20 + 10 + 30 + 10 + 15
+        with pytest.raises(NotFoundError):
+            e.enroll("c", at=T0, referred_by="nobody")
+
+
+def test_outbox_events_and_ack(club):
+    club.purchase("anna", amount=3_000_000, at=T0, ref="p1")
+    evs = club.events()
+    assert [e.kind for e in evs][:2] == ["welcome", "points_changed"]
+    assert {"tier_changed", "points_changed"} <= {e.kind for e in evs}
+    assert club.ack(evs[1].seq) == 2
+    assert [e.seq for e in club.events()] == [e.seq for e in evs[2:]]
+    assert club.events(after=evs[-1].seq) == []
+
+
+def test_expiry_removes_points_and_queues_events(club):
+    club.purchase("anna", amount=1_000_000, at=T0, ref="p1")
+    assert club.expire(T0 + timedelta(days=366)) >= 1
+    assert club.member("anna").points == 0
+    assert any(e.kind == "points_changed" and e.data.get("reason") == "expiry" for e in club.events())
+
+
+def test_state_survives_reopening(tmp_path):
+    prog = Program.from_dict(CLUB)
+    with Engine.open(tmp_path / "c", program=prog, sync="none") as e:
+        e.enroll("anna", at=T0)
+        e.purchase("anna", amount=3_000_000, at=T0, ref="p1")
+    with Engine.open(tmp_path / "c", program=prog, sync="none") as e:
+        m = e.member("anna")
+        assert (m.tier, m.purchases, m.points) == ("gold", 1, 3_020)
+        assert e.purchase("anna", amount=100_000, at=T0 + timedelta(days=1), ref="p2").tier_before == "gold"
+        assert e.receipt("p1").points_earned == 3_000
+
+
+def test_bad_input_is_refused_clearly(club):
+    with pytest.raises(NotFoundError, match="no member 'nobody'"):
+        club.purchase("nobody", amount=1, at=T0, ref="x")
+    with pytest.raises(ValidationError, match="amount must be > 0"):
+        club.purchase("anna", amount=0, at=T0, ref="x")
+    with pytest.raises(ValidationError, match="integer"):
+        club.purchase("anna", amount=1.5, at=T0, ref="x")
+    with pytest.raises(ValidationError, match="naive|timezone"):
+        club.purchase("anna", amount=1, at=datetime(2026, 1, 1), ref="x")
+    with pytest.raises(ValidationError, match="ref"):
+        club.purchase("anna", amount=1, at=T0, ref="")
+    with pytest.raises(ConfigError):
+        Engine.open("/tmp/never", program={"not": "a program"})  # type: ignore[arg-type]
+    club.purchase("anna", amount=1000, at=T0, ref="x")
+    with pytest.raises(ValidationError, match="time order"):
+        club.purchase("anna", amount=1000, at=T0 - timedelta(days=2), ref="y")
+    assert club.ledger.verify().ok
+
+
+def test_batch_rows_report_their_status(club):
+    club.purchase("anna", amount=1000, at=T0, ref="dup")
+    t = pa.table({"member": ["anna", "ghost", "anna", "anna"], "ref": ["dup", "g1", "n1", "n2"],
+                  "at": pa.array([T0, T0, T0 + timedelta(days=1), T0 + timedelta(days=2)],
+                                 pa.timestamp("us", tz="UTC")),
+                  "amount": [1000, 1000, 2000, 3000], "redeem_points": [0, 0, 0, 7]})
+    res = club.purchase_batch(t)
+    assert res.column("status").to_pylist() == [RowStatus.DUPLICATE, RowStatus.UNKNOWN_MEMBER, RowStatus.OK,
+                                                RowStatus.REDEEM_BELOW_MIN]
+    assert res.column("points").to_pylist()[2] == 2
+    with pytest.raises(ValidationError, match="timestamp without a timezone"):
+        club.purchase_batch({"member": ["anna"], "ref": ["z"], "amount": [1],
+                             "at": pa.array([datetime(2026, 1, 1)], pa.timestamp("us"))})
+    with pytest.raises(ValidationError, match="missing column 'ref'"):
+        club.purchase_batch({"member": ["anna"], "amount": [1], "at": [1]})
+
+
+# -- one at a time and in a batch: identical ----------------------------------------------------------
+
+CATS = ["cosmetics", "food", "toys"]
+CONDS = ["amount >= 4 * avg_basket", "visits_30d >= 2", "days_since_last >= 0 and days_since_last <= 7",
+         'tier in ("silver", "gold")', "is_first_purchase", "points_balance >= 100", "hour >= 18",
+         'weekday in ("fri", "sat")', '"food" in categories', "spend_90d >= 50000", "referred",
+         "credit_balance > 0", "days_to_birthday >= 0 and days_to_birthday <= 5"]
+
+
+@st.composite
+def programs(draw):
+    levels = [{"name": "bronze", "threshold": 0}]
+    for name in ("silver", "gold"):
+        levels.append({"name": name, "threshold": levels[-1]["threshold"] + draw(st.integers(1, 300_000)),
+                       "multiplier": draw(st.sampled_from([1, 1.25, 2])),
+                       "cashback_percent": draw(st.sampled_from([0, 1, 2.5])),
+                       "discount_percent": draw(st.sampled_from([0, 5]))})
+    rules = []
+    for i in range(draw(st.integers(0, 3))):
+        rule = {"name": f"r{i}", "when": draw(st.sampled_from(CONDS))}
+        if draw(st.booleans()):
+            rule["category"] = draw(st.sampled_from(CATS))
+        if draw(st.booleans()):
+            rule["multiplier"] = draw(st.sampled_from([1.5, 2, 3]))
+        else:
+            rule["bonus"] = draw(st.integers(1, 50))
+        rules.append(rule)
+    offers = []
+    for i in range(draw(st.integers(0, 3))):
+        kind = draw(st.sampled_from(["bonus_points", "multiplier", "credit_percent", "credit_fixed",
+                                     "discount_percent"]))
+        value = {"bonus_points": 25, "multiplier": 2, "credit_percent": 10, "credit_fixed": 500,
+                 "discount_percent": 10}[kind]
+        offer = {"name": f"o{i}", "when": draw(st.sampled_from(CONDS)), "effect": {kind: value},
+                 "priority": draw(st.integers(0, 3)), "exclusive": draw(st.booleans())}
+        if draw(st.booleans()):
+            offer["limit_per_member"] = draw(st.integers(1, 3))
+        if draw(st.booleans()):
+            offer["limit_per_period"] = {"count": 1, "days": draw(st.integers(1, 30))}
+        if kind in ("bonus_points", "credit_percent", "credit_fixed") and draw(st.booleans()):
+            offer["budget"] = draw(st.integers(1, 3000))
+        offers.append(offer)
+    return {
+        "timezone": draw(st.sampled_from(["UTC", "Asia/Tehran", "Europe/Berlin"])),
+        "rounding": draw(st.sampled_from(["floor", "half_even", "ceil"])),
+        "earn": {"points": draw(st.integers(1, 3)), "per": draw(st.sampled_from([100, 1000, 333])),
+                 "stacking": draw(st.sampled_from(["multiply", "add", "best"])),
+                 "cap_per_receipt": draw(st.sampled_from([0, 400])), "cap_per_day": draw(st.sampled_from([0, 700])),
+                 "min_basket": draw(st.sampled_from([0, 5000]))},
+        "tiers": {"metric": draw(st.sampled_from(["points", "spend", "visits"])), "window_days": draw(st.integers(7, 400)),
+                  "review": draw(st.sampled_from(["never", "month", "quarter", "year"])),
+                  "grace_days": draw(st.integers(0, 20)), "levels": levels},
+        "earn_rules": rules, "offers": offers,
+        "bonuses": {"signup": draw(st.integers(0, 50)), "birthday": {"points": 40, "within_days": 3},
+                    "anniversary": {"points": 25, "within_days": 2},
+                    "referral": {"referrer": draw(st.integers(0, 60)), "referred": draw(st.integers(0, 60))}},
+        "burn": {"points": 1, "value": 10, "min_points": 10, "step": 5, "max_share_percent": 50},
+    }
+
+
+@st.composite
+def histories(draw):
+    n_members = draw(st.integers(1, 4))
+    rows = []
+    for i in range(draw(st.integers(1, 40))):
+        rows.append({
+            "member": f"m{draw(st.integers(0, n_members - 1))}",
+            "at": T0 + timedelta(days=draw(st.integers(0, 500)), minutes=draw(st.integers(0, 1439))),
+            "amount": draw(st.integers(1, 400_000)), "category": draw(st.sampled_from(CATS + ["other"])),
+            "redeem_points": draw(st.sampled_from([0, 0, 0, 10, 25, 100, 7])), "ref": f"r{i}"})
+    births = [draw(st.one_of(st.none(), st.dates(date(1960, 1, 1), date(2005, 12, 31)))) for _ in range(n_members)]
+    return n_members, births, sorted(rows, key=lambda r: r["at"])
+
+
+def _play(path, prog_dict, n_members, births, rows, batch: bool):
+    e = Engine.open(path, program=Program.from_dict({k: v for k, v in prog_dict.items() if v is not None}),
+                    sync="none")
+    for i in range(n_members):
+        e.enroll(f"m{i}", at=T0 - timedelta(days=40 * i), birth_date=births[i],
+                 referred_by="m0" if i == 2 else None)
+    if batch:
+        t = pa.table({"member": [r["member"] for r in rows], "ref": [r["ref"] for r in rows],
+                      "at": pa.array([r["at"] for r in rows], pa.timestamp("us", tz="UTC")),
+                      "amount": [r["amount"] for r in rows], "category": [r["category"] for r in rows],
+                      "redeem_points": [r["redeem_points"] for r in rows]})
+        half = len(rows) // 2
+        statuses = (e.purchase_batch(t.slice(0, half)).column("status").to_pylist()
+                    + e.purchase_batch(t.slice(half)).column("status").to_pylist())
+    else:
+        statuses = []
+        for r in rows:
+            try:
+                e.purchase(r["member"], amount=r["amount"], at=r["at"], ref=r["ref"],
+                           items=[Item(category=r["category"], sku="", amount=r["amount"])],
+                           redeem_points=r["redeem_points"])
+                statuses.append(0)
+            except (ValidationError, InsufficientBalanceError) as exc:
+                statuses.append(str(exc).split(":")[1].strip()[:12])
+    return e, statuses
+
+
+@settings(max_examples=int(os.environ.get("ENGINE_PROPERTY_EXAMPLES", "60")), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                 HealthCheck.too_slow])
+@given(programs(), histories())
+def test_single_and_batch_paths_give_identical_ledgers(tmp_path_factory, prog, history):
+    n_members, births, rows = history
+    base = tmp_path_factory.mktemp("club")
+    a, sa = _play(base / "single", prog, n_members, births, rows, batch=False)
+    b, sb = _play(base / "batch", prog, n_members, births, rows, batch=True)
+    try:
+        assert [s == 0 for s in sa] == [s == 0 for s in sb]
+        ids = np.array([f(i) for i in range(n_members) for f in (points_account, credit_account)], np.uint64)
+        ba, bb = a.ledger.balances(ids), b.ledger.balances(ids)
+        assert ba.tolist() == bb.tolist()
+        for r, ok in zip(rows, sa, strict=True):
+            if ok == 0:
+                ra, rb = a.receipt(r["ref"]), b.receipt(r["ref"])
+                assert (ra.points_earned, ra.credit_earned, ra.discount, ra.points_redeemed, ra.tier_after,
+                        ra.offers, ra.rules) == (rb.points_earned, rb.credit_earned, rb.discount,
+                                                 rb.points_redeemed, rb.tier_after, rb.offers, rb.rules), r
+        for i in range(n_members):
+            ma, mb = a.member(f"m{i}"), b.member(f"m{i}")
+            assert (ma.tier, ma.points, ma.credit, ma.purchases, ma.offers_used) == \
+                   (mb.tier, mb.points, mb.credit, mb.purchases, mb.offers_used)
+        assert a.ledger.verify().ok and b.ledger.verify().ok
+    finally:
+        a.close()
+        b.close()

@@ -1,0 +1,205 @@
+"""The condition language and the program's validation: parse, check, compile; the kernel's VM against
+the Python reference interpreter; the calendar against Python's datetime."""
+
+from __future__ import annotations
+
+import textwrap
+from datetime import date, timedelta
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from loyalty_engine import _core
+from loyalty_engine.errors import ConfigError
+from loyalty_engine.program import Program
+from loyalty_engine.rules.expr import EPOCH_ORDINAL, VARIABLES, Symbols, compile_expr, evaluate
+
+N = len(VARIABLES)
+
+
+def run_both(src: str, facts: dict[str, int] | None = None, sym: Symbols | None = None,
+             cat: dict[int, int] | None = None) -> int:
+    sym = sym or Symbols()
+    sym.tables["tier"].update({"bronze": 1, "silver": 2, "gold": 3})
+    pool: list[int] = []
+    c = compile_expr(src, sym, pool, want="bool" if not src.startswith("#") else "int")
+    f = np.zeros(N, np.int64)
+    for k, v in (facts or {}).items():
+        f[VARIABLES[k].slot] = v
+    ca = np.zeros(64, np.int64)
+    for k, v in (cat or {}).items():
+        ca[k] = v
+    py = evaluate(c.code, pool, f, ca, ca)
+    k = _core.run_expr(np.asarray(c.code, np.int64), np.asarray(pool or [0], np.int64), f, ca, ca)
+    assert py == k, (src, py, k)
+    return int(k)
+
+
+def test_the_two_brochure_conditions_read_as_written():
+    big = "amount >= 4 * avg_basket and avg_gap_days <= 12 and visits_90d >= 3"
+    assert run_both(big, {"amount": 200_000, "avg_basket": 50_000, "avg_gap_days": 10, "visits_90d": 6}) == 1
+    assert run_both(big, {"amount": 199_999, "avg_basket": 50_000, "avg_gap_days": 10, "visits_90d": 6}) == 0
+    back = "avg_gap_days >= 40 and days_since_last <= 20 and days_since_last >= 0"
+    assert run_both(back, {"avg_gap_days": 45, "days_since_last": 20}) == 1
+    assert run_both(back, {"avg_gap_days": 45, "days_since_last": 21}) == 0
+
+
+def test_names_lists_functions_and_precedence():
+    assert run_both('tier in ("silver", "gold")', {"tier": 3}) == 1
+    assert run_both('tier in ("silver", "gold")', {"tier": 1}) == 0
+    assert run_both('tier >= "silver"', {"tier": 2}) == 1
+    assert run_both('"silver" < tier', {"tier": 2}) == 0
+    assert run_both("not hour in (9, 10) and hour != 3", {"hour": 11}) == 1
+    assert run_both("1 + 2 * 3 == 7 and (1 + 2) * 3 == 9 and -7 / 2 == -4 and 7 % 0 == 0 and 5 / 0 == 0") == 1
+    assert run_both("min(amount, 10) == 10 and max(-3, abs(-5)) == 5", {"amount": 99}) == 1
+    assert run_both('date >= date("2026-05-10")', {"date": date(2026, 5, 10).toordinal() - EPOCH_ORDINAL}) == 1
+    sym = Symbols()
+    sym.occasions["mothers_day"] = [(100, 102)]
+    assert run_both('occasion("mothers_day")', {"date": 101}, sym) == 1
+    assert run_both('occasion("mothers_day")', {"date": 103}, sym) == 0
+    sym = Symbols()
+    bit = sym.number("category", "cosmetics", "t")
+    assert run_both('"cosmetics" in categories', {"categories": 1 << bit}, sym) == 1
+    assert run_both('"cosmetics" not in categories', {"categories": 1 << bit}, sym) == 0
+    assert run_both('category_amount("cosmetics") >= 100', {}, sym, {bit: 150}) == 1
+    assert run_both("true or 1 / 0 == 0") == 1 and run_both("false and true") == 0
+
+
+@pytest.mark.parametrize(("src", "message"), [
+    ("amount >= 4 * avg_baskett", "unknown variable 'avg_baskett'"),
+    ("amount >=", "column"),
+    ("amount", "not a condition"),
+    ('tier == "diamond"', "'diamond' is not a tier"),
+    ('branch < "x"', "names compare only"),
+    ("amount and true", "need a condition"),
+    ("categories == 1", "is a set"),
+    ("eval(1)", "unknown function 'eval'"),
+    ("__import__('os')", "unknown function"),
+    ("amount in ()", "empty list"),
+    ('amount in ("a")', "holds numbers"),
+    ('weekday == "funday"', "not a weekday"),
+    ('occasion("nope")', "unknown occasion"),
+    ("amount >= 99999999999999999999", "too large"),
+    ("amount ; 1", "cannot read"),
+    ("", "empty"),
+])
+def test_bad_conditions_are_refused_with_the_place(src: str, message: str):
+    with pytest.raises(ConfigError, match=message):
+        run_both(src)
+
+
+# random well-typed expressions: the VM and the reference interpreter agree on every one
+ints = st.recursive(
+    st.one_of(st.integers(-1000, 1000).map(str), st.sampled_from(["amount", "visits_30d", "avg_basket",
+                                                                  "days_since_last", "hour", "points_balance"])),
+    lambda inner: st.one_of(
+        st.tuples(inner, st.sampled_from(["+", "-", "*", "/", "%"]), inner).map(lambda t: f"({t[0]} {t[1]} {t[2]})"),
+        st.tuples(st.sampled_from(["min", "max"]), inner, inner).map(lambda t: f"{t[0]}({t[1]}, {t[2]})"),
+        inner.map(lambda x: f"abs({x})"), inner.map(lambda x: f"-{x}")),
+    max_leaves=6)
+bools = st.recursive(
+    st.one_of(st.tuples(ints, st.sampled_from(["==", "!=", "<", "<=", ">", ">="]), ints).map(" ".join),
+              st.tuples(ints, st.lists(st.integers(-5, 5), min_size=1, max_size=4)).map(
+                  lambda t: f"{t[0]} in ({', '.join(map(str, t[1]))})"),
+              st.sampled_from(['tier in ("silver", "gold")', "is_first_purchase", "referred"])),
+    lambda inner: st.one_of(st.tuples(inner, st.sampled_from(["and", "or"]), inner).map(lambda t: f"({' '.join(t)})"),
+                            inner.map(lambda x: f"not {x}")),
+    max_leaves=5)
+
+
+@settings(max_examples=300, deadline=None)
+@given(bools, st.lists(st.integers(-10_000, 10_000), min_size=N, max_size=N))
+def test_vm_matches_the_reference_interpreter(src: str, values: list[int]):
+    facts = {name: values[v.slot] for name, v in VARIABLES.items()}
+    facts["tier"] = abs(facts["tier"]) % 4
+    for name, v in VARIABLES.items():
+        if v.type == "bool":  # the kernel fills booleans with 0 or 1
+            facts[name] &= 1
+    result = run_both(src, facts)
+    assert result in (0, 1)
+
+
+def test_calendar_matches_datetime():
+    days = np.concatenate([np.arange(-800, 800), np.arange(19_000, 21_500), [60_000, 100_000]]).astype(np.int64)
+    got = _core.calendar_check(days)
+    for d, (y, m, dd, nm, nq, ny) in zip(days.tolist(), got.tolist(), strict=True):
+        when = date.fromordinal(d + EPOCH_ORDINAL)
+        assert (y, m, dd) == (when.year, when.month, when.day)
+        next_month = date(when.year + (when.month == 12), when.month % 12 + 1, 1)
+        q = (when.month - 1) // 3 * 3 + 4
+        next_quarter = date(when.year + 1, 1, 1) if q > 12 else date(when.year, q, 1)
+        assert nm == next_month.toordinal() - EPOCH_ORDINAL
+        assert nq == next_quarter.toordinal() - EPOCH_ORDINAL
+        assert ny == date(when.year + 1, 1, 1).toordinal() - EPOCH_ORDINAL
+        assert when + timedelta(days=0) == when
+
+
+# -- the program --------------------------------------------------------------------------------------
+
+BASE = {"tiers": {"levels": [{"name": "bronze", "threshold": 0}, {"name": "gold", "threshold": 100}]}}
+
+
+@pytest.mark.parametrize(("patch", "message"), [
+    ({"colour": "red"}, "unknown field 'colour'"),
+    ({"earn": {"points": "1"}}, "field 'earn.points': must be a whole number"),
+    ({"earn": {"per": 0}}, "field 'earn.per': must be at least 1"),
+    ({"rounding": "up"}, "must be one of 'floor', 'half_even', 'ceil'"),
+    ({"timezone": "Mars/Olympus"}, "unknown timezone"),
+    ({"tiers": {"levels": [{"name": "gold", "threshold": 100}, {"name": "bronze", "threshold": 0}]}},
+     "from the lowest threshold up"),
+    ({"tiers": {"levels": [{"name": "silver", "threshold": 10}]}}, "must have threshold 0"),
+    ({"offers": [{"name": "x", "when": "amount > avg", "effect": {"credit_percent": 5}}]}, "unknown variable 'avg'"),
+    ({"offers": [{"name": "x", "effect": {"credit_percent": 5, "bonus_points": 3}}]}, "exactly one of"),
+    ({"offers": [{"name": "x", "effect": {"credit_percent": 5.555}}]}, "more decimals"),
+    ({"offers": [{"name": "x", "effect": {"multiplier": 2}, "budget": 10}]}, "budget"),
+    ({"earn_rules": [{"name": "x", "multiplier": 2, "weekdays": ["fri", "someday"]}]}, "not a weekday"),
+    ({"earn_rules": [{"name": "x"}]}, "exactly one of multiplier"),
+    ({"earn_rules": [{"name": "x", "bonus": 5, "occasion": "nowruz"}]}, "unknown occasion"),
+    ({"occasions": {"nowruz": ["2026-13-01"]}}, "YYYY-MM-DD"),
+])
+def test_program_validation_names_the_field(patch: dict, message: str):
+    data = {**BASE, **patch}
+    with pytest.raises(ConfigError, match=message):
+        Program.from_dict(data)
+
+
+def test_toml_errors_name_the_file_and_line(tmp_path):
+    text = textwrap.dedent("""\
+        name = "shop"
+        timezone = "Asia/Tehran"
+
+        [earn]
+        points = 1
+        per = 1000
+
+        [[offers]]
+        name = "first"
+        when = "amount > 0"
+        effect = { bonus_points = 5 }
+
+        [[offers]]
+        name = "second"
+        when = "amount >= 4 * avg_baskit"
+        effect = { credit_percent = 20 }
+        """)
+    path = tmp_path / "program.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        Program.from_toml(path)
+    assert f"{path}, line 15" in str(e.value) and "avg_baskit" in str(e.value)
+    path.write_text(text.replace("per = 1000", "per = 1000\nmultiplyer = 2"))
+    with pytest.raises(ConfigError, match=r"line 7: field 'earn.multiplyer': unknown field"):
+        Program.from_toml(path)
+    path.write_text("name = ")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        Program.from_toml(path)
+
+
+def test_offers_are_ordered_by_priority_and_decimals_are_exact():
+    p = Program.from_dict({"offers": [
+        {"name": "low", "effect": {"multiplier": 1.5}, "priority": 1},
+        {"name": "high", "effect": {"credit_percent": 12.5}, "priority": 9}]})
+    assert [o.name for o in p.offers] == ["high", "low"]
+    assert p.offers[0].effect.value == 1250 and p.offers[1].effect.value == 15_000
