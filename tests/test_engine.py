@@ -291,7 +291,8 @@ def programs(draw):
                  "stacking": draw(st.sampled_from(["multiply", "add", "best"])),
                  "cap_per_receipt": draw(st.sampled_from([0, 400])), "cap_per_day": draw(st.sampled_from([0, 700])),
                  "min_basket": draw(st.sampled_from([0, 5000]))},
-        "tiers": {"metric": draw(st.sampled_from(["points", "spend", "visits"])), "window_days": draw(st.integers(7, 400)),
+        "tiers": {"metric": draw(st.sampled_from(["points", "spend", "visits"])),
+                  "window_days": draw(st.integers(7, 400)),
                   "review": draw(st.sampled_from(["never", "month", "quarter", "year"])),
                   "grace_days": draw(st.integers(0, 20)), "levels": levels},
         "earn_rules": rules, "offers": offers,
@@ -343,8 +344,8 @@ def _play(path, prog_dict, n_members, births, rows, batch: bool):
     return e, statuses
 
 
-@settings(max_examples=int(os.environ.get("ENGINE_PROPERTY_EXAMPLES", "60")), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                                 HealthCheck.too_slow])
+@settings(max_examples=int(os.environ.get("ENGINE_PROPERTY_EXAMPLES", "60")), deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(programs(), histories())
 def test_single_and_batch_paths_give_identical_ledgers(tmp_path_factory, prog, history):
     n_members, births, rows = history

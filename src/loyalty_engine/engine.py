@@ -254,7 +254,8 @@ class Engine:
         """Open (or create) the club at ``path`` with ``program``. Members, receipts and the outbox live
         in the ledger's LMDB environment beside the journal."""
         if not isinstance(program, Program):
-            raise ConfigError(f"program must be a Program (Program.from_toml / from_dict), not {type(program).__name__}")
+            raise ConfigError(f"program must be a Program (Program.from_toml / from_dict), "
+                              f"not {type(program).__name__}")
         ledger = Ledger.open(path, sync=sync, map_size=map_size)
         try:
             eng = cls(ledger, program)
@@ -460,6 +461,77 @@ class Engine:
                 raise
             return self.member(member)
 
+    def enroll_batch(self, members: Sequence[str], *, at: Any) -> int:
+        """Enroll many members at once (an import): ``at`` is one time or one per member. Members already
+        enrolled are skipped; returns how many were new. Sign-up bonuses and welcome events commit with
+        them, in one transaction."""
+        names = list(members)
+        ats = [to_micros(a, f"at[{i}]") for i, a in enumerate(at)] if isinstance(at, list | tuple | np.ndarray) \
+            else [to_micros(at, "at")] * len(names)
+        if len(ats) != len(names):
+            raise ValidationError(f"enroll_batch: {len(names)} members but {len(ats)} times")
+        for i, m in enumerate(names):
+            if not isinstance(m, str) or not m or len(m.encode()) > 200:
+                raise ValidationError(f"enroll_batch: members[{i}] must be a non-empty string of at most 200 "
+                                      f"bytes, not {m!r}")
+        with self._lock:
+            new: dict[str, int] = {}
+            for m, a in zip(names, ats, strict=True):
+                if m not in self._names and m not in new:
+                    new[m] = a
+            if not new:
+                return 0
+            first = len(self._member_names)
+            idx = np.arange(first, first + len(new), dtype=np.int64)
+            flags = 0 if self.program.negative_balance == "allow" else AccountFlags.DEBITS_MUST_NOT_EXCEED_CREDITS
+            r1 = self.ledger.create_accounts_batch(points_account(idx), asset=POINTS, flags=flags)
+            r2 = self.ledger.create_accounts_batch(credit_account(idx), asset=CREDIT,
+                                                   flags=AccountFlags.DEBITS_MUST_NOT_EXCEED_CREDITS)
+            if not np.isin(np.concatenate([r1, r2]), [0, 3]).all():
+                raise StorageError("enroll_batch: the ledger refused to create member accounts")
+            at_arr = np.fromiter(new.values(), np.int64, len(new))
+            day = self._local_fields(at_arr)["day"]
+            self._grow(first + len(new))
+            st = self._members[first: first + len(new)]
+            st["enroll_day"] = day
+            st["last_day"] = -1
+            st["tier"] = 1 if self.program.tiers else 0
+            col = {"month": 3, "quarter": 4, "year": 5}.get(self.program.tier_review, 5)
+            st["review_day"] = _core.calendar_check(day.astype(np.int64))[:, col]
+            st["referrer"] = -1
+            st["earn_day"] = -1
+            bonus = self.program.signup_bonus
+            recs = np.zeros(len(new) if bonus else 0, RECORD_DTYPE)
+            if bonus:
+                ids = np.array([_ref_id(f"enroll:{m}", 1) for m in new], np.uint64).reshape(-1, 2)
+                recs["id_lo"], recs["id_hi"] = ids[:, 0], ids[:, 1]
+                recs["debit"], recs["credit"], recs["amount"] = ISSUE_POINTS, points_account(idx), bonus
+                recs["asset"], recs["code"], recs["at"] = POINTS, Code.BONUS, at_arr
+                recs["expires_at"] = self._expiry(at_arr, day)
+            names_new = list(new)
+
+            def extra(txn: lmdb.Transaction, results: np.ndarray) -> None:
+                _raise_on(results, "enroll_batch")
+                db = self.ledger._ext_db()
+                for k, m in enumerate(names_new):
+                    i = first + k
+                    self._member_names.append(m)
+                    self._names[m] = i
+                    self._members[i]["points"] = bonus
+                    self._put_member(txn, i)
+                    txn.put(b"N" + m.encode(), i.to_bytes(8, "big"), db=db)
+                    self._put_event(txn, "welcome", m, int(at_arr[k]), points=bonus)
+
+            try:
+                self.ledger._post_with(recs, extra)
+            except BaseException:
+                del self._member_names[first:]
+                for m in names_new:
+                    self._names.pop(m, None)
+                self._members[first: first + len(new)] = np.zeros(len(new), MSTATE)
+                raise
+            return len(new)
+
     def _transfers(self, parts: list[tuple[int, int, int, int, int]], ref: str, at_us: int,
                    expires: int = 0) -> np.ndarray:
         """One linked chain of transfers (debit, credit, amount, asset, code) named after ``ref``;
@@ -550,7 +622,8 @@ class Engine:
                 if old is not None:
                     if old["member"] != idx or old["amount"] != amount:
                         raise ValidationError(f"ref {ref!r} was already used for another purchase "
-                                              f"({self._member_names[int(old['member'])]}, amount {int(old['amount'])})")
+                                              f"({self._member_names[int(old['member'])]}, "
+                                              f"amount {int(old['amount'])})")
                     return self._receipt_obj(ref, old)
             rows, cat, sku, amt = self._row(idx, amount, at_us, items, branch, channel, redeem)
             self._members[idx]["points"] = self.ledger.balance(points_account(idx)).available
@@ -646,7 +719,8 @@ class Engine:
         o = rec["out"]
         p = self.program
         return Receipt(
-            ref=ref, member=self._member_names[int(rec["member"])], at=from_micros(int(rec["at"])).astimezone(self._zone),
+            ref=ref, member=self._member_names[int(rec["member"])],
+            at=from_micros(int(rec["at"])).astimezone(self._zone),
             amount=int(rec["amount"]), points_earned=int(o["points"]), credit_earned=int(o["credit"]),
             discount=int(o["discount"]), points_redeemed=int(o["redeemed"]), redeem_value=int(o["redeem_value"]),
             tier_before=p.tier_name(int(o["tier_before"])), tier_after=p.tier_name(int(o["tier_after"])),
@@ -741,7 +815,8 @@ class Engine:
                     touched = np.unique(np.concatenate([idx[chunk], o["referrer"][o["referrer"] >= 0]]))
                     ok_refs = [refs[chunk[i]] for i in okrows]
 
-                    def extra(txn: lmdb.Transaction, results: np.ndarray) -> None:
+                    def extra(txn: lmdb.Transaction, results: np.ndarray, ok_refs: list[str] = ok_refs,
+                              rec: np.ndarray = rec, touched: np.ndarray = touched) -> None:
                         _raise_on(results, "purchase_batch")
                         self._commit_rows(txn, ok_refs, rec, touched.tolist(), events=events)
 
@@ -855,7 +930,8 @@ class Engine:
             self._hist[idx] = np.concatenate([hist[:pos], fix, hist[pos:]])
             st = self._members[idx]
             tier_before = int(st["tier"])
-            if int(o["tier_after"]) > int(o["tier_before"]) and tier_before > int(o["tier_before"]) and self.program.tiers:
+            lifted = int(o["tier_after"]) > int(o["tier_before"])
+            if lifted and tier_before > int(o["tier_before"]) and self.program.tiers:
                 # the purchase lifted the member: drop back as far as the remaining spend allows
                 now = self._day_of(at_us)
                 new = max(int(o["tier_before"]), self._tier_metric_tier(idx, now))
@@ -895,7 +971,8 @@ class Engine:
     def _refund_obj(self, ref: str, rec: Any, purchase_ref: str) -> RefundReceipt:
         return RefundReceipt(ref=ref, purchase_ref=purchase_ref, amount=int(rec["amount"]),
                              points_taken=int(rec["points_taken"]), credit_taken=int(rec["credit_taken"]),
-                             shortfall=int(rec["shortfall"]), tier_after=self.program.tier_name(int(rec["out"]["tier_after"])))
+                             shortfall=int(rec["shortfall"]),
+                             tier_after=self.program.tier_name(int(rec["out"]["tier_after"])))
 
     def _tier_metric_tier(self, idx: int, day: int) -> int:
         h = self._hist.get(idx, np.zeros(0, HEV))
@@ -975,7 +1052,8 @@ class Engine:
         with self._lock:
             idx = self._idx(member)
             st = self._members[idx]
-            day = self._day_of(to_micros(at, "at")) if at is not None else max(int(st["last_day"]), int(st["enroll_day"]))
+            day = (self._day_of(to_micros(at, "at")) if at is not None
+                   else max(int(st["last_day"]), int(st["enroll_day"])))
             h = self._hist.get(idx, np.zeros(0, HEV))
             figures: dict[str, int] = {}
             for w in (30, 90, 365):
@@ -1141,7 +1219,8 @@ def _time_column(t: pa.Table, name: str) -> np.ndarray:
                                   f"(e.g. pa.timestamp('us', tz='UTC')) or pass int64 microseconds UTC")
         col = col.cast(pa.timestamp("us", tz=col.type.tz)).cast(pa.int64())
     elif not pa.types.is_integer(col.type):
-        raise ValidationError(f"column {name!r} must be a timestamp with a timezone or int64 microseconds, not {col.type}")
+        raise ValidationError(f"column {name!r} must be a timestamp with a timezone or int64 microseconds, "
+                              f"not {col.type}")
     if col.null_count:
         row = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
         raise ValidationError(f"column {name!r} row {row} is null")
