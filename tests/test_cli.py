@@ -121,3 +121,14 @@ def test_demo_runs_on_the_bundled_data(runner: CliRunner, tmp_path: Path) -> Non
         assert ledger.verify().ok
         issued = -ledger.balance(1).available
     assert f"earned {issued:,} = redeemed" in result.output
+    # the club demo ran the example program over the same history
+    assert "club demo: program 'Golden Leaf club'" in result.output
+    assert "evaluated and posted 69,579 purchases" in result.output
+    from loyalty_engine.engine import Engine
+    from loyalty_engine.program import Program
+    prog = Program.from_toml(Path(__file__).parent.parent / "examples" / "customer_club" / "program.toml")
+    with Engine.open(f"{path}.club", program=prog, sync="none") as club:
+        assert club.members == 23_502          # customers with at least one paid purchase
+        assert club.ledger.verify().ok
+        points = club.ledger.balance(1).debits_posted - 20 * 23_502   # issued, less sign-up bonuses
+    assert f"points issued {points:,}" in result.output

@@ -129,10 +129,13 @@ def export(path: Path, out: Path) -> None:
 @click.option("--sync", type=click.Choice(SYNC_MODES), default="full", show_default=True)
 @_library_errors
 def demo(path: Path | None, sync: str) -> None:
-    """Run eighteen months of a CD shop's club (the bundled CDNOW data) on a ledger and verify it."""
+    """Run eighteen months of a CD shop's club (the bundled CDNOW data) on a ledger and verify it, then
+    the example program (examples/customer_club/program.toml) over the same history."""
+    from .club_demo import run_club_demo
     from .demo import run_demo
 
     run_demo(path, echo=click.echo, sync=sync)
+    run_club_demo(None if path is None else Path(f"{path}.club"), echo=click.echo, sync=sync)
 
 
 if __name__ == "__main__":  # pragma: no cover
