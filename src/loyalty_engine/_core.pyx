@@ -1747,11 +1747,12 @@ cdef inline int64_t round_div(i128 num, i128 den, int64_t mode) noexcept nogil:
     return <int64_t>q
 
 
-cdef inline int64_t tier_for(const int64_t[:, ::1] tiers, int64_t metric) noexcept nogil:
-    cdef Py_ssize_t i, nt = tiers.shape[0]
+cdef inline int64_t tier_for(const int64_t* tp, Py_ssize_t nt, int64_t metric) noexcept nogil:
+    """The highest tier whose threshold ``metric`` reaches (tiers are rows of 4: threshold first)."""
+    cdef Py_ssize_t i
     cdef int64_t t = 0
     for i in range(nt):
-        if tiers[i, 0] <= metric:
+        if tp[4 * i] <= metric:
             t = i + 1
     return t
 
@@ -1850,6 +1851,8 @@ cdef int64_t _evaluate(const int64_t[::1] code, const int64_t[::1] pool, const i
     cdef Py_ssize_t i, j, k, s
     cdef const int64_t* cp = &code[0] if code.shape[0] else NULL
     cdef const int64_t* pp = &pool[0]
+    cdef const int64_t* condp = &conds[0, 0] if ncond else NULL
+    cdef const int64_t* tp = &tiers[0, 0] if nt else NULL
     cdef int64_t facts[N_FACTS]
     cdef int64_t cat_amt[64]
     cdef int64_t sku_amt[64]
@@ -1918,7 +1921,7 @@ cdef int64_t _evaluate(const int64_t[::1] code, const int64_t[::1] pool, const i
             if nt and review:
                 while d >= m.review_day + params[P_GRACE]:
                     metric = _window_metric(out_hist, p0, p, m.review_day - window - 1, m.review_day - 1, tmetric)
-                    tnew = tier_for(tiers, metric)
+                    tnew = tier_for(tp, nt, metric)
                     if tnew < m.tier:
                         m.tier = <int32_t>tnew
                     m.review_day = <int32_t>next_boundary(m.review_day, review)
@@ -1994,7 +1997,7 @@ cdef int64_t _evaluate(const int64_t[::1] code, const int64_t[::1] pool, const i
                 if offers[k, 7] and budget_used[k] >= offers[k, 7]:
                     continue
                 cidx = offers[k, 0]
-                if cidx >= 0 and not _cond(cp, conds, cidx, pp, facts, cat_amt, sku_amt, fired_cond):
+                if cidx >= 0 and not _cond(cp, condp, cidx, pp, facts, cat_amt, sku_amt, fired_cond):
                     continue
                 offers_mask |= (<int64_t>1) << k
                 any_fired = True
@@ -2052,7 +2055,7 @@ cdef int64_t _evaluate(const int64_t[::1] code, const int64_t[::1] pool, const i
                         if rules[k, 1] == 2 and (last_item == first_item or item_sku[j] != rules[k, 2]):
                             continue
                         cidx = rules[k, 0]
-                        if cidx >= 0 and not _cond(cp, conds, cidx, pp, facts, cat_amt, sku_amt, fired_cond):
+                        if cidx >= 0 and not _cond(cp, condp, cidx, pp, facts, cat_amt, sku_amt, fired_cond):
                             continue
                         rules_mask |= (<int64_t>1) << k
                         f = _stack(f, rules[k, 4], stacking)
@@ -2073,7 +2076,7 @@ cdef int64_t _evaluate(const int64_t[::1] code, const int64_t[::1] pool, const i
                     if rules[k, 1] == 2 and not ((rows[i].skus >> rules[k, 2]) & 1):
                         continue
                     cidx = rules[k, 0]
-                    if cidx >= 0 and not _cond(cp, conds, cidx, pp, facts, cat_amt, sku_amt, fired_cond):
+                    if cidx >= 0 and not _cond(cp, condp, cidx, pp, facts, cat_amt, sku_amt, fired_cond):
                         continue
                     rules_mask |= (<int64_t>1) << k
                     bonus += rules[k, 4]
@@ -2161,7 +2164,7 @@ cdef int64_t _evaluate(const int64_t[::1] code, const int64_t[::1] pool, const i
             c30 += 1; c90 += 1; c365 += 1; tc += 1
             a30 += amount; a90 += amount; a365 += amount; ta += amount; tpts += earned + evpts
             if nt:
-                tnew = tier_for(tiers, metric_of(tmetric, tc, ta, tpts))
+                tnew = tier_for(tp, nt, metric_of(tmetric, tc, ta, tpts))
                 if tnew > m.tier:
                     m.tier = <int32_t>tnew
             out[i].tier_after = m.tier
@@ -2196,14 +2199,15 @@ cdef inline int64_t _stack(int64_t f, int64_t mult, int64_t stacking) noexcept n
     return mult if mult > f else f
 
 
-cdef inline bint _cond(const int64_t* cp, const int64_t[:, ::1] conds, int64_t c, const int64_t* pp,
+cdef inline bint _cond(const int64_t* cp, const int64_t* condp, int64_t c, const int64_t* pp,
                        const int64_t* facts, const int64_t* cat_amt, const int64_t* sku_amt,
                        int64_t* memo) noexcept nogil:
-    """Condition ``c``'s truth for this row (memoised for the first 64 conditions)."""
+    """Condition ``c``'s truth for this row (memoised for the first 64 conditions); ``condp`` is the
+    (start, end) table as a flat pointer (a memoryview argument would cost two atomic operations a call)."""
     cdef int64_t v
     if c < 64 and memo[c] >= 0:
         return memo[c] != 0
-    v = vm(cp, conds[c, 0], conds[c, 1], pp, facts, cat_amt, sku_amt) != 0
+    v = vm(cp, condp[2 * c], condp[2 * c + 1], pp, facts, cat_amt, sku_amt) != 0
     if c < 64:
         memo[c] = v
     return v != 0

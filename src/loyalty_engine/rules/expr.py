@@ -555,12 +555,12 @@ def _mod(a: int, b: int) -> int:
 
 
 def evaluate(code: list[int] | Any, pool: list[int] | Any, facts: Any, cat_amount: Any = None,
-             sku_amount: Any = None) -> int:
-    """Run bytecode in Python, instruction by instruction, as the kernel does (for tests and the
-    pure-Python peer)."""
+             sku_amount: Any = None, start: int = 0, end: int | None = None) -> int:
+    """Run bytecode ``code[start:end]`` in Python, instruction by instruction, as the kernel does (for
+    tests and the pure-Python peer; jump targets are positions in ``code``)."""
     stack: list[int] = []
-    pc = 0
-    n = len(code)
+    pc = start
+    n = len(code) if end is None else end
     while pc < n:
         op, arg = int(code[pc]), int(code[pc + 1])
         pc += 2
