@@ -371,3 +371,16 @@ def test_single_and_batch_paths_give_identical_ledgers(tmp_path_factory, prog, h
     finally:
         a.close()
         b.close()
+
+
+@pytest.mark.parametrize("tz", ["Europe/Berlin", "Asia/Tehran", "America/New_York", "Australia/Lord_Howe"])
+def test_one_purchase_and_a_batch_read_local_time_alike(tmp_path, tz):
+    """The single path reads local time with zoneinfo, the batch path with Arrow: they must agree,
+    DST changes included (every 20 minutes over two years)."""
+    with Engine.open(tmp_path / "c", program=Program.from_dict({"timezone": tz}), sync="none") as e:
+        start = int(datetime(2025, 1, 1, tzinfo=UTC).timestamp()) * 1_000_000
+        at = np.arange(start, start + 730 * 86_400_000_000, 1_200_000_000, dtype=np.int64)
+        batch = e._local_fields(at)
+        for i in range(0, len(at), 7):
+            assert e._local_one(int(at[i])) == tuple(int(batch[k][i]) for k in ("day", "hour", "weekday", "month",
+                                                                                  "dom")), (tz, int(at[i]))

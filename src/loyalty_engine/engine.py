@@ -14,6 +14,7 @@ import os
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import UTC as UTC_TZ
 from datetime import date, datetime
 from enum import IntEnum
 from typing import Any
@@ -371,8 +372,16 @@ class Engine:
         dom = (dates - months.astype("datetime64[D]")).astype(np.int64) + 1
         return {"day": day, "hour": hour, "weekday": (day + 3) % 7, "month": month, "dom": dom}
 
+    def _local_one(self, at_us: int) -> tuple[int, int, int, int, int]:
+        """(day, hour, weekday, month, day of month) of one time, in the program's timezone: the same
+        answer as :meth:`_local_fields` (a test checks it across DST changes) without an Arrow call."""
+        utc = datetime.fromtimestamp(at_us // 1_000_000, UTC_TZ).replace(microsecond=at_us % 1_000_000)
+        local = utc.astimezone(self._zone)
+        day = local.toordinal() - EPOCH_ORDINAL
+        return day, local.hour, local.weekday(), local.month, local.day
+
     def _day_of(self, at_us: int) -> int:
-        return int(self._local_fields(np.array([at_us], np.int64))["day"][0])
+        return self._local_one(at_us)[0]
 
     def _expiry(self, at_us: np.ndarray, day: np.ndarray) -> np.ndarray:
         """When points earned at ``at_us`` expire (0 = never)."""
@@ -562,10 +571,8 @@ class Engine:
         sym = self.program.symbols.tables
         rows = np.zeros(1, ROW)
         r = rows[0]
-        lf = self._local_fields(np.array([at_us], np.int64))
         r["member"], r["amount"], r["redeem"] = idx, amount, redeem
-        for k in ("day", "hour", "weekday", "month", "dom"):
-            r[k] = lf[k][0]
+        r["day"], r["hour"], r["weekday"], r["month"], r["dom"] = self._local_one(at_us)
         r["branch"] = sym["branch"].get(branch, 0)
         r["channel"] = sym["channel"].get(channel, 0)
         n = len(items)
@@ -590,7 +597,10 @@ class Engine:
                   facts: bool) -> Any:
         """Run the kernel over rows in time order; updates the members' state and histories."""
         c = self.program.compiled
-        seg_members, seg_of = np.unique(rows["member"], return_inverse=True)
+        if len(rows) == 1:
+            seg_members, seg_of = rows["member"], np.zeros(1, np.int64)
+        else:
+            seg_members, seg_of = np.unique(rows["member"], return_inverse=True)
         hists = [self._hist.get(int(m), _NO_HIST) for m in seg_members]
         hist_off = np.zeros(len(hists) + 1, np.int64)
         hist_off[1:] = np.cumsum([len(h) for h in hists])
