@@ -121,13 +121,9 @@ def python_evaluate(prog: Program, data: dict[str, np.ndarray], members: int) ->
         while h and h[0][0] < d - max(364, window - 1):
             h.popleft()
 
-        def win(w: int) -> tuple[int, int]:
-            sel = [a for (dd, a) in h if dd >= d - w + 1]
-            return len(sel), sum(sel)
-
-        v30, s30 = win(30)
-        v90, s90 = win(90)
-        v365, s365 = win(365)
+        v30, s30 = _window(h, d, 30)
+        v90, s90 = _window(h, d, 90)
+        v365, s365 = _window(h, d, 365)
         in365 = [dd for (dd, _) in h if dd >= d - 364]
         facts = [0] * len(VARIABLES)
         t = tier.get(m, 1)
@@ -142,7 +138,7 @@ def python_evaluate(prog: Program, data: dict[str, np.ndarray], members: int) ->
             facts[slot[k]] = val
         memo: dict[int, int] = {}
 
-        def cond(ci: int) -> bool:
+        def cond(ci: int, memo: dict[int, int] = memo, facts: list[int] = facts) -> bool:
             if ci < 0:
                 return True
             if ci not in memo:
@@ -189,3 +185,9 @@ def python_evaluate(prog: Program, data: dict[str, np.ndarray], members: int) ->
         out.append((points, credit, t))
     return out
 
+
+
+def _window(h: deque[tuple[int, int]], d: int, w: int) -> tuple[int, int]:
+    """Visits and spend in the ``w`` days ending on day ``d``."""
+    sel = [a for (dd, a) in h if dd >= d - w + 1]
+    return len(sel), sum(sel)

@@ -83,7 +83,8 @@ def main() -> None:
         print("\nmembers at the end of the week:")
         for name in ("sara", "reza", "mina", "omid"):
             m = club.member(name)
-            print(f"  {name:5} {m.tier:8} points {m.points:6,}  credit {m.credit:7,}  visits 90d {m.figures['visits_90d']}")
+            print(f"  {name:5} {m.tier:8} points {m.points:6,}  credit {m.credit:7,}  "
+                  f"visits 90d {m.figures['visits_90d']}")
         events = club.events()
         kinds = sorted({e.kind for e in events})
         print(f"\noutbox: {len(events)} events to deliver ({', '.join(kinds)})")

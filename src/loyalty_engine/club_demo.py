@@ -99,7 +99,7 @@ def _run(path: Path, prog: Program, echo: Callable[[str], None], sync: str) -> C
         top = int(np.bincount(cust, weights=amount).argmax())
         last = datetime.fromtimestamp(int(at[cust == top].max()) // 1_000_000, UTC)
         q = club.quote(f"cdnow-{top}", amount=2_000_000, at=last + timedelta(days=3))
-        echo(f"  the biggest spender's next basket of 2,000,000 toman, quoted (nothing committed):\n"
+        echo("  the biggest spender's next basket of 2,000,000 toman, quoted (nothing committed):\n"
              + "\n".join("    " + ln for ln in q.explain().splitlines()))
         report = club.ledger.verify()
         assert report.ok, report.problems
