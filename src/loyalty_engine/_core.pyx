@@ -1736,8 +1736,16 @@ def calendar_check(const int64_t[::1] days):
 
 cdef inline int64_t round_div(i128 num, i128 den, int64_t mode) noexcept nogil:
     """num // den (num >= 0, den > 0) rounded: 0 floor, 1 half to even, 2 ceiling."""
-    cdef i128 q = num // den
-    cdef i128 r = num - q * den
+    cdef i128 q, r
+    cdef int64_t q64, r64
+    if num <= <i128>INT64_MAX and den <= <i128>INT64_MAX:   # the common case: no 128-bit division
+        q64 = <int64_t>num // <int64_t>den
+        r64 = <int64_t>num - q64 * <int64_t>den
+        q = q64
+        r = r64
+    else:
+        q = num // den
+        r = num - q * den
     if mode == 2:
         if r != 0:
             q += 1
@@ -1870,6 +1878,10 @@ cdef int64_t _evaluate(const int64_t[::1] code, const int64_t[::1] pool, const i
     cdef bint any_fired, excl
     cdef int64_t offers_mask, rules_mask, cidx
     cdef Py_ssize_t first_item, last_item
+    cdef Py_ssize_t prev_first = 0, prev_last = 0
+    for k in range(64):
+        cat_amt[k] = 0
+        sku_amt[k] = 0
     # lay the segments out: each gets room for its history and its rows
     base_at = 0
     for s in range(nseg):
@@ -1951,7 +1963,8 @@ cdef int64_t _evaluate(const int64_t[::1] code, const int64_t[::1] pool, const i
             facts[F_TIER] = m.tier
             facts[F_POINTS] = m.points
             facts[F_CREDIT] = m.credit
-            civil_from_days(d, &y, &mo, &dd)
+            if m.birth_md > 0 or params[P_ANNIV_POINTS]:   # the calendar only when a date needs it
+                civil_from_days(d, &y, &mo, &dd)
             if m.birth_md > 0:
                 b_next = md_in_year(y, m.birth_md)
                 if b_next < d:
@@ -1962,9 +1975,9 @@ cdef int64_t _evaluate(const int64_t[::1] code, const int64_t[::1] pool, const i
             facts[F_MDAYS] = d - m.enroll_day
             facts[F_REFERRED] = m.referred
             # the basket's items: amounts per category and SKU, one line each
-            for k in range(64):
-                cat_amt[k] = 0
-                sku_amt[k] = 0
+            for j in range(prev_first, prev_last):     # clear what the previous row set
+                cat_amt[item_cat[j]] = 0
+                sku_amt[item_sku[j]] = 0
             first_item = rows[i].item_start
             last_item = rows[i].item_end
             items_total = 0
@@ -1972,6 +1985,8 @@ cdef int64_t _evaluate(const int64_t[::1] code, const int64_t[::1] pool, const i
                 cat_amt[item_cat[j]] += item_amount[j]
                 sku_amt[item_sku[j]] += item_amount[j]
                 items_total += item_amount[j]
+            prev_first = first_item
+            prev_last = last_item
             if facts_out.shape[0]:
                 for k in range(N_FACTS):
                     facts_out[i, k] = facts[k]
