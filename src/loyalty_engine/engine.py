@@ -44,6 +44,8 @@ ROW = _core.ROW_DTYPE
 OUT = _core.OUT_DTYPE
 N_FACTS = len(VARIABLES)
 _NO_HIST = np.zeros(0, HEV)
+OUT_NAMES = OUT.names
+FACT_NAMES = tuple(sorted(VARIABLES, key=lambda k: VARIABLES[k].slot))
 CHUNK_ROWS = 200_000
 
 
@@ -695,25 +697,27 @@ class Engine:
                      touched: Sequence[int], events: bool = True) -> None:
         """Store receipts, members and events of committed purchase rows (inside the ledger's txn)."""
         db = self.ledger._ext_db()
+        put = txn.put
         for ref, rec in zip(refs, recs, strict=True):
-            txn.put(b"R" + ref.encode(), rec.tobytes(), db=db)
+            put(b"R" + ref.encode(), rec.tobytes(), db=db)
             if not events:
                 continue
-            o = rec["out"]
+            o = dict(zip(OUT_NAMES, rec["out"].item(), strict=True))   # plain ints: no numpy scalar per field
             name = self._member_names[int(rec["member"])]
             at = int(rec["at"])
-            delta = int(o["points"]) - int(o["redeemed"])
+            delta = o["points"] - o["redeemed"]
             if delta:
                 self._put_event(txn, "points_changed", name, at, delta=delta, reason="purchase", ref=ref)
             if o["tier_after"] != o["tier_before"]:
-                self._put_event(txn, "tier_changed", name, at, before=self.program.tier_name(int(o["tier_before"])),
-                                after=self.program.tier_name(int(o["tier_after"])), ref=ref)
-            for k, off in enumerate(self.program.offers):
-                if (int(o["offers_fired"]) >> k) & 1:
-                    self._put_event(txn, "offer_granted", name, at, offer=off.name, ref=ref)
+                self._put_event(txn, "tier_changed", name, at, before=self.program.tier_name(o["tier_before"]),
+                                after=self.program.tier_name(o["tier_after"]), ref=ref)
+            if o["offers_fired"]:
+                for k, off in enumerate(self.program.offers):
+                    if (o["offers_fired"] >> k) & 1:
+                        self._put_event(txn, "offer_granted", name, at, offer=off.name, ref=ref)
             if o["referrer_points"]:
-                self._put_event(txn, "points_changed", self._member_names[int(o["referrer"])], at,
-                                delta=int(o["referrer_points"]), reason="referral", ref=ref)
+                self._put_event(txn, "points_changed", self._member_names[o["referrer"]], at,
+                                delta=o["referrer_points"], reason="referral", ref=ref)
         for idx in set(touched):
             self._put_member(txn, idx)
         self._put_budget(txn)
@@ -726,19 +730,20 @@ class Engine:
             return np.frombuffer(bytes(raw), RECEIPT_DTYPE)[0].copy()
 
     def _receipt_obj(self, ref: str, rec: Any, committed: bool = True) -> Receipt:
-        o = rec["out"]
+        o = dict(zip(OUT_NAMES, rec["out"].item(), strict=True))
         p = self.program
+        facts = rec["facts"].tolist()
         return Receipt(
             ref=ref, member=self._member_names[int(rec["member"])],
             at=from_micros(int(rec["at"])).astimezone(self._zone),
-            amount=int(rec["amount"]), points_earned=int(o["points"]), credit_earned=int(o["credit"]),
-            discount=int(o["discount"]), points_redeemed=int(o["redeemed"]), redeem_value=int(o["redeem_value"]),
-            tier_before=p.tier_name(int(o["tier_before"])), tier_after=p.tier_name(int(o["tier_after"])),
-            offers=tuple(x.name for k, x in enumerate(p.offers) if (int(o["offers_fired"]) >> k) & 1),
-            rules=tuple(x.name for k, x in enumerate(p.rules) if (int(o["rules_fired"]) >> k) & 1),
-            base_points=int(o["base_points"]), rule_points=int(o["rule_points"]), bonus_points=int(o["bonus_points"]),
-            event_points=int(o["event_points"]), capped=int(o["capped"]), referrer_points=int(o["referrer_points"]),
-            facts={name: int(rec["facts"][v.slot]) for name, v in VARIABLES.items()}, committed=committed)
+            amount=int(rec["amount"]), points_earned=o["points"], credit_earned=o["credit"],
+            discount=o["discount"], points_redeemed=o["redeemed"], redeem_value=o["redeem_value"],
+            tier_before=p.tier_name(o["tier_before"]), tier_after=p.tier_name(o["tier_after"]),
+            offers=tuple(x.name for k, x in enumerate(p.offers) if (o["offers_fired"] >> k) & 1),
+            rules=tuple(x.name for k, x in enumerate(p.rules) if (o["rules_fired"] >> k) & 1),
+            base_points=o["base_points"], rule_points=o["rule_points"], bonus_points=o["bonus_points"],
+            event_points=o["event_points"], capped=o["capped"], referrer_points=o["referrer_points"],
+            facts=dict(zip(FACT_NAMES, facts, strict=True)), committed=committed)
 
     def receipt(self, ref: str) -> Receipt:
         """The receipt of the purchase committed as ``ref``."""
