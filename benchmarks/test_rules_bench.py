@@ -42,11 +42,11 @@ def test_purchase(benchmark: Any, tmp_path: Path) -> None:
     prog = program()
     with Engine.open(tmp_path / "club", program=prog, sync="none") as club:
         t0 = datetime(2026, 1, 1, tzinfo=UTC)
-        club.enroll("m", at=t0)
+        club.enroll_batch([f"m{i}" for i in range(1000)], at=t0)
         n = iter(range(10**9))
 
         def one() -> None:
             k = next(n)
-            club.purchase("m", amount=120_000, at=t0 + timedelta(seconds=k), ref=f"r{k}")
+            club.purchase(f"m{k % 1000}", amount=120_000, at=t0 + timedelta(minutes=k), ref=f"r{k}")
 
         benchmark(one)
