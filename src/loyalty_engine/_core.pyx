@@ -2263,3 +2263,181 @@ cdef inline int64_t _occurrence(int64_t d, int64_t y, int64_t md, int64_t within
         if b - within <= d <= b + within and yy > last_year:
             return yy
     return -1
+
+
+# ===================================================================================================
+# Codes: the Damm check digit and FF1's digit arithmetic (codes.py runs the AES calls, one per round
+# over the whole batch, through the `cryptography` package; see docs/codes.md)
+
+cdef extern from *:
+    ctypedef unsigned long long u128 "unsigned __int128"
+
+# the Damm quasigroup of order 10 (Damm 2004): every single-digit error and every adjacent
+# transposition changes the interim digit
+cdef uint8_t DAMM[10][10]
+_DAMM_ROWS = ((0, 3, 1, 7, 5, 9, 8, 6, 4, 2), (7, 0, 9, 2, 1, 5, 4, 8, 6, 3), (4, 2, 0, 6, 8, 7, 1, 3, 5, 9),
+              (1, 7, 5, 0, 9, 8, 3, 4, 2, 6), (6, 1, 2, 3, 0, 4, 5, 9, 7, 8), (3, 6, 7, 4, 2, 0, 9, 5, 8, 1),
+              (5, 8, 6, 9, 7, 2, 0, 1, 3, 4), (8, 9, 4, 5, 3, 6, 2, 0, 1, 7), (9, 4, 3, 8, 6, 1, 7, 2, 0, 5),
+              (2, 5, 8, 1, 4, 3, 6, 7, 9, 0))
+for _i in range(10):
+    for _j in range(10):
+        DAMM[_i][_j] = _DAMM_ROWS[_i][_j]
+
+
+def damm_digits(const uint64_t[::1] values, int ndigits, uint8_t[::1] out):
+    """The Damm check digit of each value written with ``ndigits`` decimal digits."""
+    cdef Py_ssize_t i, n = values.shape[0]
+    cdef int k
+    cdef uint64_t v, p
+    cdef uint8_t interim
+    cdef uint64_t pow10[20]
+    if ndigits < 1 or ndigits > 19 or out.shape[0] < n:
+        raise ValueError("ndigits must be 1..19 and out as long as values")
+    pow10[0] = 1
+    for k in range(1, 20):
+        pow10[k] = pow10[k - 1] * 10
+    with nogil:
+        for i in range(n):
+            v = values[i]
+            interim = 0
+            for k in range(ndigits - 1, -1, -1):
+                interim = DAMM[interim][(v // pow10[k]) % 10]
+            out[i] = interim
+
+
+def ff1_blocks(const uint64_t[::1] half, const uint8_t[::1] mask, int round_no, int nbytes, uint8_t[::1] out):
+    """FF1's last PRF block per code: ``mask`` (the CBC-MAC state before it, XOR the block's constant
+    bytes) XOR ``[round]`` at byte 15 - nbytes XOR NUM(half) as ``nbytes`` big-endian bytes at the end."""
+    cdef Py_ssize_t i, n = half.shape[0]
+    cdef int k
+    cdef uint64_t v
+    cdef uint8_t* o
+    if mask.shape[0] != 16 or out.shape[0] < 16 * n or nbytes < 1 or nbytes > 8:
+        raise ValueError("mask is 16 bytes, out 16 per code, nbytes 1..8")
+    with nogil:
+        for i in range(n):
+            o = &out[16 * i]
+            memcpy(o, &mask[0], 16)
+            o[15 - nbytes] ^= <uint8_t>round_no
+            v = half[i]
+            for k in range(nbytes):
+                o[15 - k] ^= <uint8_t>(v & 0xFF)
+                v >>= 8
+
+
+cdef extern from *:
+    """
+    static inline uint64_t le_load64(const unsigned char* p) { uint64_t v; memcpy(&v, p, 8); return v; }
+    """
+    uint64_t le_load64(const uint8_t* p) nogil
+    uint64_t __builtin_bswap64(uint64_t) nogil
+
+
+cdef inline uint64_t _mod_const(uint64_t y, uint64_t modulus) noexcept nogil:
+    # the compiler turns division by a literal into a multiply and a shift; the usual moduli get one
+    if modulus == 10000:
+        return y % 10000
+    if modulus == 100000:
+        return y % 100000
+    if modulus & (modulus - 1) == 0:
+        return y & (modulus - 1)
+    return y % modulus
+
+
+def ff1_combine(uint64_t[::1] a, uint64_t[::1] b, const uint8_t[::1] r, int d, uint64_t modulus, bint decrypt):
+    """One FF1 round over many codes, given the PRF outputs ``r`` (16 bytes each; the first ``d`` are y).
+    Encrypt: (a, b) <- (b, (a + y) mod modulus). Decrypt: (a, b) <- ((b - y) mod modulus, a)."""
+    cdef Py_ssize_t i, n = a.shape[0]
+    cdef int k
+    cdef u128 y
+    cdef uint64_t ym, c
+    if b.shape[0] != n or r.shape[0] < 16 * n or d < 1 or d > 16 or modulus < 2:
+        raise ValueError("a, b and r must match; d is 1..16; modulus >= 2")
+    with nogil:
+        for i in range(n):
+            if d == 8:
+                ym = _mod_const(__builtin_bswap64(le_load64(&r[16 * i])), modulus)
+            else:
+                y = 0
+                for k in range(d):
+                    y = (y << 8) | r[16 * i + k]
+                ym = <uint64_t>(y % modulus)
+            if decrypt:
+                c = b[i]
+                c = c - ym if c >= ym else c + (modulus - ym)
+                b[i] = a[i]
+                a[i] = c
+            else:
+                c = a[i] + ym
+                if c >= modulus or c < ym:
+                    c -= modulus
+                a[i] = b[i]
+                b[i] = c
+
+
+def ff1_crypt(const uint64_t[::1] x, uint64_t[::1] out, const uint8_t[::1] mask, int nbytes, int d,
+              uint64_t mod_u, uint64_t mod_v, bint decrypt, object aes_into, Py_ssize_t chunk=4096):
+    """All ten FF1 rounds over ``x`` (NUM of whole numerals) into ``out``, ``chunk`` values at a time;
+    ``aes_into(blocks, result)`` is the AES-ECB encryptor's ``update_into`` (one call per round per
+    chunk). The loop and the digit arithmetic stay here; only AES is a Python call."""
+    cdef Py_ssize_t n = x.shape[0], start, i, m
+    cdef int r, k, rnd
+    cdef uint64_t v, ym, c, modulus
+    if out.shape[0] < n or mask.shape[0] != 16 or nbytes < 1 or nbytes > 8 or d < 1 or d > 16 or chunk < 1:
+        raise ValueError("bad FF1 parameters")
+    blocks = np.empty(16 * chunk, np.uint8)
+    result = np.empty(16 * chunk + 15, np.uint8)
+    cdef uint8_t[::1] bv = blocks
+    cdef uint8_t[::1] rv = result
+    cdef uint64_t* a = <uint64_t*>malloc(chunk * sizeof(uint64_t))
+    cdef uint64_t* b = <uint64_t*>malloc(chunk * sizeof(uint64_t))
+    cdef uint8_t* o
+    cdef u128 y
+    if a == NULL or b == NULL:
+        free(a)
+        free(b)
+        raise MemoryError()
+    try:
+        for start in range(0, n, chunk):
+            m = min(chunk, n - start)
+            for i in range(m):
+                a[i] = x[start + i] // mod_v
+                b[i] = x[start + i] % mod_v
+            for r in range(10):
+                rnd = 9 - r if decrypt else r
+                modulus = mod_u if rnd % 2 == 0 else mod_v
+                with nogil:
+                    for i in range(m):
+                        o = &bv[16 * i]
+                        memcpy(o, &mask[0], 16)
+                        o[15 - nbytes] ^= <uint8_t>rnd
+                        v = a[i] if decrypt else b[i]
+                        for k in range(nbytes):
+                            o[15 - k] ^= <uint8_t>(v & 0xFF)
+                            v >>= 8
+                aes_into(blocks[: 16 * m], result[: 16 * m + 15])
+                with nogil:
+                    for i in range(m):
+                        if d == 8:
+                            ym = _mod_const(__builtin_bswap64(le_load64(&rv[16 * i])), modulus)
+                        else:
+                            y = 0
+                            for k in range(d):
+                                y = (y << 8) | rv[16 * i + k]
+                            ym = <uint64_t>(y % modulus)
+                        if decrypt:
+                            c = b[i]
+                            c = c - ym if c >= ym else c + (modulus - ym)
+                            b[i] = a[i]
+                            a[i] = c
+                        else:
+                            c = a[i] + ym
+                            if c >= modulus or c < ym:
+                                c -= modulus
+                            a[i] = b[i]
+                            b[i] = c
+            for i in range(m):
+                out[start + i] = a[i] * mod_v + b[i]
+    finally:
+        free(a)
+        free(b)
