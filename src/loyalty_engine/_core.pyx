@@ -2275,13 +2275,10 @@ cdef extern from *:
 # the Damm quasigroup of order 10 (Damm 2004): every single-digit error and every adjacent
 # transposition changes the interim digit
 cdef uint8_t DAMM[10][10]
-_DAMM_ROWS = ((0, 3, 1, 7, 5, 9, 8, 6, 4, 2), (7, 0, 9, 2, 1, 5, 4, 8, 6, 3), (4, 2, 0, 6, 8, 7, 1, 3, 5, 9),
-              (1, 7, 5, 0, 9, 8, 3, 4, 2, 6), (6, 1, 2, 3, 0, 4, 5, 9, 7, 8), (3, 6, 7, 4, 2, 0, 9, 5, 8, 1),
-              (5, 8, 6, 9, 7, 2, 0, 1, 3, 4), (8, 9, 4, 5, 3, 6, 2, 0, 1, 7), (9, 4, 3, 8, 6, 1, 7, 2, 0, 5),
-              (2, 5, 8, 1, 4, 3, 6, 7, 9, 0))
-for _i in range(10):
-    for _j in range(10):
-        DAMM[_i][_j] = _DAMM_ROWS[_i][_j]
+DAMM[:] = [[0, 3, 1, 7, 5, 9, 8, 6, 4, 2], [7, 0, 9, 2, 1, 5, 4, 8, 6, 3], [4, 2, 0, 6, 8, 7, 1, 3, 5, 9],
+           [1, 7, 5, 0, 9, 8, 3, 4, 2, 6], [6, 1, 2, 3, 0, 4, 5, 9, 7, 8], [3, 6, 7, 4, 2, 0, 9, 5, 8, 1],
+           [5, 8, 6, 9, 7, 2, 0, 1, 3, 4], [8, 9, 4, 5, 3, 6, 2, 0, 1, 7], [9, 4, 3, 8, 6, 1, 7, 2, 0, 5],
+           [2, 5, 8, 1, 4, 3, 6, 7, 9, 0]]
 
 
 def damm_digits(const uint64_t[::1] values, int ndigits, uint8_t[::1] out):
@@ -2305,26 +2302,6 @@ def damm_digits(const uint64_t[::1] values, int ndigits, uint8_t[::1] out):
             out[i] = interim
 
 
-def ff1_blocks(const uint64_t[::1] half, const uint8_t[::1] mask, int round_no, int nbytes, uint8_t[::1] out):
-    """FF1's last PRF block per code: ``mask`` (the CBC-MAC state before it, XOR the block's constant
-    bytes) XOR ``[round]`` at byte 15 - nbytes XOR NUM(half) as ``nbytes`` big-endian bytes at the end."""
-    cdef Py_ssize_t i, n = half.shape[0]
-    cdef int k
-    cdef uint64_t v
-    cdef uint8_t* o
-    if mask.shape[0] != 16 or out.shape[0] < 16 * n or nbytes < 1 or nbytes > 8:
-        raise ValueError("mask is 16 bytes, out 16 per code, nbytes 1..8")
-    with nogil:
-        for i in range(n):
-            o = &out[16 * i]
-            memcpy(o, &mask[0], 16)
-            o[15 - nbytes] ^= <uint8_t>round_no
-            v = half[i]
-            for k in range(nbytes):
-                o[15 - k] ^= <uint8_t>(v & 0xFF)
-                v >>= 8
-
-
 cdef extern from *:
     """
     static inline uint64_t le_load64(const unsigned char* p) { uint64_t v; memcpy(&v, p, 8); return v; }
@@ -2344,46 +2321,16 @@ cdef inline uint64_t _mod_const(uint64_t y, uint64_t modulus) noexcept nogil:
     return y % modulus
 
 
-def ff1_combine(uint64_t[::1] a, uint64_t[::1] b, const uint8_t[::1] r, int d, uint64_t modulus, bint decrypt):
-    """One FF1 round over many codes, given the PRF outputs ``r`` (16 bytes each; the first ``d`` are y).
-    Encrypt: (a, b) <- (b, (a + y) mod modulus). Decrypt: (a, b) <- ((b - y) mod modulus, a)."""
-    cdef Py_ssize_t i, n = a.shape[0]
-    cdef int k
-    cdef u128 y
-    cdef uint64_t ym, c
-    if b.shape[0] != n or r.shape[0] < 16 * n or d < 1 or d > 16 or modulus < 2:
-        raise ValueError("a, b and r must match; d is 1..16; modulus >= 2")
-    with nogil:
-        for i in range(n):
-            if d == 8:
-                ym = _mod_const(__builtin_bswap64(le_load64(&r[16 * i])), modulus)
-            else:
-                y = 0
-                for k in range(d):
-                    y = (y << 8) | r[16 * i + k]
-                ym = <uint64_t>(y % modulus)
-            if decrypt:
-                c = b[i]
-                c = c - ym if c >= ym else c + (modulus - ym)
-                b[i] = a[i]
-                a[i] = c
-            else:
-                c = a[i] + ym
-                if c >= modulus or c < ym:
-                    c -= modulus
-                a[i] = b[i]
-                b[i] = c
-
-
-def ff1_crypt(const uint64_t[::1] x, uint64_t[::1] out, const uint8_t[::1] mask, int nbytes, int d,
+def ff1_crypt(uint64_t[::1] xa, uint64_t[::1] xb, const uint8_t[::1] mask, int nbytes, int d,
               uint64_t mod_u, uint64_t mod_v, bint decrypt, object aes_into, Py_ssize_t chunk=4096):
-    """All ten FF1 rounds over ``x`` (NUM of whole numerals) into ``out``, ``chunk`` values at a time;
-    ``aes_into(blocks, result)`` is the AES-ECB encryptor's ``update_into`` (one call per round per
-    chunk). The loop and the digit arithmetic stay here; only AES is a Python call."""
-    cdef Py_ssize_t n = x.shape[0], start, i, m
+    """All ten FF1 rounds, in place, over numerals given as their halves: ``xa`` = NUM of the first u
+    digits, ``xb`` = NUM of the last v; ``chunk`` values at a time. ``aes_into(blocks, result)`` is the
+    AES-ECB encryptor's ``update_into`` (one call per round per chunk). The loop and the digit
+    arithmetic stay here; only AES is a Python call."""
+    cdef Py_ssize_t n = xa.shape[0], start, i, m
     cdef int r, k, rnd
     cdef uint64_t v, ym, c, modulus
-    if out.shape[0] < n or mask.shape[0] != 16 or nbytes < 1 or nbytes > 8 or d < 1 or d > 16 or chunk < 1:
+    if xb.shape[0] != n or mask.shape[0] != 16 or nbytes < 1 or nbytes > 8 or d < 1 or d > 16 or chunk < 1:
         raise ValueError("bad FF1 parameters")
     blocks = np.empty(16 * chunk, np.uint8)
     result = np.empty(16 * chunk + 15, np.uint8)
@@ -2401,8 +2348,8 @@ def ff1_crypt(const uint64_t[::1] x, uint64_t[::1] out, const uint8_t[::1] mask,
         for start in range(0, n, chunk):
             m = min(chunk, n - start)
             for i in range(m):
-                a[i] = x[start + i] // mod_v
-                b[i] = x[start + i] % mod_v
+                a[i] = xa[start + i]
+                b[i] = xb[start + i]
             for r in range(10):
                 rnd = 9 - r if decrypt else r
                 modulus = mod_u if rnd % 2 == 0 else mod_v
@@ -2437,7 +2384,80 @@ def ff1_crypt(const uint64_t[::1] x, uint64_t[::1] out, const uint8_t[::1] mask,
                             a[i] = b[i]
                             b[i] = c
             for i in range(m):
-                out[start + i] = a[i] * mod_v + b[i]
+                xa[start + i] = a[i]
+                xb[start + i] = b[i]
     finally:
         free(a)
         free(b)
+
+
+def codes_format(const uint64_t[::1] values, int ndigits, bint check, uint32_t[:, ::1] out):
+    """Write each value as ``ndigits`` decimal digits (UCS-4, for a NumPy 'U' array), followed by its
+    Damm check digit when ``check``."""
+    cdef Py_ssize_t i, n = values.shape[0]
+    cdef int k
+    cdef uint64_t v
+    cdef uint8_t interim
+    cdef uint32_t digit
+    if ndigits < 1 or ndigits > 19 or out.shape[0] < n or out.shape[1] < ndigits + (1 if check else 0):
+        raise ValueError("out must be (len(values), ndigits + check)")
+    with nogil:
+        for i in range(n):
+            v = values[i]
+            for k in range(ndigits - 1, -1, -1):
+                out[i, k] = 48 + <uint32_t>(v % 10)
+                v //= 10
+            if check:
+                interim = 0
+                for k in range(ndigits):
+                    interim = DAMM[interim][out[i, k] - 48]
+                out[i, ndigits] = 48 + interim
+
+
+cdef inline int _digit(uint32_t ch) noexcept nogil:
+    # ASCII, Persian (U+06F0..U+06F9) and Arabic-Indic (U+0660..U+0669) digits; -2 to skip; -1 bad
+    if 48 <= ch <= 57:
+        return ch - 48
+    if 0x06F0 <= ch <= 0x06F9:
+        return ch - 0x06F0
+    if 0x0660 <= ch <= 0x0669:
+        return ch - 0x0660
+    if ch == 0 or ch == 32 or ch == 45 or ch == 9 or ch == 0x2010 or ch == 0x2011 or ch == 0x2013 or ch == 0x200C or ch == 0xA0:
+        return -2
+    return -1
+
+
+def codes_parse(const uint32_t[:, ::1] chars, int ndigits, uint64_t[::1] values, uint8_t[::1] status):
+    """Read typed or scanned codes (UCS-4 rows of a NumPy 'U' array): digits in any of three scripts,
+    spaces and dashes ignored. ``status``: 0 = ``ndigits`` digits whose Damm check holds (``values``
+    holds them without the check digit), 1 = a typo (wrong check digit, or one digit too many or too
+    few), 2 = not a code (empty, a letter, far too long or short)."""
+    cdef Py_ssize_t i, j, n = chars.shape[0], w = chars.shape[1]
+    cdef int dgt, count
+    cdef uint64_t v
+    cdef uint8_t interim
+    if values.shape[0] < n or status.shape[0] < n or ndigits < 2 or ndigits > 20:
+        raise ValueError("values and status must be as long as chars; ndigits 2..20")
+    with nogil:
+        for i in range(n):
+            count = 0
+            v = 0
+            interim = 0
+            status[i] = 0
+            for j in range(w):
+                dgt = _digit(chars[i, j])
+                if dgt == -2:
+                    continue
+                if dgt == -1:
+                    status[i] = 2
+                    break
+                count += 1
+                interim = DAMM[interim][dgt]
+                if count < ndigits:
+                    v = v * 10 + <uint64_t>dgt
+            if status[i] == 0:
+                if count == 0 or count < ndigits - 1 or count > ndigits + 1:
+                    status[i] = 2
+                elif count != ndigits or interim != 0:
+                    status[i] = 1
+            values[i] = v if status[i] == 0 else 0

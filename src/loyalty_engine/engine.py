@@ -249,19 +249,24 @@ class Engine:
         self._event_seq = 0
         self._zone = program.zone
         self._expiry_cache: dict[tuple[int, int], int] = {}
+        self._code_key: Any = None
+        self._codes: Any = None
 
     # -- opening -------------------------------------------------------------------------------------
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, program: Program, sync: str = "full",
-             map_size: int | None = None) -> Engine:
+             map_size: int | None = None, code_key: bytes | str | os.PathLike[str] | None = None) -> Engine:
         """Open (or create) the club at ``path`` with ``program``. Members, receipts and the outbox live
-        in the ledger's LMDB environment beside the journal."""
+        in the ledger's LMDB environment beside the journal. ``code_key`` is the master key of product
+        codes (bytes, or a key file's path; default: the environment variable
+        ``LOYALTY_ENGINE_CODE_KEY``, read when ``engine.codes`` is first used)."""
         if not isinstance(program, Program):
             raise ConfigError(f"program must be a Program (Program.from_toml / from_dict), "
                               f"not {type(program).__name__}")
         ledger = Ledger.open(path, sync=sync, map_size=map_size)
         try:
             eng = cls(ledger, program)
+            eng._code_key = code_key
             eng._setup()
         except BaseException:
             ledger.close()
@@ -1084,6 +1089,15 @@ class Engine:
                 enrolled=date.fromordinal(int(st["enroll_day"]) + EPOCH_ORDINAL), purchases=int(st["purchases"]),
                 figures=figures,
                 offers_used={o.name: int(self._offer_use[idx, i, 0]) for i, o in enumerate(self.program.offers)})
+
+    @property
+    def codes(self) -> Any:
+        """The program's product codes (:class:`loyalty_engine.codes.Codes`)."""
+        if self._codes is None:
+            from .codes import Codes, load_key
+
+            self._codes = Codes(self, load_key(self._code_key))
+        return self._codes
 
     @property
     def members(self) -> int:

@@ -1,9 +1,9 @@
 """FF1 (NIST SP 800-38G), format-preserving encryption, batched.
 
 Each of the ten Feistel rounds is one AES-ECB call (through the ``cryptography`` package) over one
-16-byte block per value; the digit arithmetic around it is in ``_core`` (``ff1_blocks``,
-``ff1_combine``). Values are handled as integers (the numeral strings' NUM_radix), so a code of n
-digits is a pair (NUM of its first u digits, NUM of its last v digits).
+16-byte block per value; the rounds' loop and digit arithmetic are in ``_core.ff1_crypt``. Values
+are handled as integers (the numeral strings' NUM_radix): a numeral of n digits is the pair (NUM of
+its first u digits, NUM of its last v digits).
 
 Limits: radix 2..65536, radix**ceil(n/2) < 2**64 (b <= 8 bytes, so the PRF needs one output block),
 tweaks up to 255 bytes. The NIST sample vectors are tests (tests/test_ff1.py).
@@ -62,21 +62,18 @@ class FF1:
     def _aes(self, block: bytes) -> bytes:
         return self._ecb.update(block)
 
-    def _round(self, a: np.ndarray, b: np.ndarray, i: int, decrypt: bool, buf: np.ndarray,
-               res: np.ndarray) -> None:
-        m_mod = self.mod_u if i % 2 == 0 else self.mod_v
-        _core.ff1_blocks(a if decrypt else b, self._mask, i, self.b, buf)
-        self._ecb.update_into(buf, res)
-        _core.ff1_combine(a, b, res, self.d, m_mod, decrypt)
-
     def _run(self, x: np.ndarray, decrypt: bool) -> np.ndarray:
         """All ten rounds in ``_core.ff1_crypt``, a cache-sized chunk of values at a time (AES over
         64 KB runs several times faster than over megabytes: the output stays in cache)."""
         x = np.ascontiguousarray(x, dtype=np.uint64)
-        out = np.empty(len(x), np.uint64)
-        _core.ff1_crypt(x, out, self._mask, self.b, self.d, self.mod_u, self.mod_v, decrypt,
-                        self._ecb.update_into, CHUNK)
-        return out
+        mv = np.uint64(self.mod_v)
+        a, b = x // mv, x % mv
+        self._halves(a, b, decrypt)
+        return a * mv + b
+
+    def _halves(self, a: np.ndarray, b: np.ndarray, decrypt: bool) -> None:
+        _core.ff1_crypt(a, b, self._mask, self.b, self.d, self.mod_u, self.mod_v, decrypt,
+                        self._ecb.update_into, max(1, min(CHUNK, len(a))))
 
     def encrypt_ints(self, x: np.ndarray) -> np.ndarray:
         """Encrypt values in [0, radix**n) given as integers (NUM_radix of the numeral strings)."""
@@ -85,6 +82,21 @@ class FF1:
     def decrypt_ints(self, y: np.ndarray) -> np.ndarray:
         """The inverse of :meth:`encrypt_ints`."""
         return self._run(y, True)
+
+    def decrypt_int(self, y: int) -> int:
+        """:meth:`decrypt_ints` for one value, in plain Python integers (no array set-up: a single
+        check at the till)."""
+        mask = int.from_bytes(self._mask.tobytes(), "big")
+        a, b = divmod(int(y), self.mod_v)
+        shift = 8 * self.b
+        aes = self._ecb.update
+        d_shift = 8 * (16 - self.d)
+        for i in range(9, -1, -1):
+            block = mask ^ (i << shift) ^ a
+            r = int.from_bytes(aes(block.to_bytes(16, "big")), "big")
+            ym = (r >> d_shift) % (self.mod_u if i % 2 == 0 else self.mod_v)
+            a, b = (b - ym) % (self.mod_u if i % 2 == 0 else self.mod_v), a
+        return a * self.mod_v + b
 
     def encrypt_digits(self, digits: list[int]) -> list[int]:
         """Encrypt one numeral given as a list of digits (the standard's interface; for the vectors)."""
@@ -98,9 +110,7 @@ class FF1:
             raise ValidationError(f"expected {self.n} digits in radix {self.radix}")
         a = np.array([_num(digits[: self.u], self.radix)], np.uint64)
         b = np.array([_num(digits[self.u:], self.radix)], np.uint64)
-        buf, res = np.empty(16, np.uint8), np.empty(31, np.uint8)
-        for i in (range(9, -1, -1) if decrypt else range(10)):
-            self._round(a, b, i, decrypt, buf, res)
+        self._halves(a, b, decrypt)
         return _str(int(a[0]), self.u, self.radix) + _str(int(b[0]), self.v, self.radix)
 
 

@@ -1,0 +1,234 @@
+"""Product codes: FF1 against the NIST SP 800-38G samples, the Damm digit, generation, checking,
+redemption exactly once (with real concurrent processes), guessing limits and bad input."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from loyalty_engine import _core
+from loyalty_engine.codes import CodeStatus, TooManyAttemptsError, load_key, parse_code
+from loyalty_engine.engine import Engine, points_account
+from loyalty_engine.errors import CodeError
+from loyalty_engine.ff1 import FF1
+from loyalty_engine.program import Program
+
+ALPHA = "0123456789abcdefghijklmnopqrstuvwxyz"
+K128 = "2B7E151628AED2A6ABF7158809CF4F3C"
+K192 = K128 + "EF4359D8D580AA4F"
+K256 = K192 + "7F036D6F04FC6A94"
+T2 = "39383736353433323130"
+T3 = "3737373770717273373737"
+NOW = datetime(2026, 12, 1, tzinfo=UTC)
+KEY = bytes(range(32))
+
+
+@pytest.mark.parametrize(("key", "radix", "tweak", "pt", "ct"), [
+    (K128, 10, "", "0123456789", "2433477484"),
+    (K128, 10, T2, "0123456789", "6124200773"),
+    (K128, 36, T3, "0123456789abcdefghi", "a9tv40mll9kdu509eum"),
+    (K192, 10, "", "0123456789", "2830668132"),
+    (K192, 10, T2, "0123456789", "2496655549"),
+    (K192, 36, T3, "0123456789abcdefghi", "xbj3kv35jrawxv32ysr"),
+    (K256, 10, "", "0123456789", "6657667009"),
+    (K256, 10, T2, "0123456789", "1001623463"),
+    (K256, 36, T3, "0123456789abcdefghi", "xs8a0azh2avyalyzuwd"),
+], ids=[f"sample{i}" for i in range(1, 10)])
+def test_nist_sp800_38g_ff1_samples(key, radix, tweak, pt, ct):
+    f = FF1(bytes.fromhex(key), radix, len(pt), bytes.fromhex(tweak))
+    digits = [ALPHA.index(c) for c in pt]
+    assert "".join(ALPHA[d] for d in f.encrypt_digits(digits)) == ct
+    assert f.decrypt_digits([ALPHA.index(c) for c in ct]) == digits
+
+
+def test_a_million_codes_round_trip_and_never_collide():
+    f = FF1(KEY, 10, 9, b"LEtest\x00\x01")
+    x = np.arange(1_000_000, dtype=np.uint64) * np.uint64(997) % np.uint64(10**9)
+    y = f.encrypt_ints(x)
+    assert y.max() < 10**9
+    assert len(np.unique(y)) == len(y)
+    assert (f.decrypt_ints(y) == x).all()
+    assert [f.decrypt_int(int(v)) for v in y[:2000]] == x[:2000].tolist()
+
+
+def test_damm_detects_every_single_digit_error_and_adjacent_transposition():
+    rng = np.random.default_rng(1)
+    values = rng.integers(0, 10**9, 300, dtype=np.uint64)
+    check = np.zeros(len(values), np.uint8)
+    _core.damm_digits(values, 9, check)
+    for v, c in zip(values.tolist(), check.tolist(), strict=True):
+        code = f"{v:09d}{c}"
+        assert parse_code(code)[1] == CodeStatus.GENUINE
+        for pos in range(10):
+            for d in "0123456789":
+                if d != code[pos]:
+                    assert parse_code(code[:pos] + d + code[pos + 1:])[1] == CodeStatus.TYPO
+        for pos in range(9):
+            if code[pos] != code[pos + 1]:
+                swapped = code[:pos] + code[pos + 1] + code[pos] + code[pos + 2:]
+                assert parse_code(swapped)[1] == CodeStatus.TYPO
+
+
+def test_python_and_kernel_parsers_agree():
+    cases = ["000-000-5724", "۰۰۰۰۰۰۵۷۲۴", "٠٠٠٠٠٠٥٧٢٤", " 000 000 5724 ", "0000005725", "000000572",
+             "00000057244", "0000005724x", "", "abc", "-", "0000000000000000000000", "12"]
+    arr = np.array(cases, dtype="U32")
+    values, status = np.zeros(len(arr), np.uint64), np.zeros(len(arr), np.uint8)
+    _core.codes_parse(arr.view(np.uint32).reshape(len(arr), -1), 10, values, status)
+    assert [parse_code(c) for c in cases] == list(zip(values.tolist(), status.tolist(), strict=True))
+    assert status.tolist()[:5] == [0, 0, 0, 0, 1]
+
+
+@pytest.fixture
+def club(tmp_path):
+    with Engine.open(tmp_path / "club", program=Program.from_dict({"name": "shop"}), sync="none",
+                     code_key=KEY) as e:
+        e.enroll("anna", at=NOW)
+        e.enroll("bahram", at=NOW)
+        yield e
+
+
+def test_generate_check_redeem_once(club):
+    b = club.codes.generate(1000, points=100, expires=NOW + timedelta(days=365), label="shampoo 400ml lot 7")
+    codes = b.codes()
+    assert len(set(codes.tolist())) == 1000 and all(len(c) == 10 for c in codes.tolist())
+    c = club.codes.check(codes[7], at=NOW)
+    assert (c.status, c.batch, c.serial, c.points) == (CodeStatus.GENUINE, b.id, 7, 100)
+    shown = f"{codes[7][:3]}-{codes[7][3:6]}-{codes[7][6:]}"
+    r = club.codes.redeem("anna", shown, at=NOW)
+    assert (r.points, r.serial, r.code) == (100, 7, codes[7])
+    assert club.ledger.balance(points_account(0)).available == 100
+    assert club.codes.check(codes[7], at=NOW).status == CodeStatus.REDEEMED
+    with pytest.raises(CodeError, match="REDEEMED"):
+        club.codes.redeem("bahram", codes[7], at=NOW)
+    assert club.ledger.balance(points_account(1)).available == 0
+    assert club.codes.check(codes[8], at=NOW + timedelta(days=366)).status == CodeStatus.EXPIRED
+    s = club.codes.stats(b.id)
+    assert (s.issued, s.redeemed, s.points_given) == (1000, 1, 100)
+    club.codes.void(b.id)
+    assert club.codes.check(codes[9], at=NOW).status == CodeStatus.VOID
+    many = club.codes.check_many([codes[7], codes[9], "1234567890", "x"], at=NOW)
+    assert [m.status for m in many] == [CodeStatus.REDEEMED, CodeStatus.VOID, CodeStatus.TYPO, CodeStatus.INVALID]
+    assert club.ledger.verify().ok
+
+
+def test_batches_never_collide_and_survive_reopening(tmp_path):
+    prog = Program.from_dict({"name": "shop"})
+    with Engine.open(tmp_path / "c", program=prog, sync="none", code_key=KEY) as e:
+        batches = [e.codes.generate(n, points=5) for n in (1, 10, 5000, 20_000)]
+        e.codes.rotate_key()
+        batches.append(e.codes.generate(3000, points=7))
+        every = np.concatenate([b.codes() for b in batches])
+        assert len(np.unique(every)) == len(every) == 28_011
+        statuses = e.codes.check_array(every, at=NOW)
+        assert (statuses == CodeStatus.GENUINE).all()
+    with Engine.open(tmp_path / "c", program=prog, sync="none", code_key=KEY) as e:
+        assert [b.count for b in e.codes.batches()] == [1, 10, 5000, 20_000, 3000]
+        assert (e.codes.check_array(every, at=NOW) == CodeStatus.GENUINE).all()
+        assert e.codes.key_version == 2
+    other = Program.from_dict({"name": "another shop"})   # same key, other program: none of ours is valid
+    with Engine.open(tmp_path / "d", program=other, sync="none", code_key=KEY) as e:
+        e.codes.generate(10, points=1)
+        assert (e.codes.check_array(every[:2000], at=NOW) == CodeStatus.INVALID).sum() >= 1990
+
+
+def test_forged_codes_pass_at_the_expected_rate(club):
+    club.codes.generate(1_000_000, points=1)                       # one live code in a thousand serials
+    rng = np.random.default_rng(5)
+    guesses = np.char.zfill(rng.integers(0, 10**10, 200_000).astype("U10"), 10)
+    st = club.codes.check_array(guesses, at=NOW)
+    typo = (st == CodeStatus.TYPO).mean()
+    live = (st == CodeStatus.GENUINE).sum()
+    assert abs(typo - 0.9) < 0.005                                 # nine in ten fail the check digit
+    expected = 200_000 * 0.1 * 1_000_000 / 10**9                   # 20
+    assert abs(live - expected) < 5 * expected**0.5 + 1            # five standard deviations
+
+
+def test_failed_attempts_are_limited(club):
+    club.codes.generate(10, points=1)
+    bad = "0000005724"    # a well-formed code that is not one of ours (check digit holds)
+    for _ in range(5):
+        with pytest.raises(CodeError, match="INVALID"):
+            club.codes.redeem("anna", bad, at=NOW)
+    with pytest.raises(TooManyAttemptsError, match="5/hour"):
+        club.codes.redeem("anna", bad, at=NOW + timedelta(minutes=5))
+    with pytest.raises(CodeError, match="TYPO"):     # typos do not count ...
+        club.codes.redeem("bahram", "0000005725", at=NOW)
+    with pytest.raises(CodeError, match="INVALID"):  # ... and other members are not affected
+        club.codes.redeem("bahram", bad, at=NOW)
+    with pytest.raises(CodeError, match="INVALID"):  # an hour later anna may try again
+        club.codes.redeem("anna", bad, at=NOW + timedelta(minutes=61))
+
+
+def test_bad_input_never_raises_from_deep_inside(club):
+    club.codes.generate(10, points=1)
+    for junk in ["", " ", "abcdefghij", "12345", "1" * 200, "۱۲۳-۴۵۶-۷۸۹۰", "\x00" * 10, "🙂" * 10]:
+        assert club.codes.check(junk, at=NOW).status in (CodeStatus.TYPO, CodeStatus.INVALID)
+    assert club.codes.check(12345, at=NOW).status == CodeStatus.INVALID   # type: ignore[arg-type]
+    assert list(club.codes.check_array(["", "abc", None, 5], at=NOW)) == [CodeStatus.INVALID] * 4
+
+
+def test_keys_come_from_bytes_a_file_or_the_environment(tmp_path, monkeypatch):
+    f = tmp_path / "key.hex"
+    f.write_text(KEY.hex())
+    assert load_key(f) == KEY == load_key(KEY)
+    monkeypatch.setenv("LOYALTY_ENGINE_CODE_KEY", KEY.hex())
+    assert load_key(None) == KEY
+    monkeypatch.delenv("LOYALTY_ENGINE_CODE_KEY")
+    with pytest.raises(CodeError, match="no code key"):
+        load_key(None)
+    with pytest.raises(CodeError, match="16 to 64 bytes"):
+        load_key(b"short")
+
+
+def test_export_csv_and_printable_sheet(club, tmp_path):
+    b = club.codes.generate(45, points=3, label="soap <lot 2>")
+    n = club.codes.export(b.id, tmp_path / "codes.csv", svg=tmp_path / "codes.svg")
+    lines = (tmp_path / "codes.csv").read_text().splitlines()
+    assert n == 45 and len(lines) == 46 and lines[0].startswith("batch,serial,code,printed")
+    assert lines[1].split(",")[2] == b.codes()[0]
+    svg = (tmp_path / "codes.svg").read_text()
+    assert svg.count("<svg") == 2 and "soap &lt;lot 2&gt;" in svg
+
+
+def _redeem_in_child(path: str, code: str, out: mp.Queue) -> None:  # type: ignore[type-arg]
+    with Engine.open(path, program=Program.from_dict({"name": "shop"}), sync="none", code_key=KEY) as e:
+        try:
+            e.codes.redeem("anna", code, at=NOW)
+            out.put("ok")
+        except CodeError as exc:
+            out.put(str(exc))
+
+
+def test_two_processes_redeeming_one_code_give_one_success(tmp_path: Path):
+    path = tmp_path / "club"
+    with Engine.open(path, program=Program.from_dict({"name": "shop"}), sync="none", code_key=KEY) as e:
+        e.enroll("anna", at=NOW)
+        codes = e.codes.generate(20, points=10).codes()
+    ctx = mp.get_context("spawn")
+    for code in codes[:4].tolist():
+        q = ctx.Queue()
+        procs = [ctx.Process(target=_redeem_in_child, args=(str(path), code, q)) for _ in range(2)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(60)
+        answers = sorted(q.get(timeout=10) for _ in procs)
+        assert answers[1] == "ok" and "REDEEMED" in answers[0], answers
+    with Engine.open(path, program=Program.from_dict({"name": "shop"}), sync="none", code_key=KEY) as e:
+        assert e.ledger.balance(points_account(0)).available == 40
+        assert e.codes.stats(1).redeemed == 4
+        assert e.ledger.verify().ok
+
+
+def test_codes_need_a_key(tmp_path, monkeypatch):
+    monkeypatch.delenv("LOYALTY_ENGINE_CODE_KEY", raising=False)
+    with Engine.open(tmp_path / "c", program=Program.from_dict({}), sync="none") as e, \
+            pytest.raises(CodeError, match="no code key"):
+        e.codes.generate(1, points=1)
+    assert os.environ.get("LOYALTY_ENGINE_CODE_KEY") is None
