@@ -247,6 +247,51 @@ def rules_scenario(rep: Report, tmp: Path, rows: int, members: int, peer_rows: i
     rep.add("purchase end to end, sync=none", "p50 us", p50, None, "< 30 us", p50 < 30, "us")
 
 
+def codes_scenario(rep: Report, tmp: Path, n: int, peer_n: int, singles: int) -> None:
+    """Product codes: generation to strings and to integers, batched validation and one check, beside a
+    straightforward per-code FF1 (benchmarks/codes_peer.py)."""
+    from datetime import UTC, datetime
+
+    from loyalty_engine.engine import Engine
+    from loyalty_engine.program import Program
+
+    from .codes_peer import PeerFF1, peer_code
+
+    key = bytes(range(32))
+    with Engine.open(tmp / "codes", program=Program.from_dict({"name": "bench"}), sync="none", code_key=key) as e:
+        batch = e.codes.generate(n, points=10)
+        ff1 = e.codes._cipher(batch.key_version)
+        serials = np.arange(n, dtype=np.uint64)
+        ff1.encrypt_ints(serials[:10_000])
+        t = ns()
+        ints = ff1.encrypt_ints(serials)
+        r_int = n / ((ns() - t) / 1e9)
+        t = ns()
+        strs = batch.codes()
+        r_str = n / ((ns() - t) / 1e9)
+        t = ns()
+        st = e.codes.check_array(strs)
+        r_chk = n / ((ns() - t) / 1e9)
+        if not (st == 0).all() or len(np.unique(ints)) != n:
+            raise SystemExit("generated codes did not all check GENUINE, or collided")
+        lat = []
+        for c in strs[:singles].tolist():
+            s = ns()
+            e.codes.check(c)
+            lat.append(ns() - s)
+        single = pct(lat, 50)
+        peer = PeerFF1(ff1._key_for_peer, ff1._tweak_for_peer)
+        t = ns()
+        pc = [peer_code(peer, k) for k in range(peer_n)]
+        r_peer = peer_n / ((ns() - t) / 1e9)
+        if pc != strs[:peer_n].tolist():
+            raise SystemExit("the per-code peer and the batched FF1 disagree")
+    rep.add("codes: generate to strings", "codes/s", r_str, r_peer, ">= 5 M/s", r_str >= 5e6, "codes/s")
+    rep.add("codes: generate to integers", "codes/s", r_int, r_peer, ">= 20 M/s", r_int >= 20e6, "codes/s")
+    rep.add("codes: validate, batched", "codes/s", r_chk, None, ">= 5 M/s", r_chk >= 5e6, "codes/s")
+    rep.add("codes: one check, p50", "p50 us", single, None, "< 10 us", single < 10, "us")
+
+
 def machine_speed() -> str:
     """A fixed amount of Python and of memory work, timed: on a shared virtual machine the speed
     drifts, and comparing this line at the start and the end of a run tells whether it did."""
@@ -267,16 +312,17 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small sizes (a smoke run, about a minute)")
     ap.add_argument("--json", type=Path, help="also write the figures to this JSON file")
-    ap.add_argument("--only", choices=["post_batch", "single", "balance", "transfers", "rules"], action="append",
+    ap.add_argument("--only", choices=["post_batch", "single", "balance", "transfers", "rules", "codes"],
+                    action="append",
                     help="run only these scenarios")
     args = ap.parse_args(argv)
-    only = set(args.only or ["post_batch", "single", "balance", "transfers", "rules"])
+    only = set(args.only or ["post_batch", "single", "balance", "transfers", "rules", "codes"])
     q = args.quick
     tmp = Path(tempfile.mkdtemp(prefix="loyalty-bench-"))
     rep = Report()
     print(f"loyalty_engine capacity report - {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores, Python {sys.version.split()[0]}, temp dir {tmp}")
-    print(f"{'scenario':<38} {'metric':<16} {'ledger':>14} {'sqlite peer':>14} {'ratio':>8}  {'unit':<8} "
+    print(f"{'scenario':<38} {'metric':<16} {'ledger':>14} {'peer':>14} {'ratio':>8}  {'unit':<8} "
           f"{'target':<24}")
     steps: list[tuple[str, Callable[[], None]]] = [
         ("post_batch", lambda: post_batch_scenario(rep, tmp, 100_000 if q else 1_000_000, 100_000 if q else 100_000,
@@ -290,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
             200_000 if q else 2_000_000, 200 if q else 1000)),
         ("rules", lambda: rules_scenario(rep, tmp, 200_000 if q else 2_000_000, 20_000 if q else 200_000,
                                          5_000 if q else 20_000, 2_000 if q else 20_000)),
+        ("codes", lambda: codes_scenario(rep, tmp, 1_000_000 if q else 10_000_000, 2_000 if q else 20_000,
+                                         2_000 if q else 20_000)),
     ]
     start_speed = machine_speed()
     print(f"machine speed at the start: {start_speed}")

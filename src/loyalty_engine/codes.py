@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from .engine import Engine
 
 __all__ = ["CodeStatus", "CodeCheck", "CodeBatch", "CodeStats", "CodeRedemption", "Codes",
-           "TooManyAttemptsError", "load_key", "KEY_ENV"]
+           "TooManyAttemptsError", "load_key", "KEY_ENV", "check_digit", "pretty", "format_codes", "parse_code"]
 
 KEY_ENV = "LOYALTY_ENGINE_CODE_KEY"
 SERIALS = 10**9                   # nine FF1 digits
@@ -421,11 +421,12 @@ class Codes:
         transaction as the points transfer. Raises :class:`CodeError` (with the status) for a code that
         is not GENUINE, and :class:`TooManyAttemptsError` after too many failed attempts."""
         at_us = to_micros(at, "at")
+        code = str(code) if isinstance(code, str) else repr(code)
         eng = self.engine
         with eng._lock:
             idx = eng._idx(member)
             self._check_attempts(member, at_us)
-            status, bidx, serial = self._check_arrays(np.array([str(code)[:64]], dtype="U64"), at_us)
+            status, bidx, serial = self._check_arrays(np.array([code[:64]], dtype="U64"), at_us)
             st = CodeStatus(int(status[0]))
             if st != CodeStatus.GENUINE:
                 if st != CodeStatus.TYPO:
@@ -538,6 +539,14 @@ def parse_code(code: str) -> tuple[int, CodeStatus]:
     for d in digits[:9]:
         v = v * 10 + d
     return v, CodeStatus.GENUINE
+
+
+def check_digit(body: str) -> str:
+    """The Damm check digit of a string of decimal digits."""
+    interim = 0
+    for ch in body:
+        interim = _DAMM[interim][int(ch)]
+    return str(interim)
 
 
 def pretty(code: str) -> str:
