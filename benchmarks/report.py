@@ -250,7 +250,6 @@ def rules_scenario(rep: Report, tmp: Path, rows: int, members: int, peer_rows: i
 def codes_scenario(rep: Report, tmp: Path, n: int, peer_n: int, singles: int) -> None:
     """Product codes: generation to strings and to integers, batched validation and one check, beside a
     straightforward per-code FF1 (benchmarks/codes_peer.py)."""
-    from datetime import UTC, datetime
 
     from loyalty_engine.engine import Engine
     from loyalty_engine.program import Program
