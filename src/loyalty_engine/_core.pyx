@@ -2461,3 +2461,52 @@ def codes_parse(const uint32_t[:, ::1] chars, int ndigits, uint64_t[::1] values,
                 elif count != ndigits or interim != 0:
                     status[i] = 1
             values[i] = v if status[i] == 0 else 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bulk import: hashing of string columns (refs, member names) without a Python object per row
+
+cdef inline uint64_t _mix64(uint64_t h) noexcept nogil:
+    # the splitmix64 finaliser: every input bit reaches every output bit
+    h ^= h >> 30
+    h *= 0xBF58476D1CE4E5B9ULL
+    h ^= h >> 27
+    h *= 0x94D049BB133111EBULL
+    h ^= h >> 31
+    return h
+
+
+def hash_strings(const int64_t[::1] offsets, const uint8_t[::1] data, uint64_t seed, uint64_t[::1] out):
+    """A 64-bit hash of each string of an Arrow (large) string array, given its value offsets
+    (``n + 1``, int64) and data buffer: ``out[i]`` hashes ``data[offsets[i]:offsets[i + 1]]``. Equal
+    strings hash equally; the hash is not cryptographic (duplicate detection, not identity)."""
+    cdef Py_ssize_t n = offsets.shape[0] - 1, i
+    cdef int64_t p, end, k
+    cdef uint64_t h, w
+    cdef const uint8_t* base
+    if n < 0 or out.shape[0] < n:
+        raise ValueError("offsets must have n + 1 entries and out n")
+    if n and (offsets[0] < 0 or offsets[n] > data.shape[0]):
+        raise ValueError("offsets run outside the data buffer")
+    if data.shape[0] == 0:
+        with nogil:
+            for i in range(n):
+                out[i] = _mix64(seed ^ 0x9E3779B97F4A7C15ULL)
+        return
+    base = &data[0]
+    with nogil:
+        for i in range(n):
+            p = offsets[i]
+            end = offsets[i + 1]
+            h = seed ^ (<uint64_t>(end - p) * 0x9E3779B97F4A7C15ULL)
+            while end - p >= 8:
+                w = le_load64(base + p)
+                h = _mix64(h ^ w) + 0x632BE59BD9B4E019ULL
+                p += 8
+            w = 0
+            k = 0
+            while p < end:
+                w |= (<uint64_t>base[p]) << (8 * k)
+                k += 1
+                p += 1
+            out[i] = _mix64(h ^ w ^ (<uint64_t>k << 56))

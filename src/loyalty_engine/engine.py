@@ -242,7 +242,8 @@ class Engine:
         self._names: dict[str, int] = {}
         self._member_names: list[str] = []
         self._members = np.zeros(16, MSTATE)
-        self._hist: dict[int, np.ndarray] = {}
+        self._hist: dict[int, bytes] = {}       # member -> its history events (HEV records, raw bytes)
+        self._use_map: np.ndarray | None = None   # stored offer usage column -> this program's offer
         noff = len(program.offers)
         self._offer_use = np.zeros((16, max(noff, 1), 3), np.int64)
         self._budget = np.zeros(max(noff, 1), np.int64)
@@ -291,11 +292,13 @@ class Engine:
             Account(id=CLAWBACK_CREDIT, asset=CREDIT)])
         del flag
         db = self.ledger._ext_db()
+        names = [o.name for o in self.program.offers]
         with self.ledger._ext_begin() as txn:
-            fp = txn.get(b"P", db=db)
-            if fp is not None and bytes(fp).decode() != self.program.fingerprint:
-                # a new program version is allowed (a shop changes its rules); offers are matched by name
-                pass
+            # offer usage is stored per member as int64 columns in the order of the offer names under
+            # "O"; a new program version may add, drop or reorder offers (matched by name)
+            raw_o = txn.get(b"O", db=db)
+            stored = json.loads(bytes(raw_o)) if raw_o is not None else names
+            self._use_map = np.array([names.index(x) if x in names else -1 for x in stored], np.int64)
             cur = txn.cursor(db=db)
             if cur.set_range(b"M"):
                 for key, value in cur:
@@ -310,6 +313,16 @@ class Engine:
             raw = txn.get(b"S", db=db)
             if raw is not None:
                 self._event_seq = json.loads(bytes(raw))["event_seq"]
+        changed = len(self._use_map) != len(names) or bool((self._use_map != np.arange(len(names))).any())
+        if changed or raw_o is None:
+            # (re)write every member's usage in this program's order, and the names, in one transaction
+            def extra(txn: lmdb.Transaction, results: np.ndarray) -> None:
+                if changed:
+                    self._put_members(txn, np.arange(len(self._member_names), dtype=np.int64))
+                txn.put(b"O", json.dumps(names).encode(), db=self.ledger._ext_db())
+
+            self.ledger._post_with(np.zeros(0, RECORD_DTYPE), extra)
+        self._use_map = None
 
     def _grow(self, n: int) -> None:
         if n <= len(self._members):
@@ -322,15 +335,14 @@ class Engine:
         u[: len(self._offer_use)] = self._offer_use
         self._offer_use = u
 
-    # member record: name length (2) + name + state + offer usage (by offer name, json) + history
+    # member record: name length (2) + name + state + usage length (4) + offer usage (int64 [offer, 3],
+    # in the order of the names under key "O"; empty when the member never had an offer) + history
     def _member_value(self, idx: int) -> bytes:
         name = self._member_names[idx].encode()
-        use = {o.name: self._offer_use[idx, i].tolist() for i, o in enumerate(self.program.offers)
-               if self._offer_use[idx, i].any()}
-        use_b = json.dumps(use).encode()
-        hist = self._hist.get(idx)
+        noff = len(self.program.offers)
+        use_b = self._offer_use[idx, :noff].tobytes() if noff and self._offer_use[idx, :noff].any() else b""
         return (len(name).to_bytes(2, "little") + name + self._members[idx: idx + 1].tobytes()
-                + len(use_b).to_bytes(4, "little") + use_b + (hist.tobytes() if hist is not None else b""))
+                + len(use_b).to_bytes(4, "little") + use_b + self._hist.get(idx, b""))
 
     def _load_member(self, idx: int, v: bytes) -> None:
         k = int.from_bytes(v[:2], "little")
@@ -340,13 +352,15 @@ class Engine:
         self._members[idx] = np.frombuffer(v[p: p + MSTATE.itemsize], MSTATE)[0]
         p += MSTATE.itemsize
         k = int.from_bytes(v[p: p + 4], "little")
-        use = json.loads(v[p + 4: p + 4 + k])
+        if k:
+            use = np.frombuffer(v[p + 4: p + 4 + k], np.int64).reshape(-1, 3)
+            umap = self._use_map if self._use_map is not None else np.arange(len(use))
+            for j in range(min(len(use), len(umap))):
+                if umap[j] >= 0:
+                    self._offer_use[idx, umap[j]] = use[j]
         p += 4 + k
-        for i, o in enumerate(self.program.offers):
-            if o.name in use:
-                self._offer_use[idx, i] = use[o.name]
         if p < len(v):
-            self._hist[idx] = np.frombuffer(v[p:], HEV).copy()
+            self._hist[idx] = v[p:]
         while len(self._member_names) <= idx:
             self._member_names.append("")
         self._member_names[idx] = name
@@ -354,6 +368,34 @@ class Engine:
 
     def _put_member(self, txn: lmdb.Transaction, idx: int) -> None:
         txn.put(b"M" + idx.to_bytes(8, "big"), self._member_value(idx), db=self.ledger._ext_db())
+
+    def _put_members(self, txn: lmdb.Transaction, idx: np.ndarray) -> None:
+        """Store many members' records at once (the same bytes as :meth:`_member_value`), in key order."""
+        idx = np.asarray(idx, np.int64)
+        idx = _small_unique(idx[idx >= 0], len(self._member_names))[0]
+        if len(idx) == 0:
+            return
+        state = self._members[idx].tobytes()
+        size = MSTATE.itemsize
+        noff = len(self.program.offers)
+        use = np.ascontiguousarray(self._offer_use[idx, :noff])
+        any_used = use.reshape(len(idx), -1).any(axis=1).tolist() if noff else [False] * len(idx)
+        use_raw = use.tobytes()
+        usize = noff * 3 * 8
+        ulen = usize.to_bytes(4, "little")
+        no_use = (0).to_bytes(4, "little")
+        names = self._member_names
+        hist = self._hist
+
+        def items() -> Any:
+            for k, i in enumerate(idx.tolist()):
+                name = names[i].encode()
+                use_part = ulen + use_raw[k * usize: (k + 1) * usize] if any_used[k] else no_use
+                yield (b"M" + i.to_bytes(8, "big"),
+                       len(name).to_bytes(2, "little") + name + state[k * size: (k + 1) * size] + use_part
+                       + hist.get(i, b""))
+
+        txn.cursor(db=self.ledger._ext_db()).putmulti(items())
 
     def _put_event(self, txn: lmdb.Transaction, kind: str, member: str, at_us: int, **data: Any) -> None:
         self._event_seq += 1
@@ -477,13 +519,18 @@ class Engine:
                 raise
             return self.member(member)
 
-    def enroll_batch(self, members: Sequence[str], *, at: Any) -> int:
-        """Enroll many members at once (an import): ``at`` is one time or one per member. Members already
-        enrolled are skipped; returns how many were new. Sign-up bonuses and welcome events commit with
-        them, in one transaction."""
+    def enroll_batch(self, members: Sequence[str], *, at: Any, events: bool = True) -> int:
+        """Enroll many members at once (an import): ``at`` is one time or one per member (an int64
+        array of microseconds UTC is taken as it is). Members already enrolled are skipped; returns how
+        many were new. Sign-up bonuses and (unless ``events=False``) welcome events commit with them, in
+        one transaction."""
         names = list(members)
-        ats = [to_micros(a, f"at[{i}]") for i, a in enumerate(at)] if isinstance(at, list | tuple | np.ndarray) \
-            else [to_micros(at, "at")] * len(names)
+        if isinstance(at, np.ndarray) and at.dtype == np.int64:
+            ats = at.tolist()
+        elif isinstance(at, list | tuple | np.ndarray):
+            ats = [to_micros(a, f"at[{i}]") for i, a in enumerate(at)]
+        else:
+            ats = [to_micros(at, "at")] * len(names)
         if len(ats) != len(names):
             raise ValidationError(f"enroll_batch: {len(names)} members but {len(ats)} times")
         for i, m in enumerate(names):
@@ -529,14 +576,16 @@ class Engine:
             def extra(txn: lmdb.Transaction, results: np.ndarray) -> None:
                 _raise_on(results, "enroll_batch")
                 db = self.ledger._ext_db()
+                self._member_names.extend(names_new)
                 for k, m in enumerate(names_new):
-                    i = first + k
-                    self._member_names.append(m)
-                    self._names[m] = i
-                    self._members[i]["points"] = bonus
-                    self._put_member(txn, i)
-                    txn.put(b"N" + m.encode(), i.to_bytes(8, "big"), db=db)
-                    self._put_event(txn, "welcome", m, int(at_arr[k]), points=bonus)
+                    self._names[m] = first + k
+                self._members["points"][first: first + len(names_new)] = bonus
+                self._put_members(txn, idx)
+                txn.cursor(db=db).putmulti([(b"N" + m.encode(), (first + k).to_bytes(8, "big"))
+                                            for k, m in enumerate(names_new)])
+                if events:
+                    for k, m in enumerate(names_new):
+                        self._put_event(txn, "welcome", m, int(at_arr[k]), points=bonus)
 
             try:
                 self.ledger._post_with(recs, extra)
@@ -607,11 +656,13 @@ class Engine:
         if len(rows) == 1:
             seg_members, seg_of = rows["member"], np.zeros(1, np.int64)
         else:
-            seg_members, seg_of = np.unique(rows["member"], return_inverse=True)
-        hists = [self._hist.get(int(m), _NO_HIST) for m in seg_members]
+            seg_members, seg_of = _small_unique(rows["member"], len(self._member_names))
+        get = self._hist.get
+        hists = [get(m, b"") for m in seg_members.tolist()]
+        isz = HEV.itemsize
         hist_off = np.zeros(len(hists) + 1, np.int64)
-        hist_off[1:] = np.cumsum([len(h) for h in hists])
-        hist = np.concatenate(hists) if hists else _NO_HIST
+        hist_off[1:] = np.cumsum(np.fromiter(map(len, hists), np.int64, len(hists))) // isz
+        hist = np.frombuffer(b"".join(hists), HEV)
         out_hist = np.zeros(len(hist) + len(rows), HEV)
         out_off = np.zeros(len(hists) + 1, np.int64)
         out = np.zeros(len(rows), OUT)
@@ -619,8 +670,11 @@ class Engine:
         _core.evaluate(c.code, c.pool, c.conds, c.rules, c.offers, c.tiers, c.params, rows,
                        seg_of.astype(np.int64), cat, sku, amt, self._members, hist_off, hist, out_off, out_hist,
                        self._offer_use, self._budget, out, fx)
-        for s, m in enumerate(seg_members):
-            self._hist[int(m)] = out_hist[out_off[s]: out_off[s + 1]].copy()
+        raw = out_hist.tobytes()
+        bounds = (out_off * isz).tolist()
+        hd = self._hist
+        for s, m in enumerate(seg_members.tolist()):
+            hd[m] = raw[bounds[s]: bounds[s + 1]]
         return (out, fx) if facts else out
 
     def _purchase(self, member: str, amount: int, at: Any, ref: str, items: Sequence[Item], branch: str,
@@ -723,8 +777,7 @@ class Engine:
             if o["referrer_points"]:
                 self._put_event(txn, "points_changed", self._member_names[o["referrer"]], at,
                                 delta=o["referrer_points"], reason="referral", ref=ref)
-        for idx in set(touched):
-            self._put_member(txn, idx)
+        self._put_members(txn, np.asarray(list(touched), np.int64))
         self._put_budget(txn)
 
     def _receipt(self, ref: str) -> np.void | None:
@@ -850,6 +903,34 @@ class Engine:
                          "discount": out["discount"], "redeemed": out["redeemed"], "tier_after": out["tier_after"],
                          "offers_fired": out["offers_fired"]})
 
+    def import_sales(self, source: Any, *, columns: dict[str, str] | None = None, quarantine: Any = None,
+                     progress: bool | None = None, resume: bool = False, enroll: bool = True,
+                     scale: int | None = None, tz: str | None = None, time_format: str | None = None,
+                     delimiter: str | None = None, format: str | None = None, chunk_rows: int = 1_000_000,
+                     import_id: str | None = None) -> Any:
+        """Import sales history: ``source`` is a Parquet, CSV or Arrow IPC file (``.gz`` too), a directory
+        or glob of them, a list of paths, a pyarrow Table, or a pandas/polars DataFrame.
+
+        ``columns`` maps the fields ``member``, ``at``, ``amount`` (required) and ``ref``, ``kind`` (sale
+        or return), ``original`` (the ref a return refers to), ``branch``, ``channel``, ``category``,
+        ``sku``, ``quantity`` to the source's column names (a field whose name the source already has
+        needs no entry). ``scale``: decimal places of the source's amounts (``11.77`` with ``scale=2`` is
+        1177 in the minor unit; default 0 for integer columns, the program's ``minor_unit`` otherwise).
+        ``tz``: the timezone of times and dates that carry none (without it they are rejected).
+        ``time_format``: a strptime format for text times (default: ISO 8601). ``delimiter``: of a CSV
+        (default: sniffed; ``"whitespace"`` for columns separated by runs of spaces).
+
+        Bad rows go to ``quarantine`` (a .parquet, .csv or .arrow path) with their file, row number,
+        values and reason; good rows still import. Unknown members are enrolled at their first purchase
+        unless ``enroll=False``. Each chunk of ``chunk_rows`` rows commits with a checkpoint: the same
+        source again posts nothing, and a stopped import continues with ``resume=True``. Returns an
+        :class:`~loyalty_engine.bulk_import.ImportReport`. See docs/import.md."""
+        from .bulk_import import import_sales
+
+        return import_sales(self, source, columns=columns, quarantine=quarantine, progress=progress,
+                            resume=resume, enroll=enroll, scale=scale, tz=tz, time_format=time_format,
+                            delimiter=delimiter, format=format, chunk_rows=chunk_rows, import_id=import_id)
+
     def _refresh_points(self, idx: np.ndarray) -> None:
         """Take members' available points and credit from the ledger (the truth)."""
         idx = idx[idx >= 0]
@@ -943,11 +1024,11 @@ class Engine:
             saved = self._save(idx, -1)
             # the refunded spend leaves the member's history (and with it the tier metric)
             day = int(self._local_fields(np.array([int(rec["at"])], np.int64))["day"][0])
-            hist = self._hist.get(idx, np.zeros(0, HEV))
+            hist = np.frombuffer(self._hist.get(idx, b""), HEV)
             fix = np.zeros(1, HEV)
             fix[0] = (day, -1 if share == int(rec["amount"]) else 0, -amount, -(pts + shortfall))
             pos = int(np.searchsorted(hist["day"], day, side="right"))
-            self._hist[idx] = np.concatenate([hist[:pos], fix, hist[pos:]])
+            self._hist[idx] = np.concatenate([hist[:pos], fix, hist[pos:]]).tobytes()
             st = self._members[idx]
             tier_before = int(st["tier"])
             lifted = int(o["tier_after"]) > int(o["tier_before"])
@@ -995,7 +1076,7 @@ class Engine:
                              tier_after=self.program.tier_name(int(rec["out"]["tier_after"])))
 
     def _tier_metric_tier(self, idx: int, day: int) -> int:
-        h = self._hist.get(idx, np.zeros(0, HEV))
+        h = np.frombuffer(self._hist.get(idx, b""), HEV)
         w = h[(h["day"] > day - self.program.tier_window_days) & (h["day"] <= day)]
         metric = {"points": int(w["points"].sum()), "spend": int(w["amount"].sum()),
                   "visits": int(w["visits"].sum())}[self.program.tier_metric]
@@ -1074,7 +1155,7 @@ class Engine:
             st = self._members[idx]
             day = (self._day_of(to_micros(at, "at")) if at is not None
                    else max(int(st["last_day"]), int(st["enroll_day"])))
-            h = self._hist.get(idx, np.zeros(0, HEV))
+            h = np.frombuffer(self._hist.get(idx, b""), HEV)
             figures: dict[str, int] = {}
             for w in (30, 90, 365):
                 sel = h[(h["day"] > day - w) & (h["day"] <= day)]
@@ -1191,6 +1272,20 @@ class Engine:
 
         with self._lock:
             return int(self.ledger._post_with(np.zeros(0, RECORD_DTYPE), extra))
+
+
+def _small_unique(values: np.ndarray, bound: int) -> tuple[np.ndarray, np.ndarray]:
+    """``np.unique(values, return_inverse=True)`` for integers in [0, bound): by a presence table when
+    that is cheaper than sorting (many values), by sorting otherwise."""
+    values = np.asarray(values, np.int64)
+    if len(values) < 4096 or bound > 16 * len(values) or (len(values) and (values.min() < 0 or values.max() >= bound)):
+        u, inv = np.unique(values, return_inverse=True)
+        return u, inv.reshape(-1)
+    present = np.zeros(bound, bool)
+    present[values] = True
+    uniq = np.flatnonzero(present)
+    pos = np.cumsum(present) - 1
+    return uniq, pos[values]
 
 
 def _raise_on(results: np.ndarray, what: str) -> None:

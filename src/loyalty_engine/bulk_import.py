@@ -1,0 +1,995 @@
+"""Bulk import of sales history (``Engine.import_sales``): a source streamed in chunks, checked with
+vectorised rules, bad rows quarantined with their reason, good rows evaluated by the same kernel as
+``Engine.purchase`` and posted as per-member aggregates, a checkpoint committed with each chunk.
+
+See docs/import.md. The steps of one chunk:
+
+1. read up to ``chunk_rows`` rows; convert member, time and amount (and the optional columns) to the
+   engine's types, marking each row that cannot be converted with a reason;
+2. duplicates of a ref inside the source, sales without a member, returns without an original;
+3. unknown members are enrolled (their first purchase in the source is their join time);
+4. the sales of the chunk, in time order, through the rule kernel (rows older than the member's last
+   purchase are refused by the kernel, and quarantined with that reason);
+5. returns are checked against their original (in this source or an earlier receipt);
+6. bad rows are appended to the quarantine (before the commit, so a crash loses none);
+7. one LMDB transaction: the aggregated transfers (earned points per member and expiry, credit per
+   member, referral bonuses), the members' state, receipts of purchases a return will refer to, and
+   the checkpoint;
+8. the chunk's returns, each a refund (idempotent by its ref), and the checkpoint marks them done.
+
+A re-run of the same source finds its checkpoint: a finished import posts nothing; a stopped one
+continues with ``resume=True`` from the first chunk that did not commit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import lmdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.ipc as ipc
+import pyarrow.parquet as pq
+
+from . import _core
+from .errors import NotFoundError, StorageError, ValidationError
+from .progress import Progress
+from .sources import Malformed, Part, batches, identity, resolve
+from .types import RECORD_DTYPE, Code
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+__all__ = ["ImportReport", "FIELDS", "import_sales"]
+
+#: The columns an import understands; member, at and amount are required.
+FIELDS = ("member", "at", "amount", "ref", "kind", "original", "branch", "channel", "category", "sku",
+          "quantity")
+REQUIRED = ("member", "at", "amount")
+RETURN_KINDS = ("return", "refund", "r")
+SALE_KINDS = ("sale", "s", "purchase")
+MAX_AMOUNT = 1 << 53
+
+# reasons a row is quarantined (code -> text a person can read)
+R_MEMBER_NULL, R_MEMBER_LONG, R_AT_NULL, R_AT_BAD, R_AT_NAIVE = 1, 2, 3, 4, 5
+R_AMT_NULL, R_AMT_BAD, R_AMT_INF, R_AMT_DEC, R_AMT_NEG, R_AMT_ZERO, R_AMT_BIG = 6, 7, 8, 9, 10, 11, 12
+R_KIND, R_REF_NULL, R_DUP, R_NO_ORIG, R_ORIG_UNKNOWN, R_RET_EXCEEDS = 13, 14, 15, 16, 17, 18
+R_UNKNOWN_MEMBER, R_KERNEL, R_MALFORMED, R_QTY, R_RET_EARLY = 19, 20, 21, 22, 23
+REASONS = {
+    R_MEMBER_NULL: "no member (the value is empty)",
+    R_MEMBER_LONG: "the member name is longer than 200 bytes",
+    R_AT_NULL: "no time (the value is empty)",
+    R_AT_BAD: "the time cannot be read (give time_format=, e.g. '%Y-%m-%d %H:%M:%S')",
+    R_AT_NAIVE: "the time has no timezone (state the source's timezone: tz='Asia/Tehran', or --tz)",
+    R_AMT_NULL: "no amount (the value is empty)",
+    R_AMT_BAD: "the amount is not a number",
+    R_AMT_INF: "the amount is not a finite number",
+    R_AMT_DEC: "the amount has more decimals than the stated scale",
+    R_AMT_NEG: "a negative amount on a row that is not a return",
+    R_AMT_ZERO: "the amount is zero",
+    R_AMT_BIG: "the amount is 2**53 or more in the minor unit",
+    R_KIND: "unknown kind (sale or return)",
+    R_REF_NULL: "no receipt ref (the value is empty)",
+    R_DUP: "the same ref appears earlier in this source",
+    R_NO_ORIG: "a return without the ref of the original purchase",
+    R_ORIG_UNKNOWN: "a return whose original purchase is unknown (not in this source before it, nor imported "
+                    "or posted earlier)",
+    R_RET_EXCEEDS: "the return is larger than what is left of its original purchase",
+    R_UNKNOWN_MEMBER: "an unknown member (the import was told not to enroll: enroll=False)",
+    R_MALFORMED: "a malformed line",
+    R_QTY: "the quantity is not a whole number >= 0",
+    R_RET_EARLY: "a return dated before its original purchase",
+}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ImportReport:
+    """What an import did. ``rows_read`` = ``rows_posted`` + ``rows_rejected`` (+ rows of a resumed
+    import that an earlier run already read, counted in ``resumed_from_row``)."""
+
+    source: str
+    import_id: str
+    rows_read: int
+    rows_posted: int
+    rows_rejected: int
+    sales_posted: int
+    returns_posted: int
+    members_enrolled: int
+    points_issued: int
+    points_clawed_back: int
+    credit_issued: int
+    offers_granted: int
+    transfers: int
+    chunks: int
+    resumed_from_row: int
+    already_imported: bool
+    quarantine: str | None
+    reasons: dict[str, int]
+    seconds: float
+    examples: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def rows_per_second(self) -> float:
+        return self.rows_read / self.seconds if self.seconds > 0 else 0.0
+
+    def summary(self) -> str:
+        """A few lines for a person."""
+        lines = [f"imported {self.source}: {self.rows_read:,} rows read, {self.rows_posted:,} posted "
+                 f"({self.sales_posted:,} sales, {self.returns_posted:,} returns), {self.rows_rejected:,} rejected"
+                 f" in {self.seconds:.2f} s ({self.rows_per_second:,.0f} rows/s)"]
+        if self.already_imported:
+            lines.append("  this source was imported before: nothing posted")
+        if self.resumed_from_row:
+            lines.append(f"  resumed after row {self.resumed_from_row:,} (an earlier run's checkpoint)")
+        lines.append(f"  members enrolled {self.members_enrolled:,}; points issued {self.points_issued:,}, "
+                     f"clawed back {self.points_clawed_back:,}; credit issued {self.credit_issued:,}; "
+                     f"offers granted {self.offers_granted:,}; {self.transfers:,} ledger transfers")
+        for reason, n in sorted(self.reasons.items(), key=lambda kv: -kv[1]):
+            lines.append(f"  rejected {n:,}: {reason}")
+        if self.quarantine and self.rows_rejected:
+            lines.append(f"  rejected rows, with file, row and reason: {self.quarantine}")
+        return "\n".join(lines)
+
+
+# -- conversion of columns ----------------------------------------------------------------------------
+
+def _strings(col: pa.Array) -> pa.Array:
+    if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+        return col
+    if pa.types.is_dictionary(col.type):
+        return _strings(col.dictionary_decode())
+    return pc.cast(col, pa.string())
+
+
+def _blank(col: pa.Array) -> np.ndarray:
+    """Null or empty (after trimming) values of a string column."""
+    s = pc.utf8_trim_whitespace(col)
+    return pc.or_kleene(pc.is_null(s), pc.equal(pc.utf8_length(s), 0)).fill_null(True).to_numpy(
+        zero_copy_only=False)
+
+
+def convert_times(col: pa.Array, tz: str | None, time_format: str | None) -> tuple[np.ndarray, np.ndarray]:
+    """(microseconds UTC, reason code per row: 0, R_AT_NULL, R_AT_BAD or R_AT_NAIVE)."""
+    n = len(col)
+    reason = np.zeros(n, np.int8)
+    if pa.types.is_dictionary(col.type):
+        col = col.dictionary_decode()
+    t = col.type
+    if pa.types.is_timestamp(t):
+        ts = col
+    elif pa.types.is_date(t):
+        ts = pc.cast(pc.cast(col, pa.date32()), pa.timestamp("us"))
+    elif pa.types.is_string(t) or pa.types.is_large_string(t):
+        s = pc.utf8_trim_whitespace(col)
+        empty = pc.or_kleene(pc.is_null(s), pc.equal(pc.utf8_length(s), 0)).fill_null(True)
+        s = pc.if_else(empty, pa.scalar(None, pa.string()), s)
+        ts = None
+        if time_format is not None:
+            if "%z" in time_format:
+                ts = pc.strptime(s, format=time_format, unit="us", error_is_null=True)
+            else:
+                ts = pc.strptime(s, format=time_format, unit="us", error_is_null=True)
+        else:
+            for target in (pa.timestamp("us", tz="UTC"), pa.timestamp("us")):
+                try:
+                    ts = pc.cast(s, target)
+                    break
+                except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                    continue
+            if ts is None:   # a mix, or not ISO 8601: try the usual shapes one by one
+                zoned = naive = None
+                for fmt in ("%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%d %H:%M:%S%z"):
+                    got = pc.strptime(s, format=fmt, unit="us", error_is_null=True)
+                    zoned = got if zoned is None else pc.coalesce(zoned, got)
+                for fmt in ("%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S", "%Y-%m-%d %H:%M", "%Y-%m-%d"):
+                    got = pc.strptime(s, format=fmt, unit="us", error_is_null=True)
+                    naive = got if naive is None else pc.coalesce(naive, got)
+                zoned_us = pc.cast(zoned, pa.int64()).to_numpy(zero_copy_only=False)
+                naive_v = _naive_to_utc(naive, tz)
+                reason[np.asarray(empty)] = R_AT_NULL
+                z_ok = ~pc.is_null(zoned).to_numpy(zero_copy_only=False)
+                n_ok = ~pc.is_null(naive).to_numpy(zero_copy_only=False)
+                out = np.zeros(n, np.int64)
+                out[z_ok] = np.nan_to_num(zoned_us[z_ok]).astype(np.int64)
+                use_naive = n_ok & ~z_ok
+                if tz is None:
+                    reason[use_naive & (reason == 0)] = R_AT_NAIVE
+                else:
+                    out[use_naive] = naive_v[use_naive]
+                reason[~z_ok & ~n_ok & (reason == 0)] = R_AT_BAD
+                return out, reason
+        bad = pc.is_null(ts).to_numpy(zero_copy_only=False) & ~np.asarray(empty.to_numpy(zero_copy_only=False))
+        reason[np.asarray(empty.to_numpy(zero_copy_only=False))] = R_AT_NULL
+        reason[bad] = R_AT_BAD
+    else:
+        raise ValidationError(f"the time column is {t}; give timestamps, dates or text (numbers are ambiguous: "
+                              f"seconds? milliseconds?)")
+    if pa.types.is_timestamp(ts.type) and ts.type.tz is None:
+        valid = ~pc.is_null(ts).to_numpy(zero_copy_only=False)
+        if tz is None:
+            reason[valid & (reason == 0)] = R_AT_NAIVE
+            return np.zeros(n, np.int64), reason
+        out = _naive_to_utc(ts, tz)
+    else:
+        out = pc.cast(pc.cast(ts, pa.timestamp("us", tz="UTC")), pa.int64()).fill_null(0).to_numpy(
+            zero_copy_only=False)
+    nulls = pc.is_null(ts).to_numpy(zero_copy_only=False)
+    reason[nulls & (reason == 0)] = R_AT_NULL
+    return np.asarray(out, np.int64), reason
+
+
+def _naive_to_utc(ts: pa.Array, tz: str | None) -> np.ndarray:
+    if tz is None:
+        return np.zeros(len(ts), np.int64)
+    ts = pc.cast(ts, pa.timestamp("us"))
+    zoned = pc.assume_timezone(ts, timezone=tz, ambiguous="earliest", nonexistent="earliest")
+    return pc.cast(zoned, pa.int64()).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def convert_amounts(col: pa.Array, scale: int) -> tuple[np.ndarray, np.ndarray]:
+    """(signed amounts in the minor unit, reason code per row). Integer columns are taken as they are
+    times 10**scale; decimals and text exactly; floats when they are whole after scaling."""
+    n = len(col)
+    reason = np.zeros(n, np.int8)
+    mult = 10 ** scale
+    if pa.types.is_dictionary(col.type):
+        col = col.dictionary_decode()
+    t = col.type
+    nulls = pc.is_null(col).to_numpy(zero_copy_only=False)
+    if pa.types.is_integer(t):
+        v = pc.fill_null(col, 0).to_numpy(zero_copy_only=False).astype(np.int64)
+        big = np.abs(v) >= MAX_AMOUNT // mult
+        out = v * mult
+        reason[big] = R_AMT_BIG
+    elif pa.types.is_floating(t):
+        f = pc.fill_null(col, 0.0).to_numpy(zero_copy_only=False).astype(np.float64)
+        fin = np.isfinite(f)
+        reason[~fin] = R_AMT_INF
+        scaled = np.where(fin, f, 0.0) * mult
+        rounded = np.round(scaled)
+        reason[fin & (np.abs(scaled - rounded) > 1e-6 * np.maximum(1.0, np.abs(scaled)))] = R_AMT_DEC
+        reason[fin & (np.abs(rounded) >= MAX_AMOUNT) & (reason == 0)] = R_AMT_BIG
+        out = np.where(reason == 0, rounded, 0).astype(np.int64)
+    elif pa.types.is_decimal(t):
+        return convert_amounts(pc.cast(col, pa.string()), scale)
+    elif pa.types.is_string(t) or pa.types.is_large_string(t):
+        s = pc.utf8_trim_whitespace(col)
+        s = pc.replace_substring(s, ",", "")     # thousands separators
+        empty = pc.equal(pc.utf8_length(s), 0).fill_null(True).to_numpy(zero_copy_only=False)
+        ok = pc.match_substring_regex(s, r"^[+-]?[0-9]{1,16}(\.[0-9]*)?$").fill_null(False).to_numpy(
+            zero_copy_only=False)
+        inf = pc.match_substring_regex(s, r"(?i)^[+-]?(inf|infinity|nan)$").fill_null(False).to_numpy(
+            zero_copy_only=False)
+        reason[~ok] = R_AMT_BAD
+        reason[inf] = R_AMT_INF
+        reason[empty] = R_AMT_NULL
+        dot = pc.find_substring(s, ".").fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+        length = pc.utf8_length(s).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+        decimals = np.where(dot >= 0, length - dot - 1, 0)
+        reason[ok & (decimals > scale)] = R_AMT_DEC
+        good = reason == 0
+        digits = pc.replace_substring(pc.filter(s, pa.array(good)), ".", "")
+        vals = pc.cast(digits, pa.int64()).to_numpy(zero_copy_only=False) if good.any() else np.zeros(0, np.int64)
+        out = np.zeros(n, np.int64)
+        out[good] = vals * (10 ** (scale - decimals[good]))
+        reason[good & (np.abs(out) >= MAX_AMOUNT)] = R_AMT_BIG
+    else:
+        raise ValidationError(f"the amount column is {t}; give integers, decimals, floats or text")
+    reason[nulls] = R_AMT_NULL
+    out = np.where(reason == 0, out, 0)
+    return out.astype(np.int64), reason
+
+
+def hash_strings(col: pa.Array, seed: int = 0) -> np.ndarray:
+    """64-bit hashes of a string column (nulls hash as empty strings)."""
+    col = pc.fill_null(_strings(col), "").cast(pa.large_string())
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    n = len(col)
+    out = np.zeros(n, np.uint64)
+    if n == 0:
+        return out
+    bufs = col.buffers()
+    off = np.frombuffer(bufs[1], np.int64)[col.offset: col.offset + n + 1]
+    data = np.frombuffer(bufs[2], np.uint8) if bufs[2] is not None else np.zeros(0, np.uint8)
+    _core.hash_strings(np.ascontiguousarray(off), data, seed, out)
+    return out
+
+
+# -- the import --------------------------------------------------------------------------------------------
+
+@dataclass
+class _Chunk:
+    cols: dict[str, pa.ChunkedArray]
+    file_no: np.ndarray      # index into the parts list
+    row: np.ndarray          # row number in its file, from 1
+    seq0: int                # stream position of the chunk's first row
+    malformed: list[tuple[int, Malformed]]
+
+
+class _Importer:
+    def __init__(self, engine: Engine, source: Any, *, columns: dict[str, str] | None, quarantine: Any,
+                 progress: bool | None, resume: bool, enroll: bool, scale: int | None, tz: str | None,
+                 time_format: str | None, delimiter: str | None, fmt: str | None, chunk_rows: int,
+                 import_id: str | None) -> None:
+        from .engine import _checked_ref  # noqa: F401  (engine module loaded)
+
+        self.engine = engine
+        self.program = engine.program
+        if not isinstance(chunk_rows, int) or isinstance(chunk_rows, bool) or not 1_000 <= chunk_rows <= 4_000_000:
+            raise ValidationError(f"chunk_rows must be an integer from 1,000 to 4,000,000, not {chunk_rows!r}")
+        if scale is not None and (isinstance(scale, bool) or not isinstance(scale, int) or not 0 <= scale <= 6):
+            raise ValidationError(f"scale (decimal places of the source's amounts) must be 0..6, not {scale!r}")
+        if tz is not None:
+            try:
+                from zoneinfo import ZoneInfo
+                ZoneInfo(tz)
+            except Exception:
+                raise ValidationError(f"tz={tz!r} is not a known timezone (e.g. 'UTC', 'Asia/Tehran')") from None
+        self.parts: list[Part] = resolve(source, fmt, delimiter)
+        self.delimiter = delimiter
+        self.mapping = self._mapping(columns)
+        self.scale = scale
+        self.tz = tz
+        self.time_format = time_format
+        self.chunk_rows = chunk_rows
+        self.enroll = enroll
+        self.resume = resume
+        self.source_name = (self.parts[0].name if len(self.parts) == 1
+                            else f"{self.parts[0].name} and {len(self.parts) - 1} more")
+        opts = json.dumps({"map": self.mapping, "scale": scale, "tz": tz, "fmt": time_format,
+                           "id": import_id, "chunk": chunk_rows}, sort_keys=True)
+        self.key = identity(self.parts, opts) if import_id is None else identity([], opts)
+        self.key_hi = int.from_bytes(self.key[8:], "little") & 0x7FFF_FFFF_FFFF_FFFF
+        self.quarantine = Path(quarantine) if quarantine is not None else None
+        self.total = sum(p.rows for p in self.parts) if all(p.rows is not None for p in self.parts) else None
+        self.progress = Progress(self.total, label="import", enabled=progress)
+        self.reasons: Counter[int] = Counter()
+        self.kernel_reasons: Counter[str] = Counter()
+        self.examples: list[dict[str, Any]] = []
+        self.seen = np.zeros(0, np.uint64)          # ref hashes of this source so far (duplicates)
+        self.wanted = np.zeros(0, np.uint64)        # refs that returns refer to
+        self.remaining: dict[str, list[int]] = {}   # original ref -> [amount left, member, at]
+        self.stats = Counter()
+        self.writer: Any = None
+
+    # -- set-up --------------------------------------------------------------------------------------
+    def _mapping(self, columns: dict[str, str] | None) -> dict[str, str]:
+        if columns is not None and not isinstance(columns, dict):
+            raise ValidationError(f"columns must map field -> source column (a dict), not {columns!r}")
+        columns = dict(columns or {})
+        unknown = [k for k in columns if k not in FIELDS]
+        if unknown:
+            raise ValidationError(f"columns: unknown field(s) {unknown}; the fields are {list(FIELDS)}")
+        have = self.parts[0].columns
+        for f in FIELDS:
+            if f not in columns and f in have:
+                columns[f] = f
+        for f in REQUIRED:
+            if f not in columns:
+                raise ValidationError(f"columns: the required field {f!r} is not mapped and the source has no "
+                                      f"column {f!r} (its columns: {have}); pass columns={{'{f}': 'its column'}}")
+        for part in self.parts:
+            missing = [f"{f}={c}" for f, c in columns.items() if c not in part.columns]
+            if missing:
+                raise ValidationError(f"{part.name}: no column for {', '.join(missing)}; its columns are "
+                                      f"{part.columns}")
+        if "original" in columns and "kind" not in columns:
+            raise ValidationError("columns: 'original' (the receipt a return refers to) needs 'kind' too")
+        return columns
+
+    def _checkpoint_key(self) -> bytes:
+        return b"I" + self.key
+
+    def _load_checkpoint(self) -> dict[str, Any] | None:
+        with self.engine.ledger._ext_begin() as txn:
+            raw = txn.get(self._checkpoint_key(), db=self.engine.ledger._ext_db())
+        return json.loads(bytes(raw)) if raw is not None else None
+
+    # -- reading -------------------------------------------------------------------------------------
+    def _stream(self, columns: list[str], skip: int = 0) -> Any:
+        """Chunks of ``chunk_rows`` stream rows (all files in order), from stream position ``skip``."""
+        src_cols = list(dict.fromkeys(self.mapping[f] for f in columns))
+        pending: list[tuple[int, pa.RecordBatch, np.ndarray]] = []
+        have = 0
+        pos = 0          # stream position of the next row read
+        start = skip
+        malformed: list[Malformed] = []
+        tagged: list[tuple[int, Malformed]] = []
+        for fno, part in enumerate(self.parts):
+            if part.rows is not None and pos + part.rows <= skip:
+                pos += part.rows
+                continue
+            malformed.clear()
+            for b, rows in batches(part, src_cols, min(self.chunk_rows, 1 << 20), self.delimiter, malformed):
+                tagged.extend((fno, m) for m in malformed)
+                malformed.clear()
+                if pos + b.num_rows <= skip:
+                    pos += b.num_rows
+                    continue
+                if pos < skip:
+                    cut = skip - pos
+                    b, rows = b.slice(cut), rows[cut:]
+                    pos = skip
+                pos += b.num_rows
+                pending.append((fno, b, rows))
+                have += b.num_rows
+                while have >= self.chunk_rows:
+                    chunk, pending, have = self._take(pending, self.chunk_rows, start, src_cols, tagged)
+                    tagged = []
+                    start += self.chunk_rows
+                    yield chunk
+            tagged.extend((fno, m) for m in malformed)
+        if have or tagged:
+            chunk, pending, have = self._take(pending, have, start, src_cols, tagged)
+            yield chunk
+
+    def _take(self, pending: list[tuple[int, pa.RecordBatch, np.ndarray]], n: int, start: int,
+              src_cols: list[str], tagged: list[tuple[int, Malformed]]) -> tuple[_Chunk, list[Any], int]:
+        got: list[tuple[int, pa.RecordBatch, np.ndarray]] = []
+        need = n
+        while need:
+            fno, b, rows = pending[0]
+            if b.num_rows <= need:
+                got.append(pending.pop(0))
+                need -= b.num_rows
+            else:
+                got.append((fno, b.slice(0, need), rows[:need]))
+                pending[0] = (fno, b.slice(need), rows[need:])
+                need = 0
+        cols: dict[str, pa.ChunkedArray] = {}
+        for c in src_cols:
+            arrays = [b.column(c) for _, b, _ in got]
+            types = {a.type for a in arrays}
+            if len(types) > 1:   # files whose column types differ (e.g. int and text): read as text
+                arrays = [_strings(a) for a in arrays]
+            cols[c] = pa.chunked_array(arrays, type=arrays[0].type if arrays else pa.string())
+        fno_arr = np.concatenate([np.full(b.num_rows, f, np.int32) for f, b, _ in got]) if got \
+            else np.zeros(0, np.int32)
+        row_arr = np.concatenate([r for _, _, r in got]) if got else np.zeros(0, np.int64)
+        left = sum(b.num_rows for _, b, _ in pending)
+        return _Chunk(cols, fno_arr, row_arr, start, tagged), pending, left
+
+    # -- the pre-pass: which purchases do returns refer to ------------------------------------------
+    def _prepass(self) -> None:
+        if "kind" not in self.mapping:
+            return
+        found: list[np.ndarray] = []
+        for ch in self._stream(["kind", "original"] if "original" in self.mapping else ["kind"]):
+            kind = pc.utf8_lower(pc.utf8_trim_whitespace(_strings(ch.cols[self.mapping["kind"]])))
+            is_ret = pc.is_in(kind, value_set=pa.array(RETURN_KINDS)).fill_null(False).to_numpy(
+                zero_copy_only=False)
+            if is_ret.any() and "original" in self.mapping:
+                orig = ch.cols[self.mapping["original"]].filter(pa.array(is_ret))
+                found.append(hash_strings(orig.combine_chunks() if isinstance(orig, pa.ChunkedArray) else orig))
+        if found:
+            self.wanted = np.unique(np.concatenate(found))
+
+    # -- the run ------------------------------------------------------------------------------------------
+    def run(self) -> ImportReport:
+        t0 = time.perf_counter()
+        cp = self._load_checkpoint()
+        resumed_from = 0
+        if cp is not None and cp.get("complete"):
+            return self._report(t0, cp, already=True)
+        if cp is not None:
+            if not self.resume:
+                raise ValidationError(
+                    f"an import of {self.source_name} stopped after {cp['rows_done']:,} rows "
+                    f"(checkpoint of chunk {cp['chunks']}); run it again with resume=True (--resume) to continue")
+            resumed_from = int(cp["rows_done"])
+            self.stats.update(cp.get("stats", {}))
+            self.reasons.update({int(k): v for k, v in cp.get("reasons", {}).items()})
+            self.kernel_reasons.update(cp.get("kernel_reasons", {}))
+            if cp.get("pending_refunds"):
+                self._refunds(cp["pending_refunds"])
+                cp["pending_refunds"] = []
+                self._save_checkpoint(cp)
+        else:
+            cp = {"source": self.source_name, "rows_done": 0, "chunks": 0, "complete": False,
+                  "started": time.time(), "stats": {}, "reasons": {}, "kernel_reasons": {}}
+        self._prepass()
+        self._open_quarantine(resumed_from)
+        self.progress.update(resumed_from, self.stats["rejected"], force=True)
+        cols = [f for f in FIELDS if f in self.mapping]
+        try:
+            if resumed_from and "ref" in self.mapping:
+                self._replay_refs(resumed_from)
+            for chunk in self._stream(cols, skip=resumed_from):
+                self._chunk(chunk, cp)
+            cp["complete"] = True
+            cp["finished"] = time.time()
+            self._save_checkpoint(cp)
+        finally:
+            self.progress.close()
+            self._close_quarantine(cp.get("complete", False))
+        return self._report(t0, cp, already=False, resumed_from=resumed_from)
+
+    def _replay_refs(self, upto: int) -> None:
+        """Rebuild the duplicate-ref set of the rows an earlier run already imported."""
+        pos = 0
+        for ch in self._stream(["ref"]):
+            n = len(ch.row)
+            take = min(n, upto - pos)
+            if take <= 0:
+                break
+            col = ch.cols[self.mapping["ref"]].slice(0, take).combine_chunks()
+            self.seen = np.union1d(self.seen, hash_strings(col))
+            pos += n
+
+    def _report(self, t0: float, cp: dict[str, Any], *, already: bool, resumed_from: int = 0) -> ImportReport:
+        st = Counter(cp.get("stats", {})) if already else self.stats
+        reasons = {REASONS[int(k)]: v for k, v in (cp.get("reasons", {}) if already else self.reasons).items()
+                   if int(k) != R_KERNEL}
+        for k, v in (cp.get("kernel_reasons", {}) if already else self.kernel_reasons).items():
+            reasons[k] = reasons.get(k, 0) + v
+        return ImportReport(
+            source=self.source_name, import_id=self.key.hex(), rows_read=0 if already else st["read"],
+            rows_posted=0 if already else st["sales"] + st["returns"],
+            rows_rejected=0 if already else st["rejected"], sales_posted=0 if already else st["sales"],
+            returns_posted=0 if already else st["returns"], members_enrolled=0 if already else st["enrolled"],
+            points_issued=0 if already else st["points"], points_clawed_back=0 if already else st["clawback"],
+            credit_issued=0 if already else st["credit"], offers_granted=0 if already else st["offers"],
+            transfers=0 if already else st["transfers"], chunks=int(cp.get("chunks", 0)),
+            resumed_from_row=resumed_from, already_imported=already,
+            quarantine=str(self.quarantine) if self.quarantine else None,
+            reasons={} if already else reasons, seconds=time.perf_counter() - t0,
+            examples=[] if already else self.examples)
+
+    # -- one chunk -------------------------------------------------------------------------------------
+    def _chunk(self, ch: _Chunk, cp: dict[str, Any]) -> None:
+        eng = self.engine
+        m = self.mapping
+        n = len(ch.row)
+        reason = np.zeros(n, np.int8)
+
+        def mark(mask: np.ndarray, code: int) -> None:
+            reason[mask & (reason == 0)] = code
+
+        def col(f: str) -> pa.Array:
+            c = ch.cols[m[f]]
+            return c.combine_chunks() if isinstance(c, pa.ChunkedArray) else c
+
+        member = _strings(col("member"))
+        mark(_blank(member), R_MEMBER_NULL)
+        mark(pc.greater(pc.binary_length(member), 200).fill_null(False).to_numpy(zero_copy_only=False), R_MEMBER_LONG)
+        at, r_at = convert_times(col("at"), self.tz, self.time_format)
+        reason[(reason == 0) & (r_at > 0)] = r_at[(reason == 0) & (r_at > 0)]
+        scale = self.scale if self.scale is not None else (
+            0 if pa.types.is_integer(col("amount").type) else self.program.minor_unit)
+        amount, r_amt = convert_amounts(col("amount"), scale)
+        reason[(reason == 0) & (r_amt > 0)] = r_amt[(reason == 0) & (r_amt > 0)]
+        is_ret = np.zeros(n, bool)
+        if "kind" in m:
+            kind = pc.utf8_lower(pc.utf8_trim_whitespace(_strings(col("kind"))))
+            is_ret = pc.is_in(kind, value_set=pa.array(RETURN_KINDS)).fill_null(False).to_numpy(zero_copy_only=False)
+            is_sale = pc.is_in(kind, value_set=pa.array(SALE_KINDS)).fill_null(False).to_numpy(zero_copy_only=False)
+            mark(~is_ret & ~is_sale, R_KIND)
+        amount = np.where(is_ret, np.abs(amount), amount)
+        mark(amount < 0, R_AMT_NEG)
+        mark(amount == 0, R_AMT_ZERO)
+        qty = np.ones(n, np.int64)
+        if "quantity" in m:
+            q, r_q = convert_amounts(col("quantity"), 0)
+            mark((r_q > 0) | (q < 0), R_QTY)
+            qty = np.maximum(q, 0)
+        refs: pa.Array | None = None
+        ref_hash = np.zeros(n, np.uint64)
+        if "ref" in m:
+            refs = pc.utf8_trim_whitespace(_strings(col("ref")))
+            mark(_blank(refs), R_REF_NULL)
+            ref_hash = hash_strings(refs)
+            live = np.flatnonzero(reason == 0)
+            h = ref_hash[live]
+            order = np.argsort(h, kind="stable")
+            sh = h[order]
+            dup_in = np.zeros(len(h), bool)
+            dup_in[order[1:]] = sh[1:] == sh[:-1]
+            dup_before = np.isin(h, self.seen, assume_unique=False) if len(self.seen) else np.zeros(len(h), bool)
+            reason[live[dup_in | dup_before]] = R_DUP
+            self.seen = np.union1d(self.seen, h[~(dup_in | dup_before)])
+        originals: pa.Array | None = None
+        if "original" in m:
+            originals = pc.utf8_trim_whitespace(_strings(col("original")))
+            mark(is_ret & _blank(originals), R_NO_ORIG)
+        elif is_ret.any():
+            mark(is_ret, R_NO_ORIG)
+
+        # members: known ones, and new ones enrolled at their first purchase in the source
+        good = reason == 0
+        mem_dict = pc.dictionary_encode(member)
+        uniq = mem_dict.dictionary.to_pylist()
+        codes = mem_dict.indices.to_numpy(zero_copy_only=False)
+        names = eng._names
+        uidx = np.fromiter((names.get(u, -1) if u is not None else -1 for u in uniq), np.int64, len(uniq))
+        midx = uidx[np.where(codes >= 0, codes, 0)] if n else np.zeros(0, np.int64)
+        unknown = good & ~is_ret & (midx < 0)
+        if unknown.any():
+            if not self.enroll:
+                mark(unknown, R_UNKNOWN_MEMBER)
+            else:
+                ucode = codes[unknown]
+                first_at = np.full(len(uniq), np.iinfo(np.int64).max, np.int64)
+                np.minimum.at(first_at, ucode, at[unknown])
+                new_codes = np.flatnonzero(first_at < np.iinfo(np.int64).max)
+                before = len(eng._member_names)
+                eng.enroll_batch([uniq[c] for c in new_codes], at=first_at[new_codes], events=False)
+                self.stats["enrolled"] += len(eng._member_names) - before
+                uidx = np.fromiter((names.get(u, -1) if u is not None else -1 for u in uniq), np.int64, len(uniq))
+                midx = uidx[np.where(codes >= 0, codes, 0)]
+        mark(~is_ret & (midx < 0), R_UNKNOWN_MEMBER)
+
+        # sales, in time order, through the kernel
+        sales = np.flatnonzero((reason == 0) & ~is_ret)
+        sales = sales[np.argsort(at[sales], kind="stable")]
+        o, status = self._evaluate(ch, sales, midx, at, amount, qty)
+        refused = status != 0
+        ktext: dict[int, str] = {}
+        if refused.any():
+            from .engine import _STATUS_TEXT, RowStatus
+            for s_code in np.unique(status[refused]).tolist():
+                self.kernel_reasons[_STATUS_TEXT[RowStatus(s_code)]] += int((status == s_code).sum())
+            for i, s_code in zip(sales[refused].tolist(), status[refused].tolist(), strict=True):
+                ktext[i] = _STATUS_TEXT[RowStatus(s_code)]
+            reason[sales[refused]] = R_KERNEL
+        posted = sales[~refused]
+        o_ok = o[~refused]
+
+        # returns: against their original (in this source or stored), in time order
+        pending: list[list[Any]] = []
+        ret_rows = np.flatnonzero((reason == 0) & is_ret)
+        want_rec: list[int] = []
+        if len(self.wanted) and len(posted):
+            hit = np.isin(ref_hash[posted], self.wanted)
+            want_rec = np.flatnonzero(hit).tolist()
+            posted_refs = refs.take(pa.array(posted[hit])).to_pylist() if refs is not None else []
+            for k, r in zip(want_rec, posted_refs, strict=True):
+                self.remaining[r] = [int(amount[posted[k]]), int(midx[posted[k]]), int(at[posted[k]])]
+        if len(ret_rows):
+            ret_rows = ret_rows[np.argsort(at[ret_rows], kind="stable")]
+            orig_list = originals.take(pa.array(ret_rows)).to_pylist() if originals is not None else []
+            ref_list = refs.take(pa.array(ret_rows)).to_pylist() if refs is not None else \
+                [f"{self.key.hex()[:16]}:{ch.seq0 + int(i)}" for i in ret_rows]
+            for i, orig, rref in zip(ret_rows.tolist(), orig_list, ref_list, strict=True):
+                left = self.remaining.get(orig)
+                if left is None:
+                    rec = eng._receipt(orig)
+                    if rec is not None and int(rec["kind"]) == 0:
+                        left = [int(rec["amount"]) - int(rec["refunded"]), int(rec["member"]), int(rec["at"])]
+                        self.remaining[orig] = left
+                if left is None:
+                    reason[i] = R_ORIG_UNKNOWN
+                elif at[i] < left[2]:
+                    reason[i] = R_RET_EARLY
+                elif amount[i] > left[0]:
+                    reason[i] = R_RET_EXCEEDS
+                else:
+                    left[0] -= int(amount[i])
+                    pending.append([orig, int(amount[i]), int(at[i]), rref])
+
+        # the quarantine first (a crash after this loses nothing), then one transaction
+        bad = reason != 0
+        self._quarantine(ch, reason, bad, ktext)
+        recs = self._transfers(ch, posted, midx, o_ok, at)
+        touched = np.concatenate([midx[posted], o_ok["referrer"][o_ok["referrer"] >= 0]])
+        receipts = self._receipts(posted, want_rec, midx, at, amount, o_ok, refs)
+        n_bad = int(bad.sum())
+        self.stats["read"] += n
+        self.stats["rejected"] += n_bad
+        self.stats["sales"] += len(posted)
+        self.stats["points"] += int(o_ok["points"].sum() + o_ok["referrer_points"].sum())
+        self.stats["credit"] += int(o_ok["credit"].sum())
+        self.stats["offers"] += int(np.unpackbits(o_ok["offers_fired"].astype("<u8").view(np.uint8)).sum())
+        self.stats["transfers"] += len(recs)
+        for code_, k in zip(*np.unique(reason[bad], return_counts=True), strict=True):
+            self.reasons[int(code_)] += int(k)
+        cp["rows_done"] = ch.seq0 + n
+        cp["chunks"] = int(cp["chunks"]) + 1
+        cp["pending_refunds"] = pending
+        self._stats_into(cp)
+        saved = self._saved
+        try:
+            self._commit(recs, touched, receipts, cp)
+        except BaseException:
+            eng._members, eng._offer_use, eng._budget, eng._hist = saved
+            raise
+        self._saved = None
+        if pending:
+            self._refunds(pending)
+            cp["pending_refunds"] = []
+            self._stats_into(cp)
+            self._save_checkpoint(cp)
+        self.progress.update(cp["rows_done"], self.stats["rejected"])
+
+    def _commit(self, recs: np.ndarray, touched: np.ndarray, receipts: list[tuple[bytes, bytes]],
+                cp: dict[str, Any]) -> None:
+        eng = self.engine
+        for start in range(0, max(len(recs), 1), 8_000_000):
+            part = recs[start: start + 8_000_000]
+            last = start + 8_000_000 >= len(recs)
+
+            def extra(txn: lmdb.Transaction, results: np.ndarray, last: bool = last) -> None:
+                bad_r = np.flatnonzero((results != 0) & (results != 3))
+                if len(bad_r):
+                    from .types import TransferResult
+                    raise StorageError(f"import: the ledger refused transfer {int(bad_r[0])} of chunk "
+                                       f"{cp['chunks']}: {TransferResult(int(results[bad_r[0]])).name}")
+                if last:
+                    db = eng.ledger._ext_db()
+                    eng._put_members(txn, touched)
+                    eng._put_budget(txn)
+                    if receipts:
+                        txn.cursor(db=db).putmulti(receipts)
+                    txn.put(self._checkpoint_key(), json.dumps(cp).encode(), db=db)
+
+            eng.ledger._post_with(part, extra)
+
+    def _stats_into(self, cp: dict[str, Any]) -> None:
+        cp["stats"] = dict(self.stats)
+        cp["reasons"] = {str(k): v for k, v in self.reasons.items()}
+        cp["kernel_reasons"] = dict(self.kernel_reasons)
+
+    def _save_checkpoint(self, cp: dict[str, Any]) -> None:
+        eng = self.engine
+
+        def extra(txn: lmdb.Transaction, results: np.ndarray) -> None:
+            txn.put(self._checkpoint_key(), json.dumps(cp).encode(), db=eng.ledger._ext_db())
+
+        eng.ledger._post_with(np.zeros(0, RECORD_DTYPE), extra)
+
+    def _refunds(self, pending: list[list[Any]]) -> None:
+        for orig, amount, at_us, rref in pending:
+            try:
+                r = self.engine.refund(orig, amount=amount, at=at_us, ref=rref)
+            except (NotFoundError, ValidationError) as e:   # checked before the commit: should not happen
+                raise StorageError(f"import: the return {rref!r} of {orig!r} could not be refunded: {e}") from e
+            self.stats["returns"] += 1
+            self.stats["clawback"] += r.points_taken
+
+    # -- evaluation and posting -----------------------------------------------------------------------
+    def _evaluate(self, ch: _Chunk, sales: np.ndarray, midx: np.ndarray, at: np.ndarray, amount: np.ndarray,
+                  qty: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        from .engine import OUT, ROW
+
+        eng = self.engine
+        k = len(sales)
+        self._saved = (eng._members.copy(), eng._offer_use.copy(), eng._budget.copy(), dict(eng._hist))
+        if k == 0:
+            return np.zeros(0, OUT), np.zeros(0, np.int32)
+        lf = eng._local_fields(at[sales])
+        rows = np.zeros(k, ROW)
+        rows["member"], rows["amount"], rows["quantity"] = midx[sales], amount[sales], qty[sales]
+        for f in ("day", "hour", "weekday", "month", "dom"):
+            rows[f] = lf[f]
+        sym = self.program.symbols.tables
+        for f in ("branch", "channel"):
+            if f in self.mapping:
+                rows[f] = self._symbols(ch, f, sym[f])[sales]
+        has_items = "category" in self.mapping or "sku" in self.mapping
+        if has_items:
+            cat = self._symbols(ch, "category", sym["category"])[sales] if "category" in self.mapping \
+                else np.zeros(k, np.int32)
+            sku = self._symbols(ch, "sku", sym["sku"])[sales] if "sku" in self.mapping else np.zeros(k, np.int32)
+            rows["cats"] = np.left_shift(1, cat.astype(np.int64))
+            rows["skus"] = np.left_shift(1, sku.astype(np.int64))
+            rows["item_start"] = np.arange(k)
+            rows["item_end"] = rows["item_start"] + 1
+            icat, isku, iamt = cat, sku, amount[sales].copy()
+        else:
+            icat = isku = np.zeros(0, np.int32)
+            iamt = np.zeros(0, np.int64)
+        members = rows["member"]
+        eng._refresh_points(np.unique(np.concatenate([members, eng._members["referrer"][members]])))
+        o = eng._evaluate(rows, icat, isku, iamt, facts=False)
+        return o, o["status"].astype(np.int32)
+
+    def _symbols(self, ch: _Chunk, f: str, table: dict[str, int]) -> np.ndarray:
+        c = ch.cols[self.mapping[f]]
+        c = _strings(c.combine_chunks() if isinstance(c, pa.ChunkedArray) else c)
+        n = len(c)
+        if not table:
+            return np.zeros(n, np.int32)
+        keys = pa.array(list(table), pa.string())
+        pos = pc.index_in(c, value_set=keys).fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+        vals = np.asarray(list(table.values()), np.int32)
+        out = np.zeros(n, np.int32)
+        out[pos >= 0] = vals[pos[pos >= 0]]
+        return out
+
+    def _transfers(self, ch: _Chunk, posted: np.ndarray, midx: np.ndarray, o: np.ndarray,
+                   at: np.ndarray) -> np.ndarray:
+        """Per-member aggregates: points earned (per member and expiry), credit (per member), referral
+        bonuses (per referrer and expiry). Ids: this import's key, the chunk number and the position."""
+        from .engine import CREDIT, ISSUE_CREDIT, ISSUE_POINTS, POINTS, credit_account, points_account
+
+        eng = self.engine
+        if len(posted) == 0:
+            return np.zeros(0, RECORD_DTYPE)
+        m = midx[posted]
+        a = at[posted]
+        day = eng._local_fields(a)["day"]
+        exp = eng._expiry(a, day)
+        parts: list[np.ndarray] = []
+        chunk_no = (ch.seq0 // self.chunk_rows) & 0xFFFFFF
+
+        def group(keys: list[np.ndarray], amt: np.ndarray, kind: int, debit: int, credit_of: Any, asset: int,
+                  code: int, expiring: bool) -> None:
+            sel = amt > 0
+            if not sel.any():
+                return
+            ks = [k[sel] for k in keys]
+            order = np.lexsort(ks[::-1])
+            ks = [k[order] for k in ks]
+            am = amt[sel][order]
+            tt = a[sel][order]
+            ee = exp[sel][order]
+            brk = np.ones(len(am), bool)
+            brk[1:] = np.any(np.stack([k[1:] != k[:-1] for k in ks]), axis=0)
+            starts = np.flatnonzero(brk)
+            recs = np.zeros(len(starts), RECORD_DTYPE)
+            seq = np.arange(len(starts), dtype=np.uint64)
+            recs["id_hi"] = self.key_hi
+            recs["id_lo"] = (np.uint64(chunk_no) << np.uint64(40)) | (seq << np.uint64(8)) | np.uint64(kind)
+            recs["debit"] = debit
+            recs["credit"] = credit_of(ks[0][starts])
+            recs["amount"] = np.add.reduceat(am, starts)
+            recs["at"] = np.maximum.reduceat(tt, starts)
+            if expiring:
+                recs["expires_at"] = ee[starts]
+            recs["asset"] = asset
+            recs["code"] = code
+            parts.append(recs)
+
+        group([m, exp], o["points"], 1, ISSUE_POINTS, points_account, POINTS, Code.EARN, True)
+        group([m], o["credit"], 2, ISSUE_CREDIT, credit_account, CREDIT, Code.CREDIT, False)
+        ref_m = np.maximum(o["referrer"], 0)
+        group([ref_m, exp], o["referrer_points"], 3, ISSUE_POINTS, points_account, POINTS, Code.BONUS, True)
+        return np.concatenate(parts) if parts else np.zeros(0, RECORD_DTYPE)
+
+    def _receipts(self, posted: np.ndarray, want: list[int], midx: np.ndarray, at: np.ndarray,
+                  amount: np.ndarray, o: np.ndarray, refs: pa.Array | None) -> list[tuple[bytes, bytes]]:
+        """Receipts of the purchases that a return in this source refers to (so that the return, a
+        refund, finds what the purchase earned)."""
+        from .engine import RECEIPT_DTYPE
+
+        if not want or refs is None:
+            return []
+        rows = posted[want]
+        rec = np.zeros(len(rows), RECEIPT_DTYPE)
+        rec["member"], rec["at"], rec["amount"] = midx[rows], at[rows], amount[rows]
+        rec["out"] = o[want]
+        names = refs.take(pa.array(rows)).to_pylist()
+        return sorted((b"R" + r.strip().encode(), rec[k].tobytes()) for k, r in enumerate(names))
+
+    # -- the quarantine ---------------------------------------------------------------------------------
+    def _partial(self) -> Path | None:
+        return None if self.quarantine is None else self.quarantine.with_name(self.quarantine.name + ".partial")
+
+    def _schema(self) -> pa.Schema:
+        fields = [pa.field("file", pa.string()), pa.field("row", pa.int64()), pa.field("reason", pa.string())]
+        for f in FIELDS:
+            if f in self.mapping:
+                fields.append(pa.field(self.mapping[f], pa.string()))
+        fields.append(pa.field("line", pa.string()))
+        fields.append(pa.field("_seq", pa.int64()))
+        return pa.schema(fields)
+
+    def _open_quarantine(self, resumed_from: int) -> None:
+        partial = self._partial()
+        if partial is None:
+            return
+        kept: pa.Table | None = None
+        if resumed_from and partial.exists():
+            try:
+                with ipc.open_stream(partial) as r:
+                    got = []
+                    while True:
+                        try:
+                            got.append(r.read_next_batch())
+                        except (StopIteration, pa.ArrowInvalid, OSError):
+                            break
+                kept = pa.Table.from_batches(got, schema=self._schema()) if got else None
+            except (pa.ArrowInvalid, OSError):
+                kept = None
+            if kept is not None:
+                kept = kept.filter(pc.less(kept.column("_seq"), resumed_from))
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        self._qfile = open(partial, "wb")
+        self.writer = ipc.new_stream(self._qfile, self._schema())
+        if kept is not None and kept.num_rows:
+            self.writer.write_table(kept)
+            self._qfile.flush()
+
+    def _quarantine(self, ch: _Chunk, reason: np.ndarray, bad: np.ndarray, kernel_text: dict[int, str]) -> None:
+        rows = np.flatnonzero(bad)
+        texts = REASONS
+        if len(self.examples) < 20 and len(rows):
+            for i in rows[: 20 - len(self.examples)].tolist():
+                rec = {"file": self.parts[int(ch.file_no[i])].name, "row": int(ch.row[i]),
+                       "reason": kernel_text.get(i, REASONS[R_KERNEL]) if (kernel_text and reason[i] == R_KERNEL)
+                       else texts[int(reason[i])]}
+                for f in FIELDS:
+                    if f in self.mapping:
+                        rec[self.mapping[f]] = ch.cols[self.mapping[f]][i].as_py()
+                self.examples.append(rec)
+        for _ in ch.malformed:
+            self.stats["read"] += 1
+            self.stats["rejected"] += 1
+            self.reasons[R_MALFORMED] += 1
+        if self.writer is None or (not len(rows) and not ch.malformed):
+            return
+        sel = pa.array(rows)
+        cols: dict[str, Any] = {
+            "file": pa.array([self.parts[int(f)].name for f in ch.file_no[rows]], pa.string()),
+            "row": pa.array(ch.row[rows], pa.int64()),
+            "reason": pa.array([kernel_text.get(i, REASONS[R_KERNEL]) if (kernel_text and reason[i] == R_KERNEL)
+                                else texts[int(reason[i])] for i in rows.tolist()], pa.string()),
+        }
+        for f in FIELDS:
+            if f in self.mapping:
+                c = ch.cols[self.mapping[f]]
+                c = c.combine_chunks() if isinstance(c, pa.ChunkedArray) else c
+                cols[self.mapping[f]] = _strings(c.take(sel))
+        cols["line"] = pa.nulls(len(rows), pa.string())
+        cols["_seq"] = pa.array(ch.seq0 + rows, pa.int64())
+        t = pa.table(cols, schema=self._schema())
+        if ch.malformed:
+            extra: dict[str, Any] = {
+                "file": pa.array([self.parts[f].name for f, _ in ch.malformed], pa.string()),
+                "row": pa.array([mm.row for _, mm in ch.malformed], pa.int64()),
+                "reason": pa.array([f"{REASONS[R_MALFORMED]}: {mm.reason}" for _, mm in ch.malformed], pa.string()),
+            }
+            for f in FIELDS:
+                if f in self.mapping:
+                    extra[self.mapping[f]] = pa.nulls(len(ch.malformed), pa.string())
+            extra["line"] = pa.array([mm.text for _, mm in ch.malformed], pa.string())
+            extra["_seq"] = pa.array([ch.seq0] * len(ch.malformed), pa.int64())
+            t = pa.concat_tables([t, pa.table(extra, schema=self._schema())])
+        self.writer.write_table(t)
+        self._qfile.flush()
+        os.fsync(self._qfile.fileno())
+
+    def _close_quarantine(self, complete: bool) -> None:
+        if self.writer is None:
+            return
+        self.writer.close()
+        self._qfile.close()
+        partial = self._partial()
+        if not complete or partial is None or self.quarantine is None:
+            return
+        with ipc.open_stream(partial) as r:
+            t = r.read_all().drop_columns(["_seq"])
+        t = t.sort_by([("file", "ascending"), ("row", "ascending")]) if t.num_rows else t
+        if all(v is None for v in t.column("line").to_pylist()):
+            t = t.drop_columns(["line"])
+        suffix = self.quarantine.suffix.lower()
+        tmp = self.quarantine.with_name(self.quarantine.name + ".tmp")
+        if suffix == ".csv":
+            pacsv.write_csv(t, tmp)
+        elif suffix in (".arrow", ".feather", ".ipc"):
+            with ipc.new_file(tmp, t.schema) as w:
+                w.write_table(t)
+        else:
+            pq.write_table(t, tmp)
+        os.replace(tmp, self.quarantine)
+        partial.unlink()
+
+
+def import_sales(engine: Engine, source: Any, *, columns: dict[str, str] | None = None, quarantine: Any = None,
+                 progress: bool | None = None, resume: bool = False, enroll: bool = True, scale: int | None = None,
+                 tz: str | None = None, time_format: str | None = None, delimiter: str | None = None,
+                 format: str | None = None, chunk_rows: int = 1_000_000,
+                 import_id: str | None = None) -> ImportReport:
+    """See :meth:`Engine.import_sales`."""
+    with engine._lock:
+        return _Importer(engine, source, columns=columns, quarantine=quarantine, progress=progress, resume=resume,
+                         enroll=enroll, scale=scale, tz=tz, time_format=time_format, delimiter=delimiter,
+                         fmt=format, chunk_rows=chunk_rows, import_id=import_id).run()
