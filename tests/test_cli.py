@@ -34,7 +34,8 @@ def ledger_path(tmp_path: Path) -> Path:
 
 HELP_SAYS = {"": "Run 'loyalty-engine COMMAND --help'", "init": "Create an empty ledger",
              "verify": "Walk the hash chain", "balance": "Print the balance of ACCOUNT",
-             "export": "Parquet file OUT", "demo": "bundled CDNOW data"}
+             "export": "Parquet file OUT", "demo": "bundled CDNOW data",
+             "import": "Import sales history"}
 
 
 @pytest.mark.parametrize("command", sorted(HELP_SAYS))
@@ -121,14 +122,36 @@ def test_demo_runs_on_the_bundled_data(runner: CliRunner, tmp_path: Path) -> Non
         assert ledger.verify().ok
         issued = -ledger.balance(1).available
     assert f"earned {issued:,} = redeemed" in result.output
-    # the club demo ran the example program over the same history
-    assert "club demo: program 'Golden Leaf club'" in result.output
-    assert "evaluated and posted 69,579 purchases" in result.output
+    # the main job: the CDNOW history imported under the example program, the manager's figures
+    assert "club demo: program 'CDNOW club'" in result.output
+    assert "69,659 rows read, 69,579 posted" in result.output
+    assert "rejected 80: the amount is zero" in result.output
     from loyalty_engine.engine import Engine
     from loyalty_engine.program import Program
-    prog = Program.from_toml(Path(__file__).parent.parent / "examples" / "customer_club" / "program.toml")
+    prog = Program.from_toml(Path(__file__).parent.parent / "examples" / "cdnow_club" / "program.toml")
     with Engine.open(f"{path}.club", program=prog, sync="none") as club:
         assert club.members == 23_502          # customers with at least one paid purchase
         assert club.ledger.verify().ok
-        points = club.ledger.balance(1).debits_posted - 20 * 23_502   # issued, less sign-up bonuses
-    assert f"points issued {points:,}" in result.output
+        issued = club.ledger.balance(1).debits_posted
+        tiers = {t.name: int((club._members["tier"][:club.members] == k + 1).sum()) for k, t in enumerate(prog.tiers)}
+    assert f"members 23,502; purchases 69,579; points issued {issued:,}" in result.output
+    assert "members per tier: " + ", ".join(f"{k} {v:,}" for k, v in tiers.items()) in result.output
+    assert "import speed:" in result.output and "rows/s" in result.output
+
+
+def test_import_command_imports_quarantines_and_says_how_to_resume(runner: CliRunner, tmp_path: Path) -> None:
+    src = tmp_path / "sales.csv"
+    src.write_text("customer;when;total\nann;2026-01-02 10:00:00;120.50\nbob;2026-01-02 11:00:00;abc\n"
+                   "ann;2026-01-03 10:00:00;80\n")
+    prog = Path(__file__).parent.parent / "examples" / "cdnow_club" / "program.toml"
+    args = ["import", str(tmp_path / "club"), str(src), "--program", str(prog), "--map", "member=customer",
+            "--map", "at=when", "--map", "amount=total", "--tz", "UTC", "--quarantine", str(tmp_path / "q.csv"),
+            "--sync", "none", "--quiet"]
+    result = runner.invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "3 rows read, 2 posted" in result.output and "rejected 1: the amount is not a number" in result.output
+    assert "bob" in (tmp_path / "q.csv").read_text()
+    again = runner.invoke(main, args)
+    assert again.exit_code == 0 and "imported before: nothing posted" in again.output
+    bad = runner.invoke(main, [*args[:3], "--program", str(prog), "--map", "member"])
+    assert bad.exit_code == 2 and "FIELD=COLUMN" in bad.output

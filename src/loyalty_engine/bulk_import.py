@@ -87,6 +87,7 @@ REASONS = {
     R_MALFORMED: "a malformed line",
     R_QTY: "the quantity is not a whole number >= 0",
     R_RET_EARLY: "a return dated before its original purchase",
+    R_KERNEL: "refused by the program (see the kernel's reason)",
 }
 
 

@@ -198,8 +198,9 @@ def _inspect(part: Part, delimiter: str | None) -> None:
     else:
         stream, delim = _csv_stream(part, delimiter)
         try:
-            with pacsv.open_csv(stream, parse_options=pacsv.ParseOptions(delimiter="," if delim == WHITESPACE
-                                                                         else delim)) as r3:
+            parse = pacsv.ParseOptions(delimiter="," if delim == WHITESPACE else delim,
+                                       invalid_row_handler=lambda row: "skip")
+            with pacsv.open_csv(stream, parse_options=parse) as r3:
                 part.columns = r3.schema.names
         except pa.ArrowInvalid as e:
             raise ValidationError(f"{part.name}: cannot read it as CSV: {e}") from None

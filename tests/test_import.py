@@ -1,0 +1,398 @@
+"""Bulk import of sales history: sources, checks and quarantine, enrolment, order, returns, idempotency,
+resuming after SIGKILL, and equality with the one-purchase-at-a-time path."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.ipc as ipc
+import pyarrow.parquet as pq
+import pytest
+
+from loyalty_engine.bulk_import import convert_amounts, convert_times
+from loyalty_engine.engine import Engine, credit_account, points_account
+from loyalty_engine.errors import ValidationError
+from loyalty_engine.program import Program
+from loyalty_engine.progress import Progress
+
+ROOT = Path(__file__).resolve().parent.parent
+CLUB = ROOT / "examples" / "customer_club" / "program.toml"
+CDNOW = ROOT / "examples" / "cdnow_club" / "program.toml"
+MASTER = ROOT / "src" / "loyalty_engine" / "data" / "CDNOW_master.txt.gz"
+T0 = 1_767_225_600_000_000          # 2026-01-01T00:00Z in µs
+DAY = 86_400_000_000
+
+
+def history(n: int, members: int, seed: int = 3) -> pa.Table:
+    """``n`` sales by ``members`` members over a year, in time order, with refs and categories."""
+    rng = np.random.default_rng(seed)
+    at = np.sort(rng.integers(T0, T0 + 365 * DAY, n))
+    return pa.table({
+        "customer": pa.array([f"c{m}" for m in rng.integers(0, members, n)]),
+        "sold_at": pa.array(at, pa.timestamp("us", tz="UTC")),
+        "total": rng.integers(20_000, 3_000_000, n),
+        "receipt": pa.array([f"r{i}" for i in range(n)]),
+        "category": pa.array(rng.choice(["cosmetics", "grocery", "toys"], n)),
+    })
+
+
+MAP = {"member": "customer", "at": "sold_at", "amount": "total", "ref": "receipt", "category": "category"}
+
+
+def balances(engine: Engine) -> dict[str, tuple[int, int, str]]:
+    out = {}
+    for name, idx in engine._names.items():
+        out[name] = (engine.ledger.balance(points_account(idx)).available,
+                     engine.ledger.balance(credit_account(idx)).available,
+                     engine.program.tier_name(int(engine._members[idx]["tier"])))
+    return out
+
+
+def lots_by_expiry(engine: Engine) -> dict[tuple[str, int], int]:
+    out: dict[tuple[str, int], int] = defaultdict(int)
+    for name, idx in engine._names.items():
+        for expires, remaining in engine.ledger.lots(points_account(idx)):
+            out[(name, expires)] += remaining
+    return dict(out)
+
+
+# -- the real data, in its real format --------------------------------------------------------------------
+
+def test_cdnow_master_imports_in_its_real_format(tmp_path: Path) -> None:
+    prog = Program.from_toml(CDNOW)
+    q = tmp_path / "rejected.csv"
+    with Engine.open(tmp_path / "club", program=prog, sync="none") as eng:
+        rep = eng.import_sales(MASTER, columns={"member": "customer_id", "at": "date", "amount": "dollar_value"},
+                               time_format="%Y%m%d", tz="America/New_York", scale=2, quarantine=q)
+        assert (rep.rows_read, rep.sales_posted, rep.rows_rejected) == (69_659, 69_579, 80)
+        assert rep.reasons == {"the amount is zero": 80}
+        assert rep.members_enrolled == eng.members == 23_502
+        assert eng.ledger.verify().ok
+        # points issued = what the ledger's issuer account paid out
+        assert eng.ledger.balance(1).debits_posted == rep.points_issued
+        # a known customer: 00001 bought once, $11.77 on 1997-01-01 -> 11 points + the welcome basket's 50
+        assert eng.ledger.balance(points_account(eng._names["00001"])).available == 11 + 50
+    as_text = {"customer_id": pa.string(), "dollar_value": pa.string(), "date": pa.string()}
+    t = pacsv.read_csv(q, convert_options=pacsv.ConvertOptions(column_types=as_text))
+    assert t.num_rows == 80
+    assert set(t.column("reason").to_pylist()) == {"the amount is zero"}
+    # each rejected row names its file and row: the row is the data line after the header
+    import gzip
+    lines = gzip.decompress(MASTER.read_bytes()).decode().splitlines()
+    for row, cust, value in zip(t.column("row").to_pylist()[:5], t.column("customer_id").to_pylist()[:5],
+                                t.column("dollar_value").to_pylist()[:5], strict=True):
+        fields = lines[row].split()
+        assert fields[0] == cust and fields[3] == value == "0.00"
+
+
+# -- the same answer as one purchase at a time ------------------------------------------------------------
+
+def test_import_gives_the_same_ledger_as_purchase_batch(tmp_path: Path) -> None:
+    prog = Program.from_toml(CLUB)
+    t = history(6_000, 300)
+    with Engine.open(tmp_path / "a", program=prog, sync="none") as a:
+        rep = a.import_sales(t, columns=MAP, chunk_rows=1_000)
+        assert rep.sales_posted == 6_000 and rep.rows_rejected == 0 and rep.chunks == 6
+        got, got_lots = balances(a), lots_by_expiry(a)
+        assert a.ledger.verify().ok
+    with Engine.open(tmp_path / "b", program=prog, sync="none") as b:
+        names = t.column("customer").to_pylist()
+        at = t.column("sold_at").cast(pa.int64()).to_numpy()
+        first: dict[str, int] = {}
+        for m, x in zip(names, at.tolist(), strict=True):
+            first.setdefault(m, x)
+        b.enroll_batch(list(first), at=np.array(list(first.values()), np.int64))
+        res = b.purchase_batch(pa.table({"member": names, "at": t.column("sold_at"), "amount": t.column("total"),
+                                         "ref": t.column("receipt"), "category": t.column("category")}))
+        assert (res.column("status").to_numpy() == 0).all()
+        assert balances(b) == got
+        assert lots_by_expiry(b) == got_lots
+    assert rep.points_issued == sum(v[0] for v in got.values()) - 20 * len(got)   # less sign-up bonuses
+
+
+# -- bad rows ---------------------------------------------------------------------------------------------
+
+BAD_CSV = """customer,sold_at,total,receipt,kind,original
+alice,2026-01-02 10:00:00+00:00,100000,a1,sale,
+,2026-01-02 10:00:00+00:00,100000,a2,sale,
+bob,yesterday,100000,a3,sale,
+bob,2026-01-02 10:00:00,100000,a4,sale,
+bob,2026-01-02 11:00:00+00:00,-5,a5,sale,
+bob,2026-01-02 11:00:00+00:00,12x,a6,sale,
+bob,2026-01-02 11:00:00+00:00,12.5,a7,sale,
+bob,2026-01-02 11:00:00+00:00,inf,a8,sale,
+bob,2026-01-02 12:00:00+00:00,200000,a1,sale,
+bob,2026-01-02 12:00:00+00:00,200000,a9,gift,
+bob,2026-01-02 12:00:00+00:00,200000,a10,sale,,,
+alice,2026-01-03 12:00:00+00:00,40000,a11,return,
+alice,2026-01-03 12:00:00+00:00,40000,a12,return,zzz
+alice,2026-01-03 12:00:00+00:00,400000,a13,return,a1
+alice,2026-01-03 12:00:00+00:00,-40000,a14,return,a1
+bob,2026-01-04 12:00:00+00:00,0,a15,sale,
+carol,2026-01-04 12:00:00+00:00,300000,a16,sale,
+"""
+
+EXPECTED_REASONS = {   # data rows, counted from 1 after the header
+    2: "no member", 3: "the time cannot be read", 4: "the time has no timezone", 5: "a negative amount",
+    6: "the amount is not a number", 7: "more decimals than the stated scale", 8: "not a finite number",
+    9: "the same ref appears earlier", 10: "unknown kind", 11: "a malformed line",
+    12: "a return without the ref", 13: "whose original purchase is unknown",
+    14: "larger than what is left", 16: "the amount is zero",
+}
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_bad_rows_are_quarantined_with_file_row_values_and_reason(tmp_path: Path, fmt: str) -> None:
+    src = tmp_path / "sales.csv"
+    src.write_text(BAD_CSV)
+    q = tmp_path / f"rejected.{fmt}"
+    with Engine.open(tmp_path / "club", program=Program.from_toml(CLUB), sync="none") as eng:
+        rep = eng.import_sales(src, columns={"member": "customer", "at": "sold_at", "amount": "total",
+                                             "ref": "receipt", "kind": "kind", "original": "original"},
+                               quarantine=q)
+        assert rep.rows_read == 17
+        assert rep.sales_posted == 2          # alice's a1 and carol's a16
+        assert rep.returns_posted == 1        # a14: 40,000 of a1 (a negative amount on a return is fine)
+        assert rep.rows_rejected == 14
+        assert rep.rows_posted + rep.rows_rejected == rep.rows_read
+        assert eng.members == 2 and "bob" not in eng._names     # bob had no good sale
+        assert eng.receipt("a1").amount == 100_000
+        assert eng.ledger.verify().ok
+    t = pq.read_table(q) if fmt == "parquet" else pacsv.read_csv(
+        q, convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in
+                                                              ("customer", "total", "receipt", "original")}))
+    got = dict(zip(t.column("row").to_pylist(), t.column("reason").to_pylist(), strict=True))
+    assert set(got) == set(EXPECTED_REASONS)
+    for row, words in EXPECTED_REASONS.items():
+        assert words in got[row], (row, got[row])
+        assert t.column("file").to_pylist()[0] == str(src)
+    values = dict(zip(t.column("row").to_pylist(), t.column("total").to_pylist(), strict=True))
+    assert values[6] == "12x" and values[5] == "-5"
+    lines = dict(zip(t.column("row").to_pylist(), t.column("line").to_pylist(), strict=True))
+    assert lines[11].startswith("bob,") and "a10" in lines[11]
+
+
+def test_conversions_are_exact_and_name_what_is_wrong() -> None:
+    amt, why = convert_amounts(pa.array(["11.77", "0.5", "3", " 1,234.50 ", "1.234", "", None, "nan"]), 2)
+    assert amt[:4].tolist() == [1177, 50, 300, 123450]
+    assert why.tolist()[:4] == [0, 0, 0, 0] and all(why[4:] > 0)
+    amt, why = convert_amounts(pa.array([19.99, 0.1 + 0.2, float("inf")]), 2)
+    assert amt.tolist()[:2] == [1999, 30] and why[2] > 0
+    amt, why = convert_amounts(pa.array([5, 7], pa.int32()), 0)
+    assert amt.tolist() == [5, 7]
+    us, why = convert_times(pa.array(["2026-03-21T10:30:00+03:30", "2026-03-21 07:00:00", "21/03/2026"]),
+                            tz="UTC", time_format=None)
+    seven_utc = int(datetime(2026, 3, 21, 7, tzinfo=UTC).timestamp()) * 1_000_000
+    assert us[0] == us[1] == seven_utc and why.tolist() == [0, 0, 4]
+    us, why = convert_times(pa.array(["19970101"]), tz="America/New_York", time_format="%Y%m%d")
+    assert us[0] == int(datetime(1997, 1, 1, 5, tzinfo=UTC).timestamp()) * 1_000_000 and why[0] == 0
+    with pytest.raises(ValidationError, match="numbers are ambiguous"):
+        convert_times(pa.array([1, 2]), tz="UTC", time_format=None)
+
+
+def test_mapping_errors_name_the_field_and_the_columns(tmp_path: Path) -> None:
+    t = history(10, 3)
+    with Engine.open(tmp_path / "club", program=Program.from_toml(CLUB), sync="none") as eng:
+        with pytest.raises(ValidationError, match="required field 'member'.*customer"):
+            eng.import_sales(t, columns={"at": "sold_at", "amount": "total"})
+        with pytest.raises(ValidationError, match="unknown field.*'price'"):
+            eng.import_sales(t, columns={**MAP, "price": "total"})
+        with pytest.raises(ValidationError, match="no column for amount=nope"):
+            eng.import_sales(t, columns={**MAP, "amount": "nope"})
+        with pytest.raises(ValidationError, match="no such file"):
+            eng.import_sales(tmp_path / "missing.parquet", columns=MAP)
+        with pytest.raises(ValidationError, match="tz='Mars/Base'"):
+            eng.import_sales(t, columns=MAP, tz="Mars/Base")
+        assert eng.members == 0
+
+
+# -- members and order --------------------------------------------------------------------------------------
+
+def test_unknown_members_are_enrolled_at_their_first_purchase_unless_told_not_to(tmp_path: Path) -> None:
+    t = history(500, 20)
+    with Engine.open(tmp_path / "a", program=Program.from_toml(CLUB), sync="none") as eng:
+        eng.enroll("c1", at=T0 - DAY)
+        rep = eng.import_sales(t, columns=MAP, enroll=False)
+        assert rep.members_enrolled == 0
+        n_c1 = int(np.sum(np.array(t.column("customer").to_pylist()) == "c1"))
+        assert rep.sales_posted == n_c1 and rep.rows_rejected == 500 - n_c1
+        assert rep.reasons == {"an unknown member (the import was told not to enroll: enroll=False)": 500 - n_c1}
+    with Engine.open(tmp_path / "b", program=Program.from_toml(CLUB), sync="none") as eng:
+        rep = eng.import_sales(t, columns=MAP)
+        assert rep.members_enrolled == 20
+        first = t.filter(pa.compute.equal(t.column("customer"), "c7")).column("sold_at")[0].as_py()
+        assert eng.member("c7").enrolled == first.astimezone(eng.program.zone).date()
+
+
+def test_rows_older_than_the_members_last_purchase_are_quarantined_not_evaluated_out_of_order(tmp_path: Path) -> None:
+    t = history(3_000, 30)
+    # move the first 100 rows (the oldest) to the end: they arrive after later purchases were imported
+    idx = np.r_[100:3_000, 0:100]
+    shuffled = t.take(pa.array(idx))
+    q = tmp_path / "q.parquet"
+    with Engine.open(tmp_path / "club", program=Program.from_toml(CLUB), sync="none") as eng:
+        rep = eng.import_sales(shuffled, columns=MAP, chunk_rows=1_000, quarantine=q)
+        assert rep.rows_rejected == 100
+        assert list(rep.reasons) == ["a purchase dated before the member's last one (purchases go in time order)"]
+    bad = pq.read_table(q)
+    assert sorted(bad.column("row").to_pylist()) == list(range(2_901, 3_001))
+
+
+# -- returns -------------------------------------------------------------------------------------------------
+
+def test_returns_take_back_the_share_of_their_original(tmp_path: Path) -> None:
+    prog = Program.from_toml(CLUB)
+    t = pa.table({"m": ["x", "x", "x", "y"],
+                  "at": pa.array([T0, T0 + DAY, T0 + 2 * DAY, T0 + 3 * DAY], pa.timestamp("us", tz="UTC")),
+                  "amount": [1_000_000, 400_000, 500_000, 300_000],
+                  "ref": ["s1", "s2", "r1", "s3"], "kind": ["sale", "sale", "return", "sale"],
+                  "orig": [None, None, "s1", None]})
+    cols = {"member": "m", "at": "at", "amount": "amount", "ref": "ref", "kind": "kind", "original": "orig"}
+    with Engine.open(tmp_path / "club", program=prog, sync="none") as eng:
+        rep = eng.import_sales(t, columns=cols)
+        assert (rep.sales_posted, rep.returns_posted, rep.rows_rejected) == (3, 1, 0)
+        earned = eng.receipt("s1").points_earned
+        assert rep.points_clawed_back == earned // 2 > 0
+        assert eng.ledger.verify().ok
+
+
+# -- idempotency and resuming ----------------------------------------------------------------------------
+
+def test_the_same_source_twice_posts_nothing_the_second_time(tmp_path: Path) -> None:
+    src = tmp_path / "sales.parquet"
+    pq.write_table(history(2_000, 50), src, row_group_size=700)
+    with Engine.open(tmp_path / "club", program=Program.from_toml(CLUB), sync="none") as eng:
+        first = eng.import_sales(src, columns=MAP, chunk_rows=1_000)
+        before = balances(eng)
+        head = eng.ledger.head
+        again = eng.import_sales(src, columns=MAP, chunk_rows=1_000)
+        assert first.sales_posted == 2_000
+        assert again.already_imported and again.rows_posted == 0
+        assert balances(eng) == before and eng.ledger.head == head
+
+
+def test_sources_parquet_ipc_csv_directory_and_glob_agree(tmp_path: Path) -> None:
+    t = history(1_500, 40)
+    d = tmp_path / "src"
+    d.mkdir()
+    pq.write_table(t.slice(0, 500), d / "a.parquet")
+    with ipc.new_file(d / "b.arrow", t.schema) as w:
+        w.write_table(t.slice(500, 500))
+    pacsv.write_csv(t.slice(1_000), d / "c.csv")
+    results = []
+    for k, source in enumerate([t, d, str(d / "*.*")]):
+        with Engine.open(tmp_path / f"club{k}", program=Program.from_toml(CLUB), sync="none") as eng:
+            rep = eng.import_sales(source, columns=MAP, chunk_rows=1_000)
+            assert rep.sales_posted == 1_500, rep.summary()
+            results.append(balances(eng))
+    assert results[0] == results[1] == results[2]
+
+
+def test_a_stopped_import_needs_resume_and_then_finishes(tmp_path: Path) -> None:
+    prog = Program.from_toml(CLUB)
+    src = tmp_path / "sales.parquet"
+    pq.write_table(history(5_000, 100), src)
+    with Engine.open(tmp_path / "clean", program=prog, sync="none") as eng:
+        eng.import_sales(src, columns=MAP, chunk_rows=1_000)
+        clean = balances(eng)
+    path = tmp_path / "club"
+    with Engine.open(path, program=prog, sync="none") as eng:
+        calls = {"n": 0}
+        real = eng.ledger._post_with
+
+        def failing(recs, extra):  # the third chunk's commit fails (a disk error, say)
+            calls["n"] += 1
+            if calls["n"] == 3 + 1:     # after the enrolment of the first chunk
+                raise OSError("disk full")
+            return real(recs, extra)
+
+        eng.ledger._post_with = failing
+        with pytest.raises(OSError):
+            eng.import_sales(src, columns=MAP, chunk_rows=1_000)
+        eng.ledger._post_with = real
+    with Engine.open(path, program=prog, sync="none") as eng:
+        with pytest.raises(ValidationError, match="resume=True"):
+            eng.import_sales(src, columns=MAP, chunk_rows=1_000)
+        rep = eng.import_sales(src, columns=MAP, chunk_rows=1_000, resume=True)
+        assert rep.resumed_from_row > 0
+        assert balances(eng) == clean
+        assert eng.ledger.verify().ok
+
+
+CHILD = """
+import sys
+from loyalty_engine.engine import Engine
+from loyalty_engine.program import Program
+with Engine.open(sys.argv[1], program=Program.from_toml(sys.argv[2]), sync="none") as eng:
+    rep = eng.import_sales(sys.argv[3], columns={cols!r}, chunk_rows=1_000, resume=True,
+                           quarantine=sys.argv[4], progress=False)
+print("DONE", rep.rows_read)
+"""
+
+
+def test_sigkill_at_random_moments_then_resume_gives_the_clean_ledger(tmp_path: Path) -> None:
+    prog = Program.from_toml(CLUB)
+    t = history(60_000, 1_200, seed=9)
+    # a few bad rows, so the quarantine is resumed too
+    total = t.column("total").to_numpy().copy()
+    total[::997] = 0
+    t = t.set_column(2, "total", pa.array(total))
+    src = tmp_path / "sales.parquet"
+    pq.write_table(t, src, row_group_size=3_000)
+    with Engine.open(tmp_path / "clean", program=prog, sync="none") as eng:
+        clean_rep = eng.import_sales(src, columns=MAP, chunk_rows=1_000, quarantine=tmp_path / "clean_q.parquet")
+        clean, clean_lots = balances(eng), lots_by_expiry(eng)
+    path = tmp_path / "killed"
+    q = tmp_path / "q.parquet"
+    script = CHILD.format(cols=MAP)
+    rng = np.random.default_rng(int(os.environ.get("IMPORT_KILL_SEED", "5")))
+    kills = 0
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    for _ in range(12):
+        p = subprocess.Popen([sys.executable, "-c", script, str(path), str(CLUB), str(src), str(q)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        time.sleep(float(rng.uniform(0.9, 3.2)))
+        if p.poll() is None:
+            p.send_signal(signal.SIGKILL)
+            kills += 1
+        out, err = p.communicate()
+        if b"DONE" in out:
+            break
+    else:
+        p = subprocess.run([sys.executable, "-c", script, str(path), str(CLUB), str(src), str(q)],
+                           capture_output=True, env=env, check=True)
+    assert kills >= 1, "the import finished before any kill: make the source bigger"
+    with Engine.open(path, program=prog, sync="none") as eng:
+        assert balances(eng) == clean
+        assert lots_by_expiry(eng) == clean_lots
+        assert eng.ledger.verify().ok
+        again = eng.import_sales(src, columns=MAP, chunk_rows=1_000)
+        assert again.already_imported
+    got_q = pq.read_table(q).sort_by("row")
+    want_q = pq.read_table(tmp_path / "clean_q.parquet").sort_by("row")
+    assert got_q.equals(want_q) and want_q.num_rows == clean_rep.rows_rejected > 0
+
+
+# -- progress ---------------------------------------------------------------------------------------------
+
+def test_progress_shows_rows_rate_bad_rows_and_time_left() -> None:
+    buf = io.StringIO()
+    p = Progress(1_000, enabled=True, stream=buf, every=0)
+    p.update(250, 3)
+    line = buf.getvalue()
+    assert "250/1,000 rows (25%)" in line and "rows/s" in line and "bad 3" in line and "left" in line
+    quiet = Progress(1_000, stream=io.StringIO())     # not a terminal: nothing written
+    quiet.update(10, 0)
+    quiet.close()
+    assert quiet.stream.getvalue() == ""
