@@ -247,6 +247,48 @@ def rules_scenario(rep: Report, tmp: Path, rows: int, members: int, peer_rows: i
     rep.add("purchase end to end, sync=none", "p50 us", p50, None, "< 30 us", p50 < 30, "us")
 
 
+IMPORT_CHILD = """
+import json, resource, sys, time
+from benchmarks.import_workload import COLUMNS
+from benchmarks.rules_workload import program
+from loyalty_engine.engine import Engine
+with Engine.open(sys.argv[1], program=program(), sync="full") as eng:
+    rep = eng.import_sales(sys.argv[2], columns=COLUMNS, chunk_rows=int(sys.argv[3]), progress=False)
+print(json.dumps({"rows": rep.rows_read, "seconds": rep.seconds, "posted": rep.sales_posted,
+                  "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def import_scenario(rep: Report, tmp: Path, sizes: list[tuple[int, int]], peer_rows: int, chunk: int) -> None:
+    """Bulk import, Parquet on disk to a durable ledger (sync="full", a commit per chunk), with the
+    rules workload's program (10 rules, 4 tiers, 5 offers), each size in a fresh process (its peak memory
+    measured); beside the peer (PyArrow + pure-Python evaluation + SQLite) on a smaller file."""
+    import subprocess
+
+    from .import_workload import peer_import, write_history
+
+    root = Path(__file__).resolve().parent.parent
+    for rows, members in sizes:
+        src = write_history(tmp / f"history-{rows}.parquet", rows, members)
+        out = subprocess.run([sys.executable, "-c", IMPORT_CHILD, str(tmp / f"club-{rows}"), str(src), str(chunk)],
+                             capture_output=True, text=True, cwd=root, check=True)
+        got = json.loads(out.stdout.strip().splitlines()[-1])
+        if got["posted"] != rows:
+            raise SystemExit(f"the import posted {got['posted']} of {rows} rows")
+        rate = rows / got["seconds"]
+        if rows == sizes[0][0]:
+            psrc = write_history(tmp / "peer.parquet", peer_rows, max(peer_rows // 10, 1))
+            t = ns()
+            peer_import(psrc, tmp / "peer.sqlite")
+            p_rate = peer_rows / ((ns() - t) / 1e9)
+        label = f"import {rows / 1e6:g} M rows, {members / 1e6:g} M members"
+        rep.add(label, "rows/s", rate, p_rate, ">= 1.5 M rows/s, >= 10x peer",
+                rate >= 1.5e6 and rate >= 10 * p_rate, "rows/s")
+        rep.add(label, "peak MB", got["maxrss_mb"], None, f"bounded (chunk {chunk:,})", None, "MB")
+        shutil.rmtree(tmp / f"club-{rows}", ignore_errors=True)
+        src.unlink()
+
+
 def codes_scenario(rep: Report, tmp: Path, n: int, peer_n: int, singles: int) -> None:
     """Product codes: generation to strings and to integers, batched validation and one check, beside a
     straightforward per-code FF1 (benchmarks/codes_peer.py)."""
@@ -311,11 +353,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small sizes (a smoke run, about a minute)")
     ap.add_argument("--json", type=Path, help="also write the figures to this JSON file")
-    ap.add_argument("--only", choices=["post_batch", "single", "balance", "transfers", "rules", "codes"],
+    ap.add_argument("--only", choices=["post_batch", "single", "balance", "transfers", "rules", "codes", "import"],
                     action="append",
                     help="run only these scenarios")
     args = ap.parse_args(argv)
-    only = set(args.only or ["post_batch", "single", "balance", "transfers", "rules", "codes"])
+    only = set(args.only or ["post_batch", "single", "balance", "transfers", "rules", "codes", "import"])
     q = args.quick
     tmp = Path(tempfile.mkdtemp(prefix="loyalty-bench-"))
     rep = Report()
@@ -337,6 +379,10 @@ def main(argv: list[str] | None = None) -> int:
                                          5_000 if q else 20_000, 2_000 if q else 20_000)),
         ("codes", lambda: codes_scenario(rep, tmp, 1_000_000 if q else 10_000_000, 2_000 if q else 20_000,
                                          2_000 if q else 20_000)),
+        ("import", lambda: import_scenario(
+            rep, tmp, [(100_000, 10_000), (1_000_000, 100_000)] if q else [(1_000_000, 1_000_000),
+                                                                          (10_000_000, 1_000_000)],
+            20_000 if q else 100_000, 100_000 if q else 1_000_000)),
     ]
     start_speed = machine_speed()
     print(f"machine speed at the start: {start_speed}")
