@@ -172,12 +172,10 @@ def convert_times(col: pa.Array, tz: str | None, time_format: str | None) -> tup
         s = pc.utf8_trim_whitespace(col)
         empty = pc.or_kleene(pc.is_null(s), pc.equal(pc.utf8_length(s), 0)).fill_null(True)
         s = pc.if_else(empty, pa.scalar(None, pa.string()), s)
+        empty_np = empty.to_numpy(zero_copy_only=False)
         ts = None
         if time_format is not None:
-            if "%z" in time_format:
-                ts = pc.strptime(s, format=time_format, unit="us", error_is_null=True)
-            else:
-                ts = pc.strptime(s, format=time_format, unit="us", error_is_null=True)
+            ts = pc.strptime(s, format=time_format, unit="us", error_is_null=True)
         else:
             for target in (pa.timestamp("us", tz="UTC"), pa.timestamp("us")):
                 try:
@@ -195,7 +193,7 @@ def convert_times(col: pa.Array, tz: str | None, time_format: str | None) -> tup
                     naive = got if naive is None else pc.coalesce(naive, got)
                 zoned_us = pc.cast(zoned, pa.int64()).to_numpy(zero_copy_only=False)
                 naive_v = _naive_to_utc(naive, tz)
-                reason[np.asarray(empty)] = R_AT_NULL
+                reason[empty_np] = R_AT_NULL
                 z_ok = ~pc.is_null(zoned).to_numpy(zero_copy_only=False)
                 n_ok = ~pc.is_null(naive).to_numpy(zero_copy_only=False)
                 out = np.zeros(n, np.int64)
@@ -207,9 +205,8 @@ def convert_times(col: pa.Array, tz: str | None, time_format: str | None) -> tup
                     out[use_naive] = naive_v[use_naive]
                 reason[~z_ok & ~n_ok & (reason == 0)] = R_AT_BAD
                 return out, reason
-        bad = pc.is_null(ts).to_numpy(zero_copy_only=False) & ~np.asarray(empty.to_numpy(zero_copy_only=False))
-        reason[np.asarray(empty.to_numpy(zero_copy_only=False))] = R_AT_NULL
-        reason[bad] = R_AT_BAD
+        reason[empty_np] = R_AT_NULL
+        reason[pc.is_null(ts).to_numpy(zero_copy_only=False) & ~empty_np] = R_AT_BAD
     else:
         raise ValidationError(f"the time column is {t}; give timestamps, dates or text (numbers are ambiguous: "
                               f"seconds? milliseconds?)")
@@ -321,8 +318,6 @@ class _Importer:
                  progress: bool | None, resume: bool, enroll: bool, scale: int | None, tz: str | None,
                  time_format: str | None, delimiter: str | None, fmt: str | None, chunk_rows: int,
                  import_id: str | None) -> None:
-        from .engine import _checked_ref  # noqa: F401  (engine module loaded)
-
         self.engine = engine
         self.program = engine.program
         if not isinstance(chunk_rows, int) or isinstance(chunk_rows, bool) or not 1_000 <= chunk_rows <= 4_000_000:
@@ -527,23 +522,21 @@ class _Importer:
             pos += n
 
     def _report(self, t0: float, cp: dict[str, Any], *, already: bool, resumed_from: int = 0) -> ImportReport:
-        st = Counter(cp.get("stats", {})) if already else self.stats
-        reasons = {REASONS[int(k)]: v for k, v in (cp.get("reasons", {}) if already else self.reasons).items()
-                   if int(k) != R_KERNEL}
-        for k, v in (cp.get("kernel_reasons", {}) if already else self.kernel_reasons).items():
-            reasons[k] = reasons.get(k, 0) + v
+        # a source imported before reports what this call did: nothing
+        st: Counter[str] = Counter() if already else self.stats
+        reasons: dict[str, int] = {}
+        if not already:
+            reasons = {REASONS[k]: v for k, v in self.reasons.items() if k != R_KERNEL}
+            for k2, v in self.kernel_reasons.items():
+                reasons[k2] = reasons.get(k2, 0) + v
         return ImportReport(
-            source=self.source_name, import_id=self.key.hex(), rows_read=0 if already else st["read"],
-            rows_posted=0 if already else st["sales"] + st["returns"],
-            rows_rejected=0 if already else st["rejected"], sales_posted=0 if already else st["sales"],
-            returns_posted=0 if already else st["returns"], members_enrolled=0 if already else st["enrolled"],
-            points_issued=0 if already else st["points"], points_clawed_back=0 if already else st["clawback"],
-            credit_issued=0 if already else st["credit"], offers_granted=0 if already else st["offers"],
-            transfers=0 if already else st["transfers"], chunks=int(cp.get("chunks", 0)),
-            resumed_from_row=resumed_from, already_imported=already,
-            quarantine=str(self.quarantine) if self.quarantine else None,
-            reasons={} if already else reasons, seconds=time.perf_counter() - t0,
-            examples=[] if already else self.examples)
+            source=self.source_name, import_id=self.key.hex(), rows_read=st["read"],
+            rows_posted=st["sales"] + st["returns"], rows_rejected=st["rejected"], sales_posted=st["sales"],
+            returns_posted=st["returns"], members_enrolled=st["enrolled"], points_issued=st["points"],
+            points_clawed_back=st["clawback"], credit_issued=st["credit"], offers_granted=st["offers"],
+            transfers=st["transfers"], chunks=int(cp.get("chunks", 0)), resumed_from_row=resumed_from,
+            already_imported=already, quarantine=str(self.quarantine) if self.quarantine else None,
+            reasons=reasons, seconds=time.perf_counter() - t0, examples=[] if already else self.examples)
 
     # -- one chunk -------------------------------------------------------------------------------------
     def _chunk(self, ch: _Chunk, cp: dict[str, Any]) -> None:
@@ -563,11 +556,11 @@ class _Importer:
         mark(_blank(member), R_MEMBER_NULL)
         mark(pc.greater(pc.binary_length(member), 200).fill_null(False).to_numpy(zero_copy_only=False), R_MEMBER_LONG)
         at, r_at = convert_times(col("at"), self.tz, self.time_format)
-        reason[(reason == 0) & (r_at > 0)] = r_at[(reason == 0) & (r_at > 0)]
+        reason = np.where(reason == 0, r_at, reason)
         scale = self.scale if self.scale is not None else (
             0 if pa.types.is_integer(col("amount").type) else self.program.minor_unit)
         amount, r_amt = convert_amounts(col("amount"), scale)
-        reason[(reason == 0) & (r_amt > 0)] = r_amt[(reason == 0) & (r_amt > 0)]
+        reason = np.where(reason == 0, r_amt, reason)
         is_ret = np.zeros(n, bool)
         if "kind" in m:
             kind = pc.utf8_lower(pc.utf8_trim_whitespace(_strings(col("kind"))))
@@ -610,8 +603,12 @@ class _Importer:
         uniq = mem_dict.dictionary.to_pylist()
         codes = mem_dict.indices.to_numpy(zero_copy_only=False)
         names = eng._names
-        uidx = np.fromiter((names.get(u, -1) if u is not None else -1 for u in uniq), np.int64, len(uniq))
-        midx = uidx[np.where(codes >= 0, codes, 0)] if n else np.zeros(0, np.int64)
+
+        def lookup() -> np.ndarray:
+            uidx = np.fromiter((names.get(u, -1) if u is not None else -1 for u in uniq), np.int64, len(uniq))
+            return uidx[np.where(codes >= 0, codes, 0)] if n else np.zeros(0, np.int64)
+
+        midx = lookup()
         unknown = good & ~is_ret & (midx < 0)
         if unknown.any():
             if not self.enroll:
@@ -624,11 +621,12 @@ class _Importer:
                 before = len(eng._member_names)
                 eng.enroll_batch([uniq[c] for c in new_codes], at=first_at[new_codes], events=False)
                 self.stats["enrolled"] += len(eng._member_names) - before
-                uidx = np.fromiter((names.get(u, -1) if u is not None else -1 for u in uniq), np.int64, len(uniq))
-                midx = uidx[np.where(codes >= 0, codes, 0)]
+                midx = lookup()
         mark(~is_ret & (midx < 0), R_UNKNOWN_MEMBER)
 
-        # sales, in time order, through the kernel
+        # sales, in time order, through the kernel (which changes the members' state: keep a copy until
+        # the chunk commits)
+        saved = (eng._members.copy(), eng._offer_use.copy(), eng._budget.copy(), dict(eng._hist))
         sales = np.flatnonzero((reason == 0) & ~is_ret)
         sales = sales[np.argsort(at[sales], kind="stable")]
         o, status = self._evaluate(ch, sales, midx, at, amount, qty)
@@ -696,13 +694,11 @@ class _Importer:
         cp["chunks"] = int(cp["chunks"]) + 1
         cp["pending_refunds"] = pending
         self._stats_into(cp)
-        saved = self._saved
         try:
             self._commit(recs, touched, receipts, cp)
         except BaseException:
             eng._members, eng._offer_use, eng._budget, eng._hist = saved
             raise
-        self._saved = None
         if pending:
             self._refunds(pending)
             cp["pending_refunds"] = []
@@ -758,52 +754,31 @@ class _Importer:
     # -- evaluation and posting -----------------------------------------------------------------------
     def _evaluate(self, ch: _Chunk, sales: np.ndarray, midx: np.ndarray, at: np.ndarray, amount: np.ndarray,
                   qty: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        from .engine import OUT, ROW
+        from .engine import OUT, _purchase_rows
 
         eng = self.engine
         k = len(sales)
-        self._saved = (eng._members.copy(), eng._offer_use.copy(), eng._budget.copy(), dict(eng._hist))
         if k == 0:
             return np.zeros(0, OUT), np.zeros(0, np.int32)
-        lf = eng._local_fields(at[sales])
-        rows = np.zeros(k, ROW)
-        rows["member"], rows["amount"], rows["quantity"] = midx[sales], amount[sales], qty[sales]
-        for f in ("day", "hour", "weekday", "month", "dom"):
-            rows[f] = lf[f]
         sym = self.program.symbols.tables
-        for f in ("branch", "channel"):
-            if f in self.mapping:
-                rows[f] = self._symbols(ch, f, sym[f])[sales]
+        zero = np.zeros(k, np.int32)
+        sy = {f: self._symbols(ch, f, sym[f])[sales] if f in self.mapping else zero
+              for f in ("branch", "channel", "category", "sku")}
         has_items = "category" in self.mapping or "sku" in self.mapping
-        if has_items:
-            cat = self._symbols(ch, "category", sym["category"])[sales] if "category" in self.mapping \
-                else np.zeros(k, np.int32)
-            sku = self._symbols(ch, "sku", sym["sku"])[sales] if "sku" in self.mapping else np.zeros(k, np.int32)
-            rows["cats"] = np.left_shift(1, cat.astype(np.int64))
-            rows["skus"] = np.left_shift(1, sku.astype(np.int64))
-            rows["item_start"] = np.arange(k)
-            rows["item_end"] = rows["item_start"] + 1
-            icat, isku, iamt = cat, sku, amount[sales].copy()
-        else:
-            icat = isku = np.zeros(0, np.int32)
-            iamt = np.zeros(0, np.int64)
+        rows, icat, isku, iamt = _purchase_rows(
+            midx[sales], amount[sales], qty[sales], eng._local_fields(at[sales]), sy["branch"], sy["channel"],
+            sy["category"] if has_items else None, sy["sku"] if has_items else None)
         members = rows["member"]
         eng._refresh_points(np.unique(np.concatenate([members, eng._members["referrer"][members]])))
         o = eng._evaluate(rows, icat, isku, iamt, facts=False)
         return o, o["status"].astype(np.int32)
 
     def _symbols(self, ch: _Chunk, f: str, table: dict[str, int]) -> np.ndarray:
+        from .engine import _sym_column
+
         c = ch.cols[self.mapping[f]]
-        c = _strings(c.combine_chunks() if isinstance(c, pa.ChunkedArray) else c)
-        n = len(c)
-        if not table:
-            return np.zeros(n, np.int32)
-        keys = pa.array(list(table), pa.string())
-        pos = pc.index_in(c, value_set=keys).fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
-        vals = np.asarray(list(table.values()), np.int32)
-        out = np.zeros(n, np.int32)
-        out[pos >= 0] = vals[pos[pos >= 0]]
-        return out
+        return _sym_column(pa.table({f: _strings(c.combine_chunks() if isinstance(c, pa.ChunkedArray) else c)}),
+                           f, table)
 
     def _transfers(self, ch: _Chunk, posted: np.ndarray, midx: np.ndarray, o: np.ndarray,
                    at: np.ndarray) -> np.ndarray:

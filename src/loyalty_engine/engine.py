@@ -858,21 +858,10 @@ class Engine:
             has_items = "category" in t.column_names or "sku" in t.column_names
             for start in range(0, len(order), CHUNK_ROWS):
                 chunk = order[start: start + CHUNK_ROWS]   # time order: budgets and caps see what came first
-                rows = np.zeros(len(chunk), ROW)
-                rows["member"], rows["amount"], rows["redeem"] = idx[chunk], amount[chunk], redeem[chunk]
-                rows["quantity"] = qty[chunk]
-                for k in ("day", "hour", "weekday", "month", "dom"):
-                    rows[k] = lf[k][chunk]
-                rows["branch"], rows["channel"] = br[chunk], ch[chunk]
-                if has_items:
-                    rows["cats"] = np.left_shift(1, cat_col[chunk].astype(np.int64))
-                    rows["skus"] = np.left_shift(1, sku_col[chunk].astype(np.int64))
-                    rows["item_start"] = np.arange(len(chunk))
-                    rows["item_end"] = rows["item_start"] + 1
-                    icat, isku, iamt = cat_col[chunk], sku_col[chunk], amount[chunk].copy()
-                else:
-                    icat = isku = np.zeros(0, np.int32)
-                    iamt = np.zeros(0, np.int64)
+                rows, icat, isku, iamt = _purchase_rows(
+                    idx[chunk], amount[chunk], qty[chunk], {k: v[chunk] for k, v in lf.items()}, br[chunk],
+                    ch[chunk], cat_col[chunk] if has_items else None, sku_col[chunk] if has_items else None,
+                    redeem[chunk])
                 self._refresh_points(np.unique(np.concatenate([idx[chunk], self._members["referrer"][idx[chunk]]])))
                 saved_all = (self._members.copy(), self._offer_use.copy(), self._budget.copy(), dict(self._hist))
                 try:
@@ -1272,6 +1261,28 @@ class Engine:
 
         with self._lock:
             return int(self.ledger._post_with(np.zeros(0, RECORD_DTYPE), extra))
+
+
+def _purchase_rows(member: np.ndarray, amount: np.ndarray, qty: np.ndarray, local: dict[str, np.ndarray],
+                   branch: np.ndarray, channel: np.ndarray, cat: np.ndarray | None, sku: np.ndarray | None,
+                   redeem: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The kernel's rows (and item arrays: one item per row when ``cat``/``sku`` are given) of a batch
+    of purchases; ``local`` holds day, hour, weekday, month and dom in the program's timezone."""
+    n = len(member)
+    rows = np.zeros(n, ROW)
+    rows["member"], rows["amount"], rows["quantity"] = member, amount, qty
+    if redeem is not None:
+        rows["redeem"] = redeem
+    for k in ("day", "hour", "weekday", "month", "dom"):
+        rows[k] = local[k]
+    rows["branch"], rows["channel"] = branch, channel
+    if cat is None or sku is None:
+        return rows, np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, np.int64)
+    rows["cats"] = np.left_shift(1, cat.astype(np.int64))
+    rows["skus"] = np.left_shift(1, sku.astype(np.int64))
+    rows["item_start"] = np.arange(n)
+    rows["item_end"] = rows["item_start"] + 1
+    return rows, cat, sku, np.array(amount, np.int64)
 
 
 def _small_unique(values: np.ndarray, bound: int) -> tuple[np.ndarray, np.ndarray]:
