@@ -29,8 +29,8 @@ import numpy as np
 
 from loyalty_engine import Account, AccountFlags, Ledger, Transfer, TransferResult
 
-from .sqlite_peer import SqlitePeer
-from .workloads import MEMBER_BASE, SYSTEM, T0, make_workload, member_ids, open_ledger
+from loyalty_engine.bench.sqlite_peer import SqlitePeer
+from loyalty_engine.bench.workloads import MEMBER_BASE, SYSTEM, T0, make_workload, member_ids, open_ledger
 
 ns = time.perf_counter_ns
 
@@ -218,7 +218,7 @@ def rules_scenario(rep: Report, tmp: Path, rows: int, members: int, peer_rows: i
 
     from loyalty_engine.engine import Engine
 
-    from .rules_workload import kernel_evaluate, make_rows, program, python_evaluate
+    from loyalty_engine.bench.rules_workload import kernel_evaluate, make_rows, program, python_evaluate
 
     prog = program()
     data = make_rows(prog, rows, members)
@@ -249,8 +249,8 @@ def rules_scenario(rep: Report, tmp: Path, rows: int, members: int, peer_rows: i
 
 IMPORT_CHILD = """
 import json, resource, sys, time
-from benchmarks.import_workload import COLUMNS
-from benchmarks.rules_workload import program
+from loyalty_engine.bench.import_workload import COLUMNS
+from loyalty_engine.bench.rules_workload import program
 from loyalty_engine.engine import Engine
 with Engine.open(sys.argv[1], program=program(), sync="full") as eng:
     rep = eng.import_sales(sys.argv[2], columns=COLUMNS, chunk_rows=int(sys.argv[3]), progress=False)
@@ -265,7 +265,7 @@ def import_scenario(rep: Report, tmp: Path, sizes: list[tuple[int, int]], peer_r
     measured); beside the peer (PyArrow + pure-Python evaluation + SQLite) on a smaller file."""
     import subprocess
 
-    from .import_workload import peer_import, write_history
+    from loyalty_engine.bench.import_workload import peer_import, write_history
 
     root = Path(__file__).resolve().parent.parent
     for rows, members in sizes:
@@ -296,7 +296,7 @@ def codes_scenario(rep: Report, tmp: Path, n: int, peer_n: int, singles: int) ->
     from loyalty_engine.engine import Engine
     from loyalty_engine.program import Program
 
-    from .codes_peer import PeerFF1, peer_code
+    from loyalty_engine.bench.codes_peer import PeerFF1, peer_code
 
     key = bytes(range(32))
     with Engine.open(tmp / "codes", program=Program.from_dict({"name": "bench"}), sync="none", code_key=key) as e:

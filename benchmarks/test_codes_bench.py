@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from benchmarks.codes_peer import PeerFF1, peer_code
+from loyalty_engine.bench.codes_peer import PeerFF1, peer_code
 from loyalty_engine.engine import Engine
 from loyalty_engine.program import Program
 

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from benchmarks.import_workload import COLUMNS, peer_import, write_history
-from benchmarks.rules_workload import program
+from loyalty_engine.bench.import_workload import COLUMNS, peer_import, write_history
+from loyalty_engine.bench.rules_workload import program
 from loyalty_engine.engine import Engine
 
 ROWS = 50_000

@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from benchmarks.sqlite_peer import SqlitePeer
-from benchmarks.workloads import MEMBER_BASE, SYSTEM, T0, make_workload, member_ids, open_ledger
+from loyalty_engine.bench.sqlite_peer import SqlitePeer
+from loyalty_engine.bench.workloads import MEMBER_BASE, SYSTEM, T0, make_workload, member_ids, open_ledger
 from loyalty_engine import Account, AccountFlags, Ledger, Transfer, TransferResult
 
 MEMBERS = 10_000

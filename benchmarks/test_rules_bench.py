@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from benchmarks.rules_workload import kernel_evaluate, make_rows, program, python_evaluate
+from loyalty_engine.bench.rules_workload import kernel_evaluate, make_rows, program, python_evaluate
 from loyalty_engine.engine import Engine
 
 MEMBERS = 2_000

@@ -359,10 +359,16 @@ def test_sigkill_at_random_moments_then_resume_gives_the_clean_ledger(tmp_path: 
     rng = np.random.default_rng(int(os.environ.get("IMPORT_KILL_SEED", "5")))
     kills = 0
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    # the kill moments are fractions of how long a whole run of the child takes on this machine, so
+    # they land inside the import however fast or slow the machine is
+    t = time.monotonic()
+    subprocess.run([sys.executable, "-c", script, str(tmp_path / "timed"), str(CLUB), str(src),
+                    str(tmp_path / "timed_q.parquet")], capture_output=True, env=env, check=True)
+    whole = time.monotonic() - t
     for _ in range(12):
         p = subprocess.Popen([sys.executable, "-c", script, str(path), str(CLUB), str(src), str(q)],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-        time.sleep(float(rng.uniform(0.9, 3.2)))
+        time.sleep(float(rng.uniform(0.35, 0.9)) * whole)
         if p.poll() is None:
             p.send_signal(signal.SIGKILL)
             kills += 1

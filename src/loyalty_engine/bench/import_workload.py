@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from benchmarks.rules_workload import CATEGORIES
+from loyalty_engine.bench.rules_workload import CATEGORIES
 
 START_US = 1_640_995_200_000_000          # 2022-01-01 UTC
 SPAN_US = 3 * 365 * 86_400_000_000
@@ -49,8 +49,8 @@ def write_history(path: str | Path, rows: int, members: int, *, seed: int = 11,
 def peer_import(path: str | Path, sqlite_path: str | Path) -> tuple[int, int]:
     """The peer: (rows imported, points issued). Reads with PyArrow, evaluates in pure Python,
     writes one SQLite transaction per row group (balances + transfers tables, like SqlitePeer)."""
-    from benchmarks.rules_workload import program, python_evaluate
-    from benchmarks.sqlite_peer import SqlitePeer
+    from loyalty_engine.bench.rules_workload import program, python_evaluate
+    from loyalty_engine.bench.sqlite_peer import SqlitePeer
     from loyalty_engine import _core
 
     prog = program()

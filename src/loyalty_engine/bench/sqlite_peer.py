@@ -95,6 +95,47 @@ class SqlitePeer:
             raise
         return results
 
+    def purchase(self, tid: int, member: int, amount: int, at: int, *, issuer: int = 1, points_per: int = 1000) -> int:
+        """One checkout as a shop would write it: points at the base rate (one point per ``points_per``
+        of the amount; no rules, tiers or offers, so the peer does less work than the engine) and one
+        transaction with an idempotency check, two balance updates and an insert. Returns the result."""
+        db = self.db
+        points = amount // points_per
+        db.execute("BEGIN")
+        try:
+            if db.execute("SELECT 1 FROM transfers WHERE id = ?", (tid,)).fetchone():
+                db.execute("ROLLBACK")
+                return EXISTS
+            if db.execute("SELECT 1 FROM balances WHERE account = ?", (member,)).fetchone() is None:
+                db.execute("ROLLBACK")
+                return NOT_FOUND
+            if points > 0:
+                db.execute("UPDATE balances SET debits_posted = debits_posted + ? WHERE account = ?",
+                           (points, issuer))
+                db.execute("UPDATE balances SET credits_posted = credits_posted + ? WHERE account = ?",
+                           (points, member))
+                db.execute("INSERT INTO transfers VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                           (tid, issuer, member, points, 1, at, None, amount))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return OK
+
+    def verify(self) -> bool:
+        """What a shop would run as its audit: SQLite's own integrity check, then every balance rebuilt
+        from the transfers table and compared with the balances table. True when all agree."""
+        db = self.db
+        if db.execute("PRAGMA integrity_check").fetchone()[0] != "ok":
+            return False
+        rebuilt = db.execute(
+            "SELECT account, SUM(d), SUM(c) FROM ("
+            " SELECT debit AS account, amount AS d, 0 AS c FROM transfers"
+            " UNION ALL SELECT credit, 0, amount FROM transfers) GROUP BY account").fetchall()
+        stored = {a: (d, c) for a, d, c in
+                  db.execute("SELECT account, debits_posted, credits_posted FROM balances")}
+        return all(stored.get(a, (0, 0)) == (d, c) for a, d, c in rebuilt)
+
     def bulk_load(self, recs: np.ndarray) -> None:
         """Fill the transfers table without checks (to build a large table for queries)."""
         self.db.execute("BEGIN")
