@@ -28,7 +28,6 @@ import lmdb
 import numpy as np
 
 from loyalty_engine import Account, AccountFlags, Ledger, Transfer, TransferResult
-
 from loyalty_engine.bench.sqlite_peer import SqlitePeer
 from loyalty_engine.bench.workloads import MEMBER_BASE, SYSTEM, T0, make_workload, member_ids, open_ledger
 
@@ -216,9 +215,8 @@ def rules_scenario(rep: Report, tmp: Path, rows: int, members: int, peer_rows: i
     and one purchase call end to end with sync="none"."""
     from datetime import UTC, datetime, timedelta
 
-    from loyalty_engine.engine import Engine
-
     from loyalty_engine.bench.rules_workload import kernel_evaluate, make_rows, program, python_evaluate
+    from loyalty_engine.engine import Engine
 
     prog = program()
     data = make_rows(prog, rows, members)
@@ -293,10 +291,9 @@ def codes_scenario(rep: Report, tmp: Path, n: int, peer_n: int, singles: int) ->
     """Product codes: generation to strings and to integers, batched validation and one check, beside a
     straightforward per-code FF1 (benchmarks/codes_peer.py)."""
 
+    from loyalty_engine.bench.codes_peer import PeerFF1, peer_code
     from loyalty_engine.engine import Engine
     from loyalty_engine.program import Program
-
-    from loyalty_engine.bench.codes_peer import PeerFF1, peer_code
 
     key = bytes(range(32))
     with Engine.open(tmp / "codes", program=Program.from_dict({"name": "bench"}), sync="none", code_key=key) as e:

@@ -11,9 +11,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+from loyalty_engine import Account, AccountFlags, Ledger, Transfer, TransferResult
 from loyalty_engine.bench.sqlite_peer import SqlitePeer
 from loyalty_engine.bench.workloads import MEMBER_BASE, SYSTEM, T0, make_workload, member_ids, open_ledger
-from loyalty_engine import Account, AccountFlags, Ledger, Transfer, TransferResult
 
 MEMBERS = 10_000
 BATCH = 10_000

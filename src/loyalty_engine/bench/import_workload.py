@@ -49,9 +49,9 @@ def write_history(path: str | Path, rows: int, members: int, *, seed: int = 11,
 def peer_import(path: str | Path, sqlite_path: str | Path) -> tuple[int, int]:
     """The peer: (rows imported, points issued). Reads with PyArrow, evaluates in pure Python,
     writes one SQLite transaction per row group (balances + transfers tables, like SqlitePeer)."""
+    from loyalty_engine import _core
     from loyalty_engine.bench.rules_workload import program, python_evaluate
     from loyalty_engine.bench.sqlite_peer import SqlitePeer
-    from loyalty_engine import _core
 
     prog = program()
     cat_sym = prog.symbols.tables["category"]
