@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -194,6 +195,114 @@ def import_(ledger: Path, source: tuple[str, ...], program_path: Path, maps: tup
     if rep.resumed_from_row:
         click.echo(f"resuming from the checkpoint after row {rep.resumed_from_row:,}")
     click.echo(rep.summary())
+
+
+
+@main.command()
+@click.option("--dir", "directory", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Run on a temporary club in this folder: put it on the disk you are sizing (default: the "
+                   "system's temporary folder; fsync figures mean nothing on tmpfs).")
+@click.option("--quick", is_flag=True, help="Small workloads, under a minute (the default takes a few minutes).")
+@click.option("--size", type=click.Choice(["tiny", "quick", "standard"]), default=None, hidden=True)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the figures, with the machine's description, to this JSON file.")
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Draw throughput against batch size and latency percentiles into this SVG file.")
+@_library_errors
+def bench(directory: Path | None, quick: bool, size: str | None, json_path: Path | None, plot: Path | None) -> None:
+    """Measure what this machine carries: online purchases per durability mode, latency percentiles,
+    batched postings, bulk import, product codes, balance reads and verify(), each beside a SQLite peer
+    (or pure-Python rules, or per-code FF1) in the same run, with a warm-up and repeats (median and
+    spread). Feed the JSON to 'loyalty-engine capacity --from'."""
+    from .bench.plot import write_svg
+    from .bench.runner import format_table, run
+
+    size = size or ("quick" if quick else "standard")
+    click.echo(f"loyalty-engine bench ({size}) in {directory or 'the temporary folder'} ...")
+    result = run(directory, size=size, say=lambda line: None)
+    click.echo(format_table(result))
+    m = result["machine"]
+    click.echo(f"\n{m['cpu']}, {m['cores']} cores, {m['memory_bytes'] / 2**30:.1f} GiB; disk "
+               f"{m['disk']['device']} ({m['disk']['filesystem']}) at {m['disk']['dir']}; fsync floor "
+               f"{result['disk']['fsync_floor_us']:,.0f} us, sequential writes {result['disk']['write_mb_per_s']:,.0f} "
+               f"MB/s; {result['seconds']:.0f} s")
+    if json_path:
+        json_path.write_text(json.dumps(result, indent=2))
+        click.echo(f"wrote {json_path}")
+    if plot:
+        write_svg(result, plot)
+        click.echo(f"wrote {plot}")
+
+
+@main.command()
+@click.argument("profile_path", metavar="[PROFILE.toml]", required=False,
+                type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--members", type=click.IntRange(1), default=None, help="Members enrolled.")
+@click.option("--purchases-per-day", type=click.IntRange(1), default=None, help="Purchases on an ordinary day.")
+@click.option("--peak-hour-share", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="The busiest hour's share of a day's purchases (default 0.12).")
+@click.option("--history-years", type=click.FloatRange(0), default=None, help="Years of history to import.")
+@click.option("--code-batches-per-month", type=click.IntRange(0), default=None)
+@click.option("--codes-per-batch", type=click.IntRange(0), default=None)
+@click.option("--retention-years", type=click.FloatRange(0), default=None, help="Years of journal kept (default 5).")
+@click.option("--from", "from_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="A 'loyalty-engine bench --json' result (default: run a quick bench now).")
+@click.option("--dir", "directory", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Where the fresh bench and --check run (the disk you are sizing).")
+@click.option("--check", "run_check", is_flag=True,
+              help="Then run the profile's busiest hour compressed in time on this machine and compare the "
+                   "measured figures with the predicted ones.")
+@click.option("--seconds", type=click.FloatRange(2, 3600), default=20, show_default=True,
+              help="How long --check runs.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the plan (and the check) to this JSON file.")
+@_library_errors
+def capacity(profile_path: Path | None, members: int | None, purchases_per_day: int | None,
+             peak_hour_share: float | None, history_years: float | None, code_batches_per_month: int | None,
+             codes_per_batch: int | None, retention_years: float | None, from_path: Path | None,
+             directory: Path | None, run_check: bool, seconds: float, json_path: Path | None) -> None:
+    """Plan capacity: from a club's profile (a TOML file and/or the options) and a bench result, say in
+    plain words the headroom at the peak (with and without an fsync per purchase, with group commit),
+    the hours to import the history, disk after one and five years, memory for the member state, where
+    the limit is, and whether the club outgrows one machine."""
+    from .bench.capacity import Profile, check, plan
+    from .bench.runner import run
+
+    d: dict[str, Any] = {}
+    if profile_path is not None:
+        import tomllib
+
+        try:
+            d = tomllib.loads(profile_path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as e:
+            raise Failure(f"profile {str(profile_path)!r}: {e}") from e
+    for k, v in (("members", members), ("purchases_per_day", purchases_per_day), ("peak_hour_share", peak_hour_share),
+                 ("history_years", history_years), ("code_batches_per_month", code_batches_per_month),
+                 ("codes_per_batch", codes_per_batch), ("retention_years", retention_years)):
+        if v is not None:
+            d[k] = v
+    if "members" not in d or "purchases_per_day" not in d:
+        raise Failure("say how big the club is: a PROFILE.toml with members and purchases_per_day, or "
+                      "--members N --purchases-per-day N")
+    profile = Profile.from_dict(d, where=f"profile {str(profile_path)!r}" if profile_path else "profile")
+    if from_path is not None:
+        try:
+            result = json.loads(from_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise Failure(f"{from_path}: not a JSON bench result ({e})") from e
+    else:
+        click.echo("no --from bench.json: running a quick bench first ...")
+        result = run(directory, size="quick", say=lambda line: None)
+    p = plan(profile, result)
+    click.echo(p.text())
+    out: dict[str, Any] = {"plan": p.to_dict()}
+    if run_check:
+        click.echo("\nChecking the prediction on this machine:")
+        out["check"] = check(profile, result, directory or Path(tempfile.gettempdir()), seconds=seconds,
+                             say=click.echo)
+    if json_path:
+        json_path.write_text(json.dumps(out, indent=2, default=str))
+        click.echo(f"wrote {json_path}")
 
 
 if __name__ == "__main__":  # pragma: no cover
