@@ -14,7 +14,7 @@ import pytest
 from loyalty_engine import _core
 from loyalty_engine.codes import CodeStatus, TooManyAttemptsError, load_key, parse_code
 from loyalty_engine.engine import Engine, points_account
-from loyalty_engine.errors import CodeError
+from loyalty_engine.errors import CodeError, ValidationError
 from loyalty_engine.ff1 import FF1
 from loyalty_engine.program import Program
 
@@ -54,6 +54,38 @@ def test_a_million_codes_round_trip_and_never_collide():
     assert len(np.unique(y)) == len(y)
     assert (f.decrypt_ints(y) == x).all()
     assert [f.decrypt_int(int(v)) for v in y[:2000]] == x[:2000].tolist()
+
+
+@pytest.mark.parametrize(("radix", "n"), [(10, 9), (10, 10), (10, 12), (10, 19), (2, 40), (32, 12), (36, 12)])
+def test_whole_value_kernel_agrees_with_the_nist_checked_digit_path(radix, n):
+    """encrypt_ints/decrypt_ints (split, rounds and join in one kernel, the fast paths for d == 8 and
+    literal moduli) give what encrypt_digits gives (the path the NIST samples check), for every
+    shape of code: 10**4/10**5 halves, other decimal halves, powers of two, and d == 12."""
+    f = FF1(bytes.fromhex(K256), radix, n, b"shape")
+    top = radix**n
+    x = np.random.default_rng(n * radix).integers(0, top, 3000, dtype=np.uint64)
+    x[:3] = [0, 1, top - 1]
+    y = f.encrypt_ints(x)
+    def digits(v: int) -> list[int]:
+        return [(v // radix**k) % radix for k in range(n - 1, -1, -1)]
+    def num(ds: list[int]) -> int:
+        return sum(d * radix**k for k, d in enumerate(reversed(ds)))
+    assert [num(f.encrypt_digits(digits(int(v)))) for v in x[:300]] == y[:300].tolist()
+    assert (f.decrypt_ints(y) == x).all()
+    # the kernel works a chunk at a time: a length that is not a multiple of the chunk, and one value
+    assert (f.encrypt_ints(x[:4097 % len(x)]) == y[:4097 % len(x)]).all()
+    assert f.encrypt_ints(x[5:6]).tolist() == y[5:6].tolist()
+
+
+def test_wide_numerals_round_trip_through_the_byte_path():
+    f = FF1(bytes.fromhex(K128), 10, 38, b"")        # B has 19 digits: 8 bytes, the general block path
+    with pytest.raises(ValidationError, match="do not fit 64 bits"):
+        f.encrypt_ints(np.zeros(3, np.uint64))        # 10**38 values are numerals, not integers
+    rng = np.random.default_rng(4)
+    for _ in range(20):
+        ds = rng.integers(0, 10, 38).tolist()
+        ct = f.encrypt_digits(ds)
+        assert ct != ds and f.decrypt_digits(ct) == ds
 
 
 def test_damm_detects_every_single_digit_error_and_adjacent_transposition():

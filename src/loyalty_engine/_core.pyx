@@ -2321,16 +2321,136 @@ cdef inline uint64_t _mod_const(uint64_t y, uint64_t modulus) noexcept nogil:
     return y % modulus
 
 
+cdef extern from *:
+    """
+    static inline void st64(unsigned char* p, uint64_t v) { memcpy(p, &v, 8); }
+    """
+    void st64(uint8_t* p, uint64_t v) nogil
+
+
+cdef inline void _ff1_blocks(uint8_t* bv, const uint64_t* src, Py_ssize_t m, const uint8_t* mask,
+                             uint64_t mhi, uint64_t mlo_be, int nbytes, int rnd) noexcept nogil:
+    """Round ``rnd``'s AES input blocks: the precomputed CBC state (``mask``) XOR [rnd] || NUM(B) in
+    the last nbytes + 1 bytes, big-endian. With nbytes <= 7 that is two 8-byte stores per block."""
+    cdef Py_ssize_t i
+    cdef int k
+    cdef uint64_t v, rterm
+    cdef uint8_t* o
+    if nbytes <= 7:
+        rterm = (<uint64_t>rnd) << (8 * nbytes)
+        for i in range(m):
+            st64(bv + 16 * i, mhi)
+            st64(bv + 16 * i + 8, __builtin_bswap64(mlo_be ^ rterm ^ src[i]))
+    else:
+        for i in range(m):
+            o = bv + 16 * i
+            memcpy(o, mask, 16)
+            o[15 - nbytes] ^= <uint8_t>rnd
+            v = src[i]
+            for k in range(nbytes):
+                o[15 - k] ^= <uint8_t>(v & 0xFF)
+                v >>= 8
+
+
+cdef inline void _ff1_absorb8(const uint8_t* rv, uint64_t* dst, Py_ssize_t m, uint64_t modulus,
+                              bint decrypt) noexcept nogil:
+    """dst = dst +/- (the first 8 bytes of each AES output, big-endian) mod ``modulus`` (d == 8).
+    Inlined with a literal modulus the compiler turns the division into a multiply and a shift."""
+    cdef Py_ssize_t i
+    cdef uint64_t ym, c
+    for i in range(m):
+        ym = __builtin_bswap64(le_load64(rv + 16 * i)) % modulus
+        c = dst[i]
+        if decrypt:
+            dst[i] = c - ym if c >= ym else c + (modulus - ym)
+        else:
+            c = c + ym
+            dst[i] = c - modulus if c >= modulus else c
+
+
+cdef void _ff1_absorb(const uint8_t* rv, uint64_t* dst, Py_ssize_t m, int d, uint64_t modulus,
+                      bint decrypt) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef int k
+    cdef u128 y
+    cdef uint64_t ym, c
+    if d == 8:
+        # the usual moduli get a loop of their own (radix 10 with 9 digits: 10**4 and 10**5)
+        if modulus == 10000:
+            _ff1_absorb8(rv, dst, m, 10000, decrypt)
+        elif modulus == 100000:
+            _ff1_absorb8(rv, dst, m, 100000, decrypt)
+        else:
+            _ff1_absorb8(rv, dst, m, modulus, decrypt)
+        return
+    for i in range(m):
+        y = 0
+        for k in range(d):
+            y = (y << 8) | rv[16 * i + k]
+        ym = <uint64_t>(y % modulus)
+        c = dst[i]
+        if decrypt:
+            dst[i] = c - ym if c >= ym else c + (modulus - ym)
+        else:
+            # c + ym may exceed 2**64 only for moduli near 2**64; the comparison catches the wrap
+            c = c + ym
+            dst[i] = c - modulus if (c >= modulus or c < ym) else c
+
+
+cdef void _ff1_chunk(uint64_t* a, uint64_t* b, Py_ssize_t m, const uint8_t[::1] mask, int nbytes, int d,
+                     uint64_t mod_u, uint64_t mod_v, bint decrypt, object aes_into, object blocks,
+                     object result, uint8_t* bv, const uint8_t* rv) except *:
+    """Ten rounds over one chunk, in place. The halves never move: each round updates one of them
+    and the roles swap (encrypting, round i adds to A and A, B become B, A; decrypting runs backwards)."""
+    cdef int r, rnd
+    cdef uint64_t modulus
+    cdef uint64_t* p = a
+    cdef uint64_t* q = b
+    cdef uint64_t* t
+    cdef uint64_t mhi = le_load64(&mask[0])
+    cdef uint64_t mlo_be = __builtin_bswap64(le_load64(&mask[8]))
+    bview = blocks[: 16 * m]
+    rview = result[: 16 * m + 15]
+    if decrypt:      # (A, B) after round i+1 = (p, q) = (B_i, ...): undo rounds 9..0
+        p, q = b, a
+    for r in range(10):
+        rnd = 9 - r if decrypt else r
+        modulus = mod_u if rnd % 2 == 0 else mod_v
+        with nogil:
+            _ff1_blocks(bv, q, m, &mask[0], mhi, mlo_be, nbytes, rnd)
+        aes_into(bview, rview)
+        with nogil:
+            _ff1_absorb(rv, p, m, d, modulus, decrypt)
+        t = p
+        p = q
+        q = t
+
+
 def ff1_crypt(uint64_t[::1] xa, uint64_t[::1] xb, const uint8_t[::1] mask, int nbytes, int d,
               uint64_t mod_u, uint64_t mod_v, bint decrypt, object aes_into, Py_ssize_t chunk=4096):
     """All ten FF1 rounds, in place, over numerals given as their halves: ``xa`` = NUM of the first u
     digits, ``xb`` = NUM of the last v; ``chunk`` values at a time. ``aes_into(blocks, result)`` is the
     AES-ECB encryptor's ``update_into`` (one call per round per chunk). The loop and the digit
     arithmetic stay here; only AES is a Python call."""
-    cdef Py_ssize_t n = xa.shape[0], start, i, m
-    cdef int r, k, rnd
-    cdef uint64_t v, ym, c, modulus
+    cdef Py_ssize_t n = xa.shape[0], start, m
     if xb.shape[0] != n or mask.shape[0] != 16 or nbytes < 1 or nbytes > 8 or d < 1 or d > 16 or chunk < 1:
+        raise ValueError("bad FF1 parameters")
+    blocks = np.empty(16 * chunk, np.uint8)
+    result = np.empty(16 * chunk + 15, np.uint8)
+    cdef uint8_t[::1] bv = blocks
+    cdef uint8_t[::1] rv = result
+    for start in range(0, n, chunk):
+        m = min(chunk, n - start)
+        _ff1_chunk(&xa[start], &xb[start], m, mask, nbytes, d, mod_u, mod_v, decrypt, aes_into, blocks, result,
+                   &bv[0], &rv[0])
+
+
+def ff1_values(const uint64_t[::1] x, uint64_t[::1] out, const uint8_t[::1] mask, int nbytes, int d,
+               uint64_t mod_u, uint64_t mod_v, bint decrypt, object aes_into, Py_ssize_t chunk=4096):
+    """FF1 over whole values (NUM of the numeral, < mod_u * mod_v) into ``out``: the split into halves
+    and the join are done here, a chunk at a time, so no array of halves is ever made."""
+    cdef Py_ssize_t n = x.shape[0], start, m, i
+    if out.shape[0] != n or mask.shape[0] != 16 or nbytes < 1 or nbytes > 8 or d < 1 or d > 16 or chunk < 1:
         raise ValueError("bad FF1 parameters")
     blocks = np.empty(16 * chunk, np.uint8)
     result = np.empty(16 * chunk + 15, np.uint8)
@@ -2338,8 +2458,6 @@ def ff1_crypt(uint64_t[::1] xa, uint64_t[::1] xb, const uint8_t[::1] mask, int n
     cdef uint8_t[::1] rv = result
     cdef uint64_t* a = <uint64_t*>malloc(chunk * sizeof(uint64_t))
     cdef uint64_t* b = <uint64_t*>malloc(chunk * sizeof(uint64_t))
-    cdef uint8_t* o
-    cdef u128 y
     if a == NULL or b == NULL:
         free(a)
         free(b)
@@ -2347,45 +2465,19 @@ def ff1_crypt(uint64_t[::1] xa, uint64_t[::1] xb, const uint8_t[::1] mask, int n
     try:
         for start in range(0, n, chunk):
             m = min(chunk, n - start)
-            for i in range(m):
-                a[i] = xa[start + i]
-                b[i] = xb[start + i]
-            for r in range(10):
-                rnd = 9 - r if decrypt else r
-                modulus = mod_u if rnd % 2 == 0 else mod_v
-                with nogil:
+            with nogil:
+                if mod_v == 100000:
                     for i in range(m):
-                        o = &bv[16 * i]
-                        memcpy(o, &mask[0], 16)
-                        o[15 - nbytes] ^= <uint8_t>rnd
-                        v = a[i] if decrypt else b[i]
-                        for k in range(nbytes):
-                            o[15 - k] ^= <uint8_t>(v & 0xFF)
-                            v >>= 8
-                aes_into(blocks[: 16 * m], result[: 16 * m + 15])
-                with nogil:
+                        a[i] = x[start + i] // 100000
+                        b[i] = x[start + i] % 100000
+                else:
                     for i in range(m):
-                        if d == 8:
-                            ym = _mod_const(__builtin_bswap64(le_load64(&rv[16 * i])), modulus)
-                        else:
-                            y = 0
-                            for k in range(d):
-                                y = (y << 8) | rv[16 * i + k]
-                            ym = <uint64_t>(y % modulus)
-                        if decrypt:
-                            c = b[i]
-                            c = c - ym if c >= ym else c + (modulus - ym)
-                            b[i] = a[i]
-                            a[i] = c
-                        else:
-                            c = a[i] + ym
-                            if c >= modulus or c < ym:
-                                c -= modulus
-                            a[i] = b[i]
-                            b[i] = c
-            for i in range(m):
-                xa[start + i] = a[i]
-                xb[start + i] = b[i]
+                        a[i] = x[start + i] // mod_v
+                        b[i] = x[start + i] % mod_v
+            _ff1_chunk(a, b, m, mask, nbytes, d, mod_u, mod_v, decrypt, aes_into, blocks, result, &bv[0], &rv[0])
+            with nogil:
+                for i in range(m):
+                    out[start + i] = a[i] * mod_v + b[i]
     finally:
         free(a)
         free(b)

@@ -1,7 +1,7 @@
 """FF1 (NIST SP 800-38G), format-preserving encryption, batched.
 
 Each of the ten Feistel rounds is one AES-ECB call (through the ``cryptography`` package) over one
-16-byte block per value; the rounds' loop and digit arithmetic are in ``_core.ff1_crypt``. Values
+16-byte block per value; the rounds' loop and digit arithmetic are in ``_core.ff1_values``. Values
 are handled as integers (the numeral strings' NUM_radix): a numeral of n digits is the pair (NUM of
 its first u digits, NUM of its last v digits).
 
@@ -64,13 +64,16 @@ class FF1:
         return self._ecb.update(block)
 
     def _run(self, x: np.ndarray, decrypt: bool) -> np.ndarray:
-        """All ten rounds in ``_core.ff1_crypt``, a cache-sized chunk of values at a time (AES over
+        """All ten rounds in ``_core.ff1_values``, a cache-sized chunk of values at a time (AES over
         64 KB runs several times faster than over megabytes: the output stays in cache)."""
+        if self.mod_u * self.mod_v > 1 << 64:
+            raise ValidationError(f"values of {self.n} digits in radix {self.radix} do not fit 64 bits; "
+                                  f"use encrypt_digits")
         x = np.ascontiguousarray(x, dtype=np.uint64)
-        mv = np.uint64(self.mod_v)
-        a, b = x // mv, x % mv
-        self._halves(a, b, decrypt)
-        return a * mv + b
+        out = np.empty_like(x)
+        _core.ff1_values(x, out, self._mask, self.b, self.d, self.mod_u, self.mod_v, decrypt,
+                         self._ecb.update_into, max(1, min(CHUNK, len(x))))
+        return out
 
     def _halves(self, a: np.ndarray, b: np.ndarray, decrypt: bool) -> None:
         _core.ff1_crypt(a, b, self._mask, self.b, self.d, self.mod_u, self.mod_v, decrypt,
