@@ -75,6 +75,8 @@ def test_whole_value_kernel_agrees_with_the_nist_checked_digit_path(radix, n):
     # the kernel works a chunk at a time: a length that is not a multiple of the chunk, and one value
     assert (f.encrypt_ints(x[:4097 % len(x)]) == y[:4097 % len(x)]).all()
     assert f.encrypt_ints(x[5:6]).tolist() == y[5:6].tolist()
+    assert [f.encrypt_int(int(v)) for v in x[:100]] == y[:100].tolist()          # the one-value kernel
+    assert [f.decrypt_int(int(v)) for v in y[:100]] == x[:100].tolist()
 
 
 def test_wide_numerals_round_trip_through_the_byte_path():
@@ -167,6 +169,33 @@ def test_batches_never_collide_and_survive_reopening(tmp_path):
     with Engine.open(tmp_path / "d", program=other, sync="none", code_key=KEY) as e:
         e.codes.generate(10, points=1)
         assert (e.codes.check_array(every[:2000], at=NOW) == CodeStatus.INVALID).sum() >= 1990
+
+
+def test_batched_checks_agree_with_one_by_one_checks(club):
+    """check_array / check_many (kernels, bitmaps of the batches seen) against check() (one code, its own
+    path): batches under two key versions, redemptions in two bitmap chunks of one batch, a voided and an
+    expired batch, typos, strangers."""
+    big = club.codes.generate(70_000, points=5)                      # two bitmap chunks (65,536 serials each)
+    short = club.codes.generate(500, points=3, expires=NOW + timedelta(days=1))
+    club.codes.rotate_key()
+    stolen = club.codes.generate(300, points=2)
+    fresh = club.codes.generate(400, points=9)
+    codes = {b.id: b.codes() for b in (big, short, stolen, fresh)}
+    for i in (3, 65_535, 65_536, 69_999):
+        club.codes.redeem("anna", codes[big.id][i], at=NOW)
+    club.codes.redeem("bahram", codes[fresh.id][0], at=NOW)
+    club.codes.void(stolen.id)
+    rng = np.random.default_rng(12)
+    sample = [codes[big.id][i] for i in (3, 65_535, 65_536, 69_999, 0, 65_537)]
+    sample += [c for b in codes.values() for c in rng.choice(b, 40).tolist()] + [codes[fresh.id][0]]
+    sample += [c[:4] + str((int(c[4]) + 1) % 10) + c[5:] for c in sample[:30]]         # typos
+    sample += np.char.zfill(rng.integers(0, 10**10, 300).astype("U10"), 10).tolist() + ["", "x1"]
+    later = NOW + timedelta(days=2)                                # the short batch has expired
+    one = [club.codes.check(c, at=later) for c in sample]
+    assert club.codes.check_array(sample, at=later).tolist() == [c.status for c in one]
+    assert club.codes.check_many(sample, at=later) == one
+    got = {s for s in (c.status for c in one)}
+    assert got == set(CodeStatus), got                              # every status occurred
 
 
 def test_forged_codes_pass_at_the_expected_rate(club):

@@ -12,6 +12,7 @@ from libc.stdint cimport int64_t, uint64_t, int32_t, uint32_t, int16_t, uint16_t
 from libc.stdlib cimport malloc, realloc, free
 from libc.string cimport memcpy, memset
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE, PyBUF_WRITABLE
+from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE, PyBytes_Check
 
 import mmap
 
@@ -2426,6 +2427,42 @@ cdef void _ff1_chunk(uint64_t* a, uint64_t* b, Py_ssize_t m, const uint8_t[::1] 
         q = t
 
 
+def ff1_one(uint64_t x, const uint8_t[::1] mask, int nbytes, int d, uint64_t mod_u, uint64_t mod_v,
+            bint decrypt, object aes_update):
+    """FF1 of one value (a single check at the till): the same rounds as :func:`ff1_values` with no
+    arrays to set up; ``aes_update`` is the AES-ECB encryptor's ``update`` (16 bytes in, 16 out)."""
+    cdef uint64_t a[1]
+    cdef uint64_t b[1]
+    cdef uint8_t blk[16]
+    cdef uint64_t* p = a
+    cdef uint64_t* q = b
+    cdef uint64_t* t
+    cdef int r, rnd
+    cdef uint64_t modulus
+    cdef const uint8_t* rv
+    if mask.shape[0] != 16 or nbytes < 1 or nbytes > 8 or d < 1 or d > 16 or mod_v == 0:
+        raise ValueError("bad FF1 parameters")
+    cdef uint64_t mhi = le_load64(&mask[0])
+    cdef uint64_t mlo_be = __builtin_bswap64(le_load64(&mask[8]))
+    a[0] = x // mod_v
+    b[0] = x % mod_v
+    if decrypt:
+        p, q = b, a
+    for r in range(10):
+        rnd = 9 - r if decrypt else r
+        modulus = mod_u if rnd % 2 == 0 else mod_v
+        _ff1_blocks(blk, q, 1, &mask[0], mhi, mlo_be, nbytes, rnd)
+        out = aes_update(PyBytes_FromStringAndSize(<char*>blk, 16))
+        if not PyBytes_Check(out) or PyBytes_GET_SIZE(out) < 16:
+            raise ValueError("aes_update must return 16 bytes")
+        rv = <const uint8_t*>PyBytes_AS_STRING(out)
+        _ff1_absorb(rv, p, 1, d, modulus, decrypt)
+        t = p
+        p = q
+        q = t
+    return a[0] * mod_v + b[0]
+
+
 def ff1_crypt(uint64_t[::1] xa, uint64_t[::1] xb, const uint8_t[::1] mask, int nbytes, int d,
               uint64_t mod_u, uint64_t mod_v, bint decrypt, object aes_into, Py_ssize_t chunk=4096):
     """All ten FF1 rounds, in place, over numerals given as their halves: ``xa`` = NUM of the first u
@@ -2553,6 +2590,66 @@ def codes_parse(const uint32_t[:, ::1] chars, int ndigits, uint64_t[::1] values,
                 elif count != ndigits or interim != 0:
                     status[i] = 1
             values[i] = v if status[i] == 0 else 0
+
+
+def codes_lookup(const uint64_t[::1] serial, uint8_t[::1] status, int32_t[::1] batch_idx,
+                 const int64_t[::1] firsts, const int64_t[::1] counts, const int64_t[::1] versions,
+                 int64_t version, uint8_t[::1] present):
+    """Find each well-formed code's batch: rows whose ``status`` is 2 (not yet matched) and whose
+    decrypted ``serial`` falls in a batch of key ``version`` (``firsts`` sorted) get ``batch_idx`` and
+    status 0; ``present[batch]`` marks the batches seen. Returns how many rows matched."""
+    cdef Py_ssize_t i, n = serial.shape[0], nb = firsts.shape[0], lo, hi, mid, found = 0
+    cdef int64_t s
+    if status.shape[0] != n or batch_idx.shape[0] != n or counts.shape[0] != nb or versions.shape[0] != nb \
+            or present.shape[0] != nb:
+        raise ValueError("codes_lookup: arrays of mismatched lengths")
+    with nogil:
+        for i in range(n):
+            if status[i] != 2:
+                continue
+            s = <int64_t>serial[i]
+            lo, hi = 0, nb          # the last batch whose first serial is <= s
+            while lo < hi:
+                mid = (lo + hi) >> 1
+                if firsts[mid] <= s:
+                    lo = mid + 1
+                else:
+                    hi = mid
+            lo -= 1
+            if lo >= 0 and s < firsts[lo] + counts[lo] and versions[lo] == version:
+                batch_idx[i] = <int32_t>lo
+                status[i] = 0
+                present[lo] = 1
+                found += 1
+    return found
+
+
+def codes_finish(const uint64_t[::1] serial, uint8_t[::1] status, const int32_t[::1] batch_idx,
+                 const int64_t[::1] firsts, const uint8_t[::1] void, const int64_t[::1] expires, int64_t now,
+                 const uint8_t[::1] bits, const int64_t[::1] base):
+    """The status of each matched code (``batch_idx`` >= 0): REDEEMED (3) when its bit is set in its
+    batch's bitmap (``bits`` from byte ``base[batch]``; -1: the batch has no redemptions), else VOID (5)
+    for a void batch, EXPIRED (4) past its batch's expiry (0 = never), else GENUINE (0)."""
+    cdef Py_ssize_t i, n = serial.shape[0], nbits = bits.shape[0]
+    cdef int32_t b
+    cdef int64_t off, at
+    if status.shape[0] != n or batch_idx.shape[0] != n:
+        raise ValueError("codes_finish: arrays of mismatched lengths")
+    with nogil:
+        for i in range(n):
+            b = batch_idx[i]
+            if b < 0:
+                continue
+            off = <int64_t>serial[i] - firsts[b]
+            at = base[b]
+            if at >= 0 and at + (off >> 3) < nbits and (bits[at + (off >> 3)] >> (off & 7)) & 1:
+                status[i] = 3
+            elif void[b]:
+                status[i] = 5
+            elif expires[b] != 0 and expires[b] <= now:
+                status[i] = 4
+            else:
+                status[i] = 0
 
 
 # ---------------------------------------------------------------------------------------------------

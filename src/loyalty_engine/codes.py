@@ -166,7 +166,7 @@ class Codes:
                     self._batches.append(CodeBatch(**json.loads(bytes(v)), codes_of=self))
         self._batches.sort(key=lambda b: b.first_serial)
         self._firsts = [b.first_serial for b in self._batches]
-        self._tab: dict[str, np.ndarray] | None = None
+        self._tab: dict[str, Any] | None = None
 
     # -- keys ------------------------------------------------------------------------------------------
     def _cipher(self, version: int) -> FF1:
@@ -228,7 +228,7 @@ class Codes:
         self._firsts.insert(i, batch.first_serial)
         self._tab = None
 
-    def _table(self) -> dict[str, np.ndarray]:
+    def _table(self) -> dict[str, Any]:
         """The batches as arrays in serial order (for vectorised lookups); rebuilt when batches change."""
         if getattr(self, "_tab", None) is None:
             bs = self._batches
@@ -237,7 +237,8 @@ class Codes:
                          "count": np.asarray([b.count for b in bs], np.int64),
                          "version": np.asarray([b.key_version for b in bs], np.int64),
                          "void": np.asarray([b.status == "void" for b in bs], bool),
-                         "expires": np.asarray([b.expires for b in bs], np.int64)}
+                         "expires": np.asarray([b.expires for b in bs], np.int64),
+                         "versions": sorted({b.key_version for b in bs})}
         return self._tab
 
     def batch(self, batch_id: int) -> CodeBatch:
@@ -310,7 +311,7 @@ class Codes:
         if st != CodeStatus.GENUINE:
             return CodeCheck(st)
         now = to_micros(at, "at") if at is not None else time.time_ns() // 1000
-        for version in sorted({b.key_version for b in self._batches}):
+        for version in self._table()["versions"]:
             s = self._cipher(version).decrypt_int(value)
             i = bisect.bisect(self._firsts, s) - 1
             if i < 0:
@@ -352,6 +353,9 @@ class Codes:
         return self._check_arrays(codes, at)[0]
 
     def _check_arrays(self, codes: Any, at: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(status, batch index or -1, serial) per code: parse (``_core.codes_parse``), decrypt every
+        well-formed code under each key version in use, find its batch (``_core.codes_lookup``), then
+        redeemed, void or expired (``_core.codes_finish``, against the bitmaps of the batches seen)."""
         arr = np.asarray(codes)
         if arr.dtype.kind != "U":
             arr = np.array([c if isinstance(c, str) else "?" for c in arr.tolist()], dtype="U64")
@@ -359,61 +363,69 @@ class Codes:
         n = len(arr)
         width = max(arr.dtype.itemsize // 4, 1)
         chars = arr.view(np.uint32).reshape(n, width) if n else np.zeros((0, 1), np.uint32)
-        values = np.zeros(n, np.uint64)
-        status = np.zeros(n, np.uint8)
+        values = np.empty(n, np.uint64)
+        status = np.empty(n, np.uint8)
         _core.codes_parse(chars, 10, values, status)
-        batch_idx = np.full(n, -1, np.int64)
-        serial = np.zeros(n, np.int64)
-        ok = np.flatnonzero(status == 0)
+        batch_idx = np.full(n, -1, np.int32)
         now = to_micros(at, "at") if at is not None else time.time_ns() // 1000
-        status[ok] = CodeStatus.INVALID
-        for version in sorted({b.key_version for b in self._batches}):
-            todo = ok[status[ok] == CodeStatus.INVALID]
-            if not len(todo):
-                break
-            s = self._cipher(version).decrypt_ints(values[todo]).astype(np.int64)
-            tab = self._table()
-            firsts, counts, vers = tab["first"], tab["count"], tab["version"]
-            bi = np.searchsorted(firsts, s, side="right") - 1
-            found = bi >= 0
-            inside = found.copy()
-            inside[found] = (s[found] < firsts[bi[found]] + counts[bi[found]]) & (vers[bi[found]] == version)
-            hit = todo[inside]
-            batch_idx[hit], serial[hit] = bi[inside], s[inside]
-            status[hit] = CodeStatus.GENUINE
-        hit = np.flatnonzero(batch_idx >= 0)
-        if len(hit):
-            tab = self._table()
-            void, expires = tab["void"], tab["expires"]
-            used = self._redeemed(batch_idx[hit], serial[hit])
-            status[hit[void[batch_idx[hit]]]] = CodeStatus.VOID
-            live = hit[status[hit] == CodeStatus.GENUINE]
-            exp = expires[batch_idx[live]]
-            status[live[(exp != 0) & (exp <= now)]] = CodeStatus.EXPIRED
-            status[hit[used]] = CodeStatus.REDEEMED      # a redeemed code says so, whatever became of its batch
-        return status, batch_idx, serial
+        tab = self._table()
+        present = np.zeros(len(tab["first"]), np.uint8)
+        # well-formed codes wait as INVALID until a key version finds their batch
+        status[status == CodeStatus.GENUINE] = CodeStatus.INVALID
+        serial = values
+        for k, version in enumerate(tab["versions"]):
+            cipher = self._cipher(version)
+            if k == 0:
+                serial = cipher.decrypt_ints(values)
+                _core.codes_lookup(serial, status, batch_idx, tab["first"], tab["count"], tab["version"], version,
+                                   present)
+            else:   # older key versions: only the codes no newer batch claimed
+                todo = np.flatnonzero((status == CodeStatus.INVALID) & (batch_idx < 0))
+                if not len(todo):
+                    break
+                sub_status = status[todo]
+                sub_idx = batch_idx[todo]
+                sub_serial = cipher.decrypt_ints(values[todo])
+                _core.codes_lookup(sub_serial, sub_status, sub_idx, tab["first"], tab["count"], tab["version"],
+                                   version, present)
+                status[todo], batch_idx[todo], serial[todo] = sub_status, sub_idx, sub_serial
+        bits, base = self._bitmaps(np.flatnonzero(present))
+        _core.codes_finish(serial, status, batch_idx, tab["first"], tab["void"].view(np.uint8), tab["expires"], now,
+                           bits, base)
+        serial = serial.view(np.int64)
+        serial[batch_idx < 0] = 0
+        return status, batch_idx.astype(np.int64), serial
 
-    def _redeemed(self, batch_idx: np.ndarray, serial: np.ndarray, txn: Any = None) -> np.ndarray:
-        out = np.zeros(len(serial), bool)
+    def _bitmaps(self, batches: np.ndarray, txn: Any = None) -> tuple[np.ndarray, np.ndarray]:
+        """The redemption bitmaps of the batches (indexes into the table) that have any, one after
+        another: (bytes, the byte offset of each batch's bitmap or -1)."""
+        tab = self._table()
+        base = np.full(len(tab["first"]), -1, np.int64)
+        parts: list[np.ndarray] = []
+        size = 0
         own = txn is None
         txn = txn or self.engine.ledger._ext_begin()
         try:
-            tab = self._table()
-            ids = tab["id"][batch_idx]
-            offs = serial - tab["first"][batch_idx]
-            keys = ids * (1 << 32) + offs // BITMAP_CHUNK
-            for key in np.unique(keys).tolist():
-                raw = txn.get(_bitmap_key(key >> 32, key & 0xFFFFFFFF), db=self._db)
-                if raw is None:
+            cur = txn.cursor(db=self._db)
+            for bi in batches.tolist():
+                prefix = _bitmap_key(int(tab["id"][bi]), 0)[:-4]
+                if not cur.set_range(prefix) or not bytes(cur.key()).startswith(prefix):
                     continue
-                bits = np.frombuffer(bytes(raw), np.uint8)
-                sel = np.flatnonzero(keys == key)
-                o = offs[sel] % BITMAP_CHUNK
-                out[sel] = (bits[o // 8] >> (o % 8).astype(np.uint8)) & 1 == 1
+                bm = np.zeros((int(tab["count"][bi]) + 7) // 8, np.uint8)
+                for key, raw in cur:
+                    key = bytes(key)
+                    if not key.startswith(prefix):
+                        break
+                    at = int.from_bytes(key[-4:], "big") * (BITMAP_CHUNK // 8)
+                    chunk = np.frombuffer(bytes(raw), np.uint8)[: max(0, len(bm) - at)]
+                    bm[at: at + len(chunk)] = chunk
+                base[bi] = size
+                parts.append(bm)
+                size += len(bm)
         finally:
             if own:
                 txn.abort()
-        return out
+        return (np.concatenate(parts) if parts else np.zeros(0, np.uint8)), base
 
     # -- redeeming ----------------------------------------------------------------------------------------
     def redeem(self, member: str, code: str, *, at: datetime | int) -> CodeRedemption:
@@ -516,29 +528,23 @@ _DAMM = ((0, 3, 1, 7, 5, 9, 8, 6, 4, 2), (7, 0, 9, 2, 1, 5, 4, 8, 6, 3), (4, 2, 
          (2, 5, 8, 1, 4, 3, 6, 7, 9, 0))
 
 
+_TRANSLATE = str.maketrans({**{k: str(v) for k, v in _DIGITS.items() if not k.isascii()},
+                            **{ch: None for ch in _SKIP}})
+
+
 def parse_code(code: str) -> tuple[int, CodeStatus]:
     """One code's nine FF1 digits as an integer, and GENUINE (well-formed, check digit holds), TYPO or
     INVALID: the same rules as ``_core.codes_parse`` (a test compares them)."""
-    digits = []
-    for ch in code[:64]:
-        d = _DIGITS.get(ch)
-        if d is None:
-            if ch in _SKIP:
-                continue
-            return 0, CodeStatus.INVALID
-        digits.append(d)
-    n = len(digits)
-    if n == 0 or n < 9 or n > 11:
+    t = code[:64].translate(_TRANSLATE)            # Persian and Arabic-Indic digits to ASCII, separators out
+    n = len(t)
+    if not (t.isascii() and t.isdigit()) or n < 9 or n > 11:
         return 0, CodeStatus.INVALID
     interim = 0
-    for d in digits:
-        interim = _DAMM[interim][d]
+    for ch in t:
+        interim = _DAMM[interim][ord(ch) - 48]
     if n != 10 or interim:
         return 0, CodeStatus.TYPO
-    v = 0
-    for d in digits[:9]:
-        v = v * 10 + d
-    return v, CodeStatus.GENUINE
+    return int(t[:9]), CodeStatus.GENUINE
 
 
 def check_digit(body: str) -> str:

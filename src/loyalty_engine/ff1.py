@@ -44,6 +44,7 @@ class FF1:
         self.b = ((radix**self.v - 1).bit_length() + 7) // 8
         self.d = 4 * math.ceil(self.b / 4) + 4
         self.mod_u, self.mod_v = radix**self.u, radix**self.v
+        self._fits = self.mod_u * self.mod_v <= 1 << 64      # whole values as uint64 (else digits only)
         self._ecb = Cipher(algorithms.AES(key), modes.ECB()).encryptor()
         self._key_for_peer, self._tweak_for_peer = key, tweak    # the benchmark's peer re-derives nothing
         t = len(tweak)
@@ -66,9 +67,8 @@ class FF1:
     def _run(self, x: np.ndarray, decrypt: bool) -> np.ndarray:
         """All ten rounds in ``_core.ff1_values``, a cache-sized chunk of values at a time (AES over
         64 KB runs several times faster than over megabytes: the output stays in cache)."""
-        if self.mod_u * self.mod_v > 1 << 64:
-            raise ValidationError(f"values of {self.n} digits in radix {self.radix} do not fit 64 bits; "
-                                  f"use encrypt_digits")
+        if not self._fits:
+            self._too_wide()
         x = np.ascontiguousarray(x, dtype=np.uint64)
         out = np.empty_like(x)
         _core.ff1_values(x, out, self._mask, self.b, self.d, self.mod_u, self.mod_v, decrypt,
@@ -87,20 +87,21 @@ class FF1:
         """The inverse of :meth:`encrypt_ints`."""
         return self._run(y, True)
 
+    def _too_wide(self) -> None:
+        raise ValidationError(f"values of {self.n} digits in radix {self.radix} do not fit 64 bits; "
+                              f"use encrypt_digits")
+
     def decrypt_int(self, y: int) -> int:
-        """:meth:`decrypt_ints` for one value, in plain Python integers (no array set-up: a single
-        check at the till)."""
-        mask = int.from_bytes(self._mask.tobytes(), "big")
-        a, b = divmod(int(y), self.mod_v)
-        shift = 8 * self.b
-        aes = self._ecb.update
-        d_shift = 8 * (16 - self.d)
-        for i in range(9, -1, -1):
-            block = mask ^ (i << shift) ^ a
-            r = int.from_bytes(aes(block.to_bytes(16, "big")), "big")
-            ym = (r >> d_shift) % (self.mod_u if i % 2 == 0 else self.mod_v)
-            a, b = (b - ym) % (self.mod_u if i % 2 == 0 else self.mod_v), a
-        return a * self.mod_v + b
+        """:meth:`decrypt_ints` for one value (no array set-up: a single check at the till)."""
+        if not self._fits:
+            self._too_wide()
+        return _core.ff1_one(int(y), self._mask, self.b, self.d, self.mod_u, self.mod_v, True, self._ecb.update)
+
+    def encrypt_int(self, x: int) -> int:
+        """:meth:`encrypt_ints` for one value."""
+        if not self._fits:
+            self._too_wide()
+        return _core.ff1_one(int(x), self._mask, self.b, self.d, self.mod_u, self.mod_v, False, self._ecb.update)
 
     def encrypt_digits(self, digits: list[int]) -> list[int]:
         """Encrypt one numeral given as a list of digits (the standard's interface; for the vectors)."""
