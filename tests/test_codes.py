@@ -5,14 +5,25 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import re
+import xml.etree.ElementTree as ET
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
 import pytest
+import segno
 
 from loyalty_engine import _core
-from loyalty_engine.codes import CodeStatus, TooManyAttemptsError, load_key, parse_code
+from loyalty_engine.codes import (
+    CROCKFORD,
+    CodeStatus,
+    TooManyAttemptsError,
+    load_key,
+    parse_code,
+    parse_shaped,
+    pretty,
+)
 from loyalty_engine.engine import Engine, points_account
 from loyalty_engine.errors import CodeError, ValidationError
 from loyalty_engine.ff1 import FF1
@@ -254,7 +265,89 @@ def test_export_csv_and_printable_sheet(club, tmp_path):
     assert n == 45 and len(lines) == 46 and lines[0].startswith("batch,serial,code,printed")
     assert lines[1].split(",")[2] == b.codes()[0]
     svg = (tmp_path / "codes.svg").read_text()
-    assert svg.count("<svg") == 2 and "soap &lt;lot 2&gt;" in svg
+    assert "soap &lt;lot 2&gt;" in svg
+    root = ET.fromstring(svg)                         # one well-formed SVG document, two A4 pages in it
+    ns = "{http://www.w3.org/2000/svg}"
+    pages = [g for g in root.iter(f"{ns}g") if g.get("class") == "page"]
+    assert len(pages) == 2 and root.get("viewBox") == "0 0 210 594"
+    qrs = [e for e in root.iter(f"{ns}path") if e.get("class") == "qr"]
+    assert [q.get("data-text") for q in qrs] == b.codes().tolist()
+    # the squares drawn are the QR symbol's dark modules (segno's matrix), in place
+    for q, code in ((qrs[0], b.codes()[0]), (qrs[44], b.codes()[44])):
+        matrix = segno.make(code, error="m", micro=False, boost_error=False).matrix
+        xs = [float(v) for v in re.findall(r"M([0-9.]+) ", q.get("d"))]
+        ys = [float(v) for v in re.findall(r"M[0-9.]+ ([0-9.]+)h", q.get("d"))]
+        step = 20 / (len(matrix) + 4)
+        drawn = {(round((y - 2) / step) - 2, round((x - 1) / step) - 2) for x, y in zip(xs, ys, strict=True)}
+        assert drawn == {(r, c) for r, row in enumerate(matrix) for c, on in enumerate(row) if on}
+
+
+# -- other shapes -----------------------------------------------------------------------------------------
+
+def test_gift_card_and_base32_shapes_issue_check_and_redeem(club):
+    pack = club.codes.generate(100, points=10)
+    gift = club.codes.generate(2000, points=500, shape="digits16", label="gift card 50,000")
+    disc = club.codes.generate(3000, points=200, shape="base32", label="one-time discount")
+    g, d = gift.codes(), disc.codes()
+    assert all(len(c) == 16 and c.isdigit() for c in g.tolist())
+    assert all(len(c) == 13 and set(c[:12]) <= set(CROCKFORD) for c in d.tolist())
+    assert len(set(g.tolist())) == 2000 and len(set(d.tolist())) == 3000
+    assert (club.codes.check_array(g, at=NOW, shape="digits16") == CodeStatus.GENUINE).all()
+    assert (club.codes.check_array(d, at=NOW, shape="base32") == CodeStatus.GENUINE).all()
+    assert (club.codes.check_array(pack.codes(), at=NOW) == CodeStatus.GENUINE).all()
+    c = club.codes.check(pretty(g[7], "digits16"), at=NOW)       # "1234 5678 9012 3456"
+    assert (c.status, c.batch, c.serial, c.points) == (CodeStatus.GENUINE, gift.id, 7, 500)
+    typed = d[11].lower().replace("0", "o").replace("1", "l")        # how people type base-32
+    typed = "-".join(typed[k: k + 4] for k in range(0, 13, 4))
+    c = club.codes.check(typed, at=NOW)
+    assert (c.status, c.batch, c.serial) == (CodeStatus.GENUINE, disc.id, 11)
+    r = club.codes.redeem("anna", typed, at=NOW)
+    assert (r.code, r.points, r.batch) == (d[11], 200, disc.id)
+    assert club.codes.check(d[11], at=NOW).status == CodeStatus.REDEEMED
+    with pytest.raises(CodeError, match="REDEEMED"):
+        club.codes.redeem("bahram", d[11], at=NOW)
+    assert club.ledger.balance(points_account(0)).available == 200
+    # a pack code's serial space is its own: serial 7 of the pack batch is another code
+    assert club.codes.check(pack.codes()[7], at=NOW).batch == pack.id
+    odds = club.codes.odds()["shapes"]
+    assert odds["base32"]["per_guess_passing_check"] == pytest.approx(3000 / 2**60)
+    assert odds["digits16"]["per_guess_passing_check"] == pytest.approx(2000 / 10**15)
+
+
+def test_base32_check_symbol_catches_every_substitution_and_adjacent_transposition(club):
+    codes = club.codes.generate(40, points=1, shape="base32").codes().tolist()
+    gift = club.codes.generate(40, points=1, shape="digits16").codes().tolist()
+    for code, shape, alphabet in [(c, "base32", CROCKFORD + "*~$=U") for c in codes] + \
+            [(c, "digits16", "0123456789") for c in gift]:
+        assert parse_shaped(code, shape)[1] == CodeStatus.GENUINE
+        for pos in range(len(code)):
+            for ch in alphabet:
+                if ch != code[pos]:
+                    assert parse_shaped(code[:pos] + ch + code[pos + 1:], shape)[1] == CodeStatus.TYPO
+            if pos + 1 < len(code) and code[pos] != code[pos + 1]:
+                swapped = code[:pos] + code[pos + 1] + code[pos] + code[pos + 2:]
+                assert parse_shaped(swapped, shape)[1] == CodeStatus.TYPO
+    assert parse_shaped(codes[0][:-1], "base32")[1] == CodeStatus.TYPO           # one symbol short
+    assert parse_shaped(codes[0][:5] + "!" + codes[0][6:], "base32")[1] == CodeStatus.INVALID
+    assert club.codes.check("", at=NOW).status == CodeStatus.INVALID
+    with pytest.raises(ValidationError, match="shape='hex' is not one of"):
+        club.codes.generate(5, points=1, shape="hex")
+
+
+def test_shapes_survive_reopening_and_pack_codes_keep_their_form(tmp_path):
+    prog = Program.from_dict({"name": "shop"})
+    with Engine.open(tmp_path / "c", program=prog, sync="none", code_key=KEY) as e:
+        pack = e.codes.generate(45, points=3)
+        disc = e.codes.generate(10, points=5, shape="base32")
+        first = pack.codes()[:2].tolist(), disc.codes().tolist()
+    # the first pack codes of program "shop" under this key, as printed before other shapes existed
+    assert first[0] == ["0189456256", "3911521370"]
+    with Engine.open(tmp_path / "c", program=prog, sync="none", code_key=KEY) as e:
+        assert [(b.shape, b.count) for b in e.codes.batches()] == [("pack", 45), ("base32", 10)]
+        assert e.codes.batch(disc.id).codes().tolist() == first[1]
+        assert (e.codes.check_array(first[1], at=NOW, shape="base32") == CodeStatus.GENUINE).all()
+        more = e.codes.generate(5, points=5, shape="base32")
+        assert more.first_serial == 10
 
 
 def _redeem_in_child(path: str, code: str, out: mp.Queue) -> None:  # type: ignore[type-arg]

@@ -1,6 +1,7 @@
 """Product codes: a manufacturer's batch of 10-digit codes for shampoo packs, printed to CSV and an SVG
-sheet, typed in by customers (with typos, Persian digits and dashes), redeemed exactly once, a stolen
-batch voided, and the odds a guesser faces. Every outcome is asserted."""
+sheet with QR codes, typed in by customers (with typos, Persian digits and dashes), redeemed exactly
+once, a stolen batch voided, the odds a guesser faces, and base-32 gift codes for when guessing must be
+harder. Every outcome is asserted."""
 
 from __future__ import annotations
 
@@ -76,6 +77,18 @@ def main() -> None:
             s = club.codes.stats(batch.id)
             print(f"batch {batch.id}: issued {s.issued:,}, redeemed {s.redeemed}, points given {s.points_given}")
             assert (s.redeemed, s.points_given) == (2, 100)
+
+            # gift codes where guessing must be harder: 13 symbols of Crockford base-32 (60 bits)
+            gifts = club.codes.generate(200, points=1_000, shape="base32", label="birthday gift")
+            club.codes.export(gifts.id, Path(tmp) / "gifts.csv", svg=Path(tmp) / "gifts.svg")
+            gift = pretty(gifts.codes()[3], "base32")
+            typed = gift.lower().replace("0", "o")            # as people type them: any case, O for 0
+            r = club.codes.redeem("reza", typed, at=NOW + timedelta(days=2))
+            print(f"reza typed the gift code {typed}: +{r.points} points")
+            assert r.points == 1_000 and club.codes.check(gift).status == CodeStatus.REDEEMED
+            g = club.codes.odds()["shapes"]["base32"]
+            print(f"odds: one random base-32 string in {1 / g['per_guess']:.1e} is a live gift code")
+            assert "<path class=\"qr\"" in (Path(tmp) / "gifts.svg").read_text()
             assert club.ledger.verify().ok
 
 

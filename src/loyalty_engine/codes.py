@@ -36,13 +36,67 @@ from .types import RECORD_DTYPE, Code, from_micros, to_micros
 if TYPE_CHECKING:
     from .engine import Engine
 
-__all__ = ["CodeStatus", "CodeCheck", "CodeBatch", "CodeStats", "CodeRedemption", "Codes",
-           "TooManyAttemptsError", "load_key", "KEY_ENV", "check_digit", "pretty", "format_codes", "parse_code"]
+__all__ = ["CodeStatus", "CodeCheck", "CodeBatch", "CodeStats", "CodeRedemption", "Codes", "CodeShape", "SHAPES",
+           "TooManyAttemptsError", "load_key", "KEY_ENV", "check_digit", "pretty", "format_codes", "parse_code",
+           "parse_shaped"]
 
 KEY_ENV = "LOYALTY_ENGINE_CODE_KEY"
 SERIALS = 10**9                   # nine FF1 digits
 BITMAP_CHUNK = 1 << 16            # serials per redemption-bitmap value (8 KB)
 HOUR_US, DAY_US = 3_600_000_000, 86_400_000_000
+
+
+DIGITS = "0123456789"
+CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"     # Crockford base-32: no I, L, O, U
+CROCKFORD_CHECK = CROCKFORD + "*~$=U"             # its check symbols: the value mod 37
+SHAPE_BITS = 60                                   # serials of every shape fit below 2**60
+
+
+@dataclass(frozen=True, slots=True)
+class CodeShape:
+    """A kind of code: ``length`` FF1 symbols of ``alphabet`` and one check symbol (a Damm digit for
+    decimal shapes; Crockford's mod-37 symbol for base-32), printed in groups of ``group``. Each shape
+    has its own serial counter and tweak; one engine can issue several."""
+
+    name: str
+    number: int          #: fixed forever: it places the shape's serials in the batch table
+    alphabet: str
+    length: int
+    group: int
+    use: str
+
+    @property
+    def radix(self) -> int:
+        return len(self.alphabet)
+
+    @property
+    def serials(self) -> int:
+        return self.radix**self.length
+
+    @property
+    def size(self) -> int:
+        """Characters of a code (without separators)."""
+        return self.length + 1
+
+
+#: The shapes an engine issues: 10-digit pack codes (the default), 16-digit gift-card numbers and
+#: 13-symbol Crockford base-32 codes (60 bits: guessing a live one is a million times harder than a
+#: pack code for the same number of live codes).
+SHAPES: dict[str, CodeShape] = {s.name: s for s in (
+    CodeShape(name="pack", number=0, alphabet=DIGITS, length=9, group=0, use="product packs: 123-456-7890"),
+    CodeShape(name="digits16", number=1, alphabet=DIGITS, length=15, group=4,
+              use="gift cards: 1234 5678 9012 3456"),
+    CodeShape(name="base32", number=2, alphabet=CROCKFORD, length=12, group=4,
+              use="one-time discount and gift codes: 7QX4-M2KD-9WZT-E"),
+)}
+PACK = SHAPES["pack"]
+
+
+def _shape(name: str) -> CodeShape:
+    try:
+        return SHAPES[name]
+    except (KeyError, TypeError):
+        raise ValidationError(f"shape={name!r} is not one of {sorted(SHAPES)}") from None
 
 
 class CodeStatus(IntEnum):
@@ -104,7 +158,13 @@ class CodeBatch:
     label: str
     status: str             #: "active" or "void"
     key_version: int
+    shape: str = "pack"     #: a name in SHAPES
     codes_of: Any = None    #: the book that can print them (not part of the record)
+
+    @property
+    def first_key(self) -> int:
+        """The batch's first serial in the batch table (shapes apart: the shape's number above bit 60)."""
+        return (SHAPES[self.shape].number << SHAPE_BITS) + self.first_serial
 
     def codes(self) -> np.ndarray:
         """The batch's codes in serial order, as a NumPy array of 10-character strings."""
@@ -113,7 +173,7 @@ class CodeBatch:
     def _record(self) -> dict[str, Any]:
         return {"id": self.id, "first_serial": self.first_serial, "count": self.count, "points": self.points,
                 "expires": self.expires, "label": self.label, "status": self.status,
-                "key_version": self.key_version}
+                "key_version": self.key_version, "shape": self.shape}
 
 
 def load_key(key: bytes | str | os.PathLike[str] | None = None) -> bytes:
@@ -152,7 +212,7 @@ class Codes:
         self._master = master_key
         self.per_hour, self.per_day = per_hour, per_day
         self._db = engine.ledger._ext_db()
-        self._ff1: dict[int, FF1] = {}
+        self._ff1: dict[tuple[int, str], FF1] = {}
         with engine.ledger._ext_begin() as txn:
             raw = txn.get(b"c:meta", db=self._db)
             self._meta = json.loads(bytes(raw)) if raw is not None else {"next_serial": 0, "key_version": 1,
@@ -164,19 +224,22 @@ class Codes:
                     if bytes(k[:3]) != b"c:b":
                         break
                     self._batches.append(CodeBatch(**json.loads(bytes(v)), codes_of=self))
-        self._batches.sort(key=lambda b: b.first_serial)
-        self._firsts = [b.first_serial for b in self._batches]
+        self._batches.sort(key=lambda b: b.first_key)
+        self._firsts = [b.first_key for b in self._batches]
         self._tab: dict[str, Any] | None = None
 
     # -- keys ------------------------------------------------------------------------------------------
-    def _cipher(self, version: int) -> FF1:
-        f = self._ff1.get(version)
+    def _cipher(self, version: int, shape: str = "pack") -> FF1:
+        f = self._ff1.get((version, shape))
         if f is None:
             name = self.engine.program.name.encode()
             key = HKDF(algorithm=hashes.SHA256(), length=32, salt=b"loyalty_engine codes",
                        info=name + b"\0" + version.to_bytes(4, "big")).derive(self._master)
             tweak = b"LE" + hashlib.blake2b(name, digest_size=6).digest() + version.to_bytes(2, "big")
-            f = self._ff1[version] = FF1(key, 10, 9, tweak)
+            if shape != "pack":             # pack codes keep the tweak they were first printed under
+                tweak += b":" + shape.encode()
+            sh = SHAPES[shape]
+            f = self._ff1[(version, shape)] = FF1(key, sh.radix, sh.length, tweak)
         return f
 
     @property
@@ -202,8 +265,10 @@ class Codes:
 
     # -- batches -----------------------------------------------------------------------------------------
     def generate(self, count: int, *, points: int, expires: datetime | int | None = None,
-                 label: str = "") -> CodeBatch:
-        """Reserve ``count`` serials for a new batch worth ``points`` each."""
+                 label: str = "", shape: str = "pack") -> CodeBatch:
+        """Reserve ``count`` serials for a new batch worth ``points`` each; ``shape`` is a name in
+        :data:`SHAPES` (default: 10-digit pack codes)."""
+        sh = _shape(shape)
         if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= 100_000_000:
             raise ValidationError(f"count must be 1..100,000,000, not {count!r}")
         if isinstance(points, bool) or not isinstance(points, int) or points <= 0:
@@ -212,20 +277,26 @@ class Codes:
             raise ValidationError(f"label must be a string, not {label!r}")
         exp = 0 if expires is None else to_micros(expires, "expires")
         with self.engine._lock:
-            first = int(self._meta["next_serial"])
-            if first + count > SERIALS:
-                raise CodeError(f"only {SERIALS - first:,} serials are left of 10**9 for this program")
+            counters = dict(self._meta.get("next", {}))
+            first = int(self._meta["next_serial"]) if sh is PACK else int(counters.get(sh.name, 0))
+            if first + count > sh.serials:
+                raise CodeError(f"only {sh.serials - first:,} serials are left of {sh.serials:,} for {sh.name} "
+                                f"codes of this program")
             batch = CodeBatch(id=int(self._meta["batches"]) + 1, first_serial=first, count=count, points=points,
                               expires=exp, label=label, status="active", key_version=self.key_version,
-                              codes_of=self)
-            self._write_meta(dict(self._meta, next_serial=first + count, batches=batch.id), batch)
+                              shape=sh.name, codes_of=self)
+            if sh is PACK:
+                meta = dict(self._meta, next_serial=first + count, batches=batch.id)
+            else:
+                meta = dict(self._meta, next={**counters, sh.name: first + count}, batches=batch.id)
+            self._write_meta(meta, batch)
             self._add(batch)
             return batch
 
     def _add(self, batch: CodeBatch) -> None:
-        i = bisect.bisect(self._firsts, batch.first_serial)
+        i = bisect.bisect(self._firsts, batch.first_key)
         self._batches.insert(i, batch)
-        self._firsts.insert(i, batch.first_serial)
+        self._firsts.insert(i, batch.first_key)
         self._tab = None
 
     def _table(self) -> dict[str, Any]:
@@ -233,12 +304,13 @@ class Codes:
         if getattr(self, "_tab", None) is None:
             bs = self._batches
             self._tab = {"id": np.asarray([b.id for b in bs], np.int64),
-                         "first": np.asarray([b.first_serial for b in bs], np.int64),
+                         "first": np.asarray([b.first_key for b in bs], np.int64),
                          "count": np.asarray([b.count for b in bs], np.int64),
                          "version": np.asarray([b.key_version for b in bs], np.int64),
                          "void": np.asarray([b.status == "void" for b in bs], bool),
                          "expires": np.asarray([b.expires for b in bs], np.int64),
-                         "versions": sorted({b.key_version for b in bs})}
+                         "versions": sorted({b.key_version for b in bs}),
+                         "shapes": sorted({b.shape for b in bs} - {"pack"})}
         return self._tab
 
     def batch(self, batch_id: int) -> CodeBatch:
@@ -251,11 +323,11 @@ class Codes:
         return sorted(self._batches, key=lambda b: b.id)
 
     def codes(self, batch_id: int, start: int = 0, stop: int | None = None) -> np.ndarray:
-        """Codes of a batch (serial order) as a NumPy array of 10-character strings."""
+        """Codes of a batch (serial order) as a NumPy array of strings (10 digits for pack codes)."""
         b = self.batch(batch_id)
         stop = b.count if stop is None else min(stop, b.count)
         serials = np.arange(b.first_serial + start, b.first_serial + stop, dtype=np.uint64)
-        return format_codes(self._cipher(b.key_version).encrypt_ints(serials))
+        return format_codes(self._cipher(b.key_version, b.shape).encrypt_ints(serials), b.shape)
 
     def iter_codes(self, batch_id: int, chunk: int = 1_000_000) -> Iterator[np.ndarray]:
         """The codes of a batch, a chunk at a time (bounded memory for huge batches)."""
@@ -273,7 +345,7 @@ class Codes:
             w.writerow(["batch", "serial", "code", "printed", "points", "label"])
             for part in self.iter_codes(batch_id):
                 for k, c in enumerate(part.tolist()):
-                    w.writerow([b.id, b.first_serial + n + k, c, pretty(c), b.points, b.label])
+                    w.writerow([b.id, b.first_serial + n + k, c, pretty(c, b.shape), b.points, b.label])
                 n += len(part)
         if svg is not None:
             _svg_sheet(svg, self.codes(batch_id), b)
@@ -307,17 +379,18 @@ class Codes:
         INVALID)."""
         if not isinstance(code, str):
             return CodeCheck(CodeStatus.INVALID)
-        value, st = parse_code(code)
+        shape, value, st = self._identify(code)
         if st != CodeStatus.GENUINE:
             return CodeCheck(st)
         now = to_micros(at, "at") if at is not None else time.time_ns() // 1000
+        high = SHAPES[shape].number << SHAPE_BITS
         for version in self._table()["versions"]:
-            s = self._cipher(version).decrypt_int(value)
-            i = bisect.bisect(self._firsts, s) - 1
+            s = self._cipher(version, shape).decrypt_int(value)
+            i = bisect.bisect(self._firsts, high + s) - 1
             if i < 0:
                 continue
             b = self._batches[i]
-            if b.key_version != version or s >= b.first_serial + b.count:
+            if b.key_version != version or b.shape != shape or s >= b.first_serial + b.count:
                 continue
             exp = from_micros(b.expires) if b.expires else None
             off = s - b.first_serial
@@ -335,9 +408,24 @@ class Codes:
             return CodeCheck(st, b.id, s, b.points, exp)
         return CodeCheck(CodeStatus.INVALID)
 
-    def check_many(self, codes: Sequence[str] | np.ndarray, at: datetime | int | None = None) -> list[CodeCheck]:
-        """:meth:`check` for many codes at once."""
-        status, batch_idx, serial = self._check_arrays(codes, at)
+    def _identify(self, code: str) -> tuple[str, int, CodeStatus]:
+        """(shape, value, status) of a typed code: a pack code, else one of the other shapes this
+        engine has issued (GENUINE wins; a near miss of any shape is a TYPO)."""
+        value, st = parse_code(code)
+        if st != CodeStatus.INVALID:
+            return "pack", value, st
+        for name in self._table()["shapes"]:
+            v, st2 = parse_shaped(code, name)
+            if st2 == CodeStatus.GENUINE:
+                return name, v, st2
+            if st2 == CodeStatus.TYPO:
+                st = st2
+        return "pack", 0, st
+
+    def check_many(self, codes: Sequence[str] | np.ndarray, at: datetime | int | None = None, *,
+                   shape: str = "pack") -> list[CodeCheck]:
+        """:meth:`check` for many codes of one ``shape`` at once."""
+        status, batch_idx, serial = self._check_arrays(codes, at, shape)
         out = []
         for s, bi, se in zip(status.tolist(), batch_idx.tolist(), serial.tolist(), strict=True):
             if bi < 0:
@@ -348,11 +436,13 @@ class Codes:
                                      from_micros(b.expires) if b.expires else None))
         return out
 
-    def check_array(self, codes: Sequence[str] | np.ndarray, at: datetime | int | None = None) -> np.ndarray:
-        """Statuses only (a ``uint8`` array of :class:`CodeStatus`): the fast vectorised path."""
-        return self._check_arrays(codes, at)[0]
+    def check_array(self, codes: Sequence[str] | np.ndarray, at: datetime | int | None = None, *,
+                    shape: str = "pack") -> np.ndarray:
+        """Statuses only (a ``uint8`` array of :class:`CodeStatus`): the fast vectorised path (for pack
+        codes the parsing too is compiled; other shapes are parsed in Python, then the same kernels)."""
+        return self._check_arrays(codes, at, shape)[0]
 
-    def _check_arrays(self, codes: Any, at: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _check_arrays(self, codes: Any, at: Any, shape: str = "pack") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(status, batch index or -1, serial) per code: parse (``_core.codes_parse``), decrypt every
         well-formed code under each key version in use, find its batch (``_core.codes_lookup``), then
         redeemed, void or expired (``_core.codes_finish``, against the bitmaps of the batches seen)."""
@@ -363,9 +453,15 @@ class Codes:
         n = len(arr)
         width = max(arr.dtype.itemsize // 4, 1)
         chars = arr.view(np.uint32).reshape(n, width) if n else np.zeros((0, 1), np.uint32)
-        values = np.empty(n, np.uint64)
-        status = np.empty(n, np.uint8)
-        _core.codes_parse(chars, 10, values, status)
+        sh = _shape(shape)
+        if sh is PACK:
+            values = np.empty(n, np.uint64)
+            status = np.empty(n, np.uint8)
+            _core.codes_parse(chars, 10, values, status)
+        else:
+            parsed = [parse_shaped(c, sh.name) for c in arr.tolist()]
+            values = np.fromiter((v for v, _ in parsed), np.uint64, n)
+            status = np.fromiter((st for _, st in parsed), np.uint8, n)
         batch_idx = np.full(n, -1, np.int32)
         now = to_micros(at, "at") if at is not None else time.time_ns() // 1000
         tab = self._table()
@@ -373,10 +469,13 @@ class Codes:
         # well-formed codes wait as INVALID until a key version finds their batch
         status[status == CodeStatus.GENUINE] = CodeStatus.INVALID
         serial = values
+        high = np.uint64(sh.number << SHAPE_BITS)
         for k, version in enumerate(tab["versions"]):
-            cipher = self._cipher(version)
+            cipher = self._cipher(version, sh.name)
             if k == 0:
                 serial = cipher.decrypt_ints(values)
+                if high:
+                    serial += high
                 _core.codes_lookup(serial, status, batch_idx, tab["first"], tab["count"], tab["version"], version,
                                    present)
             else:   # older key versions: only the codes no newer batch claimed
@@ -385,7 +484,7 @@ class Codes:
                     break
                 sub_status = status[todo]
                 sub_idx = batch_idx[todo]
-                sub_serial = cipher.decrypt_ints(values[todo])
+                sub_serial = cipher.decrypt_ints(values[todo]) + high
                 _core.codes_lookup(sub_serial, sub_status, sub_idx, tab["first"], tab["count"], tab["version"],
                                    version, present)
                 status[todo], batch_idx[todo], serial[todo] = sub_status, sub_idx, sub_serial
@@ -393,6 +492,8 @@ class Codes:
         _core.codes_finish(serial, status, batch_idx, tab["first"], tab["void"].view(np.uint8), tab["expires"], now,
                            bits, base)
         serial = serial.view(np.int64)
+        if high:
+            serial -= np.int64(high)
         serial[batch_idx < 0] = 0
         return status, batch_idx.astype(np.int64), serial
 
@@ -438,7 +539,8 @@ class Codes:
         with eng._lock:
             idx = eng._idx(member)
             self._check_attempts(member, at_us)
-            status, bidx, serial = self._check_arrays(np.array([code[:64]], dtype="U64"), at_us)
+            shape = self._identify(code)[0]
+            status, bidx, serial = self._check_arrays(np.array([code[:64]], dtype="U64"), at_us, shape)
             st = CodeStatus(int(status[0]))
             if st != CodeStatus.GENUINE:
                 if st != CodeStatus.TYPO:
@@ -471,7 +573,8 @@ class Codes:
                 self._fail(member, at_us)
                 raise CodeError(f"code {code!r} not redeemed: REDEEMED") from None
             eng._members[idx]["points"] += b.points
-            printed = str(format_codes(self._cipher(b.key_version).encrypt_ints(np.array([s], np.uint64)))[0])
+            printed = str(format_codes(self._cipher(b.key_version, b.shape).encrypt_ints(np.array([s], np.uint64)),
+                                       b.shape)[0])
             return CodeRedemption(code=printed, member=member, batch=b.id, serial=s, points=b.points)
 
     def _attempts(self, member: str) -> list[int]:
@@ -497,10 +600,20 @@ class Codes:
 
     def odds(self) -> dict[str, float]:
         """The chance that one random 10-digit string is a live code, now: live / 10**9 (one in ten
-        strings passes the check digit, and then its serial must be live)."""
-        live = sum(b.count for b in self._batches if b.status == "active")
-        return {"live_codes": live, "per_guess": live / 10**10, "per_guess_passing_check": live / SERIALS,
-                "per_member_per_day": self.per_day * live / SERIALS}
+        strings passes the check digit, and then its serial must be live); under ``shapes``, the same
+        for every shape (a base-32 guess passes its check symbol one time in 37, then needs a live one
+        of 2**60 serials)."""
+        live = sum(b.count for b in self._batches if b.status == "active" and b.shape == "pack")
+        out: dict[str, Any] = {"live_codes": live, "per_guess": live / 10**10,
+                               "per_guess_passing_check": live / SERIALS,
+                               "per_member_per_day": self.per_day * live / SERIALS, "shapes": {}}
+        for sh in SHAPES.values():
+            n = sum(b.count for b in self._batches if b.status == "active" and b.shape == sh.name)
+            check = 10 if sh.alphabet == DIGITS else 37
+            out["shapes"][sh.name] = {"live_codes": n, "per_guess": n / (sh.serials * check),
+                                      "per_guess_passing_check": n / sh.serials,
+                                      "per_member_per_day": self.per_day * n / sh.serials}
+        return out
 
 
 class _AlreadyRedeemed(Exception):
@@ -511,12 +624,22 @@ def _bitmap_key(batch_id: int, chunk: int) -> bytes:
     return b"c:r" + int(batch_id).to_bytes(4, "big") + int(chunk).to_bytes(4, "big")
 
 
-def format_codes(values: np.ndarray) -> np.ndarray:
-    """Nine-digit FF1 outputs as 10-character codes (with the Damm digit)."""
+def format_codes(values: np.ndarray, shape: str = "pack") -> np.ndarray:
+    """FF1 outputs as codes of ``shape`` with their check symbol: for pack codes nine digits and a Damm
+    digit (10 characters)."""
+    sh = _shape(shape)
     values = np.ascontiguousarray(values, dtype=np.uint64)
-    out = np.zeros((len(values), 10), np.uint32)
-    _core.codes_format(values, 9, True, out)
-    return out.view("U10").reshape(-1)
+    out = np.empty((len(values), sh.size), np.uint32)
+    if sh.alphabet == DIGITS:
+        _core.codes_format(values, sh.length, True, out)
+    else:
+        alpha = np.array([ord(c) for c in sh.alphabet], np.uint32)
+        v = values.copy()
+        for k in range(sh.length - 1, -1, -1):
+            out[:, k] = alpha[v % np.uint64(sh.radix)]
+            v //= np.uint64(sh.radix)
+        out[:, sh.length] = np.array([ord(c) for c in CROCKFORD_CHECK], np.uint32)[values % np.uint64(37)]
+    return out.view(f"U{sh.size}").reshape(-1)
 
 
 _DIGITS = {**{chr(48 + k): k for k in range(10)}, **{chr(0x06F0 + k): k for k in range(10)},
@@ -547,6 +670,43 @@ def parse_code(code: str) -> tuple[int, CodeStatus]:
     return int(t[:9]), CodeStatus.GENUINE
 
 
+_CROCKFORD_TRANSLATE = str.maketrans({**{k: str(v) for k, v in _DIGITS.items() if not k.isascii()},
+                                      **{ch: None for ch in _SKIP}, "O": "0", "I": "1", "L": "1"})
+_CROCKFORD_VALUE = {c: k for k, c in enumerate(CROCKFORD)}
+
+
+def parse_shaped(code: str, shape: str) -> tuple[int, CodeStatus]:
+    """:func:`parse_code` for any shape: the FF1 value and GENUINE, TYPO (the check symbol fails, or one
+    symbol too many or too few) or INVALID. Base-32 codes are read as Crockford says: any case, O as
+    0, I and L as 1, separators ignored."""
+    sh = _shape(shape)
+    if sh is PACK:
+        return parse_code(code)
+    if not isinstance(code, str):
+        return 0, CodeStatus.INVALID
+    if sh.alphabet == DIGITS:
+        t = code[:64].translate(_TRANSLATE)
+        if not (t.isascii() and t.isdigit()) or abs(len(t) - sh.size) > 1:
+            return 0, CodeStatus.INVALID
+        interim = 0
+        for ch in t:
+            interim = _DAMM[interim][ord(ch) - 48]
+        if len(t) != sh.size or interim:
+            return 0, CodeStatus.TYPO
+        return int(t[: sh.length]), CodeStatus.GENUINE
+    t = code[:64].upper().translate(_CROCKFORD_TRANSLATE)
+    if abs(len(t) - sh.size) > 1 or any(c not in CROCKFORD_CHECK for c in t):
+        return 0, CodeStatus.INVALID
+    if len(t) != sh.size or any(c not in _CROCKFORD_VALUE for c in t[:-1]):
+        return 0, CodeStatus.TYPO       # a check-only symbol (* ~ $ = U) inside: swapped with the last one
+    v = 0
+    for c in t[: sh.length]:
+        v = v * 32 + _CROCKFORD_VALUE[c]
+    if CROCKFORD_CHECK[v % 37] != t[-1]:
+        return 0, CodeStatus.TYPO
+    return v, CodeStatus.GENUINE
+
+
 def check_digit(body: str) -> str:
     """The Damm check digit of a string of decimal digits."""
     interim = 0
@@ -555,13 +715,33 @@ def check_digit(body: str) -> str:
     return str(interim)
 
 
-def pretty(code: str) -> str:
-    """``1234567890`` -> ``123-456-7890``."""
-    return f"{code[:3]}-{code[3:6]}-{code[6:]}"
+def pretty(code: str, shape: str = "pack") -> str:
+    """The printed form: ``1234567890`` -> ``123-456-7890``; gift-card numbers in groups of four with
+    spaces; base-32 codes in groups of four with dashes."""
+    if shape == "pack":
+        return f"{code[:3]}-{code[3:6]}-{code[6:]}"
+    sh = _shape(shape)
+    sep = " " if sh.alphabet == DIGITS else "-"
+    return sep.join(code[k: k + sh.group] for k in range(0, len(code), sh.group))
+
+
+def _qr_path(text: str, x: float, y: float, size: float) -> str:
+    """A QR code of ``text`` (segno: error correction M, quiet zone of 2 modules) as one SVG path of
+    unit squares, ``size`` wide at (x, y)."""
+    import segno
+
+    qr = segno.make(text, error="m", micro=False, boost_error=False)
+    m = qr.matrix
+    step = size / (len(m) + 4)
+    cells = "".join(f"M{x + (c + 2) * step:.3f} {y + (r + 2) * step:.3f}h{step:.3f}v{step:.3f}h-{step:.3f}z"
+                    for r, row in enumerate(m) for c, on in enumerate(row) if on)
+    return f'<path class="qr" data-text="{_esc(text)}" d="{cells}" fill="#000"/>'
 
 
 def _svg_sheet(path: str | os.PathLike[str], codes: np.ndarray, batch: CodeBatch) -> None:
-    """A printable A4 sheet set (SVG pages of 4 x 10 labels: label, points, code)."""
+    """A printable sheet: A4 pages of 4 x 10 labels (label, QR code, printed code, points), stacked in
+    one SVG document (page k starts 297 mm down). The QR code holds the code's characters, which is
+    what a scanner types into the app."""
     per_page = 40
     pages = []
     for p in range(0, len(codes), per_page):
@@ -569,14 +749,16 @@ def _svg_sheet(path: str | os.PathLike[str], codes: np.ndarray, batch: CodeBatch
         for k, c in enumerate(codes[p: p + per_page].tolist()):
             x, y = 10 + (k % 4) * 50, 12 + (k // 4) * 28
             cells.append(f'<g transform="translate({x},{y})"><rect width="46" height="24" fill="none" '
-                         f'stroke="#999" stroke-width="0.2"/><text x="23" y="7" font-size="3" text-anchor="middle">'
-                         f'{_esc(batch.label)}</text><text x="23" y="15" font-size="5.5" text-anchor="middle" '
-                         f'font-family="monospace">{pretty(c)}</text><text x="23" y="21" font-size="3" '
-                         f'text-anchor="middle">{batch.points} points</text></g>')
-        pages.append(f'<svg xmlns="http://www.w3.org/2000/svg" width="210mm" height="297mm" '
-                     f'viewBox="0 0 210 297">{"".join(cells)}</svg>')
+                         f'stroke="#999" stroke-width="0.2"/>{_qr_path(c, 1, 2, 20)}'
+                         f'<text x="33" y="7" font-size="2.6" text-anchor="middle">{_esc(batch.label)}</text>'
+                         f'<text x="33" y="14" font-size="{3.2 if len(c) <= 10 else 2.3}" text-anchor="middle" '
+                         f'font-family="monospace">{pretty(c, batch.shape)}</text><text x="33" y="20" '
+                         f'font-size="2.6" text-anchor="middle">{batch.points} points</text></g>')
+        pages.append(f'<g class="page" transform="translate(0,{297 * (p // per_page)})">{"".join(cells)}</g>')
+    n = max(1, len(pages))
     with open(path, "w", encoding="utf-8") as f:
-        f.write("\n".join(pages))
+        f.write(f'<svg xmlns="http://www.w3.org/2000/svg" width="210mm" height="{297 * n}mm" '
+                f'viewBox="0 0 210 {297 * n}">\n' + "\n".join(pages) + "\n</svg>\n")
 
 
 def _esc(s: str) -> str:
