@@ -90,6 +90,25 @@ def test_whole_value_kernel_agrees_with_the_nist_checked_digit_path(radix, n):
     assert [f.decrypt_int(int(v)) for v in y[:100]] == x[:100].tolist()
 
 
+def test_big_outputs_come_from_a_mapping_and_behave_as_arrays():
+    from loyalty_engine import _memory
+
+    small = _memory.empty(10, np.uint64)
+    big = _memory.empty((_memory.THRESHOLD // 40 + 1, 10), np.uint32)
+    def owner(a: np.ndarray) -> object:
+        b: object = a
+        while isinstance(b, np.ndarray):
+            b = b.base
+        return b.obj if isinstance(b, memoryview) else b
+
+    assert owner(small) is None                       # small ones: NumPy's own memory
+    assert big.shape == (_memory.THRESHOLD // 40 + 1, 10) and big.dtype == np.uint32 and big.flags.c_contiguous
+    assert type(owner(big)).__name__ == "mmap" and big.flags.writeable
+    big[:] = 7
+    view = big.view("U10")                            # what format_codes hands out
+    assert view.shape == (len(big), 1) and int(big.sum()) == 7 * big.size
+
+
 def test_wide_numerals_round_trip_through_the_byte_path():
     f = FF1(bytes.fromhex(K128), 10, 38, b"")        # B has 19 digits: 8 bytes, the general block path
     with pytest.raises(ValidationError, match="do not fit 64 bits"):

@@ -28,7 +28,7 @@ import numpy as np
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from . import _core
+from . import _core, _memory
 from .errors import CodeError, NotFoundError, ValidationError
 from .ff1 import FF1
 from .types import RECORD_DTYPE, Code, from_micros, to_micros
@@ -455,14 +455,15 @@ class Codes:
         chars = arr.view(np.uint32).reshape(n, width) if n else np.zeros((0, 1), np.uint32)
         sh = _shape(shape)
         if sh is PACK:
-            values = np.empty(n, np.uint64)
-            status = np.empty(n, np.uint8)
+            values = _memory.empty(n, np.uint64)
+            status = _memory.empty(n, np.uint8)
             _core.codes_parse(chars, 10, values, status)
         else:
             parsed = [parse_shaped(c, sh.name) for c in arr.tolist()]
             values = np.fromiter((v for v, _ in parsed), np.uint64, n)
             status = np.fromiter((st for _, st in parsed), np.uint8, n)
-        batch_idx = np.full(n, -1, np.int32)
+        batch_idx = _memory.empty(n, np.int32)
+        batch_idx.fill(-1)
         now = to_micros(at, "at") if at is not None else time.time_ns() // 1000
         tab = self._table()
         present = np.zeros(len(tab["first"]), np.uint8)
@@ -629,7 +630,7 @@ def format_codes(values: np.ndarray, shape: str = "pack") -> np.ndarray:
     digit (10 characters)."""
     sh = _shape(shape)
     values = np.ascontiguousarray(values, dtype=np.uint64)
-    out = np.empty((len(values), sh.size), np.uint32)
+    out = _memory.empty((len(values), sh.size), np.uint32)
     if sh.alphabet == DIGITS:
         _core.codes_format(values, sh.length, True, out)
     else:

@@ -16,7 +16,7 @@ import math
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from . import _core
+from . import _core, _memory
 from .errors import ValidationError
 
 __all__ = ["FF1"]
@@ -70,7 +70,7 @@ class FF1:
         if not self._fits:
             self._too_wide()
         x = np.ascontiguousarray(x, dtype=np.uint64)
-        out = np.empty_like(x)
+        out = _memory.empty(len(x), np.uint64)
         _core.ff1_values(x, out, self._mask, self.b, self.d, self.mod_u, self.mod_v, decrypt,
                          self._ecb.update_into, max(1, min(CHUNK, len(x))))
         return out
