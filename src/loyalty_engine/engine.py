@@ -369,8 +369,12 @@ class Engine:
     def _put_member(self, txn: lmdb.Transaction, idx: int) -> None:
         txn.put(b"M" + idx.to_bytes(8, "big"), self._member_value(idx), db=self.ledger._ext_db())
 
-    def _put_members(self, txn: lmdb.Transaction, idx: np.ndarray) -> None:
+    def _put_members(self, txn: lmdb.Transaction, idx: Any) -> None:
         """Store many members' records at once (the same bytes as :meth:`_member_value`), in key order."""
+        if isinstance(idx, list) and len(idx) <= 2:      # one purchase: the member (and a referrer)
+            for i in sorted({int(i) for i in idx if i >= 0}):
+                self._put_member(txn, i)
+            return
         idx = np.asarray(idx, np.int64)
         idx = _small_unique(idx[idx >= 0], len(self._member_names))[0]
         if len(idx) == 0:
@@ -401,7 +405,7 @@ class Engine:
         self._event_seq += 1
         body = json.dumps({"kind": kind, "member": member, "at": at_us, "data": data}).encode()
         txn.put(b"E" + self._event_seq.to_bytes(8, "big"), body, db=self.ledger._ext_db())
-        txn.put(b"S", json.dumps({"event_seq": self._event_seq}).encode(), db=self.ledger._ext_db())
+        txn.put(b"S", b'{"event_seq": %d}' % self._event_seq, db=self.ledger._ext_db())
 
     def _put_budget(self, txn: lmdb.Transaction) -> None:
         if len(self.program.offers):
@@ -658,21 +662,29 @@ class Engine:
         else:
             seg_members, seg_of = _small_unique(rows["member"], len(self._member_names))
         get = self._hist.get
-        hists = [get(m, b"") for m in seg_members.tolist()]
         isz = HEV.itemsize
-        hist_off = np.zeros(len(hists) + 1, np.int64)
-        hist_off[1:] = np.cumsum(np.fromiter(map(len, hists), np.int64, len(hists))) // isz
-        hist = np.frombuffer(b"".join(hists), HEV)
+        if len(rows) == 1:          # one purchase: no gathering
+            h = get(int(seg_members[0]), b"")
+            hist_off = np.array([0, len(h) // isz], np.int64)
+            hist = np.frombuffer(h, HEV)
+        else:
+            hists = [get(m, b"") for m in seg_members.tolist()]
+            hist_off = np.zeros(len(hists) + 1, np.int64)
+            hist_off[1:] = np.cumsum(np.fromiter(map(len, hists), np.int64, len(hists))) // isz
+            hist = np.frombuffer(b"".join(hists), HEV)
         out_hist = np.zeros(len(hist) + len(rows), HEV)
-        out_off = np.zeros(len(hists) + 1, np.int64)
+        out_off = np.zeros(len(hist_off), np.int64)
         out = np.zeros(len(rows), OUT)
         fx = np.zeros((len(rows) if facts else 0, N_FACTS), np.int64)
         _core.evaluate(c.code, c.pool, c.conds, c.rules, c.offers, c.tiers, c.params, rows,
                        seg_of.astype(np.int64), cat, sku, amt, self._members, hist_off, hist, out_off, out_hist,
                        self._offer_use, self._budget, out, fx)
+        hd = self._hist
+        if len(rows) == 1:
+            hd[int(seg_members[0])] = out_hist[int(out_off[0]): int(out_off[1])].tobytes()
+            return (out, fx) if facts else out
         raw = out_hist.tobytes()
         bounds = (out_off * isz).tolist()
-        hd = self._hist
         for s, m in enumerate(seg_members.tolist()):
             hd[m] = raw[bounds[s]: bounds[s + 1]]
         return (out, fx) if facts else out
@@ -718,7 +730,8 @@ class Engine:
 
                 def extra(txn: lmdb.Transaction, results: np.ndarray) -> None:
                     _raise_on(results, f"purchase {ref!r}")
-                    self._commit_rows(txn, [ref], rec.reshape(1), [idx] + ([referrer] if referrer >= 0 else []))
+                    self._commit_rows(txn, [ref], rec.reshape(1), [idx] + ([referrer] if referrer >= 0 else []),
+                                      budget_before=saved[3])
 
                 self.ledger._post_with(recs, extra)
             except BaseException:
@@ -753,7 +766,7 @@ class Engine:
         return self._transfers(parts, ref, at_us, exp)
 
     def _commit_rows(self, txn: lmdb.Transaction, refs: Sequence[str], recs: np.ndarray,
-                     touched: Sequence[int], events: bool = True) -> None:
+                     touched: Sequence[int], events: bool = True, budget_before: np.ndarray | None = None) -> None:
         """Store receipts, members and events of committed purchase rows (inside the ledger's txn)."""
         db = self.ledger._ext_db()
         put = txn.put
@@ -777,8 +790,11 @@ class Engine:
             if o["referrer_points"]:
                 self._put_event(txn, "points_changed", self._member_names[o["referrer"]], at,
                                 delta=o["referrer_points"], reason="referral", ref=ref)
-        self._put_members(txn, np.asarray(list(touched), np.int64))
-        self._put_budget(txn)
+        self._put_members(txn, list(touched))
+        # the stored budgets equal the ones in memory before this commit (every commit that changes them
+        # writes them; a failed one restores memory): unchanged, they need no write
+        if budget_before is None or not np.array_equal(budget_before, self._budget):
+            self._put_budget(txn)
 
     def _receipt(self, ref: str) -> np.void | None:
         with self.ledger._ext_begin() as txn:
@@ -1300,6 +1316,8 @@ def _small_unique(values: np.ndarray, bound: int) -> tuple[np.ndarray, np.ndarra
 
 
 def _raise_on(results: np.ndarray, what: str) -> None:
+    if not results.any():
+        return
     bad = np.flatnonzero(results != 0)
     if len(bad):
         r = TransferResult(int(results[bad[0]]))
