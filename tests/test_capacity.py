@@ -158,6 +158,42 @@ def test_plan_names_the_cpu_or_the_disk_bandwidth_as_the_limit() -> None:
     assert plan(Profile(members=10, purchases_per_day=100_000), b).limit.startswith("disk bandwidth")
 
 
+@pytest.mark.parametrize(("where", "value", "message"), [
+    (("machine", "memory_bytes"), 0, "machine.memory_bytes = 0 is not a positive figure"),
+    (("disk", "write_mb_per_s"), 0, "disk.write_mb_per_s = 0"),
+    (("figures", "online_full", "median"), 0.0, "online_full and import figures must be positive"),
+    (("footprint", "disk_per_purchase"), -1, "footprint.disk_per_purchase = -1"),
+])
+def test_plan_names_a_zero_or_missing_figure(where: tuple[str, ...], value: Any, message: str) -> None:
+    b = copy.deepcopy(BENCH)
+    d = b
+    for k in where[:-1]:
+        d = d[k]
+    d[where[-1]] = value
+    with pytest.raises(ConfigError, match=message):
+        plan(Profile(members=10, purchases_per_day=10), b)
+    del d[where[-1]]
+    with pytest.raises(ConfigError):
+        plan(Profile(members=10, purchases_per_day=10), b)
+
+
+def test_a_full_disk_outgrows_and_says_so() -> None:
+    b = copy.deepcopy(BENCH)
+    b["machine"]["disk"]["free_bytes"] = 0
+    p = plan(Profile(members=10, purchases_per_day=10), b)
+    assert not p.fits and any("free disk (none)" in r for r in p.reasons)
+
+
+def test_the_disk_verdict_counts_the_whole_journal() -> None:
+    # one year of journal "retained", but nothing is pruned: five years stay on the disk
+    b = copy.deepcopy(BENCH)
+    prof = Profile(members=1000, purchases_per_day=1_000_000, retention_years=1)
+    b["machine"]["disk"]["free_bytes"] = int(3 * plan(prof, BENCH).disk_bytes_5y)   # room for 5y capped at 1y
+    p = plan(prof, b)
+    assert p.disk_bytes_5y_all > 1.5 * b["machine"]["disk"]["free_bytes"] / 2
+    assert not p.fits and any("five years of data" in r for r in p.reasons)
+
+
 def test_plan_refuses_what_is_not_a_bench_result() -> None:
     with pytest.raises(ConfigError, match="not a 'loyalty-engine bench' result"):
         plan(Profile(members=1, purchases_per_day=1), {"figures": {}})
@@ -220,7 +256,9 @@ def test_capacity_check_replays_the_compressed_peak_hour(bench_run: Any, tmp_pat
     assert flat["purchases"] >= 200 and flat["measured_per_s"] > 0 and flat["measured_disk_per_purchase"] > 0
     assert flat["error"] == pytest.approx(flat["measured_per_s"] / flat["predicted_per_s"] - 1)
     assert paced["purchases"] == 240                   # 12% of 2,000, the busiest hour
-    assert paced["rate_per_s"] == pytest.approx(240.0)  # compressed into a second
+    # compressed to arrive at 80% of the predicted durable rate
+    assert paced["rate_per_s"] == pytest.approx(0.8 * flat["predicted_per_s"])
+    assert paced["predicted_busy_share"] == pytest.approx(0.8) and paced["predicted_keeps_up"]
     assert 0 <= paced["measured_busy_share"] <= 1 and paced["p99_wait_and_commit_us"] > 0
     assert "predicted" in out.output and "measured" in out.output
     assert [p.name for p in tmp_path.iterdir()] == ["c.json"]   # the check's club is removed

@@ -88,6 +88,11 @@ def test_whole_value_kernel_agrees_with_the_nist_checked_digit_path(radix, n):
     assert f.encrypt_ints(x[5:6]).tolist() == y[5:6].tolist()
     assert [f.encrypt_int(int(v)) for v in x[:100]] == y[:100].tolist()          # the one-value kernel
     assert [f.decrypt_int(int(v)) for v in y[:100]] == x[:100].tolist()
+    if radix**n < 1 << 64:                             # outside the domain: refused, not wrapped
+        with pytest.raises(ValidationError, match="outside FF1's domain"):
+            f.encrypt_int(radix**n)
+        with pytest.raises(ValidationError, match="outside FF1's domain"):
+            f.encrypt_ints(np.array([0, radix**n], np.uint64))
 
 
 def test_big_outputs_come_from_a_mapping_and_behave_as_arrays():
@@ -226,6 +231,39 @@ def test_batched_checks_agree_with_one_by_one_checks(club):
     assert club.codes.check_many(sample, at=later) == one
     got = {s for s in (c.status for c in one)}
     assert got == set(CodeStatus), got                              # every status occurred
+
+
+def test_junk_never_matches_the_code_whose_value_is_zero(club):
+    """Malformed input parses to the value 0, and 0 is a real code's FF1 output: with that code's
+    serial issued, junk must still check INVALID and redeem nothing."""
+    s0 = club.codes._cipher(club.codes.key_version).decrypt_int(0)
+    left = s0 + 1
+    while left:                                       # issue serials up to and including s0
+        n = min(left, 100_000_000)
+        b = club.codes.generate(n, points=500)
+        left -= n
+    zero_code = "0000000000"
+    assert club.codes.check(zero_code, at=NOW).status == CodeStatus.GENUINE   # 0 + its Damm digit 0
+    junk = ["hello", "", "12", "ABCDEFGHIJ", "000000000", "0000000001"]
+    want = [CodeStatus.INVALID] * 4 + [CodeStatus.TYPO] * 2
+    assert [club.codes.check(j, at=NOW).status for j in junk] == want
+    assert club.codes.check_array(junk, at=NOW).tolist() == want
+    assert [c.status for c in club.codes.check_many(junk, at=NOW)] == want
+    for shape in ("digits16", "base32"):
+        assert (club.codes.check_array(junk, at=NOW, shape=shape) != CodeStatus.GENUINE).all()
+    with pytest.raises(CodeError, match="INVALID"):
+        club.codes.redeem("anna", "hello", at=NOW)
+    assert club.codes.check(zero_code, at=NOW).status == CodeStatus.GENUINE
+    assert club.codes.stats(b.id).redeemed == 0
+
+
+def test_a_batch_generated_during_checks_does_not_shift_their_answers(club):
+    gifts = club.codes.generate(50, points=1000, shape="base32")
+    codes = gifts.codes()
+    status, idx, serial, tab = club.codes._check_arrays(codes, NOW, "base32")
+    club.codes.generate(10, points=1)                 # a pack batch sorts before the base-32 one
+    assert [tab["batches"][i].id for i in idx.tolist()] == [gifts.id] * 50
+    assert {c.batch for c in club.codes.check_many(codes, at=NOW, shape="base32")} == {gifts.id}
 
 
 def test_forged_codes_pass_at_the_expected_rate(club):

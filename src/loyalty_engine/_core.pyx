@@ -2594,18 +2594,19 @@ def codes_parse(const uint32_t[:, ::1] chars, int ndigits, uint64_t[::1] values,
 
 def codes_lookup(const uint64_t[::1] serial, uint8_t[::1] status, int32_t[::1] batch_idx,
                  const int64_t[::1] firsts, const int64_t[::1] counts, const int64_t[::1] versions,
-                 int64_t version, uint8_t[::1] present):
-    """Find each well-formed code's batch: rows whose ``status`` is 2 (not yet matched) and whose
-    decrypted ``serial`` falls in a batch of key ``version`` (``firsts`` sorted) get ``batch_idx`` and
-    status 0; ``present[batch]`` marks the batches seen. Returns how many rows matched."""
+                 int64_t version, const int64_t[::1] chunk_base, uint8_t[::1] need):
+    """Find each well-formed code's batch: rows whose ``status`` is 255 (well-formed, not yet matched)
+    and whose decrypted ``serial`` falls in a batch of key ``version`` (``firsts`` sorted) get
+    ``batch_idx`` and status 0, and mark the redemption-bitmap chunk (65,536 serials) they fall in:
+    ``need[chunk_base[batch] + offset // 65536]``. Returns how many rows matched."""
     cdef Py_ssize_t i, n = serial.shape[0], nb = firsts.shape[0], lo, hi, mid, found = 0
     cdef int64_t s
     if status.shape[0] != n or batch_idx.shape[0] != n or counts.shape[0] != nb or versions.shape[0] != nb \
-            or present.shape[0] != nb:
+            or chunk_base.shape[0] != nb + 1 or need.shape[0] < chunk_base[nb]:
         raise ValueError("codes_lookup: arrays of mismatched lengths")
     with nogil:
         for i in range(n):
-            if status[i] != 2:
+            if status[i] != 255:
                 continue
             s = <int64_t>serial[i]
             lo, hi = 0, nb          # the last batch whose first serial is <= s
@@ -2619,7 +2620,7 @@ def codes_lookup(const uint64_t[::1] serial, uint8_t[::1] status, int32_t[::1] b
             if lo >= 0 and s < firsts[lo] + counts[lo] and versions[lo] == version:
                 batch_idx[i] = <int32_t>lo
                 status[i] = 0
-                present[lo] = 1
+                need[chunk_base[lo] + ((s - firsts[lo]) >> 16)] = 1
                 found += 1
     return found
 

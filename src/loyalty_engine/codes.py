@@ -41,6 +41,7 @@ __all__ = ["CodeStatus", "CodeCheck", "CodeBatch", "CodeStats", "CodeRedemption"
            "parse_shaped"]
 
 KEY_ENV = "LOYALTY_ENGINE_CODE_KEY"
+PENDING = 255                     # a well-formed code whose batch is not yet found (inside a check)
 SERIALS = 10**9                   # nine FF1 digits
 BITMAP_CHUNK = 1 << 16            # serials per redemption-bitmap value (8 KB)
 HOUR_US, DAY_US = 3_600_000_000, 86_400_000_000
@@ -300,18 +301,28 @@ class Codes:
         self._tab = None
 
     def _table(self) -> dict[str, Any]:
-        """The batches as arrays in serial order (for vectorised lookups); rebuilt when batches change."""
-        if getattr(self, "_tab", None) is None:
-            bs = self._batches
-            self._tab = {"id": np.asarray([b.id for b in bs], np.int64),
-                         "first": np.asarray([b.first_key for b in bs], np.int64),
-                         "count": np.asarray([b.count for b in bs], np.int64),
-                         "version": np.asarray([b.key_version for b in bs], np.int64),
-                         "void": np.asarray([b.status == "void" for b in bs], bool),
-                         "expires": np.asarray([b.expires for b in bs], np.int64),
-                         "versions": sorted({b.key_version for b in bs}),
-                         "shapes": sorted({b.shape for b in bs} - {"pack"})}
-        return self._tab
+        """The batches as arrays in serial order (for vectorised lookups), with the batch list they were
+        made from: callers take one table and use only it, so a batch generated or voided meanwhile
+        cannot shift the indexes under them. Rebuilt (under the engine's lock, where batches change)
+        when batches change."""
+        tab = self._tab
+        if tab is None:
+            with self.engine._lock:
+                if self._tab is None:
+                    bs = tuple(self._batches)
+                    chunks = np.asarray([(b.count + BITMAP_CHUNK - 1) // BITMAP_CHUNK for b in bs], np.int64)
+                    self._tab = {"id": np.asarray([b.id for b in bs], np.int64),
+                                 "first": np.asarray([b.first_key for b in bs], np.int64),
+                                 "count": np.asarray([b.count for b in bs], np.int64),
+                                 "version": np.asarray([b.key_version for b in bs], np.int64),
+                                 "void": np.asarray([b.status == "void" for b in bs], bool),
+                                 "expires": np.asarray([b.expires for b in bs], np.int64),
+                                 "chunk_base": np.concatenate([[0], np.cumsum(chunks)]).astype(np.int64),
+                                 "versions": sorted({b.key_version for b in bs}),
+                                 "shapes": sorted({b.shape for b in bs} - {"pack"}),
+                                 "batches": bs, "firsts": [b.first_key for b in bs]}
+                tab = self._tab
+        return tab
 
     def batch(self, batch_id: int) -> CodeBatch:
         for b in self._batches:
@@ -384,12 +395,13 @@ class Codes:
             return CodeCheck(st)
         now = to_micros(at, "at") if at is not None else time.time_ns() // 1000
         high = SHAPES[shape].number << SHAPE_BITS
-        for version in self._table()["versions"]:
+        tab = self._table()
+        for version in tab["versions"]:
             s = self._cipher(version, shape).decrypt_int(value)
-            i = bisect.bisect(self._firsts, high + s) - 1
+            i = bisect.bisect(tab["firsts"], high + s) - 1
             if i < 0:
                 continue
-            b = self._batches[i]
+            b = tab["batches"][i]
             if b.key_version != version or b.shape != shape or s >= b.first_serial + b.count:
                 continue
             exp = from_micros(b.expires) if b.expires else None
@@ -425,13 +437,13 @@ class Codes:
     def check_many(self, codes: Sequence[str] | np.ndarray, at: datetime | int | None = None, *,
                    shape: str = "pack") -> list[CodeCheck]:
         """:meth:`check` for many codes of one ``shape`` at once."""
-        status, batch_idx, serial = self._check_arrays(codes, at, shape)
+        status, batch_idx, serial, tab = self._check_arrays(codes, at, shape)
         out = []
         for s, bi, se in zip(status.tolist(), batch_idx.tolist(), serial.tolist(), strict=True):
             if bi < 0:
                 out.append(CodeCheck(CodeStatus(s)))
             else:
-                b = self._batches[bi]
+                b = tab["batches"][bi]
                 out.append(CodeCheck(CodeStatus(s), b.id, se, b.points,
                                      from_micros(b.expires) if b.expires else None))
         return out
@@ -442,8 +454,9 @@ class Codes:
         codes the parsing too is compiled; other shapes are parsed in Python, then the same kernels)."""
         return self._check_arrays(codes, at, shape)[0]
 
-    def _check_arrays(self, codes: Any, at: Any, shape: str = "pack") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(status, batch index or -1, serial) per code: parse (``_core.codes_parse``), decrypt every
+    def _check_arrays(self, codes: Any, at: Any, shape: str = "pack") -> tuple[np.ndarray, np.ndarray, np.ndarray,
+                                                                             dict[str, Any]]:
+        """(status, batch index or -1, serial) per code, and the batch table the indexes refer to: parse (``_core.codes_parse``), decrypt every
         well-formed code under each key version in use, find its batch (``_core.codes_lookup``), then
         redeemed, void or expired (``_core.codes_finish``, against the bitmaps of the batches seen)."""
         arr = np.asarray(codes)
@@ -466,68 +479,69 @@ class Codes:
         batch_idx.fill(-1)
         now = to_micros(at, "at") if at is not None else time.time_ns() // 1000
         tab = self._table()
-        present = np.zeros(len(tab["first"]), np.uint8)
-        # well-formed codes wait as INVALID until a key version finds their batch
-        status[status == CodeStatus.GENUINE] = CodeStatus.INVALID
+        need = np.zeros(int(tab["chunk_base"][-1]), np.uint8)
+        # well-formed codes wait as PENDING until a key version finds their batch; the rest keep TYPO
+        # or INVALID (their value is 0, which is a real serial's code: it must never be looked up)
+        status[status == CodeStatus.GENUINE] = PENDING
         serial = values
         high = np.uint64(sh.number << SHAPE_BITS)
+        args = (tab["first"], tab["count"], tab["version"])
         for k, version in enumerate(tab["versions"]):
             cipher = self._cipher(version, sh.name)
             if k == 0:
                 serial = cipher.decrypt_ints(values)
                 if high:
                     serial += high
-                _core.codes_lookup(serial, status, batch_idx, tab["first"], tab["count"], tab["version"], version,
-                                   present)
+                _core.codes_lookup(serial, status, batch_idx, *args, version, tab["chunk_base"], need)
             else:   # older key versions: only the codes no newer batch claimed
-                todo = np.flatnonzero((status == CodeStatus.INVALID) & (batch_idx < 0))
+                todo = np.flatnonzero(status == PENDING)
                 if not len(todo):
                     break
                 sub_status = status[todo]
                 sub_idx = batch_idx[todo]
                 sub_serial = cipher.decrypt_ints(values[todo]) + high
-                _core.codes_lookup(sub_serial, sub_status, sub_idx, tab["first"], tab["count"], tab["version"],
-                                   version, present)
+                _core.codes_lookup(sub_serial, sub_status, sub_idx, *args, version, tab["chunk_base"], need)
                 status[todo], batch_idx[todo], serial[todo] = sub_status, sub_idx, sub_serial
-        bits, base = self._bitmaps(np.flatnonzero(present))
+        status[status == PENDING] = CodeStatus.INVALID
+        bits, base = self._bitmaps(tab, need)
         _core.codes_finish(serial, status, batch_idx, tab["first"], tab["void"].view(np.uint8), tab["expires"], now,
                            bits, base)
         serial = serial.view(np.int64)
         if high:
             serial -= np.int64(high)
         serial[batch_idx < 0] = 0
-        return status, batch_idx.astype(np.int64), serial
+        return status, batch_idx.astype(np.int64), serial, tab
 
-    def _bitmaps(self, batches: np.ndarray, txn: Any = None) -> tuple[np.ndarray, np.ndarray]:
-        """The redemption bitmaps of the batches (indexes into the table) that have any, one after
-        another: (bytes, the byte offset of each batch's bitmap or -1)."""
-        tab = self._table()
+    def _bitmaps(self, tab: dict[str, Any], need: np.ndarray, txn: Any = None) -> tuple[np.ndarray, np.ndarray]:
+        """The redemption bitmaps of the batches with a needed chunk, one after another: (bytes, the byte
+        offset of each batch's bitmap or -1). Only the needed chunks are read; the rest stay zero
+        (untouched zeroed memory costs nothing)."""
         base = np.full(len(tab["first"]), -1, np.int64)
-        parts: list[np.ndarray] = []
-        size = 0
+        wanted = np.flatnonzero(need)
+        if not len(wanted):
+            return np.zeros(0, np.uint8), base
+        cb = tab["chunk_base"]
+        batch_of = np.searchsorted(cb, wanted, side="right") - 1
+        present = np.unique(batch_of)
+        sizes = (tab["count"][present] + 7) // 8
+        base[present] = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        bits = np.zeros(int(sizes.sum()), np.uint8)
         own = txn is None
         txn = txn or self.engine.ledger._ext_begin()
         try:
-            cur = txn.cursor(db=self._db)
-            for bi in batches.tolist():
-                prefix = _bitmap_key(int(tab["id"][bi]), 0)[:-4]
-                if not cur.set_range(prefix) or not bytes(cur.key()).startswith(prefix):
+            for w, bi in zip(wanted.tolist(), batch_of.tolist(), strict=True):
+                chunk = w - int(cb[bi])
+                raw = txn.get(_bitmap_key(int(tab["id"][bi]), chunk), db=self._db)
+                if raw is None:
                     continue
-                bm = np.zeros((int(tab["count"][bi]) + 7) // 8, np.uint8)
-                for key, raw in cur:
-                    key = bytes(key)
-                    if not key.startswith(prefix):
-                        break
-                    at = int.from_bytes(key[-4:], "big") * (BITMAP_CHUNK // 8)
-                    chunk = np.frombuffer(bytes(raw), np.uint8)[: max(0, len(bm) - at)]
-                    bm[at: at + len(chunk)] = chunk
-                base[bi] = size
-                parts.append(bm)
-                size += len(bm)
+                at = int(base[bi]) + chunk * (BITMAP_CHUNK // 8)
+                end = int(base[bi]) + int(sizes[np.searchsorted(present, bi)])
+                part = np.frombuffer(bytes(raw), np.uint8)[: end - at]
+                bits[at: at + len(part)] = part
         finally:
             if own:
                 txn.abort()
-        return (np.concatenate(parts) if parts else np.zeros(0, np.uint8)), base
+        return bits, base
 
     # -- redeeming ----------------------------------------------------------------------------------------
     def redeem(self, member: str, code: str, *, at: datetime | int) -> CodeRedemption:
@@ -541,13 +555,13 @@ class Codes:
             idx = eng._idx(member)
             self._check_attempts(member, at_us)
             shape = self._identify(code)[0]
-            status, bidx, serial = self._check_arrays(np.array([code[:64]], dtype="U64"), at_us, shape)
+            status, bidx, serial, tab = self._check_arrays(np.array([code[:64]], dtype="U64"), at_us, shape)
             st = CodeStatus(int(status[0]))
             if st != CodeStatus.GENUINE:
                 if st != CodeStatus.TYPO:
                     self._fail(member, at_us)
                 raise CodeError(f"code {code!r} not redeemed: {st.name}")
-            b = self._batches[int(bidx[0])]
+            b = tab["batches"][int(bidx[0])]
             s = int(serial[0])
             from .engine import ISSUE_POINTS, POINTS, points_account
             day = eng._day_of(at_us)

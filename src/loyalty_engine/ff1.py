@@ -44,7 +44,8 @@ class FF1:
         self.b = ((radix**self.v - 1).bit_length() + 7) // 8
         self.d = 4 * math.ceil(self.b / 4) + 4
         self.mod_u, self.mod_v = radix**self.u, radix**self.v
-        self._fits = self.mod_u * self.mod_v <= 1 << 64      # whole values as uint64 (else digits only)
+        self._domain = self.mod_u * self.mod_v
+        self._fits = self._domain <= 1 << 64      # whole values as uint64 (else digits only)
         self._ecb = Cipher(algorithms.AES(key), modes.ECB()).encryptor()
         self._key_for_peer, self._tweak_for_peer = key, tweak    # the benchmark's peer re-derives nothing
         t = len(tweak)
@@ -70,6 +71,8 @@ class FF1:
         if not self._fits:
             self._too_wide()
         x = np.ascontiguousarray(x, dtype=np.uint64)
+        if len(x) and self._domain <= 1 << 64 and int(x.max()) >= self._domain:
+            raise ValidationError(f"value {int(x.max())} is outside FF1's domain [0, {self._domain:,})")
         out = _memory.empty(len(x), np.uint64)
         _core.ff1_values(x, out, self._mask, self.b, self.d, self.mod_u, self.mod_v, decrypt,
                          self._ecb.update_into, max(1, min(CHUNK, len(x))))
@@ -95,12 +98,16 @@ class FF1:
         """:meth:`decrypt_ints` for one value (no array set-up: a single check at the till)."""
         if not self._fits:
             self._too_wide()
+        if not 0 <= y < self._domain:
+            raise ValidationError(f"value {y!r} is outside FF1's domain [0, {self._domain:,})")
         return _core.ff1_one(int(y), self._mask, self.b, self.d, self.mod_u, self.mod_v, True, self._ecb.update)
 
     def encrypt_int(self, x: int) -> int:
         """:meth:`encrypt_ints` for one value."""
         if not self._fits:
             self._too_wide()
+        if not 0 <= x < self._domain:
+            raise ValidationError(f"value {x!r} is outside FF1's domain [0, {self._domain:,})")
         return _core.ff1_one(int(x), self._mask, self.b, self.d, self.mod_u, self.mod_v, False, self._ecb.update)
 
     def encrypt_digits(self, digits: list[int]) -> list[int]:

@@ -214,7 +214,22 @@ def plan(profile: Profile, bench: dict[str, Any]) -> Plan:
     """The capacity plan of ``profile`` on the machine ``bench`` was measured on."""
     if bench.get("kind") != "loyalty_engine bench":
         raise ConfigError("this is not a 'loyalty-engine bench' result (its 'kind' field is missing or other)")
-    fp, disk, cpu = bench["footprint"], bench["disk"], bench["cpu"]
+    try:
+        fp, disk, cpu, mach = bench["footprint"], bench["disk"], bench["cpu"], bench["machine"]
+        needed = {"footprint." + k: fp[k] for k in ("disk_per_member", "disk_per_purchase", "disk_per_imported_row",
+                                                     "memory_per_member", "ram_per_transfer",
+                                                     "transfers_per_purchase")}
+        needed.update({"disk.fsync_floor_us": disk["fsync_floor_us"], "disk.write_mb_per_s": disk["write_mb_per_s"],
+                       "cpu.purchase_cpu_us": cpu["purchase_cpu_us"], "machine.memory_bytes": mach["memory_bytes"],
+                       "machine.disk.free_bytes": mach["disk"]["free_bytes"]})
+    except (KeyError, TypeError) as e:
+        raise ConfigError(f"the bench result lacks {e}: run 'loyalty-engine bench --json FILE' with this version "
+                          f"and plan from that file") from None
+    for name, v in needed.items():
+        if not isinstance(v, int | float) or v < 0 or (v == 0 and name != "machine.disk.free_bytes"):
+            raise ConfigError(f"the bench result's {name} = {v!r} is not a positive figure: bench again")
+    if _fig(bench, "online_full") <= 0 or _fig(bench, "import") <= 0:
+        raise ConfigError("the bench result's online_full and import figures must be positive: bench again")
     peak = profile.peak_per_second
     modes = {}
     for name, key, _ in MODES:
@@ -262,10 +277,11 @@ def plan(profile: Profile, bench: dict[str, Any]) -> Plan:
         writers = math.ceil(peak * COMFORT / best)
         machines = math.ceil(writers / max(1, int(bench["machine"]["cores"] or 1)))
     free = int(bench["machine"]["disk"]["free_bytes"])
-    if 2 * disk_after(5) > free:
-        reasons.append(f"five years of data ({_size(disk_after(5))}, twice that with a backup copy) exceed the "
-                       f"free disk ({_size(free)})")
-        machines = max(machines, math.ceil(2 * disk_after(5) / free))
+    kept = disk_after(5, math.inf)        # the ledger cannot drop old journal entries yet: it keeps them all
+    if 2 * kept > free:
+        reasons.append(f"five years of data ({_size(kept)}, twice that with a backup copy) exceed the free disk "
+                       f"({_size(free) if free else 'none'})")
+        machines = max(machines, math.ceil(2 * kept / free) if free else math.ceil(2 * kept / 1e12))
     mem = int(bench["machine"]["memory_bytes"])
     if memory_after(5) > 0.6 * mem:
         reasons.append(f"the in-memory state after five years ({_size(memory_after(5))}) exceeds 60% of memory "
@@ -305,7 +321,7 @@ def check(profile: Profile, bench: dict[str, Any], directory: str | Path, *, sec
     from .runner import _used_bytes
 
     p = plan(profile, bench)
-    predicted_rate = p.modes["full"][0]
+    predicted_rate = p.modes["full"][0]         # plan() made sure it is there and positive
     members = min(profile.members, 200_000)
     names = [f"m{i}" for i in range(members)]
     rng = np.random.default_rng(17)
@@ -345,16 +361,15 @@ def check(profile: Profile, bench: dict[str, Any], directory: str | Path, *, sec
                 f"{bench['footprint']['disk_per_purchase']:,.0f} B, measured {measured_disk:,.0f} B "
                 f"({result['flat_out']['disk_error']:+.0%})")
             # (2) the busiest hour, compressed in time: its checkouts arrive k times faster than planned,
-            # k as large as fits the time given but at most 80% of the predicted capacity (so the check
-            # asks whether the machine keeps up with a load the plan says it carries); when the plan says
-            # the peak exceeds the capacity, k = 1 and the check shows whether it falls behind as predicted
+            # k such that they come at 80% of the predicted capacity (the check asks whether the machine
+            # keeps up with a load the plan says it carries), for the hour or as much of it as fits in
+            # seconds / 2; when the plan says the peak exceeds the capacity, k = 1 and the check shows
+            # whether it falls behind as predicted
             hour = profile.purchases_per_day * profile.peak_hour_share
             real_rate = hour / 3600
-            k_time = 3600 / (seconds / 2)
-            compression = max(1.0, min(k_time, 0.8 * predicted_rate / real_rate)) if real_rate < predicted_rate \
-                else 1.0
+            compression = max(1.0, 0.8 * predicted_rate / real_rate) if real_rate < predicted_rate else 1.0
             rate = real_rate * compression
-            m = int(max(20, min(rate * seconds / 2, 100_000)))
+            m = int(max(1, min(hour, rate * seconds / 2, 100_000)))     # at most seconds / 2 of checkouts
             busy = 0
             start = time.perf_counter_ns()
             lat = []

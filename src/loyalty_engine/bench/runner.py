@@ -170,7 +170,12 @@ def machine(directory: Path) -> dict[str, Any]:
             if line.startswith("MemTotal:"):
                 mem = int(line.split()[1]) * 1024
     except OSError:
-        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        pass
+    if not mem:
+        try:
+            mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError):
+            mem = 0
     usage = shutil.disk_usage(directory)
     return {"cpu": cpu, "cores": os.cpu_count(), "memory_bytes": mem, "platform": platform.platform(),
             "disk": {"dir": str(directory), **_filesystem(directory), "total_bytes": usage.total,
@@ -497,19 +502,19 @@ def run(directory: str | os.PathLike[str] | None = None, *, size: str = "standar
     if not base.is_dir():
         raise FileNotFoundError(f"--dir {str(base)!r} is not a directory: name a folder on the disk to measure")
     sz = SIZES[size]
-    tmp = Path(tempfile.mkdtemp(prefix="loyalty-bench-", dir=base))
+    mach = machine(base)
     figs = _Figures(say)
     lat: dict[str, Any] = {}
     fp: dict[str, float] = {}
     disk: dict[str, float] = {}
     cpu: dict[str, float] = {}
     curve: dict[str, list[float]] = {"batch_size": [], "ledger": [], "peer": []}
-    mach = machine(base)
     started = time.time()
     if mach["disk"]["filesystem"] in ("tmpfs", "ramfs"):
         say(f"note: {base} is on {mach['disk']['filesystem']}: fsync costs nothing there, so the durable "
             f"figures say nothing about a real disk; name a folder on the disk to size with --dir")
     say(HEADER)
+    tmp = Path(tempfile.mkdtemp(prefix="loyalty-bench-", dir=base))
     try:
         _disk(disk, tmp, sz)
         _online(figs, lat, fp, cpu, tmp, sz)
