@@ -456,9 +456,10 @@ class Codes:
 
     def _check_arrays(self, codes: Any, at: Any, shape: str = "pack") -> tuple[np.ndarray, np.ndarray, np.ndarray,
                                                                              dict[str, Any]]:
-        """(status, batch index or -1, serial) per code, and the batch table the indexes refer to: parse (``_core.codes_parse``), decrypt every
-        well-formed code under each key version in use, find its batch (``_core.codes_lookup``), then
-        redeemed, void or expired (``_core.codes_finish``, against the bitmaps of the batches seen)."""
+        """(status, batch index or -1, serial) per code, and the batch table the indexes refer to:
+        parse (``_core.codes_parse``), decrypt every well-formed code under each key version in use,
+        find its batch (``_core.codes_lookup``), then redeemed, void or expired (``_core.codes_finish``,
+        against the needed chunks of the redemption bitmaps)."""
         arr = np.asarray(codes)
         if arr.dtype.kind != "U":
             arr = np.array([c if isinstance(c, str) else "?" for c in arr.tolist()], dtype="U64")
