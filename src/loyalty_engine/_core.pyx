@@ -2463,6 +2463,13 @@ def ff1_one(uint64_t x, const uint8_t[::1] mask, int nbytes, int d, uint64_t mod
     return a[0] * mod_v + b[0]
 
 
+cdef tuple _ff1_buffers(bint lengths_match, const uint8_t[::1] mask, int nbytes, int d, Py_ssize_t chunk):
+    """Check the FF1 parameters; the AES input and output buffers of one chunk."""
+    if not lengths_match or mask.shape[0] != 16 or nbytes < 1 or nbytes > 8 or d < 1 or d > 16 or chunk < 1:
+        raise ValueError("bad FF1 parameters")
+    return np.empty(16 * chunk, np.uint8), np.empty(16 * chunk + 15, np.uint8)
+
+
 def ff1_crypt(uint64_t[::1] xa, uint64_t[::1] xb, const uint8_t[::1] mask, int nbytes, int d,
               uint64_t mod_u, uint64_t mod_v, bint decrypt, object aes_into, Py_ssize_t chunk=4096):
     """All ten FF1 rounds, in place, over numerals given as their halves: ``xa`` = NUM of the first u
@@ -2470,10 +2477,7 @@ def ff1_crypt(uint64_t[::1] xa, uint64_t[::1] xb, const uint8_t[::1] mask, int n
     AES-ECB encryptor's ``update_into`` (one call per round per chunk). The loop and the digit
     arithmetic stay here; only AES is a Python call."""
     cdef Py_ssize_t n = xa.shape[0], start, m
-    if xb.shape[0] != n or mask.shape[0] != 16 or nbytes < 1 or nbytes > 8 or d < 1 or d > 16 or chunk < 1:
-        raise ValueError("bad FF1 parameters")
-    blocks = np.empty(16 * chunk, np.uint8)
-    result = np.empty(16 * chunk + 15, np.uint8)
+    blocks, result = _ff1_buffers(xb.shape[0] == n, mask, nbytes, d, chunk)
     cdef uint8_t[::1] bv = blocks
     cdef uint8_t[::1] rv = result
     for start in range(0, n, chunk):
@@ -2487,10 +2491,7 @@ def ff1_values(const uint64_t[::1] x, uint64_t[::1] out, const uint8_t[::1] mask
     """FF1 over whole values (NUM of the numeral, < mod_u * mod_v) into ``out``: the split into halves
     and the join are done here, a chunk at a time, so no array of halves is ever made."""
     cdef Py_ssize_t n = x.shape[0], start, m, i
-    if out.shape[0] != n or mask.shape[0] != 16 or nbytes < 1 or nbytes > 8 or d < 1 or d > 16 or chunk < 1:
-        raise ValueError("bad FF1 parameters")
-    blocks = np.empty(16 * chunk, np.uint8)
-    result = np.empty(16 * chunk + 15, np.uint8)
+    blocks, result = _ff1_buffers(out.shape[0] == n, mask, nbytes, d, chunk)
     cdef uint8_t[::1] bv = blocks
     cdef uint8_t[::1] rv = result
     cdef uint64_t* a = <uint64_t*>malloc(chunk * sizeof(uint64_t))

@@ -96,19 +96,18 @@ class FF1:
 
     def decrypt_int(self, y: int) -> int:
         """:meth:`decrypt_ints` for one value (no array set-up: a single check at the till)."""
-        if not self._fits:
-            self._too_wide()
-        if not 0 <= y < self._domain:
-            raise ValidationError(f"value {y!r} is outside FF1's domain [0, {self._domain:,})")
-        return _core.ff1_one(int(y), self._mask, self.b, self.d, self.mod_u, self.mod_v, True, self._ecb.update)
+        return self._one(y, True)
 
     def encrypt_int(self, x: int) -> int:
         """:meth:`encrypt_ints` for one value."""
+        return self._one(x, False)
+
+    def _one(self, x: int, decrypt: bool) -> int:
         if not self._fits:
             self._too_wide()
         if not 0 <= x < self._domain:
             raise ValidationError(f"value {x!r} is outside FF1's domain [0, {self._domain:,})")
-        return _core.ff1_one(int(x), self._mask, self.b, self.d, self.mod_u, self.mod_v, False, self._ecb.update)
+        return _core.ff1_one(int(x), self._mask, self.b, self.d, self.mod_u, self.mod_v, decrypt, self._ecb.update)
 
     def encrypt_digits(self, digits: list[int]) -> list[int]:
         """Encrypt one numeral given as a list of digits (the standard's interface; for the vectors)."""

@@ -318,26 +318,12 @@ def _batched(figs: _Figures, curve: dict[str, list[float]], fp: dict[str, float]
         per_rep_peer = max(size, min(per_rep, sz["peer_rows"] // size * size))
         work = make_workload(accounts, size, (per_rep // size) * (sz["repeats"] + 1), seed=size, first_id=next_id)
         next_id += work.rows
-        runs = []
-        per = per_rep // size
-        for rep in range(sz["repeats"] + 1):
-            t = ns()
-            for b in work.batches[rep * per:(rep + 1) * per]:
-                res = ledger.post_batch(b)
-            if rep:
-                runs.append(per_rep / ((ns() - t) / 1e9))
+        runs, res = _rounds(work.batches, per_rep // size, sz["repeats"], ledger.post_batch)
         assert (res == TransferResult.OK).any()
         pwork = make_workload(accounts, size, (per_rep_peer // size) * (sz["repeats"] + 1), seed=size + 1,
                               first_id=10**12 + next_id)
         next_id += pwork.rows
-        pruns = []
-        pper = per_rep_peer // size
-        for rep in range(sz["repeats"] + 1):
-            t = ns()
-            for b in pwork.batches[rep * pper:(rep + 1) * pper]:
-                peer.post_batch(b)
-            if rep:
-                pruns.append(per_rep_peer / ((ns() - t) / 1e9))
+        pruns, _ = _rounds(pwork.batches, per_rep_peer // size, sz["repeats"], peer.post_batch)
         figs.add(f"post_batch_{size}", f"postings/s batched, {size:,} per durable commit", "transfers/s", runs,
                  pruns, "SQLite, one transaction per batch")
         curve["batch_size"].append(size)
@@ -346,6 +332,20 @@ def _batched(figs: _Figures, curve: dict[str, list[float]], fp: dict[str, float]
     st = ledger._state
     fp["ram_per_transfer"] = (st._ids_arr.nbytes + st._lots_arr.nbytes) / max(1, st.n_ids)
     return {"ledger": ledger, "peer": peer, "accounts": accounts}
+
+
+def _rounds(batches: list[Any], per: int, repeats: int, post: Callable[[Any], Any]) -> tuple[list[float], Any]:
+    """Post ``per`` batches a round, a warm-up round and ``repeats`` timed ones: rows/s of each timed
+    round, and the last result."""
+    runs, res = [], None
+    rows = sum(len(b) for b in batches[:per])
+    for rep in range(repeats + 1):
+        t = ns()
+        for b in batches[rep * per:(rep + 1) * per]:
+            res = post(b)
+        if rep:
+            runs.append(rows / ((ns() - t) / 1e9))
+    return runs, res
 
 
 def _balances(figs: _Figures, lat: dict[str, Any], b: dict[str, Any], sz: dict[str, Any]) -> None:
