@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from . import _core
+from . import _core, _memory
 from .errors import ConfigError, InsufficientBalanceError, NotFoundError, StorageError, ValidationError
 from .ledger import Ledger
 from .program import Program
@@ -834,6 +834,10 @@ class Engine:
         (one item per row). Rows go in time order per member through the same kernel as
         :meth:`purchase`. Returns a table with one row per input row: ref, status (:class:`RowStatus`),
         points, credit, discount, redeemed, tier_after."""
+        with _memory.small_pages():
+            return self._purchase_batch(table, events)
+
+    def _purchase_batch(self, table: Any, events: bool) -> pa.Table:
         t = _as_table(table)
         n = t.num_rows
         for col in ("member", "at", "amount", "ref"):
@@ -932,9 +936,10 @@ class Engine:
         :class:`~loyalty_engine.bulk_import.ImportReport`. See docs/import.md."""
         from .bulk_import import import_sales
 
-        return import_sales(self, source, columns=columns, quarantine=quarantine, progress=progress,
-                            resume=resume, enroll=enroll, scale=scale, tz=tz, time_format=time_format,
-                            delimiter=delimiter, format=format, chunk_rows=chunk_rows, import_id=import_id)
+        with _memory.small_pages():
+            return import_sales(self, source, columns=columns, quarantine=quarantine, progress=progress,
+                                resume=resume, enroll=enroll, scale=scale, tz=tz, time_format=time_format,
+                                delimiter=delimiter, format=format, chunk_rows=chunk_rows, import_id=import_id)
 
     def _refresh_points(self, idx: np.ndarray) -> None:
         """Take members' available points and credit from the ledger (the truth)."""

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from loyalty_engine import _core
+from loyalty_engine import _core, _memory
 from loyalty_engine.program import Program
 from loyalty_engine.rules.expr import VARIABLES, evaluate
 
@@ -78,7 +78,13 @@ def make_rows(prog: Program, n: int, members: int, seed: int = 7) -> dict[str, n
 
 
 def kernel_evaluate(prog: Program, data: dict[str, np.ndarray], members: int) -> np.ndarray:
-    """Evaluate every row with the compiled kernel, state in memory (fresh members)."""
+    """Evaluate every row with the compiled kernel, state in memory (fresh members), with NumPy's
+    allocations as the engine's batch paths make them (small pages: ``_memory.small_pages``)."""
+    with _memory.small_pages():
+        return _kernel_evaluate(prog, data, members)
+
+
+def _kernel_evaluate(prog: Program, data: dict[str, np.ndarray], members: int) -> np.ndarray:
     c = prog.compiled
     rows = data["rows"]
     state = np.zeros(members, _core.MSTATE_DTYPE)
