@@ -187,6 +187,23 @@ def test_outbox_events_and_ack(club):
     assert club.events(after=evs[-1].seq) == []
 
 
+def test_event_numbers_go_on_across_reopening_and_acks(tmp_path):
+    path, prog = tmp_path / "club", Program.from_dict(CLUB)
+    with Engine.open(path, program=prog, sync="none") as e:
+        e.enroll("anna", at=T0)
+        e.purchase("anna", amount=300_000, at=T0, ref="p1")
+        first = [ev.seq for ev in e.events()]
+    assert first == list(range(1, len(first) + 1))
+    with Engine.open(path, program=prog, sync="none") as e:       # numbering continues after the last event
+        e.purchase("anna", amount=300_000, at=T0 + timedelta(days=1), ref="p2")
+        second = [ev.seq for ev in e.events()]
+        assert second[: len(first)] == first and second[len(first)] == first[-1] + 1
+        assert e.ack(second[-1]) == len(second) and e.events() == []
+    with Engine.open(path, program=prog, sync="none") as e:       # ... and after every event was acknowledged
+        e.purchase("anna", amount=300_000, at=T0 + timedelta(days=2), ref="p3")
+        assert e.events()[0].seq == second[-1] + 1
+
+
 def test_expiry_removes_points_and_queues_events(club):
     club.purchase("anna", amount=1_000_000, at=T0, ref="p1")
     assert club.expire(T0 + timedelta(days=366)) >= 1

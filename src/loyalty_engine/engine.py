@@ -313,6 +313,10 @@ class Engine:
             raw = txn.get(b"S", db=db)
             if raw is not None:
                 self._event_seq = json.loads(bytes(raw))["event_seq"]
+            cur = txn.cursor(db=db)
+            found = cur.prev() if cur.set_range(b"F") else cur.last()      # the last key before "F"
+            if found and bytes(cur.key())[:1] == b"E":
+                self._event_seq = max(self._event_seq, int.from_bytes(bytes(cur.key())[1:9], "big"))
         changed = len(self._use_map) != len(names) or bool((self._use_map != np.arange(len(names))).any())
         if changed or raw_o is None:
             # (re)write every member's usage in this program's order, and the names, in one transaction
@@ -404,8 +408,9 @@ class Engine:
     def _put_event(self, txn: lmdb.Transaction, kind: str, member: str, at_us: int, **data: Any) -> None:
         self._event_seq += 1
         body = json.dumps({"kind": kind, "member": member, "at": at_us, "data": data}).encode()
+        # the sequence is the last event's key; "S" keeps it only when ack deletes events (one B-tree
+        # page fewer for every durable commit that records an event)
         txn.put(b"E" + self._event_seq.to_bytes(8, "big"), body, db=self.ledger._ext_db())
-        txn.put(b"S", b'{"event_seq": %d}' % self._event_seq, db=self.ledger._ext_db())
 
     def _put_budget(self, txn: lmdb.Transaction) -> None:
         if len(self.program.offers):
@@ -1278,6 +1283,8 @@ class Engine:
                     n += 1
                     if not cur.key():
                         break
+            # numbering goes on after the acknowledged events are gone
+            txn.put(b"S", b'{"event_seq": %d}' % self._event_seq, db=db)
             return n
 
         with self._lock:
