@@ -309,7 +309,8 @@ def programs(draw):
                  "cap_per_receipt": draw(st.sampled_from([0, 400])), "cap_per_day": draw(st.sampled_from([0, 700])),
                  "min_basket": draw(st.sampled_from([0, 5000]))},
         "tiers": {"metric": draw(st.sampled_from(["points", "spend", "visits"])),
-                  "window_days": draw(st.integers(7, 400)),
+                  **draw(st.sampled_from([{"window_days": draw(st.integers(7, 400))}, {"period": "month"},
+                                          {"period": "quarter"}, {"period": "year"}])),
                   "review": draw(st.sampled_from(["never", "month", "quarter", "year"])),
                   "grace_days": draw(st.integers(0, 20)), "levels": levels},
         "earn_rules": rules, "offers": offers,
@@ -401,3 +402,73 @@ def test_one_purchase_and_a_batch_read_local_time_alike(tmp_path, tz):
         for i in range(0, len(at), 7):
             assert e._local_one(int(at[i])) == tuple(int(batch[k][i]) for k in ("day", "hour", "weekday", "month",
                                                                                   "dom")), (tz, int(at[i]))
+
+
+# -- tiers on a calendar period --------------------------------------------------------------------------
+
+def _tiered(period: str | None, review: str = "never") -> Program:
+    tiers: dict = {"metric": "spend", "review": review, "levels": [
+        {"name": "bronze", "threshold": 0}, {"name": "silver", "threshold": 2_000_000}]}
+    if period:
+        tiers["period"] = period
+    return Program.from_dict({"name": "calendar", "timezone": "UTC", "earn": {"points": 1, "per": 1000},
+                              "tiers": tiers})
+
+
+CAL = [("a", datetime(2025, 12, 20, 12, tzinfo=UTC), 1_500_000), ("a", datetime(2026, 1, 5, 12, tzinfo=UTC), 1_000_000),
+       ("a", datetime(2026, 1, 9, 12, tzinfo=UTC), 1_200_000), ("b", datetime(2026, 3, 30, 12, tzinfo=UTC), 1_900_000),
+       ("b", datetime(2026, 4, 2, 12, tzinfo=UTC), 200_000), ("b", datetime(2026, 4, 3, 12, tzinfo=UTC), 1_900_000)]
+
+
+@pytest.mark.parametrize(("period", "want"), [
+    (None, ["bronze", "silver", "silver", "bronze", "silver", "silver"]),        # the last 365 days
+    ("year", ["bronze", "bronze", "silver", "bronze", "silver", "silver"]),      # spend since 1 January
+    ("quarter", ["bronze", "bronze", "silver", "bronze", "bronze", "silver"]),   # since the quarter began
+])
+def test_tier_metric_over_a_calendar_period_one_by_one_and_in_a_batch(tmp_path, period, want):
+    prog = _tiered(period)
+    with Engine.open(tmp_path / "one", program=prog, sync="none") as e:
+        e.enroll("a", at=CAL[0][1] - timedelta(days=1))
+        e.enroll("b", at=CAL[0][1] - timedelta(days=1))
+        got = [e.purchase(m, amount=amt, at=at, ref=f"r{k}").tier_after for k, (m, at, amt) in enumerate(CAL)]
+    assert got == want
+    with Engine.open(tmp_path / "batch", program=prog, sync="none") as e:
+        e.enroll_batch(["a", "b"], at=CAL[0][1] - timedelta(days=1))
+        out = e.purchase_batch({"member": [m for m, _, _ in CAL], "at": [at for _, at, _ in CAL],
+                                "amount": [amt for _, _, amt in CAL], "ref": [f"r{k}" for k in range(len(CAL))]})
+        assert [prog.tier_name(t) for t in out.column("tier_after").to_pylist()] == want
+
+
+def test_a_calendar_year_review_downgrades_on_the_year_that_ended(tmp_path):
+    prog = _tiered("year", review="year")
+    with Engine.open(tmp_path / "c", program=prog, sync="none") as e:
+        e.enroll("a", at=datetime(2026, 1, 1, tzinfo=UTC))
+        assert e.purchase("a", amount=2_100_000, at=datetime(2026, 3, 1, tzinfo=UTC), ref="p1").tier_after == "silver"
+        # 2027 is reviewed on 2026's spend (2.1 M): still silver; nothing bought in 2027 -> bronze in 2028
+        r = e.purchase("a", amount=10_000, at=datetime(2027, 2, 1, tzinfo=UTC), ref="p2")
+        assert (r.tier_before, r.tier_after) == ("silver", "silver")
+        r = e.purchase("a", amount=10_000, at=datetime(2028, 1, 10, tzinfo=UTC), ref="p3")
+        assert r.tier_before == "bronze"
+        # a refund in 2028 re-ranks on 2028 so far
+        e.refund("p3", amount=10_000, at=datetime(2028, 1, 11, tzinfo=UTC), ref="p3-back")
+        assert e.member("a").tier == "bronze"
+
+
+def test_a_period_and_a_rolling_window_are_not_both_taken():
+    with pytest.raises(ConfigError, match="window_days .* or period = 'year'"):
+        Program.from_dict({"name": "x", "tiers": {"period": "year", "window_days": 90, "levels": [
+            {"name": "bronze", "threshold": 0}]}})
+    with pytest.raises(ConfigError, match="must be one of 'rolling', 'month', 'quarter', 'year'"):
+        Program.from_dict({"name": "x", "tiers": {"period": "week", "levels": [{"name": "bronze", "threshold": 0}]}})
+
+
+def test_a_refund_re_ranks_on_the_calendar_period_so_far(tmp_path):
+    for period, after in (("year", "bronze"), (None, "silver")):
+        with Engine.open(tmp_path / f"c-{period}", program=_tiered(period), sync="none") as e:
+            e.enroll("a", at=datetime(2025, 12, 1, tzinfo=UTC))
+            e.purchase("a", amount=500_000, at=datetime(2025, 12, 20, tzinfo=UTC), ref="dec")
+            assert e.purchase("a", amount=2_100_000, at=datetime(2026, 1, 10, tzinfo=UTC),
+                              ref="jan").tier_after == "silver"
+            e.refund("jan", amount=300_000, at=datetime(2026, 1, 11, tzinfo=UTC), ref="jan-back")
+            # the year so far is 1.8 M: bronze; the last 365 days still hold December's 0.5 M: 2.3 M, silver
+            assert e.member("a").tier == after, period

@@ -1452,6 +1452,7 @@ DEF P_BURN_MIN = 19
 DEF P_BURN_STEP = 20
 DEF P_BURN_SHARE = 21
 DEF P_HORIZON = 22
+DEF P_TIER_PERIOD = 23
 
 DEF BP = 10000
 DEF STACK = 32
@@ -1704,6 +1705,17 @@ cdef inline int64_t md_in_year(int64_t y, int64_t md) noexcept nogil:
     return days_from_civil(y, m, d)
 
 
+cdef inline int64_t period_start(int64_t day, int64_t period) noexcept nogil:
+    """The first day of the calendar period holding ``day`` (1 month, 2 quarter, 3 year)."""
+    cdef int64_t y, m, d
+    civil_from_days(day, &y, &m, &d)
+    if period == 1:
+        return days_from_civil(y, m, 1)
+    if period == 2:
+        return days_from_civil(y, ((m - 1) // 3) * 3 + 1, 1)
+    return days_from_civil(y, 1, 1)
+
+
 cdef inline int64_t next_boundary(int64_t day, int64_t review) noexcept nogil:
     """The first day of the period after the one holding ``day`` (review 1 month, 2 quarter, 3 year)."""
     cdef int64_t y, m, d
@@ -1804,6 +1816,8 @@ def evaluate(const int64_t[::1] code, const int64_t[::1] pool, const int64_t[:, 
         raise ValueError("offer_use must be (members, offers, 3) and budget_used (offers,)")
     if out.shape[0] < n:
         raise ValueError("out is shorter than rows")
+    if params.shape[0] <= P_TIER_PERIOD:
+        raise ValueError("params is shorter than the program's parameters")
     if out_hist.shape[0] < hist.shape[0] + n or hist_off[nseg] > hist.shape[0]:
         raise ValueError("out_hist must hold len(hist) + len(rows) events")
     for k in range(ncond):
@@ -1870,7 +1884,8 @@ cdef int64_t _evaluate(const int64_t[::1] code, const int64_t[::1] pool, const i
     cdef MState* m
     cdef int64_t rate_pts = params[P_RATE_POINTS], rate_per = params[P_RATE_PER], rmode = params[P_ROUNDING]
     cdef int64_t stacking = params[P_STACKING], window = params[P_TIER_WINDOW], review = params[P_REVIEW]
-    cdef int64_t tmetric = params[P_TIER_METRIC], horizon = params[P_HORIZON]
+    cdef int64_t tmetric = params[P_TIER_METRIC], horizon = params[P_HORIZON], tperiod = params[P_TIER_PERIOD]
+    cdef int64_t tstart
     cdef int64_t p0, p, lo30, lo90, lo365, lot, c30, c90, c365, a30, a90, a365, tc, ta, tpts
     cdef int64_t d, amount, f, paid, disc, burn_money, earned, base, bonus, evpts, credit, give
     cdef int64_t y, mo, dd, occ, metric, tnew, items_total, q, base_at, b_next
@@ -1925,7 +1940,8 @@ cdef int64_t _evaluate(const int64_t[::1] code, const int64_t[::1] pool, const i
                 c90 -= out_hist[lo90].visits; a90 -= out_hist[lo90].amount; lo90 += 1
             while lo365 < p and out_hist[lo365].day < d - 364:
                 c365 -= out_hist[lo365].visits; a365 -= out_hist[lo365].amount; lo365 += 1
-            while lot < p and out_hist[lot].day < d - window + 1:
+            tstart = period_start(d, tperiod) if tperiod else d - window + 1
+            while lot < p and out_hist[lot].day < tstart:
                 tc -= out_hist[lot].visits; ta -= out_hist[lot].amount; tpts -= out_hist[lot].points; lot += 1
             # tier review (downgrades happen only at a period end, after the grace days); a refused
             # row changes nothing, so remember what the review may change
@@ -1933,7 +1949,12 @@ cdef int64_t _evaluate(const int64_t[::1] code, const int64_t[::1] pool, const i
             saved_review = m.review_day
             if nt and review:
                 while d >= m.review_day + params[P_GRACE]:
-                    metric = _window_metric(out_hist, p0, p, m.review_day - window - 1, m.review_day - 1, tmetric)
+                    if tperiod:     # the calendar period that ended the day before the review
+                        metric = _window_metric(out_hist, p0, p, period_start(m.review_day - 1, tperiod) - 1,
+                                                m.review_day - 1, tmetric)
+                    else:
+                        metric = _window_metric(out_hist, p0, p, m.review_day - window - 1, m.review_day - 1,
+                                                tmetric)
                     tnew = tier_for(tp, nt, metric)
                     if tnew < m.tier:
                         m.tier = <int32_t>tnew

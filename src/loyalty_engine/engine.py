@@ -15,7 +15,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC as UTC_TZ
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from enum import IntEnum
 from typing import Any
 
@@ -1092,7 +1092,13 @@ class Engine:
 
     def _tier_metric_tier(self, idx: int, day: int) -> int:
         h = np.frombuffer(self._hist.get(idx, b""), HEV)
-        w = h[(h["day"] > day - self.program.tier_window_days) & (h["day"] <= day)]
+        start = day - self.program.tier_window_days + 1
+        if self.program.tier_period != "rolling":      # the calendar period so far
+            d = date(1970, 1, 1) + timedelta(days=day)
+            first = {"month": d.replace(day=1), "quarter": d.replace(month=(d.month - 1) // 3 * 3 + 1, day=1),
+                     "year": d.replace(month=1, day=1)}[self.program.tier_period]
+            start = (first - date(1970, 1, 1)).days
+        w = h[(h["day"] >= start) & (h["day"] <= day)]
         metric = {"points": int(w["points"].sum()), "spend": int(w["amount"].sum()),
                   "visits": int(w["visits"].sum())}[self.program.tier_metric]
         t = 0

@@ -28,6 +28,7 @@ ROUNDING = ("floor", "half_even", "ceil")
 STACKING = ("multiply", "add", "best")
 METRICS = ("points", "spend", "visits")
 REVIEWS = ("never", "month", "quarter", "year")
+PERIODS = ("rolling", "month", "quarter", "year")      # the tier metric's window: rolling days, or calendar
 EXPIRY = ("never", "days", "end_of_month", "end_of_year")
 EFFECTS = ("bonus_points", "multiplier", "credit_percent", "credit_fixed", "discount_percent")
 BP = 10_000  # basis of multipliers (x1 = 10000) and of percentages in basis points (100% = 10000)
@@ -40,7 +41,7 @@ T_THRESHOLD, T_MULT, T_DISCOUNT, T_CASHBACK, T_NCOL = range(5)   # tiers
 (P_RATE_POINTS, P_RATE_PER, P_ROUNDING, P_MIN_BASKET, P_CAP_RECEIPT, P_CAP_DAY, P_STACKING,
  P_TIER_METRIC, P_TIER_WINDOW, P_REVIEW, P_GRACE, P_BDAY_POINTS, P_BDAY_WITHIN, P_ANNIV_POINTS,
  P_ANNIV_WITHIN, P_REF_REFERRER, P_REF_REFERRED, P_BURN_POINTS, P_BURN_VALUE, P_BURN_MIN, P_BURN_STEP,
- P_BURN_SHARE, P_HORIZON, P_NPARAMS) = range(24)
+ P_BURN_SHARE, P_HORIZON, P_TIER_PERIOD, P_NPARAMS) = range(25)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -126,6 +127,8 @@ class Program:
     tiers: tuple[Tier, ...]
     tier_metric: str
     tier_window_days: int
+    #: "rolling" (the last ``tier_window_days`` days) or the calendar "month", "quarter" or "year" so far.
+    tier_period: str
     tier_review: str
     tier_grace_days: int
     offers: tuple[Offer, ...]
@@ -228,10 +231,14 @@ class Program:
 
         # tiers first: conditions may name them
         tiers: list[Tier] = []
-        metric, window, review, grace = "spend", 365, "never", 0
+        metric, window, review, grace, period = "spend", 365, "never", 0, "rolling"
         tt = top.table("tiers")
         if tt is not None:
             metric = tt.str("metric", "spend", METRICS)
+            period = tt.str("period", "rolling", PERIODS)
+            if period != "rolling" and tt.has("window_days"):
+                raise tt.error(f"takes window_days (a rolling window) or period = {period!r} (the calendar "
+                               f"{period} so far), not both", "period")
             window = tt.int("window_days", 365, 1, MAX_WINDOW)
             review = tt.str("review", "year", REVIEWS)
             grace = tt.int("grace_days", 0, 0, 366)
@@ -371,16 +378,16 @@ class Program:
         bu.done()
         top.done()
 
-        horizon = max(365, window if tiers else 0)
+        horizon = max(365, window if tiers else 0, 367 if period == "year" else 0)
         params = np.zeros(P_NPARAMS, np.int64)
         params[[P_RATE_POINTS, P_RATE_PER, P_ROUNDING, P_MIN_BASKET, P_CAP_RECEIPT, P_CAP_DAY, P_STACKING,
                 P_TIER_METRIC, P_TIER_WINDOW, P_REVIEW, P_GRACE, P_BDAY_POINTS, P_BDAY_WITHIN,
                 P_ANNIV_POINTS, P_ANNIV_WITHIN, P_REF_REFERRER, P_REF_REFERRED, P_BURN_POINTS, P_BURN_VALUE,
-                P_BURN_MIN, P_BURN_STEP, P_BURN_SHARE, P_HORIZON]] = [
+                P_BURN_MIN, P_BURN_STEP, P_BURN_SHARE, P_HORIZON, P_TIER_PERIOD]] = [
             earn_points, earn_per, ROUNDING.index(rounding), min_basket, cap_receipt, cap_day,
             STACKING.index(stacking), METRICS.index(metric), window, REVIEWS.index(review), grace,
             bday_pts, bday_within, ann_pts, ann_within, ref_a, ref_b, burn_points, burn_value, burn_min,
-            burn_step, burn_share, horizon]
+            burn_step, burn_share, horizon, PERIODS.index(period)]
         starts = np.zeros((len(conds), 2), np.int64)
         code: list[int] = []
         for i, c in enumerate(conds):
@@ -402,7 +409,8 @@ class Program:
                    negative_balance=negative, earn_points=earn_points, earn_per=earn_per,
                    min_basket=min_basket, cap_per_receipt=cap_receipt, cap_per_day=cap_day,
                    stacking=stacking, expiry=expiry, expiry_days=expiry_days, rules=tuple(rules),
-                   tiers=tuple(tiers), tier_metric=metric, tier_window_days=window, tier_review=review,
+                   tiers=tuple(tiers), tier_metric=metric, tier_window_days=window, tier_period=period,
+                   tier_review=review,
                    tier_grace_days=grace, offers=tuple(offer_list), signup_bonus=signup,
                    birthday_bonus=bday_pts, birthday_within=bday_within, anniversary_bonus=ann_pts,
                    anniversary_within=ann_within, referral_referrer=ref_a, referral_referred=ref_b,
