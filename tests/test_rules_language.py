@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import textwrap
 from datetime import date, timedelta
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -195,6 +196,39 @@ def test_toml_errors_name_the_file_and_line(tmp_path):
     path.write_text("name = ")
     with pytest.raises(ConfigError, match="not valid TOML"):
         Program.from_toml(path)
+
+
+def test_yaml_programs_read_like_toml_and_errors_name_the_line(tmp_path):
+    toml_path = Path(__file__).parent.parent / "examples" / "customer_club" / "program.toml"
+    yaml_path = Path(__file__).parent.parent / "examples" / "customer_club" / "program.yaml"
+    assert Program.from_yaml(yaml_path).fingerprint == Program.from_toml(toml_path).fingerprint
+    text = textwrap.dedent("""\
+        name: shop
+        timezone: Asia/Tehran
+        earn:
+          points: 1
+          per: 1000
+        offers:
+          - name: first
+            when: amount > 0
+            effect: {bonus_points: 5}
+          - name: second
+            when: amount >= 4 * avg_baskit
+            effect: {credit_percent: 20}
+        """)
+    path = tmp_path / "program.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        Program.from_yaml(path)
+    assert f"{path}, line 11" in str(e.value) and "avg_baskit" in str(e.value)
+    path.write_text(text.replace("  per: 1000", "  per: 1000\n  multiplyer: 2"))
+    with pytest.raises(ConfigError, match=r"line 6: field 'earn.multiplyer': unknown field"):
+        Program.from_yaml(path)
+    path.write_text("name: [")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        Program.from_yaml(path)
+    with pytest.raises(ConfigError, match="cannot read the program file"):
+        Program.from_yaml(tmp_path / "missing.yaml")
 
 
 def test_offers_are_ordered_by_priority_and_decimals_are_exact():

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date
 from typing import Any
@@ -168,6 +169,50 @@ class Program:
         return cls._build(data, text, p)
 
     @classmethod
+    def from_yaml(cls, path: str | os.PathLike[str]) -> Program:
+        """Read a program written in YAML (the same fields as the TOML file; needs PyYAML, the ``yaml``
+        extra); errors name the file, the line and the field, as for TOML."""
+        try:
+            import yaml
+        except ImportError:
+            raise ConfigError("reading YAML programs needs PyYAML: pip install 'loyalty_engine[yaml]' "
+                              "(or write the program in TOML)") from None
+        p = os.fspath(path)
+        try:
+            with open(p, encoding="utf-8") as f:
+                text = f.read()
+        except OSError as e:
+            raise ConfigError(f"cannot read the program file {p!r}: {e}") from e
+        try:
+            data = yaml.safe_load(text)
+            root = yaml.compose(text, Loader=yaml.SafeLoader)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from e
+        lines: dict[tuple[str | int, ...], int] = {}
+
+        def walk(node: Any, at: tuple[str | int, ...]) -> None:
+            if isinstance(node, yaml.MappingNode):
+                for k, v in node.value:
+                    lines[(*at, k.value)] = k.start_mark.line + 1
+                    walk(v, (*at, k.value))
+            elif isinstance(node, yaml.SequenceNode):
+                for i, v in enumerate(node.value):
+                    lines[(*at, i)] = v.start_mark.line + 1
+                    walk(v, (*at, i))
+
+        if root is not None:
+            walk(root, ())
+
+        def line_of(field_path: tuple[str | int, ...]) -> int | None:
+            while field_path:
+                if field_path in lines:
+                    return lines[field_path]
+                field_path = field_path[:-1]
+            return None
+
+        return cls._build(data if data is not None else {}, line_of, p)
+
+    @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Program:
         """Build a program from a dict shaped like the TOML file."""
         return cls._build(data, None, "")
@@ -187,7 +232,8 @@ class Program:
         return self.tiers[number - 1].name if 0 < number <= len(self.tiers) else ""
 
     @classmethod
-    def _build(cls, data: Any, text: str | None, source: str) -> Program:
+    def _build(cls, data: Any, text: str | Callable[[tuple[str | int, ...]], int | None] | None,
+               source: str) -> Program:
         top = Reader(data, (), text, source)
         sym = Symbols()
         pool: list[int] = []

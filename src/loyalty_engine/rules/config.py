@@ -64,7 +64,9 @@ class Reader:
     """One table of the program: typed getters that remember which keys were read, so that
     :meth:`done` can reject an unknown (misspelt) field."""
 
-    def __init__(self, data: Any, path: tuple[str | int, ...], text: str | None, source: str) -> None:
+    def __init__(self, data: Any, path: tuple[str | int, ...], text: Any, source: str) -> None:
+        # ``text``: the TOML text (lines found by :func:`locate`), or a function from a field's path to
+        # its line (YAML), or None (a dict)
         self.path, self.text, self.source = path, text, source
         if not isinstance(data, dict):
             raise self.error(f"must be a table, not {type(data).__name__} {data!r}")
@@ -80,7 +82,7 @@ class Reader:
 
     def error(self, msg: str, key: str | int | None = None) -> ConfigError:
         path = (*self.path, key) if key is not None else self.path
-        line = locate(self.text, path)
+        line = self.text(path) if callable(self.text) else locate(self.text, path)
         where = f"{self.source}, line {line}: " if line else (f"{self.source}: " if self.source else "")
         return ConfigError(f"{where}field {self.name(key)!r}: {msg}")
 
