@@ -270,9 +270,11 @@ CONDS = ["amount >= 4 * avg_basket", "visits_30d >= 2", "days_since_last >= 0 an
 
 @st.composite
 def programs(draw):
+    metric = draw(st.sampled_from(["points", "spend", "visits", "rfm"]))
     levels = [{"name": "bronze", "threshold": 0}]
     for name in ("silver", "gold"):
-        levels.append({"name": name, "threshold": levels[-1]["threshold"] + draw(st.integers(1, 300_000)),
+        step = draw(st.integers(1, 4)) if metric == "rfm" else draw(st.integers(1, 300_000))
+        levels.append({"name": name, "threshold": levels[-1]["threshold"] + step,
                        "multiplier": draw(st.sampled_from([1, 1.25, 2])),
                        "cashback_percent": draw(st.sampled_from([0, 1, 2.5])),
                        "discount_percent": draw(st.sampled_from([0, 5]))})
@@ -308,7 +310,9 @@ def programs(draw):
                  "stacking": draw(st.sampled_from(["multiply", "add", "best"])),
                  "cap_per_receipt": draw(st.sampled_from([0, 400])), "cap_per_day": draw(st.sampled_from([0, 700])),
                  "min_basket": draw(st.sampled_from([0, 5000]))},
-        "tiers": {"metric": draw(st.sampled_from(["points", "spend", "visits"])),
+        "tiers": {"metric": metric,
+                  **({"rfm": {"recency_days": [1, 5, 20, 60], "visits": [2, 3, 5, 8],
+                              "spend": [20_000, 60_000, 150_000, 400_000]}} if metric == "rfm" else {}),
                   **draw(st.sampled_from([{"window_days": draw(st.integers(7, 400))}, {"period": "month"},
                                           {"period": "quarter"}, {"period": "year"}])),
                   "review": draw(st.sampled_from(["never", "month", "quarter", "year"])),
@@ -472,3 +476,65 @@ def test_a_refund_re_ranks_on_the_calendar_period_so_far(tmp_path):
             e.refund("jan", amount=300_000, at=datetime(2026, 1, 11, tzinfo=UTC), ref="jan-back")
             # the year so far is 1.8 M: bronze; the last 365 days still hold December's 0.5 M: 2.3 M, silver
             assert e.member("a").tier == after, period
+
+
+# -- tiers on an RFM score -------------------------------------------------------------------------------
+
+RFM = {"recency_days": [7, 30, 90, 180], "visits": [2, 4, 8, 12], "spend": [100_000, 500_000, 1_000_000, 5_000_000]}
+
+
+def _rfm_program(review: str = "never") -> Program:
+    return Program.from_dict({"name": "rfm", "timezone": "UTC", "earn": {"points": 1, "per": 1000},
+                              "tiers": {"metric": "rfm", "window_days": 365, "review": review, "rfm": RFM,
+                                        "levels": [{"name": "bronze", "threshold": 0},
+                                                   {"name": "silver", "threshold": 9},
+                                                   {"name": "gold", "threshold": 12}]}})
+
+
+def _rfm_score(recency: int, visits: int, spend: int) -> int:
+    """The score as docs/rules.md defines it, written out plainly."""
+    r = 5 if recency <= 7 else 4 if recency <= 30 else 3 if recency <= 90 else 2 if recency <= 180 else 1
+    f = 1 + sum(visits >= b for b in RFM["visits"])
+    m = 1 + sum(spend >= b for b in RFM["spend"])
+    return r + f + m
+
+
+def test_rfm_score_ranks_members_at_each_purchase_and_at_reviews(tmp_path):
+    prog = _rfm_program(review="quarter")
+    day0 = datetime(2026, 1, 5, 12, tzinfo=UTC)
+    with Engine.open(tmp_path / "c", program=prog, sync="none") as e:
+        e.enroll("a", at=day0 - timedelta(days=1))
+        tiers, spend = [], 0
+        for k in range(8):                                   # weekly purchases of 150,000
+            spend += 150_000
+            tiers.append(e.purchase("a", amount=150_000, at=day0 + timedelta(days=7 * k), ref=f"w{k}").tier_after)
+        # at a purchase recency is 0: 5 + visits score + spend score
+        want = []
+        for k in range(8):
+            s = _rfm_score(0, k + 1, 150_000 * (k + 1))
+            want.append("gold" if s >= 12 else "silver" if s >= 9 else "bronze")
+        assert tiers == [max(want[: i + 1], key=["bronze", "silver", "gold"].index) for i in range(8)]
+        assert tiers[-1] == "gold" and _rfm_score(0, 8, 1_200_000) == 13
+        # quarterly reviews rank on the score at the quarter's last day: the last purchase was 23 February
+        # (day0 + 49), so on 31 March recency is 36 days: 3 + 4 + 4 = 11, silver
+        assert _rfm_score(36, 8, 1_200_000) == 11
+        later = e.purchase("a", amount=10_000, at=datetime(2026, 10, 2, 12, tzinfo=UTC), ref="late")
+        assert later.tier_before == "silver" and _rfm_score(219, 8, 1_200_000) == 9     # 30 September
+        # a year on, only October's small purchase is in the window on 31 March 2027: 2 + 1 + 1 = 4
+        r = e.purchase("a", amount=10_000, at=datetime(2027, 4, 5, 12, tzinfo=UTC), ref="next")
+        assert r.tier_before == "bronze" and _rfm_score(180, 1, 10_000) == 4
+        # a refund re-ranks with the same score (recency 0 on the day of the refunded purchase)
+        e.refund("next", amount=10_000, at=datetime(2027, 4, 5, 13, tzinfo=UTC), ref="next-back")
+        assert e.member("a").tier == "bronze"
+
+
+def test_rfm_needs_its_bounds():
+    base = {"name": "x", "tiers": {"metric": "rfm", "levels": [{"name": "bronze", "threshold": 0}]}}
+    with pytest.raises(ConfigError, match="needs an \\[tiers.rfm\\] table"):
+        Program.from_dict(base)
+    bad = {**base, "tiers": {**base["tiers"], "rfm": {**RFM, "visits": [4, 2, 8, 12]}}}
+    with pytest.raises(ConfigError, match="visits.*four bounds from the lowest up"):
+        Program.from_dict(bad)
+    with pytest.raises(ConfigError, match="needs metric = 'rfm'"):
+        Program.from_dict({"name": "x", "tiers": {"metric": "spend", "rfm": RFM,
+                                                  "levels": [{"name": "bronze", "threshold": 0}]}})

@@ -1453,6 +1453,7 @@ DEF P_BURN_STEP = 20
 DEF P_BURN_SHARE = 21
 DEF P_HORIZON = 22
 DEF P_TIER_PERIOD = 23
+DEF P_RFM = 24              # 12 bounds: recency days, visits, spend (4 each)
 
 DEF BP = 10000
 DEF STACK = 32
@@ -1778,12 +1779,29 @@ cdef inline int64_t tier_for(const int64_t* tp, Py_ssize_t nt, int64_t metric) n
     return t
 
 
-cdef inline int64_t metric_of(int64_t kind, int64_t count, int64_t amount, int64_t points) noexcept nogil:
+cdef inline int64_t metric_of(int64_t kind, int64_t count, int64_t amount, int64_t points, int64_t recency,
+                              const int64_t* rfm) noexcept nogil:
+    """The tier metric: points, spend, visits, or the RFM score (3..15): recency scores 5 within
+    rfm[0] days of the last purchase, 4 within rfm[1], 3 within rfm[2], 2 within rfm[3], else 1;
+    visits and spend score 1 plus the number of their four bounds they reach."""
+    cdef int64_t score, k
     if kind == 0:
         return points
     if kind == 1:
         return amount
-    return count
+    if kind == 2:
+        return count
+    score = 1
+    for k in range(4):
+        if recency <= rfm[k]:
+            score = 5 - k
+            break
+    for k in range(4):
+        if count >= rfm[4 + k]:
+            score += 1
+        if amount >= rfm[8 + k]:
+            score += 1
+    return score + 2
 
 
 def evaluate(const int64_t[::1] code, const int64_t[::1] pool, const int64_t[:, ::1] conds,
@@ -1816,7 +1834,7 @@ def evaluate(const int64_t[::1] code, const int64_t[::1] pool, const int64_t[:, 
         raise ValueError("offer_use must be (members, offers, 3) and budget_used (offers,)")
     if out.shape[0] < n:
         raise ValueError("out is shorter than rows")
-    if params.shape[0] <= P_TIER_PERIOD:
+    if params.shape[0] < P_RFM + 12:
         raise ValueError("params is shorter than the program's parameters")
     if out_hist.shape[0] < hist.shape[0] + n or hist_off[nseg] > hist.shape[0]:
         raise ValueError("out_hist must hold len(hist) + len(rows) events")
@@ -1951,10 +1969,10 @@ cdef int64_t _evaluate(const int64_t[::1] code, const int64_t[::1] pool, const i
                 while d >= m.review_day + params[P_GRACE]:
                     if tperiod:     # the calendar period that ended the day before the review
                         metric = _window_metric(out_hist, p0, p, period_start(m.review_day - 1, tperiod) - 1,
-                                                m.review_day - 1, tmetric)
+                                                m.review_day - 1, tmetric, &params[P_RFM])
                     else:
                         metric = _window_metric(out_hist, p0, p, m.review_day - window - 1, m.review_day - 1,
-                                                tmetric)
+                                                tmetric, &params[P_RFM])
                     tnew = tier_for(tp, nt, metric)
                     if tnew < m.tier:
                         m.tier = <int32_t>tnew
@@ -2201,7 +2219,7 @@ cdef int64_t _evaluate(const int64_t[::1] code, const int64_t[::1] pool, const i
             c30 += 1; c90 += 1; c365 += 1; tc += 1
             a30 += amount; a90 += amount; a365 += amount; ta += amount; tpts += earned + evpts
             if nt:
-                tnew = tier_for(tp, nt, metric_of(tmetric, tc, ta, tpts))
+                tnew = tier_for(tp, nt, metric_of(tmetric, tc, ta, tpts, 0, &params[P_RFM]))
                 if tnew > m.tier:
                     m.tier = <int32_t>tnew
             out[i].tier_after = m.tier
@@ -2251,14 +2269,17 @@ cdef inline bint _cond(const int64_t* cp, const int64_t* condp, int64_t c, const
 
 
 cdef inline int64_t _window_metric(const HEv[::1] h, int64_t p0, int64_t p, int64_t lo, int64_t hi,
-                                   int64_t kind) noexcept nogil:
-    cdef int64_t k, c = 0, a = 0, pts = 0
+                                   int64_t kind, const int64_t* rfm) noexcept nogil:
+    """The metric over the events of days (lo, hi], recency counted at ``hi``."""
+    cdef int64_t k, c = 0, a = 0, pts = 0, last = -(1 << 40)
     for k in range(p0, p):
         if lo < h[k].day <= hi:
             c += h[k].visits
             a += h[k].amount
             pts += h[k].points
-    return metric_of(kind, c, a, pts)
+            if h[k].visits and h[k].day > last:
+                last = h[k].day
+    return metric_of(kind, c, a, pts, hi - last, rfm)
 
 
 cdef inline int64_t _trim(HEv[::1] h, int64_t p0, int64_t p, int64_t keep_from) noexcept nogil:

@@ -1099,8 +1099,15 @@ class Engine:
                      "year": d.replace(month=1, day=1)}[self.program.tier_period]
             start = (first - date(1970, 1, 1)).days
         w = h[(h["day"] >= start) & (h["day"] <= day)]
-        metric = {"points": int(w["points"].sum()), "spend": int(w["amount"].sum()),
-                  "visits": int(w["visits"].sum())}[self.program.tier_metric]
+        visits, spend = int(w["visits"].sum()), int(w["amount"].sum())
+        if self.program.tier_metric == "rfm":     # the kernel's metric_of, in Python
+            b = self.program.tier_rfm
+            bought = w["day"][w["visits"] > 0]
+            recency = day - int(bought.max()) if len(bought) else 1 << 40
+            r = next((5 - k for k in range(4) if recency <= b[k]), 1)
+            metric = r + 2 + sum(visits >= b[4 + k] for k in range(4)) + sum(spend >= b[8 + k] for k in range(4))
+        else:
+            metric = {"points": int(w["points"].sum()), "spend": spend, "visits": visits}[self.program.tier_metric]
         t = 0
         for i, tier in enumerate(self.program.tiers):
             if tier.threshold <= metric:

@@ -27,7 +27,7 @@ __all__ = ["Program", "EarnRule", "Tier", "Offer", "Effect", "ROUNDING", "STACKI
 
 ROUNDING = ("floor", "half_even", "ceil")
 STACKING = ("multiply", "add", "best")
-METRICS = ("points", "spend", "visits")
+METRICS = ("points", "spend", "visits", "rfm")
 REVIEWS = ("never", "month", "quarter", "year")
 PERIODS = ("rolling", "month", "quarter", "year")      # the tier metric's window: rolling days, or calendar
 EXPIRY = ("never", "days", "end_of_month", "end_of_year")
@@ -42,7 +42,8 @@ T_THRESHOLD, T_MULT, T_DISCOUNT, T_CASHBACK, T_NCOL = range(5)   # tiers
 (P_RATE_POINTS, P_RATE_PER, P_ROUNDING, P_MIN_BASKET, P_CAP_RECEIPT, P_CAP_DAY, P_STACKING,
  P_TIER_METRIC, P_TIER_WINDOW, P_REVIEW, P_GRACE, P_BDAY_POINTS, P_BDAY_WITHIN, P_ANNIV_POINTS,
  P_ANNIV_WITHIN, P_REF_REFERRER, P_REF_REFERRED, P_BURN_POINTS, P_BURN_VALUE, P_BURN_MIN, P_BURN_STEP,
- P_BURN_SHARE, P_HORIZON, P_TIER_PERIOD, P_NPARAMS) = range(25)
+ P_BURN_SHARE, P_HORIZON, P_TIER_PERIOD, P_RFM, P_NPARAMS) = (*range(25), 36)
+#: P_RFM .. P_RFM + 11: the RFM score's bounds: recency days (4), visits (4), spend (4)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -130,6 +131,8 @@ class Program:
     tier_window_days: int
     #: "rolling" (the last ``tier_window_days`` days) or the calendar "month", "quarter" or "year" so far.
     tier_period: str
+    #: The RFM score's bounds (recency days, visits, spend; four each) when the metric is "rfm".
+    tier_rfm: tuple[int, ...]
     tier_review: str
     tier_grace_days: int
     offers: tuple[Offer, ...]
@@ -278,6 +281,7 @@ class Program:
         # tiers first: conditions may name them
         tiers: list[Tier] = []
         metric, window, review, grace, period = "spend", 365, "never", 0, "rolling"
+        rfm: list[int] = []
         tt = top.table("tiers")
         if tt is not None:
             metric = tt.str("metric", "spend", METRICS)
@@ -286,6 +290,20 @@ class Program:
                 raise tt.error(f"takes window_days (a rolling window) or period = {period!r} (the calendar "
                                f"{period} so far), not both", "period")
             window = tt.int("window_days", 365, 1, MAX_WINDOW)
+            rf = tt.table("rfm")
+            if metric == "rfm":
+                if rf is None:
+                    raise tt.error("metric = 'rfm' needs an [tiers.rfm] table: recency_days, visits and spend, "
+                                   "four bounds each", "rfm")
+                for key in ("recency_days", "visits", "spend"):
+                    bounds = rf.ints(key)
+                    if len(bounds) != 4 or any(b < 0 for b in bounds) or bounds != sorted(bounds):
+                        raise rf.error(f"takes four bounds from the lowest up (the scores 5/4/3/2 for "
+                                       f"recency, 2/3/4/5 for visits and spend), not {bounds!r}", key)
+                    rfm += bounds
+                rf.done()
+            elif rf is not None:
+                raise tt.error(f"an [tiers.rfm] table needs metric = 'rfm', not {metric!r}", "rfm")
             review = tt.str("review", "year", REVIEWS)
             grace = tt.int("grace_days", 0, 0, 366)
             for lv in tt.tables("levels"):
@@ -434,6 +452,8 @@ class Program:
             STACKING.index(stacking), METRICS.index(metric), window, REVIEWS.index(review), grace,
             bday_pts, bday_within, ann_pts, ann_within, ref_a, ref_b, burn_points, burn_value, burn_min,
             burn_step, burn_share, horizon, PERIODS.index(period)]
+        if rfm:
+            params[P_RFM: P_RFM + 12] = rfm
         starts = np.zeros((len(conds), 2), np.int64)
         code: list[int] = []
         for i, c in enumerate(conds):
@@ -456,6 +476,7 @@ class Program:
                    min_basket=min_basket, cap_per_receipt=cap_receipt, cap_per_day=cap_day,
                    stacking=stacking, expiry=expiry, expiry_days=expiry_days, rules=tuple(rules),
                    tiers=tuple(tiers), tier_metric=metric, tier_window_days=window, tier_period=period,
+                   tier_rfm=tuple(rfm),
                    tier_review=review,
                    tier_grace_days=grace, offers=tuple(offer_list), signup_bonus=signup,
                    birthday_bonus=bday_pts, birthday_within=bday_within, anniversary_bonus=ann_pts,
