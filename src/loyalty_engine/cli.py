@@ -218,9 +218,10 @@ def bench(directory: Path | None, quick: bool, size: str | None, json_path: Path
     from .bench.runner import format_table, run
 
     size = size or ("quick" if quick else "standard")
-    click.echo(f"loyalty-engine bench ({size}) in {directory or 'the temporary folder'} ...")
-    result = run(directory, size=size, say=lambda line: None)
-    click.echo(format_table(result))
+    click.echo(f"loyalty-engine bench ({size}) in {directory or 'the temporary folder'}; each row prints "
+               f"when measured ...")
+    result = run(directory, size=size, say=click.echo)       # the rows as they are measured
+    click.echo(format_table(result, figures=False))
     m = result["machine"]
     click.echo(f"\n{m['cpu']}, {m['cores']} cores, {m['memory_bytes'] / 2**30:.1f} GiB; disk "
                f"{m['disk']['device']} ({m['disk']['filesystem']}) at {m['disk']['dir']}; fsync floor "

@@ -109,7 +109,9 @@ def _row(fig: dict[str, Any]) -> str:
     peer = fig.get("peer")
     peer_s = _fmt(peer["median"]) if peer else "-"
     ratio = fig.get("ratio")
-    ratio_s = "-" if ratio is None else (f"{ratio:,.1f}x" if fig["higher_is_better"] else f"{1 / ratio:,.1f}x")
+    if ratio is not None and not fig["higher_is_better"]:
+        ratio = 1 / ratio
+    ratio_s = "-" if ratio is None else (f"{ratio:,.1f}x" if ratio >= 1 else f"{ratio:.2f}x")
     return f"{fig['label']:<52} {_fmt(fig['median']):>12} {spread:>23} {fig['unit']:<12} {peer_s:>11} {ratio_s:>8}"
 
 
@@ -117,10 +119,10 @@ HEADER = (f"{'measure':<52} {'median':>12} {'spread (min-max)':>23} {'unit':<12}
           f"{'ours/peer':>8}")
 
 
-def format_table(result: dict[str, Any]) -> str:
-    """The figures of a bench result as the table the command prints."""
-    lines = [HEADER]
-    lines += [_row(f) for f in result["figures"].values()]
+def format_table(result: dict[str, Any], figures: bool = True) -> str:
+    """The figures of a bench result as the table the command prints (``figures=False``: only the
+    latency and footprint parts, when the rows were printed as they were measured)."""
+    lines = [HEADER, *(_row(f) for f in result["figures"].values())] if figures else []
     lat = result.get("latency", {})
     if lat:
         lines.append("")
