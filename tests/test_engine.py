@@ -271,6 +271,9 @@ CONDS = ["amount >= 4 * avg_basket", "visits_30d >= 2", "days_since_last >= 0 an
 @st.composite
 def programs(draw):
     metric = draw(st.sampled_from(["points", "spend", "visits", "rfm"]))
+    window = draw(st.sampled_from([{"window_days": draw(st.integers(7, 400))}, {"period": "month"},
+                                   {"period": "quarter"}, {"period": "year"}]))
+    reviews = ["month", "quarter", "year"]
     levels = [{"name": "bronze", "threshold": 0}]
     for name in ("silver", "gold"):
         step = draw(st.integers(1, 4)) if metric == "rfm" else draw(st.integers(1, 300_000))
@@ -313,9 +316,9 @@ def programs(draw):
         "tiers": {"metric": metric,
                   **({"rfm": {"recency_days": [1, 5, 20, 60], "visits": [2, 3, 5, 8],
                               "spend": [20_000, 60_000, 150_000, 400_000]}} if metric == "rfm" else {}),
-                  **draw(st.sampled_from([{"window_days": draw(st.integers(7, 400))}, {"period": "month"},
-                                          {"period": "quarter"}, {"period": "year"}])),
-                  "review": draw(st.sampled_from(["never", "month", "quarter", "year"])),
+                  **window,
+                  # a review no more often than the calendar period it ranks on
+                  "review": draw(st.sampled_from(["never", *reviews[reviews.index(window.get("period", "month")):]])),
                   "grace_days": draw(st.integers(0, 20)), "levels": levels},
         "earn_rules": rules, "offers": offers,
         "bonuses": {"signup": draw(st.integers(0, 50)), "birthday": {"points": 40, "within_days": 3},
@@ -538,3 +541,55 @@ def test_rfm_needs_its_bounds():
     with pytest.raises(ConfigError, match="needs metric = 'rfm'"):
         Program.from_dict({"name": "x", "tiers": {"metric": "spend", "rfm": RFM,
                                                   "levels": [{"name": "bronze", "threshold": 0}]}})
+
+
+# -- review fixes: history kept through a review's grace; refunds re-rank as at the purchase -------------
+
+@pytest.mark.parametrize("period", [None, "year"])
+def test_a_review_after_its_grace_still_sees_the_period_it_ranks(tmp_path, period):
+    tiers: dict = {"metric": "spend", "review": "year", "grace_days": 30, "levels": [
+        {"name": "bronze", "threshold": 0}, {"name": "silver", "threshold": 2_000_000}]}
+    if period:
+        tiers["period"] = period
+    prog = Program.from_dict({"name": "grace", "timezone": "UTC", "earn": {"points": 1, "per": 1000},
+                              "tiers": tiers})
+    buys = [(datetime(2025, 1, 2, tzinfo=UTC), 2_100_000), (datetime(2026, 1, 20, tzinfo=UTC), 10_000),
+            (datetime(2026, 2, 5, tzinfo=UTC), 10_000)]
+    with Engine.open(tmp_path / "one", program=prog, sync="none") as e:
+        e.enroll("a", at=datetime(2025, 1, 1, tzinfo=UTC))
+        one = [e.purchase("a", amount=a, at=t, ref=f"r{k}").tier_after for k, (t, a) in enumerate(buys)]
+    with Engine.open(tmp_path / "batch", program=prog, sync="none") as e:
+        e.enroll("a", at=datetime(2025, 1, 1, tzinfo=UTC))
+        out = e.purchase_batch({"member": ["a"] * 3, "at": [t for t, _ in buys], "amount": [a for _, a in buys],
+                                "ref": ["r0", "r1", "r2"]})
+        batch = [prog.tier_name(t) for t in out.column("tier_after").to_pylist()]
+    # the review of 1 January 2026 runs after 30 days' grace, on 2025's 2.1 M: silver stays
+    assert one == batch == ["silver", "silver", "silver"]
+
+
+def test_refunds_re_rank_as_at_the_purchase_not_at_the_refund(tmp_path):
+    with Engine.open(tmp_path / "rfm", program=_rfm_program(), sync="none") as e:
+        e.enroll("a", at=datetime(2026, 1, 1, tzinfo=UTC))
+        for k in range(7):
+            r = e.purchase("a", amount=150_000, at=datetime(2026, 1, 5, tzinfo=UTC) + timedelta(days=7 * k),
+                           ref=f"w{k}")
+        assert r.tier_after == "gold"
+        e.refund("w6", amount=1, at=datetime(2026, 2, 16, tzinfo=UTC) + timedelta(days=40), ref="late")
+        assert e.member("a").tier == "gold"        # recency is scored at purchases, not at the refund
+    with Engine.open(tmp_path / "month", program=_tiered("month"), sync="none") as e:
+        e.enroll("a", at=datetime(2026, 1, 1, tzinfo=UTC))
+        assert e.purchase("a", amount=2_100_000, at=datetime(2026, 1, 31, tzinfo=UTC), ref="jan").tier_after == "silver"
+        e.refund("jan", amount=1, at=datetime(2026, 2, 1, tzinfo=UTC), ref="jan-1")
+        assert e.member("a").tier == "silver"      # January still holds 2,099,999
+        e.refund("jan", amount=200_000, at=datetime(2026, 2, 2, tzinfo=UTC), ref="jan-2")
+        assert e.member("a").tier == "bronze"      # ... and now it does not
+
+
+def test_review_and_period_and_rfm_bounds_are_checked():
+    levels = [{"name": "bronze", "threshold": 0}]
+    with pytest.raises(ConfigError, match="review = 'quarter' comes more often than period = 'year'"):
+        Program.from_dict({"name": "x", "tiers": {"period": "year", "review": "quarter", "levels": levels}})
+    Program.from_dict({"name": "x", "tiers": {"period": "quarter", "review": "year", "levels": levels}})
+    with pytest.raises(ConfigError, match="recency_days.*four bounds"):
+        Program.from_dict({"name": "x", "tiers": {"metric": "rfm", "levels": levels,
+                                                  "rfm": {**RFM, "recency_days": [1, 2, 3, 2**63]}}})

@@ -229,6 +229,14 @@ def test_yaml_programs_read_like_toml_and_errors_name_the_line(tmp_path):
         Program.from_yaml(path)
     with pytest.raises(ConfigError, match="cannot read the program file"):
         Program.from_yaml(tmp_path / "missing.yaml")
+    # where YAML 1.1 would surprise: a key twice, another base, aliases
+    for body, message in (("name: a\nearn: {points: 1, per: 1000}\nearn: {points: 5}\n", "'earn' is given twice"),
+                          ("name: a\nearn: {points: 1, per: 0100}\n", "'0100' is not a decimal whole number"),
+                          ("name: a\nearn: {points: 1, per: 1:30}\n", "not a decimal whole number"),
+                          ("name: a\nextra: &x [*x]\n", "anchors and aliases are not taken")):
+        path.write_text(body)
+        with pytest.raises(ConfigError, match=message):
+            Program.from_yaml(path)
 
 
 def test_offers_are_ordered_by_priority_and_decimals_are_exact():

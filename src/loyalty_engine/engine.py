@@ -1049,8 +1049,11 @@ class Engine:
             lifted = int(o["tier_after"]) > int(o["tier_before"])
             if lifted and tier_before > int(o["tier_before"]) and self.program.tiers:
                 # the purchase lifted the member: drop back as far as the remaining spend allows
-                now = self._day_of(at_us)
-                new = max(int(o["tier_before"]), self._tier_metric_tier(idx, now))
+                # the upgrades the corrected history still earns: the tier at each purchase from the
+                # refunded one on, as the kernel ranks at a purchase (its window or period, recency 0)
+                h = np.frombuffer(self._hist[idx], HEV)
+                days = sorted(set(h["day"][(h["visits"] > 0) & (h["day"] >= day)].tolist()))
+                new = max([int(o["tier_before"]), *(self._tier_metric_tier(idx, d, at_purchase=True) for d in days)])
                 if new < tier_before:
                     st["tier"] = new
             rec["refunded"] += amount
@@ -1090,7 +1093,9 @@ class Engine:
                              shortfall=int(rec["shortfall"]),
                              tier_after=self.program.tier_name(int(rec["out"]["tier_after"])))
 
-    def _tier_metric_tier(self, idx: int, day: int) -> int:
+    def _tier_metric_tier(self, idx: int, day: int, at_purchase: bool = False) -> int:
+        """The tier the metric supports on ``day`` (``at_purchase``: as ranked at a purchase that day,
+        recency 0 for an RFM score)."""
         h = np.frombuffer(self._hist.get(idx, b""), HEV)
         start = day - self.program.tier_window_days + 1
         if self.program.tier_period != "rolling":      # the calendar period so far
@@ -1103,7 +1108,7 @@ class Engine:
         if self.program.tier_metric == "rfm":     # the kernel's metric_of, in Python
             b = self.program.tier_rfm
             bought = w["day"][w["visits"] > 0]
-            recency = day - int(bought.max()) if len(bought) else 1 << 40
+            recency = 0 if at_purchase else (day - int(bought.max()) if len(bought) else 1 << 40)
             r = next((5 - k for k in range(4) if recency <= b[k]), 1)
             metric = r + 2 + sum(visits >= b[4 + k] for k in range(4)) + sum(spend >= b[8 + k] for k in range(4))
         else:

@@ -187,13 +187,13 @@ class Program:
         except OSError as e:
             raise ConfigError(f"cannot read the program file {p!r}: {e}") from e
         try:
-            data = yaml.safe_load(text)
-            root = yaml.compose(text, Loader=yaml.SafeLoader)
+            root = yaml.compose(text, Loader=_yaml_loader())
+            data = yaml.load(text, Loader=_yaml_loader())
         except yaml.YAMLError as e:
             raise ConfigError(f"{p}: not valid YAML: {e}") from e
         lines: dict[tuple[str | int, ...], int] = {}
 
-        def walk(node: Any, at: tuple[str | int, ...]) -> None:
+        def walk(node: Any, at: tuple[str | int, ...]) -> None:      # (the loader refuses aliases: a tree)
             if isinstance(node, yaml.MappingNode):
                 for k, v in node.value:
                     lines[(*at, k.value)] = k.start_mark.line + 1
@@ -297,7 +297,7 @@ class Program:
                                    "four bounds each", "rfm")
                 for key in ("recency_days", "visits", "spend"):
                     bounds = rf.ints(key)
-                    if len(bounds) != 4 or any(b < 0 for b in bounds) or bounds != sorted(bounds):
+                    if len(bounds) != 4 or any(not 0 <= b < 1 << 53 for b in bounds) or bounds != sorted(bounds):
                         raise rf.error(f"takes four bounds from the lowest up (the scores 5/4/3/2 for "
                                        f"recency, 2/3/4/5 for visits and spend), not {bounds!r}", key)
                     rfm += bounds
@@ -305,6 +305,9 @@ class Program:
             elif rf is not None:
                 raise tt.error(f"an [tiers.rfm] table needs metric = 'rfm', not {metric!r}", "rfm")
             review = tt.str("review", "year", REVIEWS)
+            if period != "rolling" and review != "never" and REVIEWS.index(review) < PERIODS.index(period):
+                raise tt.error(f"review = {review!r} comes more often than period = {period!r}: a review would "
+                               f"rank on part of a {period}; review every {period} (or less often)", "review")
             grace = tt.int("grace_days", 0, 0, 366)
             for lv in tt.tables("levels"):
                 t = Tier(name=lv.str("name"), threshold=lv.int("threshold", None, 0),
@@ -442,7 +445,10 @@ class Program:
         bu.done()
         top.done()
 
-        horizon = max(365, window if tiers else 0, 367 if period == "year" else 0)
+        # history kept: the windows of the facts (365 days), the tier window or calendar period, and what a
+        # review run after its grace days still looks back at
+        span = {"rolling": window, "month": 31, "quarter": 92, "year": 366}[period]
+        horizon = max(365, span + 1 + (grace if review != "never" else 0)) if tiers else 365
         params = np.zeros(P_NPARAMS, np.int64)
         params[[P_RATE_POINTS, P_RATE_PER, P_ROUNDING, P_MIN_BASKET, P_CAP_RECEIPT, P_CAP_DAY, P_STACKING,
                 P_TIER_METRIC, P_TIER_WINDOW, P_REVIEW, P_GRACE, P_BDAY_POINTS, P_BDAY_WITHIN,
@@ -494,6 +500,43 @@ def _day(r: Reader, key: str, text: Any) -> int:
     except ValueError:
         raise r.error(f"dates are written 'YYYY-MM-DD', not {text!r}", key) from None
     return d.toordinal() - EPOCH_ORDINAL
+
+
+def _yaml_loader() -> Any:
+    """PyYAML's safe loader, stricter where YAML 1.1 would surprise a program's author: a key given twice,
+    an anchor or alias, or a number read in another base (``0100`` as 64, ``1:30`` as 90) is an error
+    with its line, as TOML would have it."""
+    import re as _re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            if self.check_event(yaml.AliasEvent) or (self.check_event(yaml.NodeEvent) and self.peek_event().anchor):
+                ev = self.peek_event()
+                raise yaml.composer.ComposerError(None, None, "anchors and aliases are not taken in a program",
+                                                  ev.start_mark)
+            return super().compose_node(parent, index)
+
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            seen: set[Any] = set()
+            for k, _ in node.value:
+                key = self.construct_object(k, deep=True)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is given twice",
+                                                            k.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+        def construct_yaml_int(self, node: Any) -> int:
+            v = self.construct_scalar(node).replace("_", "")
+            if not _re.fullmatch(r"[-+]?(0|[1-9][0-9]*)", v):
+                raise yaml.constructor.ConstructorError(None, None, f"{v!r} is not a decimal whole number",
+                                                        node.start_mark)
+            return int(v)
+
+    Loader.add_constructor("tag:yaml.org,2002:int", Loader.construct_yaml_int)
+    return Loader
 
 
 def _date_ranges(r: Reader, key: str) -> list[tuple[int, int]]:
