@@ -159,12 +159,7 @@ class Program:
     @classmethod
     def from_toml(cls, path: str | os.PathLike[str]) -> Program:
         """Read a program file; errors name the file, the line and the field."""
-        p = os.fspath(path)
-        try:
-            with open(p, encoding="utf-8") as f:
-                text = f.read()
-        except OSError as e:
-            raise ConfigError(f"cannot read the program file {p!r}: {e}") from e
+        p, text = _read_program_file(path)
         try:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
@@ -180,12 +175,7 @@ class Program:
         except ImportError:
             raise ConfigError("reading YAML programs needs PyYAML: pip install 'loyalty_engine[yaml]' "
                               "(or write the program in TOML)") from None
-        p = os.fspath(path)
-        try:
-            with open(p, encoding="utf-8") as f:
-                text = f.read()
-        except OSError as e:
-            raise ConfigError(f"cannot read the program file {p!r}: {e}") from e
+        p, text = _read_program_file(path)
         try:
             root = yaml.compose(text, Loader=_yaml_loader())
             data = yaml.load(text, Loader=_yaml_loader())
@@ -500,6 +490,15 @@ def _day(r: Reader, key: str, text: Any) -> int:
     except ValueError:
         raise r.error(f"dates are written 'YYYY-MM-DD', not {text!r}", key) from None
     return d.toordinal() - EPOCH_ORDINAL
+
+
+def _read_program_file(path: str | os.PathLike[str]) -> tuple[str, str]:
+    p = os.fspath(path)
+    try:
+        with open(p, encoding="utf-8") as f:
+            return p, f.read()
+    except OSError as e:
+        raise ConfigError(f"cannot read the program file {p!r}: {e}") from e
 
 
 def _yaml_loader() -> Any:
