@@ -269,23 +269,13 @@ def capacity(profile_path: Path | None, members: int | None, purchases_per_day: 
     from .bench.capacity import Profile, check, plan
     from .bench.runner import run
 
-    d: dict[str, Any] = {}
-    if profile_path is not None:
-        import tomllib
-
-        try:
-            d = tomllib.loads(profile_path.read_text(encoding="utf-8"))
-        except tomllib.TOMLDecodeError as e:
-            raise Failure(f"profile {str(profile_path)!r}: {e}") from e
-    for k, v in (("members", members), ("purchases_per_day", purchases_per_day), ("peak_hour_share", peak_hour_share),
-                 ("history_years", history_years), ("code_batches_per_month", code_batches_per_month),
-                 ("codes_per_batch", codes_per_batch), ("retention_years", retention_years)):
-        if v is not None:
-            d[k] = v
-    if "members" not in d or "purchases_per_day" not in d:
+    if profile_path is None and (members is None or purchases_per_day is None):
         raise Failure("say how big the club is: a PROFILE.toml with members and purchases_per_day, or "
                       "--members N --purchases-per-day N")
-    profile = Profile.from_dict(d, where=f"profile {str(profile_path)!r}" if profile_path else "profile")
+    profile = Profile.from_toml(profile_path, members=members, purchases_per_day=purchases_per_day,
+                                peak_hour_share=peak_hour_share, history_years=history_years,
+                                code_batches_per_month=code_batches_per_month, codes_per_batch=codes_per_batch,
+                                retention_years=retention_years)
     if from_path is not None:
         try:
             result = json.loads(from_path.read_text(encoding="utf-8"))

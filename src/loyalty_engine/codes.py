@@ -226,7 +226,6 @@ class Codes:
                         break
                     self._batches.append(CodeBatch(**json.loads(bytes(v)), codes_of=self))
         self._batches.sort(key=lambda b: b.first_key)
-        self._firsts = [b.first_key for b in self._batches]
         self._tab: dict[str, Any] | None = None
 
     # -- keys ------------------------------------------------------------------------------------------
@@ -295,9 +294,7 @@ class Codes:
             return batch
 
     def _add(self, batch: CodeBatch) -> None:
-        i = bisect.bisect(self._firsts, batch.first_key)
-        self._batches.insert(i, batch)
-        self._firsts.insert(i, batch.first_key)
+        bisect.insort(self._batches, batch, key=lambda b: b.first_key)
         self._tab = None
 
     def _table(self) -> dict[str, Any]:
@@ -513,7 +510,7 @@ class Codes:
         serial[batch_idx < 0] = 0
         return status, batch_idx.astype(np.int64), serial, tab
 
-    def _bitmaps(self, tab: dict[str, Any], need: np.ndarray, txn: Any = None) -> tuple[np.ndarray, np.ndarray]:
+    def _bitmaps(self, tab: dict[str, Any], need: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The redemption bitmaps of the batches with a needed chunk, one after another: (bytes, the byte
         offset of each batch's bitmap or -1). Only the needed chunks are read; the rest stay zero
         (untouched zeroed memory costs nothing)."""
@@ -527,21 +524,16 @@ class Codes:
         sizes = (tab["count"][present] + 7) // 8
         base[present] = np.concatenate([[0], np.cumsum(sizes)[:-1]])
         bits = np.zeros(int(sizes.sum()), np.uint8)
-        own = txn is None
-        txn = txn or self.engine.ledger._ext_begin()
-        try:
+        end = base + (tab["count"] + 7) // 8               # where each present batch's bitmap ends
+        with self.engine.ledger._ext_begin() as txn:
             for w, bi in zip(wanted.tolist(), batch_of.tolist(), strict=True):
                 chunk = w - int(cb[bi])
                 raw = txn.get(_bitmap_key(int(tab["id"][bi]), chunk), db=self._db)
                 if raw is None:
                     continue
                 at = int(base[bi]) + chunk * (BITMAP_CHUNK // 8)
-                end = int(base[bi]) + int(sizes[np.searchsorted(present, bi)])
-                part = np.frombuffer(bytes(raw), np.uint8)[: end - at]
+                part = np.frombuffer(bytes(raw), np.uint8)[: int(end[bi]) - at]
                 bits[at: at + len(part)] = part
-        finally:
-            if own:
-                txn.abort()
         return bits, base
 
     # -- redeeming ----------------------------------------------------------------------------------------

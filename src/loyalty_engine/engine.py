@@ -1053,7 +1053,7 @@ class Engine:
                 # refunded one on, as the kernel ranks at a purchase (its window or period, recency 0)
                 h = np.frombuffer(self._hist[idx], HEV)
                 days = sorted(set(h["day"][(h["visits"] > 0) & (h["day"] >= day)].tolist()))
-                new = max([int(o["tier_before"]), *(self._tier_metric_tier(idx, d, at_purchase=True) for d in days)])
+                new = max([int(o["tier_before"]), *(self._tier_at_purchase(idx, d) for d in days)])
                 if new < tier_before:
                     st["tier"] = new
             rec["refunded"] += amount
@@ -1093,9 +1093,9 @@ class Engine:
                              shortfall=int(rec["shortfall"]),
                              tier_after=self.program.tier_name(int(rec["out"]["tier_after"])))
 
-    def _tier_metric_tier(self, idx: int, day: int, at_purchase: bool = False) -> int:
-        """The tier the metric supports on ``day`` (``at_purchase``: as ranked at a purchase that day,
-        recency 0 for an RFM score)."""
+    def _tier_at_purchase(self, idx: int, day: int) -> int:
+        """The tier the metric supports at a purchase on ``day``, as the kernel ranks it then: over the
+        window or calendar period ending that day, recency 0 for an RFM score."""
         h = np.frombuffer(self._hist.get(idx, b""), HEV)
         start = day - self.program.tier_window_days + 1
         if self.program.tier_period != "rolling":      # the calendar period so far
@@ -1105,12 +1105,9 @@ class Engine:
             start = (first - date(1970, 1, 1)).days
         w = h[(h["day"] >= start) & (h["day"] <= day)]
         visits, spend = int(w["visits"].sum()), int(w["amount"].sum())
-        if self.program.tier_metric == "rfm":     # the kernel's metric_of, in Python
+        if self.program.tier_metric == "rfm":     # the kernel's metric_of: recency 0 at a purchase scores 5
             b = self.program.tier_rfm
-            bought = w["day"][w["visits"] > 0]
-            recency = 0 if at_purchase else (day - int(bought.max()) if len(bought) else 1 << 40)
-            r = next((5 - k for k in range(4) if recency <= b[k]), 1)
-            metric = r + 2 + sum(visits >= b[4 + k] for k in range(4)) + sum(spend >= b[8 + k] for k in range(4))
+            metric = 5 + 2 + sum(visits >= b[4 + k] for k in range(4)) + sum(spend >= b[8 + k] for k in range(4))
         else:
             metric = {"points": int(w["points"].sum()), "spend": spend, "visits": visits}[self.program.tier_metric]
         t = 0
@@ -1348,15 +1345,13 @@ def _small_unique(values: np.ndarray, bound: int) -> tuple[np.ndarray, np.ndarra
 def _raise_on(results: np.ndarray, what: str) -> None:
     if not results.any():
         return
-    bad = np.flatnonzero(results != 0)
-    if len(bad):
-        r = TransferResult(int(results[bad[0]]))
-        if r == TransferResult.EXISTS:
-            raise StorageError(f"{what}: its transfers are already in the ledger but its receipt is not; "
-                               f"the engine's records were written by another program version")
-        if r.name.startswith("EXCEEDS"):
-            raise InsufficientBalanceError(f"{what}: the ledger refused it ({r.name})")
-        raise ValidationError(f"{what}: the ledger refused it ({r.name})")
+    r = TransferResult(int(results[np.flatnonzero(results)[0]]))
+    if r == TransferResult.EXISTS:
+        raise StorageError(f"{what}: its transfers are already in the ledger but its receipt is not; "
+                           f"the engine's records were written by another program version")
+    if r.name.startswith("EXCEEDS"):
+        raise InsufficientBalanceError(f"{what}: the ledger refused it ({r.name})")
+    raise ValidationError(f"{what}: the ledger refused it ({r.name})")
 
 
 def _as_table(table: Any) -> pa.Table:

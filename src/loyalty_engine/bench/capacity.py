@@ -79,15 +79,22 @@ class Profile:
         return cls(**d)
 
     @classmethod
-    def from_toml(cls, path: str | Path) -> Profile:
-        path = Path(path)
-        try:
-            d = tomllib.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError as e:
-            raise ConfigError(f"profile {str(path)!r} does not exist") from e
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"profile {str(path)!r}: {e}") from e
-        return cls.from_dict(d, where=f"profile {str(path)!r}")
+    def from_toml(cls, path: str | Path | None, **overrides: Any) -> Profile:
+        """The profile in a TOML file (None: no file), with ``overrides`` that are not None (options
+        given beside it) replacing its fields."""
+        d: dict[str, Any] = {}
+        where = "profile"
+        if path is not None:
+            path = Path(path)
+            where = f"profile {str(path)!r}"
+            try:
+                d = tomllib.loads(path.read_text(encoding="utf-8"))
+            except FileNotFoundError as e:
+                raise ConfigError(f"{where} does not exist") from e
+            except tomllib.TOMLDecodeError as e:
+                raise ConfigError(f"{where}: {e}") from e
+        d.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.from_dict(d, where=where)
 
     @property
     def peak_per_second(self) -> float:
