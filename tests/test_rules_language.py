@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from loyalty_engine import _core
 from loyalty_engine.errors import ConfigError
 from loyalty_engine.program import Program
-from loyalty_engine.rules.expr import EPOCH_ORDINAL, VARIABLES, Symbols, compile_expr, evaluate
+from loyalty_engine.rules.expr import ATOM_WORDS, EPOCH_ORDINAL, VARIABLES, Symbols, compile_expr, evaluate, predicate
 
 N = len(VARIABLES)
 
@@ -245,3 +245,97 @@ def test_offers_are_ordered_by_priority_and_decimals_are_exact():
         {"name": "high", "effect": {"credit_percent": 12.5}, "priority": 9}]})
     assert [o.name for o in p.offers] == ["high", "low"]
     assert p.offers[0].effect.value == 1250 and p.offers[1].effect.value == 15_000
+
+
+# predicates: conditions made of simple atoms joined by one kind of chain skip the stack machine; the
+# kernel's atom-by-atom answer must be the stack machine's and the reference interpreter's
+_pvar = st.sampled_from(["amount", "hour", "visits_90d", "avg_basket", "days_since_last", "month", "member_days"])
+_pint = st.integers(-70, 70).map(str)
+_cmp = st.sampled_from(["==", "!=", "<", "<=", ">", ">="])
+_atoms = st.one_of(
+    st.tuples(_pvar, _cmp, _pint).map(" ".join),
+    st.tuples(_pint, _cmp, _pvar).map(" ".join),
+    st.tuples(_pvar, _cmp, _pint, _pvar).map(lambda t: f"{t[0]} {t[1]} {t[2]} * {t[3]}"),
+    st.tuples(_pvar, _cmp, _pvar, _pint).map(lambda t: f"{t[0]} {t[1]} {t[2]} * {t[3]}"),
+    st.tuples(_pvar, _cmp, _pvar).map(" ".join),
+    st.tuples(_pvar, st.lists(st.integers(-3, 66), min_size=1, max_size=4)).map(
+        lambda t: f"{t[0]} in ({', '.join(map(str, t[1]))})"),
+    st.tuples(_pvar, st.lists(st.integers(-3, 66), min_size=1, max_size=3)).map(
+        lambda t: f"{t[0]} in ({', '.join(map(str, t[1]))}, 1000000)"),
+    st.sampled_from(['"toys" in categories', '"food" in categories', 'weekday in ("fri", "sat")',
+                     'tier >= "silver"', '"gold" > tier', "is_first_purchase", "referred", "true", "false",
+                     'occasion("sale")', 'category_amount("toys") >= 50', 'sku_amount("A1") < 20']))
+_patoms = st.one_of(_atoms, _atoms.map(lambda a: f"not ({a})"))
+
+
+@st.composite
+def _chains(draw: st.DrawFn) -> str:
+    terms = draw(st.lists(_patoms, min_size=1, max_size=4))
+    op = draw(st.sampled_from(["and", "or"]))
+    expr = f"({terms[0]})"
+    right = draw(st.booleans())
+    for t in terms[1:]:
+        expr = f"(({t}) {op} {expr})" if right else f"({expr} {op} ({t}))"
+    return expr
+
+
+_facts = st.lists(st.integers(-80, 80), min_size=N, max_size=N)
+_amounts = st.lists(st.integers(0, 100), min_size=64, max_size=64)
+
+
+@settings(max_examples=400, deadline=None)
+@given(_chains(), _facts, _amounts)
+def test_predicates_match_the_stack_machine(src: str, values: list[int], amounts: list[int]):
+    assert _predicate_and_machine(src, values, amounts) != 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(bools, _facts, _amounts)
+def test_any_condition_is_a_predicate_only_when_it_means_the_same(src: str, values: list[int], amounts: list[int]):
+    _predicate_and_machine(src, values, amounts)
+
+
+def _predicate_and_machine(src: str, values: list[int], amounts: list[int]) -> int:
+    """Condition ``src`` three ways (reference interpreter, stack machine, predicate); returns its mode."""
+    sym = Symbols()
+    sym.tables["tier"].update({"bronze": 1, "silver": 2, "gold": 3})
+    sym.occasions["sale"] = [(-20, -5), (10, 30)]
+    pool: list[int] = []
+    c = compile_expr(src, sym, pool)
+    facts = np.asarray(values, np.int64)
+    for v in VARIABLES.values():
+        if v.type == "bool":
+            facts[v.slot] &= 1
+    amt = np.asarray(amounts, np.int64)
+    pred = predicate(c.code, 0, len(c.code), pool)
+    code = np.asarray(c.code, np.int64)
+    mode, atoms = pred if pred is not None else (0, [])
+    start = len(pool)
+    full = np.asarray([*pool, *atoms] or [0], np.int64)
+    conds = np.asarray([[0, len(code), mode, start, len(atoms) // ATOM_WORDS], [0, len(code), 0, 0, 0]], np.int64)
+    want = int(evaluate(c.code, pool, facts, amt, amt) != 0)
+    assert _core.run_cond(code, full, conds, 1, facts, amt, amt) == want          # the stack machine
+    assert _core.run_cond(code, full, conds, 0, facts, amt, amt) == want, (src, atoms)
+    return mode
+
+
+@pytest.mark.parametrize("src", [
+    "amount >= 4 * avg_basket", "avg_gap_days <= 12 and visits_90d >= 3 and amount >= 4 * avg_basket",
+    "days_since_last >= 0 and days_since_last <= 20 and avg_gap_days >= 40", 'tier == "silver" or hour < 10',
+    'not ("toys" in categories)', 'weekday in ("fri", "sat")', "hour in (1, 2, 100000)", "is_first_purchase",
+    'occasion("sale")', 'category_amount("toys") >= 50'])
+def test_brochure_and_simple_conditions_are_predicates(src: str):
+    sym = Symbols()
+    sym.tables["tier"].update({"bronze": 1, "silver": 2, "gold": 3})
+    sym.occasions["sale"] = [(-20, -5)]
+    pool: list[int] = []
+    c = compile_expr(src, sym, pool)
+    assert predicate(c.code, 0, len(c.code), pool) is not None
+
+
+@pytest.mark.parametrize("src", ["(hour < 10 or hour > 20) and amount > 5", "not (hour < 10 and amount > 5)",
+                                 "amount + 5 > hour", "min(amount, 5) > 3"])
+def test_other_conditions_run_on_the_stack_machine(src: str):
+    pool: list[int] = []
+    c = compile_expr(src, Symbols(), pool)
+    assert predicate(c.code, 0, len(c.code), pool) is None

@@ -1456,6 +1456,19 @@ DEF P_TIER_PERIOD = 23
 DEF P_RFM = 24              # 12 bounds: recency days, visits, spend (4 each)
 
 DEF BP = 10000
+# conditions' table columns and predicate atoms' kinds (program.C_*, rules.expr.A_*)
+DEF C_NCOL = 5
+DEF PF_ROWS = 8            # rows ahead that the kernel prefetches member state for
+DEF A_FACT = 1
+DEF A_SCALED = 2
+DEF A_CAT = 3
+DEF A_SKU = 4
+DEF A_BIT = 5
+DEF A_MASK = 6
+DEF A_IN = 7
+DEF A_RANGES = 8
+DEF A_CONST = 9
+DEF A_TRUTH = 10
 DEF STACK = 32
 
 # row status (must match engine.RowStatus)
@@ -1667,6 +1680,22 @@ def run_expr(const int64_t[::1] code, const int64_t[::1] pool, const int64_t[::1
     return vm(&code[0], 0, code.shape[0], &pool[0], &facts[0], &cat_amt[0], &sku_amt[0])
 
 
+def run_cond(const int64_t[::1] code, const int64_t[::1] pool, const int64_t[:, ::1] conds, Py_ssize_t c,
+             const int64_t[::1] facts, const int64_t[::1] cat_amt, const int64_t[::1] sku_amt):
+    """Condition ``c`` of a conditions table (program.C_* columns) over one facts vector, as the kernel
+    tests it: atom by atom for a predicate, on the stack machine otherwise (tests compare the two)."""
+    cdef int64_t memo[64]
+    if facts.shape[0] < N_FACTS or cat_amt.shape[0] < 64 or sku_amt.shape[0] < 64:
+        raise ValueError("facts needs %d slots and the amount vectors 64" % N_FACTS)
+    if not (0 <= c < conds.shape[0]):
+        raise ValueError("no condition %d in a table of %d" % (c, conds.shape[0]))
+    _check_cond(code, pool, conds, c)
+    for j in range(64):
+        memo[j] = -1
+    return int(_cond(&code[0] if code.shape[0] else NULL, &conds[0, 0], c, &pool[0], &facts[0], &cat_amt[0],
+                     &sku_amt[0], memo))
+
+
 # -- calendar (days since 1970-01-01, proleptic Gregorian; H. Hinnant's algorithms) ------------------
 
 cdef inline int64_t days_from_civil(int64_t y, int64_t m, int64_t d) noexcept nogil:
@@ -1839,8 +1868,7 @@ def evaluate(const int64_t[::1] code, const int64_t[::1] pool, const int64_t[:, 
     if out_hist.shape[0] < hist.shape[0] + n or hist_off[nseg] > hist.shape[0]:
         raise ValueError("out_hist must hold len(hist) + len(rows) events")
     for k in range(ncond):
-        if not (0 <= conds[k, 0] <= conds[k, 1] <= code.shape[0]):
-            raise ValueError("condition %d lies outside the code" % k)
+        _check_cond(code, pool, conds, k)
     cdef int64_t* W = <int64_t*>malloc((nseg + 1) * 16 * sizeof(int64_t))
     cdef int64_t* seg_member = <int64_t*>malloc((nseg + 1) * sizeof(int64_t))
     if W == NULL or seg_member == NULL:
@@ -1877,6 +1905,42 @@ def evaluate(const int64_t[::1] code, const int64_t[::1] pool, const int64_t[:, 
     finally:
         free(W)
         free(seg_member)
+
+
+cdef int _check_cond(const int64_t[::1] code, const int64_t[::1] pool, const int64_t[:, ::1] conds,
+                     Py_ssize_t k) except -1:
+    """Refuse a condition whose code or predicate lies outside the program (the kernel trusts them)."""
+    cdef Py_ssize_t j
+    if conds.shape[1] != C_NCOL:
+        raise ValueError("conds must have %d columns, not %d" % (C_NCOL, conds.shape[1]))
+    if not (0 <= conds[k, 0] <= conds[k, 1] <= code.shape[0]):
+        raise ValueError("condition %d lies outside the code" % k)
+    if conds[k, 2] != 0:
+        if not (conds[k, 2] in (1, 2) and conds[k, 3] >= 0 and conds[k, 4] >= 0
+                and conds[k, 3] + 5 * conds[k, 4] <= pool.shape[0]):
+            raise ValueError("condition %d: its predicate lies outside the pool" % k)
+        for j in range(conds[k, 4]):
+            _check_atom(&pool[0], pool.shape[0], conds[k, 3] + 5 * j, k)
+    return 0
+
+
+cdef int _check_atom(const int64_t* pp, Py_ssize_t npool, int64_t at, Py_ssize_t c) except -1:
+    """Refuse an atom whose kind, comparison or indexes are out of range (the kernel trusts them)."""
+    cdef int64_t kind = pp[at], op = pp[at + 1], lst
+    if not (A_FACT <= kind <= A_TRUTH) or not (0 <= op <= (5 if kind <= A_SKU else 1)):
+        raise ValueError("condition %d: bad predicate atom (kind %d, op %d)" % (c, kind, op))
+    if kind in (A_FACT, A_SCALED, A_BIT, A_MASK, A_IN, A_RANGES, A_TRUTH) and not (0 <= pp[at + 2] < N_FACTS):
+        raise ValueError("condition %d: atom fact %d is out of range" % (c, pp[at + 2]))
+    if kind == A_SCALED and not (0 <= pp[at + 3] < N_FACTS):
+        raise ValueError("condition %d: atom fact %d is out of range" % (c, pp[at + 3]))
+    if kind == A_BIT and not (0 <= pp[at + 4] < 64):
+        raise ValueError("condition %d: atom bit %d is out of range" % (c, pp[at + 4]))
+    if kind == A_IN or kind == A_RANGES:
+        lst = pp[at + 4]
+        if not (0 <= lst < npool and pp[lst] >= 0
+                and lst + 1 + pp[lst] * (1 if kind == A_IN else 2) <= npool):
+            raise ValueError("condition %d: atom list is outside the pool" % c)
+    return 0
 
 
 cdef int64_t _evaluate(const int64_t[::1] code, const int64_t[::1] pool, const int64_t[:, ::1] conds,
@@ -1937,6 +2001,26 @@ cdef int64_t _evaluate(const int64_t[::1] code, const int64_t[::1] pool, const i
             ws[13] += out_hist[j].amount; ws[14] += out_hist[j].points
         base_at = p + k
     for i in range(n):
+        # memory, not arithmetic, is the cost with many members: fetch the state of the member two
+        # prefetch distances ahead, and the history slots its windows point at one distance ahead
+        if i + 2 * PF_ROWS < n:
+            j = rows[i + 2 * PF_ROWS].member
+            LE_PREFETCH(W + seg_of[i + 2 * PF_ROWS] * 16)
+            LE_PREFETCH(W + seg_of[i + 2 * PF_ROWS] * 16 + 8)
+            LE_PREFETCH(&members[j])
+            LE_PREFETCH(<char*>&members[j] + 63)
+            if noff:
+                LE_PREFETCH(&offer_use[j, 0, 0])
+                LE_PREFETCH(<char*>&offer_use[j, 0, 0] + 64)
+        if i + PF_ROWS < n:
+            ws = W + seg_of[i + PF_ROWS] * 16
+            LE_PREFETCH(&out_hist[ws[1]])
+            if ws[1] > ws[0]:
+                LE_PREFETCH(&out_hist[ws[1] - 1])
+            LE_PREFETCH(&out_hist[ws[2]])
+            LE_PREFETCH(&out_hist[ws[3]])
+            LE_PREFETCH(&out_hist[ws[4]])
+            LE_PREFETCH(&out_hist[ws[5]])
         d = rows[i].day
         m = &members[rows[i].member]
         ws = W + seg_of[i] * 16
@@ -2038,7 +2122,7 @@ cdef int64_t _evaluate(const int64_t[::1] code, const int64_t[::1] pool, const i
             any_fired = False
             disc = 0
             if nt:
-                disc = <int64_t>((<i128>amount * tiers[m.tier - 1, 2]) // BP) if m.tier > 0 else 0
+                disc = mul_bp(amount, tiers[m.tier - 1, 2]) if m.tier > 0 else 0
             for k in range(noff):
                 excl = offers[k, 1] != 0
                 if excl and any_fired:
@@ -2057,7 +2141,7 @@ cdef int64_t _evaluate(const int64_t[::1] code, const int64_t[::1] pool, const i
                 offers_mask |= (<int64_t>1) << k
                 any_fired = True
                 if offers[k, 2] == 4:   # discount_percent
-                    disc += <int64_t>((<i128>amount * offers[k, 3]) // BP)
+                    disc += mul_bp(amount, offers[k, 3])
                 if excl:
                     break
             if disc > amount:
@@ -2118,7 +2202,7 @@ cdef int64_t _evaluate(const int64_t[::1] code, const int64_t[::1] pool, const i
                         if (offers_mask >> k) & 1 and offers[k, 2] == 1:
                             f = _stack(f, offers[k, 3], stacking)
                     if nt and m.tier > 0:
-                        f = <int64_t>((<i128>f * tiers[m.tier - 1, 1]) // BP)
+                        f = mul_bp(f, tiers[m.tier - 1, 1])
                     S += <i128>(item_amount[j] if last_item > first_item else amount) * f
                 earned = round_div(S * paid * rate_pts, <i128>items_total * rate_per * BP, rmode) if items_total > 0 else 0
                 out[i].base_points = base
@@ -2138,7 +2222,7 @@ cdef int64_t _evaluate(const int64_t[::1] code, const int64_t[::1] pool, const i
             # offers' points and credit (budgets cap what an offer gives)
             credit = 0
             if nt and m.tier > 0:
-                credit = <int64_t>((<i128>paid * tiers[m.tier - 1, 3]) // BP)
+                credit = mul_bp(paid, tiers[m.tier - 1, 3])
             for k in range(noff):
                 if not (offers_mask >> k) & 1:
                     continue
@@ -2146,7 +2230,7 @@ cdef int64_t _evaluate(const int64_t[::1] code, const int64_t[::1] pool, const i
                 if offers[k, 2] == 0:
                     give = offers[k, 3]
                 elif offers[k, 2] == 2:
-                    give = <int64_t>((<i128>paid * offers[k, 3]) // BP)
+                    give = mul_bp(paid, offers[k, 3])
                 elif offers[k, 2] == 3:
                     give = offers[k, 3]
                 if offers[k, 7] and give > offers[k, 7] - budget_used[k]:
@@ -2246,23 +2330,96 @@ cdef int64_t _evaluate(const int64_t[::1] code, const int64_t[::1] pool, const i
     return nseg
 
 
+cdef inline int64_t mul_bp(int64_t a, int64_t b) noexcept nogil:
+    """a * b / BP, truncated, exact for any int64 operands (128-bit only when the product needs it)."""
+    if a == <int32_t>a and b == <int32_t>b:
+        return (a * b) // BP
+    return <int64_t>((<i128>a * b) // BP)
+
+
 cdef inline int64_t _stack(int64_t f, int64_t mult, int64_t stacking) noexcept nogil:
     if stacking == 0:
-        return <int64_t>((<i128>f * mult) // BP)
+        return mul_bp(f, mult)
     if stacking == 1:
         return f + mult - BP
     return mult if mult > f else f
+
+
+cdef inline bint _atom(const int64_t* at, const int64_t* pp, const int64_t* facts, const int64_t* cat_amt,
+                       const int64_t* sku_amt) noexcept nogil:
+    """One predicate atom's truth (five words: kind, op, a, b, c; see rules.expr.A_*)."""
+    cdef int64_t kind = at[0], op = at[1], x, y, k, i
+    if kind == A_FACT:
+        x = facts[at[2]]
+        y = at[4]
+    elif kind == A_SCALED:
+        x = facts[at[2]]
+        y = at[4] * facts[at[3]]
+    elif kind == A_BIT:
+        return <int64_t>((facts[at[2]] >> at[4]) & 1) != op
+    elif kind == A_MASK:
+        x = facts[at[2]]
+        if x < 0 or x >= 64:
+            return op != 0
+        return <int64_t>((<uint64_t>at[4] >> x) & 1) != op
+    elif kind == A_TRUTH:
+        return <int64_t>(facts[at[2]] != 0) != op
+    elif kind == A_CAT or kind == A_SKU:
+        k = at[2]
+        x = (cat_amt[k] if kind == A_CAT else sku_amt[k]) if 0 <= k < 64 else 0
+        y = at[4]
+    elif kind == A_IN:
+        x = facts[at[2]]
+        k = pp[at[4]]
+        for i in range(k):
+            if pp[at[4] + 1 + i] == x:
+                return not op
+        return op != 0
+    elif kind == A_RANGES:
+        x = facts[at[2]]
+        k = pp[at[4]]
+        for i in range(k):
+            if pp[at[4] + 1 + 2 * i] <= x <= pp[at[4] + 2 + 2 * i]:
+                return not op
+        return op != 0
+    else:   # A_CONST
+        return <int64_t>(at[4] != 0) != op
+    if op == 0:
+        return x == y
+    if op == 1:
+        return x != y
+    if op == 2:
+        return x < y
+    if op == 3:
+        return x <= y
+    if op == 4:
+        return x > y
+    return x >= y
 
 
 cdef inline bint _cond(const int64_t* cp, const int64_t* condp, int64_t c, const int64_t* pp,
                        const int64_t* facts, const int64_t* cat_amt, const int64_t* sku_amt,
                        int64_t* memo) noexcept nogil:
     """Condition ``c``'s truth for this row (memoised for the first 64 conditions); ``condp`` is the
-    (start, end) table as a flat pointer (a memoryview argument would cost two atomic operations a call)."""
-    cdef int64_t v
+    conditions table (C_NCOL words a row) as a flat pointer (a memoryview argument would cost two atomic
+    operations a call). A condition that is a predicate (all or any of its atoms) is tested atom by
+    atom; others run on the stack machine."""
+    cdef int64_t v, mode, k, n
+    cdef const int64_t* row = condp + C_NCOL * c
+    cdef const int64_t* at
     if c < 64 and memo[c] >= 0:
         return memo[c] != 0
-    v = vm(cp, condp[2 * c], condp[2 * c + 1], pp, facts, cat_amt, sku_amt) != 0
+    mode = row[2]
+    if mode == 1 or mode == 2:
+        at = pp + row[3]
+        n = row[4]
+        v = mode == 1
+        for k in range(n):
+            if _atom(at + 5 * k, pp, facts, cat_amt, sku_amt) != (mode == 1):
+                v = mode != 1
+                break
+    else:
+        v = vm(cp, row[0], row[1], pp, facts, cat_amt, sku_amt) != 0
     if c < 64:
         memo[c] = v
     return v != 0

@@ -21,7 +21,7 @@ import numpy as np
 
 from .errors import ConfigError
 from .rules.config import Reader
-from .rules.expr import EPOCH_ORDINAL, WEEKDAYS, Compiled, Symbols, compile_expr
+from .rules.expr import ATOM_WORDS, EPOCH_ORDINAL, WEEKDAYS, Compiled, Symbols, compile_expr, predicate
 
 __all__ = ["Program", "EarnRule", "Tier", "Offer", "Effect", "ROUNDING", "STACKING"]
 
@@ -39,6 +39,7 @@ MAX_WINDOW = 3650
 R_COND, R_SCOPE, R_SYM, R_KIND, R_VALUE, R_NCOL = range(6)        # earn rules
 O_COND, O_EXCL, O_EFFECT, O_VALUE, O_LIMIT, O_PCOUNT, O_PDAYS, O_BUDGET, O_NCOL = range(9)  # offers
 T_THRESHOLD, T_MULT, T_DISCOUNT, T_CASHBACK, T_NCOL = range(5)   # tiers
+C_START, C_END, C_MODE, C_ATOMS, C_NATOMS, C_NCOL = range(6)    # conditions
 (P_RATE_POINTS, P_RATE_PER, P_ROUNDING, P_MIN_BASKET, P_CAP_RECEIPT, P_CAP_DAY, P_STACKING,
  P_TIER_METRIC, P_TIER_WINDOW, P_REVIEW, P_GRACE, P_BDAY_POINTS, P_BDAY_WITHIN, P_ANNIV_POINTS,
  P_ANNIV_WITHIN, P_REF_REFERRER, P_REF_REFERRED, P_BURN_POINTS, P_BURN_VALUE, P_BURN_MIN, P_BURN_STEP,
@@ -450,15 +451,20 @@ class Program:
             burn_step, burn_share, horizon, PERIODS.index(period)]
         if rfm:
             params[P_RFM: P_RFM + 12] = rfm
-        starts = np.zeros((len(conds), 2), np.int64)
+        # each condition: (code start, code end, predicate mode, its atoms' offset in the pool, atoms);
+        # mode 0 runs the bytecode, 1 and 2 test the atoms (all, any) without the stack machine
+        starts = np.zeros((len(conds), C_NCOL), np.int64)
         code: list[int] = []
         for i, c in enumerate(conds):
-            starts[i] = (len(code), len(code) + len(c.code))
             # jump targets are relative to the condition's own code: rebase them
             rebased = list(c.code)
             for k in range(0, len(rebased), 2):
                 if rebased[k] in (16, 17):
                     rebased[k + 1] += len(code)
+            pred = predicate(c.code, 0, len(c.code), pool)
+            mode, atoms = pred if pred is not None else (0, [])
+            starts[i] = (len(code), len(code) + len(c.code), mode, len(pool), len(atoms) // ATOM_WORDS)
+            pool += atoms
             code += rebased
         compiled = Compiled_(
             code=np.asarray(code, np.int64), pool=np.asarray(pool or [0], np.int64), conds=starts,

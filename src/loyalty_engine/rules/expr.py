@@ -544,6 +544,98 @@ def compile_expr(src: str, symbols: Symbols, pool: list[int], *, want: str = "bo
     return Compiled(c.code, t, src, tuple(c.used))
 
 
+# -- predicates: conditions the kernel tests without the stack machine ---------------------------------
+
+#: Kinds of a predicate atom; an atom is five int64 words (kind, op, a, b, c). ``op`` is a comparison
+#: (0 ==, 1 !=, 2 <, 3 <=, 4 >, 5 >=) for the comparing kinds and a negation flag (0 or 1) for the others.
+A_FACT = 1       # facts[a] op c
+A_SCALED = 2     # facts[a] op c * facts[b]
+A_CAT = 3        # category_amount(a) op c
+A_SKU = 4        # sku_amount(a) op c
+A_BIT = 5        # (facts[a] >> c) & 1
+A_MASK = 6       # 0 <= facts[a] < 64 and (c >> facts[a]) & 1  (``in`` a list of small numbers)
+A_IN = 7         # facts[a] in the pool list at c
+A_RANGES = 8     # facts[a] within the pool ranges at c
+A_CONST = 9      # c != 0
+A_TRUTH = 10     # facts[a] != 0
+ATOM_WORDS = 5
+_CMP = {Op.EQ: 0, Op.NE: 1, Op.LT: 2, Op.LE: 3, Op.GT: 4, Op.GE: 5}
+_FLIP = {0: 0, 1: 1, 2: 4, 3: 5, 4: 2, 5: 3}        # c op x  ==  x flip(op) c
+_NEGATE = {0: 1, 1: 0, 2: 5, 3: 4, 4: 3, 5: 2}      # not (x op c)  ==  x negate(op) c
+
+
+def _atom(seg: list[tuple[int, int]], pool: list[int]) -> list[int] | None:
+    """The atom one segment of bytecode computes (its truth, as the stack machine's), or None."""
+    if len(seg) > 1 and seg[-1][0] == Op.NOT:
+        inner = _atom(seg[:-1], pool)
+        if inner is None:
+            return None
+        kind, op = inner[0], inner[1]
+        return [kind, _NEGATE[op] if kind in (A_FACT, A_SCALED, A_CAT, A_SKU) else 1 - op, *inner[2:]]
+    ops = [o for o, _ in seg]
+    args = [a for _, a in seg]
+    if ops == [Op.CONST]:
+        return [A_CONST, 0, 0, 0, args[0]]
+    if ops == [Op.VAR]:
+        return [A_TRUTH, 0, args[0], 0, 0]
+    if len(ops) == 2 and ops[0] == Op.VAR:
+        if ops[1] == Op.BIT:
+            return [A_BIT, 0, args[0], 0, args[1]]
+        if ops[1] == Op.RANGES:
+            return [A_RANGES, 0, args[0], 0, args[1]]
+        if ops[1] == Op.IN:
+            values = pool[args[1] + 1: args[1] + 1 + pool[args[1]]]
+            if all(0 <= v < 64 for v in values):
+                mask = sum(1 << v for v in set(values))
+                return [A_MASK, 0, args[0], 0, mask - (1 << 64) if mask >= 1 << 63 else mask]
+            return [A_IN, 0, args[0], 0, args[1]]
+    if len(ops) == 3 and ops[2] in _CMP:
+        cmp = _CMP[ops[2]]
+        (o1, a1), (o2, a2) = seg[0], seg[1]
+        if o2 == Op.CONST and o1 in (Op.VAR, Op.CATAMT, Op.SKUAMT):
+            return [{Op.VAR: A_FACT, Op.CATAMT: A_CAT, Op.SKUAMT: A_SKU}[o1], cmp, a1, 0, a2]
+        if o1 == Op.CONST and o2 in (Op.VAR, Op.CATAMT, Op.SKUAMT):
+            return [{Op.VAR: A_FACT, Op.CATAMT: A_CAT, Op.SKUAMT: A_SKU}[o2], _FLIP[cmp], a2, 0, a1]
+        if o1 == Op.VAR and o2 == Op.VAR:
+            return [A_SCALED, cmp, a1, a2, 1]
+    if len(ops) == 5 and ops[0] == Op.VAR and ops[3] == Op.MUL and ops[4] in _CMP:
+        cmp = _CMP[ops[4]]
+        if ops[1] == Op.CONST and ops[2] == Op.VAR:
+            return [A_SCALED, cmp, args[0], args[2], args[1]]
+        if ops[1] == Op.VAR and ops[2] == Op.CONST:
+            return [A_SCALED, cmp, args[0], args[1], args[2]]
+    return None
+
+
+def predicate(code: list[int], start: int, end: int, pool: list[int]) -> tuple[int, list[int]] | None:
+    """A condition ``code[start:end]`` (jump targets absolute) as a predicate: (1, atoms) when it is
+    true exactly when all its atoms are, (2, atoms) when any is; None when it needs the stack machine.
+
+    A chain of ``and`` (or of ``or``) compiles to segments joined by JFALSE (JTRUE) jumps whose targets
+    are the end or another jump of the chain, so segment k runs exactly when every earlier one was true
+    (false) and the chain's value is the last segment's, or the value that stopped it."""
+    words = [(int(code[k]), int(code[k + 1])) for k in range(start, end, 2)]
+    jumps = {o for o, _ in words if o in (Op.JFALSE, Op.JTRUE)}
+    if len(jumps) > 1:
+        return None
+    jump = jumps.pop() if jumps else Op.JFALSE
+    at = [start + 2 * k for k, (o, _) in enumerate(words) if o == jump]
+    if any(words[(p - start) // 2][1] not in (end, *at) for p in at):
+        return None
+    atoms: list[int] = []
+    seg: list[tuple[int, int]] = []
+    for o, a in [*words, (jump, end)]:
+        if o == jump:
+            atom = _atom(seg, pool)
+            if atom is None:
+                return None
+            atoms += atom
+            seg = []
+        else:
+            seg.append((o, a))
+    return (1 if jump == Op.JFALSE else 2), atoms
+
+
 # -- a reference interpreter (the test oracle and the pure-Python peer) ----------------------------------
 
 def _floordiv(a: int, b: int) -> int:
