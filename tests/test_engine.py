@@ -398,6 +398,35 @@ def test_single_and_batch_paths_give_identical_ledgers(tmp_path_factory, prog, h
         b.close()
 
 
+@settings(max_examples=int(os.environ.get("ENGINE_PROPERTY_EXAMPLES", "60")) // 2, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(programs(), histories())
+def test_predicates_and_the_stack_machine_give_identical_ledgers(tmp_path_factory, monkeypatch, prog, history):
+    """The kernel tests most conditions atom by atom; with every condition on the stack machine instead
+    (predicates turned off when the program compiles) a batch must post the same."""
+    import loyalty_engine.program as program_module
+
+    n_members, births, rows = history
+    base = tmp_path_factory.mktemp("club")
+    a, sa = _play(base / "predicates", prog, n_members, births, rows, batch=True)
+    with monkeypatch.context() as mp:
+        mp.setattr(program_module, "predicate", lambda *args: None)
+        b, sb = _play(base / "machine", prog, n_members, births, rows, batch=True)
+        assert not b.program.compiled.conds[:, 2].any()
+    try:
+        ids = np.array([f(i) for i in range(n_members) for f in (points_account, credit_account)], np.uint64)
+        assert a.ledger.balances(ids).tolist() == b.ledger.balances(ids).tolist()
+        assert sa == sb
+        for r, ok in zip(rows, sa, strict=True):
+            if ok == 0:
+                ra, rb = a.receipt(r["ref"]), b.receipt(r["ref"])
+                assert (ra.points_earned, ra.credit_earned, ra.discount, ra.tier_after, ra.offers, ra.rules) == \
+                       (rb.points_earned, rb.credit_earned, rb.discount, rb.tier_after, rb.offers, rb.rules), r
+    finally:
+        a.close()
+        b.close()
+
+
 @pytest.mark.parametrize("tz", ["Europe/Berlin", "Asia/Tehran", "America/New_York", "Australia/Lord_Howe"])
 def test_one_purchase_and_a_batch_read_local_time_alike(tmp_path, tz):
     """The single path reads local time with zoneinfo, the batch path with Arrow: they must agree,

@@ -80,8 +80,10 @@ cdef packed struct IdEntry:
 cdef extern from *:
     """
     #define LE_PREFETCH(p) __builtin_prefetch((const void *)(p))
+    #define LE_CTZ(x) __builtin_ctzll(x)
     """
     void LE_PREFETCH(const void* p) noexcept nogil
+    int LE_CTZ(unsigned long long x) noexcept nogil
 
 cdef packed struct ARec:
     uint64_t id
@@ -1458,6 +1460,9 @@ DEF P_RFM = 24              # 12 bounds: recency days, visits, spend (4 each)
 DEF BP = 10000
 # conditions' table columns and predicate atoms' kinds (program.C_*, rules.expr.A_*)
 DEF C_NCOL = 5
+DEF R_W = 5                # columns of the rules table (program.R_NCOL)
+DEF O_W = 8                # of the offers table (program.O_NCOL)
+DEF T_W = 4                # of the tiers table (program.T_NCOL)
 DEF PF_ROWS = 8            # rows ahead that the kernel prefetches member state for
 DEF A_FACT = 1
 DEF A_SCALED = 2
@@ -1863,6 +1868,10 @@ def evaluate(const int64_t[::1] code, const int64_t[::1] pool, const int64_t[:, 
         raise ValueError("offer_use must be (members, offers, 3) and budget_used (offers,)")
     if out.shape[0] < n:
         raise ValueError("out is shorter than rows")
+    if nrules > 64 or noff > 64:
+        raise ValueError("a program has at most 64 earn rules and 64 offers")
+    if (nrules and rules.shape[1] != R_W) or (noff and offers.shape[1] != O_W) or (nt and tiers.shape[1] != T_W):
+        raise ValueError("rules, offers and tiers need %d, %d and %d columns" % (R_W, O_W, T_W))
     if params.shape[0] < P_RFM + 12:
         raise ValueError("params is shorter than the program's parameters")
     if out_hist.shape[0] < hist.shape[0] + n or hist_off[nseg] > hist.shape[0]:
@@ -1905,6 +1914,50 @@ def evaluate(const int64_t[::1] code, const int64_t[::1] pool, const int64_t[:, 
     finally:
         free(W)
         free(seg_member)
+
+
+cdef struct FAtom:
+    int64_t kind        # 1: (facts[a] & am) against c * facts[b] (tab: a truth table over <, ==, >);
+    int64_t a           # 2: 0 <= facts[a] < 64 and bit facts[a] of c, xor tab; 0: the general test of ptr
+    int64_t b
+    int64_t c
+    int64_t am
+    int64_t tab
+    const int64_t* ptr
+
+
+cdef inline void _fast_atom(FAtom* fa, const int64_t* at) noexcept nogil:
+    """An atom of the pool (rules.expr.A_*) in the form the kernel tests once a row: most kinds become a
+    comparison (the constant as c * facts[N_FACTS], which is 1; a bit or a truth as a masked fact against
+    0); a list of small numbers a bit test; the rest stay general."""
+    cdef int64_t kind = at[0], op = at[1]
+    # the comparisons ==, !=, <, <=, >, >= as truth tables over (x < y, x == y, x > y): 0b010, 0b101,
+    # 0b001, 0b011, 0b100, 0b110, packed three bits each
+    fa.kind = 1
+    fa.a = at[2]
+    fa.b = N_FACTS
+    fa.c = at[4]
+    fa.am = -1
+    fa.ptr = at
+    fa.tab = (0o643152 >> (3 * op)) & 7 if op <= 5 else 0
+    if kind == A_SCALED:
+        fa.b = at[3]
+    elif kind == A_BIT:
+        fa.am = <int64_t>((<uint64_t>1) << at[4])
+        fa.c = 0
+        fa.tab = 5 if op == 0 else 2            # != 0, or == 0 when negated
+    elif kind == A_TRUTH:
+        fa.c = 0
+        fa.tab = 5 if op == 0 else 2
+    elif kind == A_CONST:
+        fa.a = N_FACTS                          # 1 > 0 always: the table says the constant's truth
+        fa.c = 0
+        fa.tab = 4 if (at[4] != 0) != (op != 0) else 0
+    elif kind == A_MASK:
+        fa.kind = 2
+        fa.tab = op
+    elif kind != A_FACT:
+        fa.kind = 0
 
 
 cdef int _check_cond(const int64_t[::1] code, const int64_t[::1] pool, const int64_t[:, ::1] conds,
@@ -1958,8 +2011,23 @@ cdef int64_t _evaluate(const int64_t[::1] code, const int64_t[::1] pool, const i
     cdef const int64_t* pp = &pool[0]
     cdef const int64_t* condp = &conds[0, 0] if ncond else NULL
     cdef const int64_t* tp = &tiers[0, 0] if nt else NULL
-    cdef int64_t facts[N_FACTS]
+    cdef const int64_t* rp = &rules[0, 0] if nrules else NULL
+    cdef const int64_t* ofp = &offers[0, 0] if noff else NULL
+    cdef int64_t* oup = NULL
+    cdef Py_ssize_t ou_stride = offer_use.shape[1] * 3 if noff else 0
+    cdef int64_t facts[N_FACTS + 1]     # the last slot is 1 (an atom against a constant is c * facts[N_FACTS])
     cdef int64_t cat_amt[64]
+    # the first 64 atoms of predicate conditions, tested once a row into the bits of ``abits``; a
+    # predicate condition is then a mask test (all of its atoms' bits, or any)
+    cdef FAtom fat[64]
+    cdef FAtom* fa
+    cdef uint64_t rok, bits, mult_rules = 0, bonus_rules = 0, mult_offers = 0
+    cdef uint64_t cmask[64]
+    cdef int8_t cfast[64]
+    cdef Py_ssize_t natoms = 0
+    cdef uint64_t abits, amask
+    cdef int64_t ax, ay
+    cdef const int64_t* atp
     cdef int64_t sku_amt[64]
     cdef int64_t fired_cond[64]
     cdef int64_t* ws
@@ -1980,6 +2048,25 @@ cdef int64_t _evaluate(const int64_t[::1] code, const int64_t[::1] pool, const i
     for k in range(64):
         cat_amt[k] = 0
         sku_amt[k] = 0
+        cfast[k] = 0
+    facts[N_FACTS] = 1
+    for k in range(nrules):             # (the caller allows at most 64 rules and 64 offers)
+        if rp[R_W * k + 3] == 0:
+            mult_rules |= (<uint64_t>1) << k
+        elif rp[R_W * k + 3] == 1:
+            bonus_rules |= (<uint64_t>1) << k
+    for k in range(noff):
+        if ofp[O_W * k + 2] == 1:
+            mult_offers |= (<uint64_t>1) << k
+    for k in range(ncond if ncond < 64 else 64):
+        if (condp[C_NCOL * k + 2] == 1 or condp[C_NCOL * k + 2] == 2) and natoms + condp[C_NCOL * k + 4] <= 64:
+            amask = 0
+            for j in range(condp[C_NCOL * k + 4]):
+                _fast_atom(&fat[natoms], pp + condp[C_NCOL * k + 3] + 5 * j)
+                amask |= (<uint64_t>1) << natoms
+                natoms += 1
+            cmask[k] = amask
+            cfast[k] = <int8_t>condp[C_NCOL * k + 2]
     # lay the segments out: each gets room for its history and its rows
     base_at = 0
     for s in range(nseg):
@@ -2023,6 +2110,8 @@ cdef int64_t _evaluate(const int64_t[::1] code, const int64_t[::1] pool, const i
             LE_PREFETCH(&out_hist[ws[5]])
         d = rows[i].day
         m = &members[rows[i].member]
+        if noff:
+            oup = &offer_use[0, 0, 0] + rows[i].member * ou_stride
         ws = W + seg_of[i] * 16
         p0 = ws[0]; p = ws[1]; lo30 = ws[2]; lo90 = ws[3]; lo365 = ws[4]; lot = ws[5]
         c30 = ws[6]; c90 = ws[7]; c365 = ws[8]; a30 = ws[9]; a90 = ws[10]; a365 = ws[11]
@@ -2117,31 +2206,46 @@ cdef int64_t _evaluate(const int64_t[::1] code, const int64_t[::1] pool, const i
             # conditions of rules and offers, each evaluated once
             for k in range(ncond if ncond < 64 else 64):
                 fired_cond[k] = -1
+            abits = 0
+            for k in range(natoms):
+                fa = &fat[k]
+                if fa.kind == 1:
+                    ax = facts[fa.a] & fa.am
+                    ay = fa.c * facts[fa.b]
+                    abits |= <uint64_t>((fa.tab >> ((ax > ay) - (ax < ay) + 1)) & 1) << k
+                elif fa.kind == 2:
+                    ax = facts[fa.a]
+                    if 0 <= ax < 64:
+                        abits |= (((<uint64_t>fa.c >> ax) & 1) ^ <uint64_t>fa.tab) << k
+                    else:
+                        abits |= (<uint64_t>fa.tab) << k
+                else:
+                    abits |= (<uint64_t>_atom(fa.ptr, pp, facts, cat_amt, sku_amt)) << k
             # offers, highest priority first
             offers_mask = 0
             any_fired = False
             disc = 0
             if nt:
-                disc = mul_bp(amount, tiers[m.tier - 1, 2]) if m.tier > 0 else 0
+                disc = mul_bp(amount, tp[4 * (m.tier - 1) + 2]) if m.tier > 0 else 0
             for k in range(noff):
-                excl = offers[k, 1] != 0
+                excl = ofp[O_W * k + 1] != 0
                 if excl and any_fired:
                     continue
-                if offers[k, 4] and offer_use[rows[i].member, k, 0] >= offers[k, 4]:
+                if ofp[O_W * k + 4] and oup[3 * k + 0] >= ofp[O_W * k + 4]:
                     continue
-                if offers[k, 5]:
-                    if offer_use[rows[i].member, k, 1] and d - offer_use[rows[i].member, k, 2] < offers[k, 6]:
-                        if offer_use[rows[i].member, k, 1] >= offers[k, 5]:
+                if ofp[O_W * k + 5]:
+                    if oup[3 * k + 1] and d - oup[3 * k + 2] < ofp[O_W * k + 6]:
+                        if oup[3 * k + 1] >= ofp[O_W * k + 5]:
                             continue
-                if offers[k, 7] and budget_used[k] >= offers[k, 7]:
+                if ofp[O_W * k + 7] and budget_used[k] >= ofp[O_W * k + 7]:
                     continue
-                cidx = offers[k, 0]
-                if cidx >= 0 and not _cond(cp, condp, cidx, pp, facts, cat_amt, sku_amt, fired_cond):
+                cidx = ofp[O_W * k + 0]
+                if cidx >= 0 and not _cv(cidx, cfast, cmask, abits, cp, condp, pp, facts, cat_amt, sku_amt, fired_cond):
                     continue
                 offers_mask |= (<int64_t>1) << k
                 any_fired = True
-                if offers[k, 2] == 4:   # discount_percent
-                    disc += mul_bp(amount, offers[k, 3])
+                if ofp[O_W * k + 2] == 4:   # discount_percent
+                    disc += mul_bp(amount, ofp[O_W * k + 3])
                 if excl:
                     break
             if disc > amount:
@@ -2184,70 +2288,74 @@ cdef int64_t _evaluate(const int64_t[::1] code, const int64_t[::1] pool, const i
                     items_total = amount
                 S = 0
                 base = round_div(<i128>paid * rate_pts, <i128>rate_per, rmode)
+                # the rules whose conditions hold, once a row; multipliers then stack in rule order
+                rok = 0
+                for k in range(nrules):
+                    cidx = rp[R_W * k + 0]
+                    if cidx < 0 or _cv(cidx, cfast, cmask, abits, cp, condp, pp, facts, cat_amt, sku_amt, fired_cond):
+                        rok |= (<uint64_t>1) << k
                 for j in range(first_item, last_item if last_item > first_item else first_item + 1):
                     f = BP
-                    for k in range(nrules):
-                        if rules[k, 3] != 0:
+                    bits = rok & mult_rules
+                    while bits:
+                        k = LE_CTZ(bits)
+                        bits &= bits - 1
+                        if rp[R_W * k + 1] == 1 and (last_item == first_item or item_cat[j] != rp[R_W * k + 2]):
                             continue
-                        if rules[k, 1] == 1 and (last_item == first_item or item_cat[j] != rules[k, 2]):
-                            continue
-                        if rules[k, 1] == 2 and (last_item == first_item or item_sku[j] != rules[k, 2]):
-                            continue
-                        cidx = rules[k, 0]
-                        if cidx >= 0 and not _cond(cp, condp, cidx, pp, facts, cat_amt, sku_amt, fired_cond):
+                        if rp[R_W * k + 1] == 2 and (last_item == first_item or item_sku[j] != rp[R_W * k + 2]):
                             continue
                         rules_mask |= (<int64_t>1) << k
-                        f = _stack(f, rules[k, 4], stacking)
-                    for k in range(noff):
-                        if (offers_mask >> k) & 1 and offers[k, 2] == 1:
-                            f = _stack(f, offers[k, 3], stacking)
+                        f = _stack(f, rp[R_W * k + 4], stacking)
+                    bits = <uint64_t>offers_mask & mult_offers
+                    while bits:
+                        k = LE_CTZ(bits)
+                        bits &= bits - 1
+                        f = _stack(f, ofp[O_W * k + 3], stacking)
                     if nt and m.tier > 0:
-                        f = mul_bp(f, tiers[m.tier - 1, 1])
+                        f = mul_bp(f, tp[4 * (m.tier - 1) + 1])
                     S += <i128>(item_amount[j] if last_item > first_item else amount) * f
                 earned = round_div(S * paid * rate_pts, <i128>items_total * rate_per * BP, rmode) if items_total > 0 else 0
                 out[i].base_points = base
                 out[i].rule_points = earned - base
-                for k in range(nrules):
-                    if rules[k, 3] != 1:
+                bits = rok & bonus_rules
+                while bits:
+                    k = LE_CTZ(bits)
+                    bits &= bits - 1
+                    if rp[R_W * k + 1] == 1 and not ((rows[i].cats >> rp[R_W * k + 2]) & 1):
                         continue
-                    if rules[k, 1] == 1 and not ((rows[i].cats >> rules[k, 2]) & 1):
-                        continue
-                    if rules[k, 1] == 2 and not ((rows[i].skus >> rules[k, 2]) & 1):
-                        continue
-                    cidx = rules[k, 0]
-                    if cidx >= 0 and not _cond(cp, condp, cidx, pp, facts, cat_amt, sku_amt, fired_cond):
+                    if rp[R_W * k + 1] == 2 and not ((rows[i].skus >> rp[R_W * k + 2]) & 1):
                         continue
                     rules_mask |= (<int64_t>1) << k
-                    bonus += rules[k, 4]
+                    bonus += rp[R_W * k + 4]
             # offers' points and credit (budgets cap what an offer gives)
             credit = 0
             if nt and m.tier > 0:
-                credit = mul_bp(paid, tiers[m.tier - 1, 3])
+                credit = mul_bp(paid, tp[4 * (m.tier - 1) + 3])
             for k in range(noff):
                 if not (offers_mask >> k) & 1:
                     continue
                 give = 0
-                if offers[k, 2] == 0:
-                    give = offers[k, 3]
-                elif offers[k, 2] == 2:
-                    give = mul_bp(paid, offers[k, 3])
-                elif offers[k, 2] == 3:
-                    give = offers[k, 3]
-                if offers[k, 7] and give > offers[k, 7] - budget_used[k]:
-                    give = offers[k, 7] - budget_used[k]
-                if offers[k, 7]:
+                if ofp[O_W * k + 2] == 0:
+                    give = ofp[O_W * k + 3]
+                elif ofp[O_W * k + 2] == 2:
+                    give = mul_bp(paid, ofp[O_W * k + 3])
+                elif ofp[O_W * k + 2] == 3:
+                    give = ofp[O_W * k + 3]
+                if ofp[O_W * k + 7] and give > ofp[O_W * k + 7] - budget_used[k]:
+                    give = ofp[O_W * k + 7] - budget_used[k]
+                if ofp[O_W * k + 7]:
                     budget_used[k] += give
-                if offers[k, 2] == 0:
+                if ofp[O_W * k + 2] == 0:
                     bonus += give
-                elif offers[k, 2] == 2 or offers[k, 2] == 3:
+                elif ofp[O_W * k + 2] == 2 or ofp[O_W * k + 2] == 3:
                     credit += give
                 # usage
-                offer_use[rows[i].member, k, 0] += 1
-                if offers[k, 5]:
-                    if offer_use[rows[i].member, k, 1] == 0 or d - offer_use[rows[i].member, k, 2] >= offers[k, 6]:
-                        offer_use[rows[i].member, k, 1] = 0
-                        offer_use[rows[i].member, k, 2] = d
-                    offer_use[rows[i].member, k, 1] += 1
+                oup[3 * k + 0] += 1
+                if ofp[O_W * k + 5]:
+                    if oup[3 * k + 1] == 0 or d - oup[3 * k + 2] >= ofp[O_W * k + 6]:
+                        oup[3 * k + 1] = 0
+                        oup[3 * k + 2] = d
+                    oup[3 * k + 1] += 1
             out[i].bonus_points = bonus
             earned += bonus
             # caps (per receipt, then per day)
@@ -2395,6 +2503,18 @@ cdef inline bint _atom(const int64_t* at, const int64_t* pp, const int64_t* fact
     if op == 4:
         return x > y
     return x >= y
+
+
+cdef inline bint _cv(int64_t c, const int8_t* cfast, const uint64_t* cmask, uint64_t abits, const int64_t* cp,
+                     const int64_t* condp, const int64_t* pp, const int64_t* facts, const int64_t* cat_amt,
+                     const int64_t* sku_amt, int64_t* memo) noexcept nogil:
+    """Condition ``c``'s truth: a mask test of the row's atom bits for a predicate among the first 64
+    conditions, else :func:`_cond`."""
+    if c < 64 and cfast[c]:
+        if cfast[c] == 1:
+            return (abits & cmask[c]) == cmask[c]
+        return (abits & cmask[c]) != 0
+    return _cond(cp, condp, c, pp, facts, cat_amt, sku_amt, memo)
 
 
 cdef inline bint _cond(const int64_t* cp, const int64_t* condp, int64_t c, const int64_t* pp,
