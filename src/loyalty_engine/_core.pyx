@@ -1923,7 +1923,9 @@ cdef struct FAtom:
     int64_t c
     int64_t am
     int64_t tab
+    int64_t bit         # the atom's bit in the row's set
     const int64_t* ptr
+    const int64_t* pa   # &facts[a]
 
 
 cdef inline void _fast_atom(FAtom* fa, const int64_t* at) noexcept nogil:
@@ -1958,6 +1960,13 @@ cdef inline void _fast_atom(FAtom* fa, const int64_t* at) noexcept nogil:
         fa.tab = op
     elif kind != A_FACT:
         fa.kind = 0
+
+
+cdef inline Py_ssize_t _atom_group(const FAtom* fa) noexcept nogil:
+    """0: a plain fact against a constant; 1: another comparison; 2: a small set; 3: the general test."""
+    if fa.kind == 1:
+        return 0 if fa.b == N_FACTS and fa.am == -1 else 1
+    return 2 if fa.kind == 2 else 3
 
 
 cdef int _check_cond(const int64_t[::1] code, const int64_t[::1] pool, const int64_t[:, ::1] conds,
@@ -2019,8 +2028,12 @@ cdef int64_t _evaluate(const int64_t[::1] code, const int64_t[::1] pool, const i
     cdef int64_t cat_amt[64]
     # the first 64 atoms of predicate conditions, tested once a row into the bits of ``abits``; a
     # predicate condition is then a mask test (all of its atoms' bits, or any)
-    cdef FAtom fat[64]
+    cdef FAtom fat[64]          # by group: constant comparisons, other comparisons, small sets, the rest
     cdef FAtom* fa
+    cdef FAtom tmp_atom
+    cdef Py_ssize_t ng[4]
+    cdef Py_ssize_t gend[4]
+    cdef Py_ssize_t g
     cdef uint64_t rok, bits, mult_rules = 0, bonus_rules = 0, mult_offers = 0
     cdef uint64_t cmask[64]
     cdef int8_t cfast[64]
@@ -2063,10 +2076,27 @@ cdef int64_t _evaluate(const int64_t[::1] code, const int64_t[::1] pool, const i
             amask = 0
             for j in range(condp[C_NCOL * k + 4]):
                 _fast_atom(&fat[natoms], pp + condp[C_NCOL * k + 3] + 5 * j)
+                fat[natoms].bit = natoms
+                fat[natoms].pa = &facts[fat[natoms].a]
                 amask |= (<uint64_t>1) << natoms
                 natoms += 1
             cmask[k] = amask
             cfast[k] = <int8_t>condp[C_NCOL * k + 2]
+    # group the atoms (a stable sort by group) so that each group's loop has no branch on the kind
+    for g in range(4):
+        ng[g] = 0
+    for k in range(natoms):
+        ng[_atom_group(&fat[k])] += 1
+    gend[0] = ng[0]
+    for g in range(1, 4):
+        gend[g] = gend[g - 1] + ng[g]
+    for k in range(1, natoms):          # insertion sort by group keeps the order inside a group
+        tmp_atom = fat[k]
+        j = k - 1
+        while j >= 0 and _atom_group(&fat[j]) > _atom_group(&tmp_atom):
+            fat[j + 1] = fat[j]
+            j -= 1
+        fat[j + 1] = tmp_atom
     # lay the segments out: each gets room for its history and its rows
     base_at = 0
     for s in range(nseg):
@@ -2207,20 +2237,25 @@ cdef int64_t _evaluate(const int64_t[::1] code, const int64_t[::1] pool, const i
             for k in range(ncond if ncond < 64 else 64):
                 fired_cond[k] = -1
             abits = 0
-            for k in range(natoms):
+            for k in range(gend[0]):                  # a fact against a constant
                 fa = &fat[k]
-                if fa.kind == 1:
-                    ax = facts[fa.a] & fa.am
-                    ay = fa.c * facts[fa.b]
-                    abits |= <uint64_t>((fa.tab >> ((ax > ay) - (ax < ay) + 1)) & 1) << k
-                elif fa.kind == 2:
-                    ax = facts[fa.a]
-                    if 0 <= ax < 64:
-                        abits |= (((<uint64_t>fa.c >> ax) & 1) ^ <uint64_t>fa.tab) << k
-                    else:
-                        abits |= (<uint64_t>fa.tab) << k
+                ax = fa.pa[0]
+                abits |= <uint64_t>((fa.tab >> ((ax > fa.c) - (ax < fa.c) + 1)) & 1) << fa.bit
+            for k in range(gend[0], gend[1]):         # masked, or against a multiple of a fact
+                fa = &fat[k]
+                ax = fa.pa[0] & fa.am
+                ay = fa.c * facts[fa.b]
+                abits |= <uint64_t>((fa.tab >> ((ax > ay) - (ax < ay) + 1)) & 1) << fa.bit
+            for k in range(gend[1], gend[2]):         # in a list of small numbers
+                fa = &fat[k]
+                ax = fa.pa[0]
+                if 0 <= ax < 64:
+                    abits |= (((<uint64_t>fa.c >> ax) & 1) ^ <uint64_t>fa.tab) << fa.bit
                 else:
-                    abits |= (<uint64_t>_atom(fa.ptr, pp, facts, cat_amt, sku_amt)) << k
+                    abits |= (<uint64_t>fa.tab) << fa.bit
+            for k in range(gend[2], gend[3]):
+                fa = &fat[k]
+                abits |= (<uint64_t>_atom(fa.ptr, pp, facts, cat_amt, sku_amt)) << fa.bit
             # offers, highest priority first
             offers_mask = 0
             any_fired = False
