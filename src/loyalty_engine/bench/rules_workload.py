@@ -77,14 +77,27 @@ def make_rows(prog: Program, n: int, members: int, seed: int = 7) -> dict[str, n
     return {"rows": rows, "cat": cat, "sku": np.zeros(n, np.int32), "amount": rows["amount"].copy()}
 
 
-def kernel_evaluate(prog: Program, data: dict[str, np.ndarray], members: int) -> np.ndarray:
+def kernel_buffers(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Output buffers for ``n`` rows (the kept history and the per-row results), touched once, so that a
+    caller streaming batches through the kernel allocates them once, as the import does per chunk."""
+    out_hist = np.zeros(n, _core.HEV_DTYPE)
+    out = np.zeros(n, _core.OUT_DTYPE)
+    out_hist.view(np.uint8)[::4096] = 0
+    out.view(np.uint8)[::4096] = 0
+    return out_hist, out
+
+
+def kernel_evaluate(prog: Program, data: dict[str, np.ndarray], members: int,
+                    buffers: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """Evaluate every row with the compiled kernel, state in memory (fresh members), with NumPy's
-    allocations as the engine's batch paths make them (small pages: ``_memory.small_pages``)."""
+    allocations as the engine's batch paths make them (small pages: ``_memory.small_pages``). With
+    ``buffers`` (from :func:`kernel_buffers`, at least as long as the rows) the outputs go there."""
     with _memory.small_pages():
-        return _kernel_evaluate(prog, data, members)
+        return _kernel_evaluate(prog, data, members, buffers)
 
 
-def _kernel_evaluate(prog: Program, data: dict[str, np.ndarray], members: int) -> np.ndarray:
+def _kernel_evaluate(prog: Program, data: dict[str, np.ndarray], members: int,
+                     buffers: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray:
     c = prog.compiled
     rows = data["rows"]
     state = np.zeros(members, _core.MSTATE_DTYPE)
@@ -97,8 +110,8 @@ def _kernel_evaluate(prog: Program, data: dict[str, np.ndarray], members: int) -
     use = np.zeros((members, noff, 3), np.int64)
     hist_off = np.zeros(members + 1, np.int64)
     out_off = np.zeros(members + 1, np.int64)
-    out_hist = np.zeros(len(rows), _core.HEV_DTYPE)
-    out = np.zeros(len(rows), _core.OUT_DTYPE)
+    out_hist, out = buffers if buffers is not None else kernel_buffers(len(rows))
+    out_hist, out = out_hist[:len(rows)], out[:len(rows)]
     _core.evaluate(c.code, c.pool, c.conds, c.rules, c.offers, c.tiers, c.params, rows,
                    rows["member"].astype(np.int64), data["cat"], data["sku"], data["amount"], state, hist_off,
                    np.zeros(0, _core.HEV_DTYPE), out_off, out_hist, use, np.zeros(noff, np.int64), out,
