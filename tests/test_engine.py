@@ -3,6 +3,7 @@ property that one purchase at a time and a batch give identical ledgers."""
 
 from __future__ import annotations
 
+import json
 import os
 from datetime import UTC, date, datetime, timedelta
 
@@ -622,3 +623,18 @@ def test_review_and_period_and_rfm_bounds_are_checked():
     with pytest.raises(ConfigError, match="recency_days.*four bounds"):
         Program.from_dict({"name": "x", "tiers": {"metric": "rfm", "levels": levels,
                                                   "rfm": {**RFM, "recency_days": [1, 2, 3, 2**63]}}})
+
+
+_json_values = st.one_of(st.integers(-(1 << 70), 1 << 70), st.text(max_size=12), st.booleans(), st.none(),
+                         st.lists(st.integers(), max_size=2))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=12), st.text(max_size=12), st.integers(-(1 << 62), 1 << 62),
+       st.dictionaries(st.text(max_size=6), _json_values, max_size=4))
+def test_event_bodies_are_the_json_of_their_fields(kind, member, at, data):
+    """Events are written without json.dumps for their usual fields; the bytes must be json.dumps'."""
+    from loyalty_engine.engine import _event_json
+
+    assert _event_json(kind, member, at, data) == json.dumps({"kind": kind, "member": member, "at": at,
+                                                              "data": data}).encode()

@@ -45,6 +45,14 @@ def evaluate(code: _I64, pool: _I64, conds: _I64, rules: _I64, offers: _I64, tie
              hist: npt.NDArray[Any], out_off: _I64, out_hist: npt.NDArray[Any], offer_use: _I64,
              budget_used: _I64, out: npt.NDArray[Any], facts_out: _I64) -> int: ...
 
+class Kernel:
+    def __init__(self, code: _I64, pool: _I64, conds: _I64, rules: _I64, offers: _I64, tiers: _I64,
+                 params: _I64) -> None: ...
+    def run(self, rows: npt.NDArray[Any], seg_of: _I64, item_cat: npt.NDArray[np.int32],
+            item_sku: npt.NDArray[np.int32], item_amount: _I64, members: npt.NDArray[Any], hist_off: _I64,
+            hist: npt.NDArray[Any], out_off: _I64, out_hist: npt.NDArray[Any], offer_use: npt.NDArray[np.int64],
+            budget_used: _I64, out: npt.NDArray[Any], facts_out: _I64) -> int: ...
+
 class State:
     n_accounts: int
     n_pending: int

@@ -1838,82 +1838,110 @@ cdef inline int64_t metric_of(int64_t kind, int64_t count, int64_t amount, int64
     return score + 2
 
 
-def evaluate(const int64_t[::1] code, const int64_t[::1] pool, const int64_t[:, ::1] conds,
-             const int64_t[:, ::1] rules, const int64_t[:, ::1] offers, const int64_t[:, ::1] tiers,
-             const int64_t[::1] params, const RowIn[::1] rows, const int64_t[::1] seg_of,
-             const int32_t[::1] item_cat, const int32_t[::1] item_sku, const int64_t[::1] item_amount,
-             MState[::1] members, const int64_t[::1] hist_off, const HEv[::1] hist, int64_t[::1] out_off,
-             HEv[::1] out_hist, int64_t[:, :, ::1] offer_use, int64_t[::1] budget_used, RowOut[::1] out,
-             int64_t[:, ::1] facts_out):
-    """Evaluate purchase rows against a compiled program, updating member state in place.
+cdef class Kernel:
+    """A compiled program bound to the kernel once (its tables checked once), to evaluate batches and
+    single purchases against member state with :meth:`run` (a call acquires only the per-call arrays)."""
+    cdef const int64_t[::1] code
+    cdef const int64_t[::1] pool
+    cdef const int64_t[:, ::1] conds
+    cdef const int64_t[:, ::1] rules
+    cdef const int64_t[:, ::1] offers
+    cdef const int64_t[:, ::1] tiers
+    cdef const int64_t[::1] params
 
-    Rows are evaluated in the order given, which must be time order (so that budgets, caps and
-    referral bonuses see what came first, exactly as one purchase at a time would). ``seg_of[i]`` is
-    row i's member segment: ``hist[hist_off[s]:hist_off[s+1]]`` is segment s's purchase history (day
-    order), and the kernel writes the history to keep (the horizon's worth, this batch's purchases
-    included) to ``out_hist[out_off[s]:out_off[s+1]]`` (``out_hist`` holds at least len(hist) +
-    len(rows) events). ``facts_out`` is (len(rows), N_FACTS) to record every row's facts (for
-    explanations) or (0, N_FACTS). Returns the number of segments.
-    """
-    cdef Py_ssize_t n = rows.shape[0], nrules = rules.shape[0], noff = offers.shape[0]
-    cdef Py_ssize_t nt = tiers.shape[0], ncond = conds.shape[0]
-    cdef Py_ssize_t i, j, k, s
-    cdef int64_t nseg = hist_off.shape[0] - 1
-    if nseg < 0 or out_off.shape[0] < nseg + 1 or seg_of.shape[0] < n:
-        raise ValueError("hist_off/out_off/seg_of are too short")
-    if facts_out.shape[0] != 0 and (facts_out.shape[0] < n or facts_out.shape[1] < N_FACTS):
-        raise ValueError("facts_out must be (rows, %d) or empty" % N_FACTS)
-    if offers.shape[0] and (offer_use.shape[1] < noff or offer_use.shape[2] < 3 or budget_used.shape[0] < noff
-                            or offer_use.shape[0] < members.shape[0]):
-        raise ValueError("offer_use must be (members, offers, 3) and budget_used (offers,)")
-    if out.shape[0] < n:
-        raise ValueError("out is shorter than rows")
-    if nrules > 64 or noff > 64:
-        raise ValueError("a program has at most 64 earn rules and 64 offers")
-    if (nrules and rules.shape[1] != R_W) or (noff and offers.shape[1] != O_W) or (nt and tiers.shape[1] != T_W):
-        raise ValueError("rules, offers and tiers need %d, %d and %d columns" % (R_W, O_W, T_W))
-    if params.shape[0] < P_RFM + 12:
-        raise ValueError("params is shorter than the program's parameters")
-    if out_hist.shape[0] < hist.shape[0] + n or hist_off[nseg] > hist.shape[0]:
-        raise ValueError("out_hist must hold len(hist) + len(rows) events")
-    for k in range(ncond):
-        _check_cond(code, pool, conds, k)
-    cdef int64_t* W = <int64_t*>malloc((nseg + 1) * 16 * sizeof(int64_t))
-    cdef int64_t* seg_member = <int64_t*>malloc((nseg + 1) * sizeof(int64_t))
-    if W == NULL or seg_member == NULL:
-        free(W)
-        free(seg_member)
-        raise MemoryError()
-    for s in range(nseg + 1):
-        W[s * 16 + 1] = 0
-        seg_member[s] = -1
-    try:
-        for i in range(n):
-            if rows[i].member < 0 or rows[i].member >= members.shape[0]:
-                raise ValueError("row %d names member %d, beyond the state (%d members)" % (i, rows[i].member, members.shape[0]))
-            if seg_of[i] < 0 or seg_of[i] >= nseg:
-                raise ValueError("row %d: segment %d is out of range" % (i, seg_of[i]))
-            if seg_member[seg_of[i]] == -1:
-                seg_member[seg_of[i]] = rows[i].member
-            elif seg_member[seg_of[i]] != rows[i].member:
-                raise ValueError("row %d: segment %d holds two members" % (i, seg_of[i]))
-            W[seg_of[i] * 16 + 1] += 1
-            if rows[i].item_start < 0 or rows[i].item_end > item_amount.shape[0] or rows[i].item_end < rows[i].item_start:
-                raise ValueError("row %d: items [%d, %d) are out of range" % (i, rows[i].item_start, rows[i].item_end))
-            if item_cat.shape[0] < item_amount.shape[0] or item_sku.shape[0] < item_amount.shape[0]:
-                raise ValueError("item arrays differ in length")
-            for j in range(rows[i].item_start, rows[i].item_end):
-                if item_cat[j] < 0 or item_cat[j] >= 64 or item_sku[j] < 0 or item_sku[j] >= 64:
-                    raise ValueError("item %d: category/sku symbol out of range" % j)
-        for s in range(nseg):
-            if hist_off[s] > hist_off[s + 1]:
-                raise ValueError("hist_off must not decrease")
-        return _evaluate(code, pool, conds, rules, offers, tiers, params, rows, seg_of, item_cat, item_sku,
-                         item_amount, members, hist_off, hist, out_off, out_hist, offer_use, budget_used, out,
-                         facts_out, W, nseg)
-    finally:
-        free(W)
-        free(seg_member)
+    def __init__(self, const int64_t[::1] code, const int64_t[::1] pool, const int64_t[:, ::1] conds,
+                 const int64_t[:, ::1] rules, const int64_t[:, ::1] offers, const int64_t[:, ::1] tiers,
+                 const int64_t[::1] params):
+        cdef Py_ssize_t k
+        cdef Py_ssize_t nrules = rules.shape[0], noff = offers.shape[0], nt = tiers.shape[0]
+        if nrules > 64 or noff > 64:
+            raise ValueError("a program has at most 64 earn rules and 64 offers")
+        if (nrules and rules.shape[1] != R_W) or (noff and offers.shape[1] != O_W) or (nt and tiers.shape[1] != T_W):
+            raise ValueError("rules, offers and tiers need %d, %d and %d columns" % (R_W, O_W, T_W))
+        if params.shape[0] < P_RFM + 12:
+            raise ValueError("params is shorter than the program's parameters")
+        if pool.shape[0] == 0:
+            raise ValueError("the pool holds at least one word")
+        for k in range(conds.shape[0]):
+            _check_cond(code, pool, conds, k)
+        self.code, self.pool, self.conds, self.rules = code, pool, conds, rules
+        self.offers, self.tiers, self.params = offers, tiers, params
+
+    def run(self, const RowIn[::1] rows, const int64_t[::1] seg_of, const int32_t[::1] item_cat,
+            const int32_t[::1] item_sku, const int64_t[::1] item_amount, MState[::1] members,
+            const int64_t[::1] hist_off, const HEv[::1] hist, int64_t[::1] out_off, HEv[::1] out_hist,
+            int64_t[:, :, ::1] offer_use, int64_t[::1] budget_used, RowOut[::1] out, int64_t[:, ::1] facts_out):
+        """Evaluate purchase rows against a compiled program, updating member state in place.
+
+        Rows are evaluated in the order given, which must be time order (so that budgets, caps and
+        referral bonuses see what came first, exactly as one purchase at a time would). ``seg_of[i]`` is
+        row i's member segment: ``hist[hist_off[s]:hist_off[s+1]]`` is segment s's purchase history (day
+        order), and the kernel writes the history to keep (the horizon's worth, this batch's purchases
+        included) to ``out_hist[out_off[s]:out_off[s+1]]`` (``out_hist`` holds at least len(hist) +
+        len(rows) events). ``facts_out`` is (len(rows), N_FACTS) to record every row's facts (for
+        explanations) or (0, N_FACTS). Returns the number of segments.
+        """
+        cdef Py_ssize_t n = rows.shape[0], noff = self.offers.shape[0]
+        cdef Py_ssize_t i, j, s
+        cdef int64_t nseg = hist_off.shape[0] - 1
+        if nseg < 0 or out_off.shape[0] < nseg + 1 or seg_of.shape[0] < n:
+            raise ValueError("hist_off/out_off/seg_of are too short")
+        if facts_out.shape[0] != 0 and (facts_out.shape[0] < n or facts_out.shape[1] < N_FACTS):
+            raise ValueError("facts_out must be (rows, %d) or empty" % N_FACTS)
+        if noff and (offer_use.shape[1] < noff or offer_use.shape[2] < 3 or budget_used.shape[0] < noff
+                     or offer_use.shape[0] < members.shape[0]):
+            raise ValueError("offer_use must be (members, offers, 3) and budget_used (offers,)")
+        if out.shape[0] < n:
+            raise ValueError("out is shorter than rows")
+        if out_hist.shape[0] < hist.shape[0] + n or hist_off[nseg] > hist.shape[0]:
+            raise ValueError("out_hist must hold len(hist) + len(rows) events")
+        if item_cat.shape[0] < item_amount.shape[0] or item_sku.shape[0] < item_amount.shape[0]:
+            raise ValueError("item arrays differ in length")
+        cdef int64_t* W = <int64_t*>malloc((nseg + 1) * 16 * sizeof(int64_t))
+        cdef int64_t* seg_member = <int64_t*>malloc((nseg + 1) * sizeof(int64_t))
+        if W == NULL or seg_member == NULL:
+            free(W)
+            free(seg_member)
+            raise MemoryError()
+        for s in range(nseg + 1):
+            W[s * 16 + 1] = 0
+            seg_member[s] = -1
+        try:
+            for i in range(n):
+                if rows[i].member < 0 or rows[i].member >= members.shape[0]:
+                    raise ValueError("row %d names member %d, beyond the state (%d members)"
+                                     % (i, rows[i].member, members.shape[0]))
+                if seg_of[i] < 0 or seg_of[i] >= nseg:
+                    raise ValueError("row %d: segment %d is out of range" % (i, seg_of[i]))
+                if seg_member[seg_of[i]] == -1:
+                    seg_member[seg_of[i]] = rows[i].member
+                elif seg_member[seg_of[i]] != rows[i].member:
+                    raise ValueError("row %d: segment %d holds two members" % (i, seg_of[i]))
+                W[seg_of[i] * 16 + 1] += 1
+                if (rows[i].item_start < 0 or rows[i].item_end > item_amount.shape[0]
+                        or rows[i].item_end < rows[i].item_start):
+                    raise ValueError("row %d: items [%d, %d) are out of range"
+                                     % (i, rows[i].item_start, rows[i].item_end))
+                for j in range(rows[i].item_start, rows[i].item_end):
+                    if item_cat[j] < 0 or item_cat[j] >= 64 or item_sku[j] < 0 or item_sku[j] >= 64:
+                        raise ValueError("item %d: category/sku symbol out of range" % j)
+            for s in range(nseg):
+                if hist_off[s] > hist_off[s + 1]:
+                    raise ValueError("hist_off must not decrease")
+            return _evaluate(self.code, self.pool, self.conds, self.rules, self.offers, self.tiers, self.params,
+                             rows, seg_of, item_cat, item_sku, item_amount, members, hist_off, hist, out_off,
+                             out_hist, offer_use, budget_used, out, facts_out, W, nseg)
+        finally:
+            free(W)
+            free(seg_member)
+
+
+def evaluate(code, pool, conds, rules, offers, tiers, params, rows, seg_of, item_cat, item_sku, item_amount,
+             members, hist_off, hist, out_off, out_hist, offer_use, budget_used, out, facts_out):
+    """Evaluate purchase rows against a compiled program (:class:`Kernel` ``(...).run(...)`` in one call)."""
+    return Kernel(code, pool, conds, rules, offers, tiers, params).run(
+        rows, seg_of, item_cat, item_sku, item_amount, members, hist_off, hist, out_off, out_hist, offer_use,
+        budget_used, out, facts_out)
 
 
 cdef struct FAtom:

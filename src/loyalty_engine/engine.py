@@ -44,6 +44,42 @@ ROW = _core.ROW_DTYPE
 OUT = _core.OUT_DTYPE
 N_FACTS = len(VARIABLES)
 _NO_HIST = np.zeros(0, HEV)
+_NO_I32 = np.zeros(0, np.int32)
+_NO_I64 = np.zeros(0, np.int64)
+_SEG0 = np.zeros(1, np.int64)         # one purchase is one segment
+
+
+def _event_json(kind: str, member: str, at_us: int, data: dict[str, Any]) -> bytes:
+    """``json.dumps({"kind": ..., "member": ..., "at": ..., "data": data}).encode()``, the same bytes,
+    written directly for the values events hold (strings and integers; anything else goes to json)."""
+    parts = []
+    for k, v in data.items():
+        if type(v) is int:
+            parts.append(f"{_json_str(k)}: {v}")
+        elif type(v) is str:
+            parts.append(f"{_json_str(k)}: {_json_str(v)}")
+        else:
+            return json.dumps({"kind": kind, "member": member, "at": at_us, "data": data}).encode()
+    return (f'{{"kind": {_json_str(kind)}, "member": {_json_str(member)}, "at": {int(at_us)}, '
+            f'"data": {{{", ".join(parts)}}}}}').encode()
+
+
+_json_str = json.encoder.encode_basestring_ascii     # type: ignore[attr-defined]
+
+
+def _bits(mask: int) -> list[int]:
+    """The positions of the set bits of a non-negative mask, lowest first."""
+    out = []
+    while mask:
+        low = mask & -mask
+        out.append(low.bit_length() - 1)
+        mask ^= low
+    return out
+
+
+def _as_i64(bits: int) -> int:
+    """A 64-bit set (bit 63 may be set) as the int64 the kernel's rows hold."""
+    return bits - (1 << 64) if bits >= 1 << 63 else bits
 OUT_NAMES = OUT.names
 FACT_NAMES = tuple(sorted(VARIABLES, key=lambda k: VARIABLES[k].slot))
 CHUNK_ROWS = 200_000
@@ -238,6 +274,8 @@ class Engine:
     def __init__(self, ledger: Ledger, program: Program) -> None:
         self.ledger = ledger
         self.program = program
+        cp = program.compiled
+        self._kernel = _core.Kernel(cp.code, cp.pool, cp.conds, cp.rules, cp.offers, cp.tiers, cp.params)
         self._lock = threading.RLock()
         self._names: dict[str, int] = {}
         self._member_names: list[str] = []
@@ -344,7 +382,9 @@ class Engine:
     def _member_value(self, idx: int) -> bytes:
         name = self._member_names[idx].encode()
         noff = len(self.program.offers)
-        use_b = self._offer_use[idx, :noff].tobytes() if noff and self._offer_use[idx, :noff].any() else b""
+        use_b = self._offer_use[idx, :noff].tobytes() if noff else b""
+        if use_b and use_b == bytes(len(use_b)):       # never used: nothing stored
+            use_b = b""
         return (len(name).to_bytes(2, "little") + name + self._members[idx: idx + 1].tobytes()
                 + len(use_b).to_bytes(4, "little") + use_b + self._hist.get(idx, b""))
 
@@ -407,7 +447,7 @@ class Engine:
 
     def _put_event(self, txn: lmdb.Transaction, kind: str, member: str, at_us: int, **data: Any) -> None:
         self._event_seq += 1
-        body = json.dumps({"kind": kind, "member": member, "at": at_us, "data": data}).encode()
+        body = _event_json(kind, member, at_us, data)
         # the sequence is the last event's key; "S" keeps it only when ack deletes events (one B-tree
         # page fewer for every durable commit that records an event)
         txn.put(b"E" + self._event_seq.to_bytes(8, "big"), body, db=self.ledger._ext_db())
@@ -611,13 +651,11 @@ class Engine:
         """One linked chain of transfers (debit, credit, amount, asset, code) named after ``ref``;
         zero amounts are left out."""
         parts = [p for p in parts if p[2] > 0]
-        recs = np.zeros(len(parts), RECORD_DTYPE)
-        for i, (debit, credit, amount, asset, code) in enumerate(parts):
-            lo, hi = _ref_id(ref, i + 1)
-            recs[i] = (lo, hi, debit, credit, amount, 0, 0, 0, at_us,
-                       expires if (asset == POINTS and debit == ISSUE_POINTS) else 0, 0, 0, asset, code,
-                       TransferFlags.LINKED if i + 1 < len(parts) else 0)
-        return recs
+        last = len(parts) - 1
+        return np.array([(*_ref_id(ref, i + 1), debit, credit, amount, 0, 0, 0, at_us,
+                          expires if (asset == POINTS and debit == ISSUE_POINTS) else 0, 0, 0, asset, code,
+                          TransferFlags.LINKED if i < last else 0)
+                         for i, (debit, credit, amount, asset, code) in enumerate(parts)], RECORD_DTYPE)
 
     # -- purchases ---------------------------------------------------------------------------------------
     def purchase(self, member: str, *, amount: int, at: datetime | int, ref: str,
@@ -633,30 +671,46 @@ class Engine:
 
     def _row(self, idx: int, amount: int, at_us: int, items: Sequence[Item], branch: str, channel: str,
              redeem: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """One purchase as the kernel's row (one structured assignment) and its items' arrays."""
         sym = self.program.symbols.tables
-        rows = np.zeros(1, ROW)
-        r = rows[0]
-        r["member"], r["amount"], r["redeem"] = idx, amount, redeem
-        r["day"], r["hour"], r["weekday"], r["month"], r["dom"] = self._local_one(at_us)
-        r["branch"] = sym["branch"].get(branch, 0)
-        r["channel"] = sym["channel"].get(channel, 0)
         n = len(items)
-        cat = np.zeros(n, np.int32)
-        sku = np.zeros(n, np.int32)
-        amt = np.zeros(n, np.int64)
-        qty = 0
-        for j, it in enumerate(items):
-            if not isinstance(it, Item):
-                raise ValidationError(f"items[{j}] must be an Item, not {type(it).__name__}")
-            amt[j] = _checked_amount(it.amount, f"items[{j}].amount", zero=True)
-            cat[j] = sym["category"].get(it.category, 0)
-            sku[j] = sym["sku"].get(it.sku, 0)
-            qty += it.quantity
-        r["quantity"] = qty if n else 1
-        r["cats"] = int(np.bitwise_or.reduce(np.left_shift(np.int64(1), cat.astype(np.int64)))) if n else 0
-        r["skus"] = int(np.bitwise_or.reduce(np.left_shift(np.int64(1), sku.astype(np.int64)))) if n else 0
-        r["item_start"], r["item_end"] = 0, n
+        cats = skus = 0
+        if n:
+            cat_t, sku_t = sym["category"], sym["sku"]
+            cl, sl, al = [0] * n, [0] * n, [0] * n
+            qty = 0
+            for j, it in enumerate(items):
+                if not isinstance(it, Item):
+                    raise ValidationError(f"items[{j}] must be an Item, not {type(it).__name__}")
+                al[j] = _checked_amount(it.amount, f"items[{j}].amount", zero=True)
+                cl[j] = c = cat_t.get(it.category, 0)
+                sl[j] = k = sku_t.get(it.sku, 0)
+                cats |= 1 << c
+                skus |= 1 << k
+                qty += it.quantity
+            cat, sku, amt = np.array(cl, np.int32), np.array(sl, np.int32), np.array(al, np.int64)
+        else:
+            qty = 1
+            cat, sku, amt = _NO_I32, _NO_I32, _NO_I64
+        day, hour, weekday, month, dom = self._local_one(at_us)
+        rows = np.array([(idx, amount, qty, redeem, _as_i64(cats), _as_i64(skus), day, hour, weekday, month, dom,
+                          sym["branch"].get(branch, 0), sym["channel"].get(channel, 0), 0, n, 0)], ROW)
         return rows, cat, sku, amt
+
+    def _evaluate_one(self, idx: int, rows: np.ndarray, cat: np.ndarray, sku: np.ndarray,
+                      amt: np.ndarray) -> tuple[Any, np.ndarray]:
+        """Run the kernel over one purchase row of member ``idx``: its results and facts; updates the
+        member's state and history."""
+        h = self._hist.get(idx, b"")
+        hist = np.frombuffer(h, HEV)
+        out_hist = np.empty(len(hist) + 1, HEV)
+        out_off = np.zeros(2, np.int64)
+        out = np.zeros(1, OUT)
+        fx = np.zeros((1, N_FACTS), np.int64)
+        self._kernel.run(rows, _SEG0, cat, sku, amt, self._members, np.array((0, len(hist)), np.int64), hist,
+                         out_off, out_hist, self._offer_use, self._budget, out, fx)
+        self._hist[idx] = out_hist[int(out_off[0]): int(out_off[1])].tobytes()
+        return out[0], fx[0]
 
     def _evaluate(self, rows: np.ndarray, cat: np.ndarray, sku: np.ndarray, amt: np.ndarray,
                   facts: bool) -> Any:
@@ -714,40 +768,41 @@ class Engine:
                                               f"amount {int(old['amount'])})")
                     return self._receipt_obj(ref, old)
             rows, cat, sku, amt = self._row(idx, amount, at_us, items, branch, channel, redeem)
-            self._members[idx]["points"] = self.ledger.balance(points_account(idx)).available
-            self._members[idx]["credit"] = self.ledger.balance(credit_account(idx)).available
-            referrer = int(self._members[idx]["referrer"])
+            m = self._members[idx: idx + 1]
+            m["points"] = self.ledger.balance(points_account(idx)).available
+            m["credit"] = self.ledger.balance(credit_account(idx)).available
+            referrer = int(m["referrer"][0])
             saved = self._save(idx, referrer)
             try:
-                out, fx = self._evaluate(rows, cat, sku, amt, facts=True)  # type: ignore[misc]
-                o = out[0]
+                o, facts = self._evaluate_one(idx, rows, cat, sku, amt)
                 status = int(o["status"])
                 if status:
                     raise (InsufficientBalanceError if status == RowStatus.REDEEM_INSUFFICIENT else ValidationError)(
                         f"purchase {ref!r} of {member!r} refused: {_STATUS_TEXT[RowStatus(status)]} "
                         f"(redeem_points={redeem}, amount={amount})")
-                rec = np.zeros(1, RECEIPT_DTYPE)[0]
-                rec["member"], rec["at"], rec["amount"], rec["out"], rec["facts"] = idx, at_us, amount, o, fx[0]
+                rec = np.array([(idx, at_us, amount, 0, 0, 0, 0, 0, o, facts)], RECEIPT_DTYPE)[0]
+                od = dict(zip(OUT_NAMES, o.item(), strict=True))
                 if not commit:
                     self._restore(saved)
-                    return self._receipt_obj(ref, rec, committed=False)
-                recs = self._purchase_transfers(ref, idx, o, at_us, int(rows[0]["day"]))
+                    return self._receipt_obj(ref, rec, committed=False, out=od)
+                recs = self._purchase_transfers(ref, idx, od, at_us, int(rows[0]["day"]))
 
                 def extra(txn: lmdb.Transaction, results: np.ndarray) -> None:
                     _raise_on(results, f"purchase {ref!r}")
                     self._commit_rows(txn, [ref], rec.reshape(1), [idx] + ([referrer] if referrer >= 0 else []),
-                                      budget_before=saved[3])
+                                      budget_before=saved[3], outs=[od])
 
                 self.ledger._post_with(recs, extra)
             except BaseException:
                 self._restore(saved)
                 raise
-            return self._receipt_obj(ref, rec)
+            return self._receipt_obj(ref, rec, out=od)
 
     def _save(self, idx: int, referrer: int) -> tuple[Any, ...]:
-        keep = [idx] + ([referrer] if referrer >= 0 else [])
-        return (keep, self._members[keep].copy(), self._offer_use[keep].copy(), self._budget.copy(),
-                {k: self._hist.get(k) for k in keep})
+        """What one purchase may change (the member's, and a referrer's, state; the budgets), to restore."""
+        keep: Any = slice(idx, idx + 1) if referrer < 0 else [idx, referrer]
+        hist = {idx: self._hist.get(idx)} if referrer < 0 else {k: self._hist.get(k) for k in keep}
+        return keep, self._members[keep].copy(), self._offer_use[keep].copy(), self._budget.copy(), hist
 
     def _restore(self, saved: tuple[Any, ...]) -> None:
         keep, members, use, budget, hist = saved
@@ -761,7 +816,13 @@ class Engine:
                 self._hist[k] = h
 
     def _purchase_transfers(self, ref: str, idx: int, o: Any, at_us: int, day: int) -> np.ndarray:
-        exp = int(self._expiry(np.array([at_us], np.int64), np.array([day], np.int64))[0])
+        expiry = self.program.expiry
+        if expiry == "never":
+            exp = 0
+        elif expiry == "days":
+            exp = at_us + self.program.expiry_days * DAY_US
+        else:
+            exp = int(self._expiry(np.array([at_us], np.int64), np.array([day], np.int64))[0])
         parts = [(points_account(idx), REDEEMED_POINTS, int(o["redeemed"]), POINTS, Code.REDEEM),
                  (ISSUE_POINTS, points_account(idx), int(o["points"]), POINTS, Code.EARN),
                  (ISSUE_CREDIT, credit_account(idx), int(o["credit"]), CREDIT, Code.CREDIT)]
@@ -771,15 +832,18 @@ class Engine:
         return self._transfers(parts, ref, at_us, exp)
 
     def _commit_rows(self, txn: lmdb.Transaction, refs: Sequence[str], recs: np.ndarray,
-                     touched: Sequence[int], events: bool = True, budget_before: np.ndarray | None = None) -> None:
-        """Store receipts, members and events of committed purchase rows (inside the ledger's txn)."""
+                     touched: Sequence[int], events: bool = True, budget_before: np.ndarray | None = None,
+                     outs: Sequence[dict[str, int]] | None = None) -> None:
+        """Store receipts, members and events of committed purchase rows (inside the ledger's txn);
+        ``outs`` may give each row's results as plain ints (else they are read from ``recs``)."""
         db = self.ledger._ext_db()
         put = txn.put
-        for ref, rec in zip(refs, recs, strict=True):
+        for i, (ref, rec) in enumerate(zip(refs, recs, strict=True)):
             put(b"R" + ref.encode(), rec.tobytes(), db=db)
             if not events:
                 continue
-            o = dict(zip(OUT_NAMES, rec["out"].item(), strict=True))   # plain ints: no numpy scalar per field
+            # plain ints: no numpy scalar per field
+            o = outs[i] if outs is not None else dict(zip(OUT_NAMES, rec["out"].item(), strict=True))
             name = self._member_names[int(rec["member"])]
             at = int(rec["at"])
             delta = o["points"] - o["redeemed"]
@@ -798,7 +862,7 @@ class Engine:
         self._put_members(txn, list(touched))
         # the stored budgets equal the ones in memory before this commit (every commit that changes them
         # writes them; a failed one restores memory): unchanged, they need no write
-        if budget_before is None or not np.array_equal(budget_before, self._budget):
+        if budget_before is None or budget_before.tobytes() != self._budget.tobytes():
             self._put_budget(txn)
 
     def _receipt(self, ref: str) -> np.void | None:
@@ -808,8 +872,8 @@ class Engine:
                 return None
             return np.frombuffer(bytes(raw), RECEIPT_DTYPE)[0].copy()
 
-    def _receipt_obj(self, ref: str, rec: Any, committed: bool = True) -> Receipt:
-        o = dict(zip(OUT_NAMES, rec["out"].item(), strict=True))
+    def _receipt_obj(self, ref: str, rec: Any, committed: bool = True, out: dict[str, int] | None = None) -> Receipt:
+        o = out if out is not None else dict(zip(OUT_NAMES, rec["out"].item(), strict=True))
         p = self.program
         facts = rec["facts"].tolist()
         return Receipt(
@@ -818,8 +882,8 @@ class Engine:
             amount=int(rec["amount"]), points_earned=o["points"], credit_earned=o["credit"],
             discount=o["discount"], points_redeemed=o["redeemed"], redeem_value=o["redeem_value"],
             tier_before=p.tier_name(o["tier_before"]), tier_after=p.tier_name(o["tier_after"]),
-            offers=tuple(x.name for k, x in enumerate(p.offers) if (o["offers_fired"] >> k) & 1),
-            rules=tuple(x.name for k, x in enumerate(p.rules) if (o["rules_fired"] >> k) & 1),
+            offers=tuple(p.offers[k].name for k in _bits(o["offers_fired"])),
+            rules=tuple(p.rules[k].name for k in _bits(o["rules_fired"])),
             base_points=o["base_points"], rule_points=o["rule_points"], bonus_points=o["bonus_points"],
             event_points=o["event_points"], capped=o["capped"], referrer_points=o["referrer_points"],
             facts=dict(zip(FACT_NAMES, facts, strict=True)), committed=committed)
