@@ -339,3 +339,85 @@ def test_other_conditions_run_on_the_stack_machine(src: str):
     pool: list[int] = []
     c = compile_expr(src, Symbols(), pool)
     assert predicate(c.code, 0, len(c.code), pool) is None
+
+
+@settings(max_examples=60, deadline=None)
+@given(_chains(), st.lists(st.one_of(_chains(), bools), max_size=99), st.integers(0, 2**32 - 1))
+def test_the_kernel_fires_what_the_stack_machine_says(first: str, rest: list[str], seed: int):
+    """Through the kernel's own row path (atoms tested once a row into a bit set, the first 64 atoms and
+    conditions; the rest memoised): each condition guards one offer or rule, and what fired must be the
+    stack machine's answer on the facts the kernel recorded."""
+    from loyalty_engine.program import C_NCOL, P_MIN_BASKET, P_NPARAMS, P_RATE_PER, P_RATE_POINTS
+
+    srcs = [first, *rest]
+    sym = Symbols()
+    sym.tables["tier"].update({"bronze": 1, "silver": 2, "gold": 3})
+    sym.occasions["sale"] = [(20_000, 20_010), (20_100, 20_400)]
+    pool: list[int] = []
+    code: list[int] = []
+    conds = np.zeros((len(srcs), C_NCOL), np.int64)
+    for i, src in enumerate(srcs):
+        c = compile_expr(src, sym, pool)
+        rebased = [w + len(code) if k % 2 and c.code[k - 1] in (16, 17) else w for k, w in enumerate(c.code)]
+        mode, atoms = predicate(c.code, 0, len(c.code), pool) or (0, [])
+        conds[i] = (len(code), len(code) + len(c.code), mode, len(pool), len(atoms) // ATOM_WORDS)
+        pool += atoms
+        code += rebased
+    noff = min(64, len(srcs))
+    nrules = len(srcs) - noff
+    offers = np.zeros((noff, 8), np.int64)
+    offers[:, 0] = np.arange(noff)
+    offers[:, 3] = 1                                        # one bonus point each, no limits
+    rules = np.zeros((nrules, 5), np.int64)
+    rules[:, 0] = noff + np.arange(nrules)
+    rules[:, 3] = rules[:, 4] = 1                           # basket bonus rules
+    params = np.zeros(P_NPARAMS, np.int64)
+    params[P_RATE_POINTS] = params[P_RATE_PER] = 1
+    params[P_MIN_BASKET] = -(1 << 62)
+    rng = np.random.default_rng(seed)
+    n = 30
+    members = np.zeros(n, _core.MSTATE_DTYPE)
+    members["points"] = rng.integers(-50, 50, n)
+    members["credit"] = rng.integers(-5, 80, n)
+    members["purchases"] = rng.integers(0, 2, n)
+    members["referrer"] = -1
+    members["enroll_day"] = rng.integers(19_900, 20_000, n)
+    members["last_day"] = rng.integers(-1, 19_990, n)
+    members["referred"] = rng.integers(0, 2, n)
+    rows = np.zeros(n, _core.ROW_DTYPE)
+    rows["member"] = np.arange(n)
+    rows["amount"] = rng.integers(1, 90, n)
+    rows["quantity"] = rng.integers(1, 70, n)
+    rows["day"] = rng.integers(20_000, 20_500, n)
+    for f in ("hour", "weekday", "month", "dom", "branch", "channel"):
+        rows[f] = rng.integers(-2, 70, n)
+    rows["cats"] = rng.integers(-(1 << 63), (1 << 63) - 1, n, dtype=np.int64)
+    nitems = rng.integers(0, 3, n)
+    rows["item_end"] = np.cumsum(nitems)
+    rows["item_start"] = rows["item_end"] - nitems
+    icat = rng.integers(0, 64, int(nitems.sum())).astype(np.int32)
+    isku = rng.integers(0, 64, int(nitems.sum())).astype(np.int32)
+    iamt = rng.integers(0, 120, int(nitems.sum()))
+    out = np.zeros(n, _core.OUT_DTYPE)
+    fx = np.zeros((n, N), np.int64)
+    code_a, pool_a = np.asarray(code, np.int64), np.asarray(pool or [0], np.int64)
+    _core.Kernel(code_a, pool_a, conds, rules, offers, np.zeros((0, 4), np.int64), params).run(
+        rows, np.arange(n, dtype=np.int64), icat, isku, iamt, members, np.zeros(n + 1, np.int64),
+        np.zeros(0, _core.HEV_DTYPE), np.zeros(n + 1, np.int64), np.zeros(n, _core.HEV_DTYPE),
+        np.zeros((n, max(noff, 1), 3), np.int64), np.zeros(max(noff, 1), np.int64), out, fx)
+    machine = conds.copy()
+    machine[:, 2:] = 0
+    assert conds[0, 2] != 0                                 # a chain is a predicate
+    for i in range(n):
+        assert out[i]["status"] == 0
+        ca = np.zeros(64, np.int64)
+        sa = np.zeros(64, np.int64)
+        for j in range(rows[i]["item_start"], rows[i]["item_end"]):
+            ca[icat[j]] += iamt[j]
+            sa[isku[j]] += iamt[j]
+        fired = int(out[i]["offers_fired"]) & ((1 << 64) - 1)
+        rfired = int(out[i]["rules_fired"]) & ((1 << 64) - 1)
+        for k in range(len(srcs)):
+            got = (fired >> k) & 1 if k < noff else (rfired >> (k - noff)) & 1
+            want = _core.run_cond(code_a, pool_a, machine, k, np.ascontiguousarray(fx[i]), ca, sa)
+            assert got == want, (srcs[k], i, fx[i].tolist())

@@ -1649,11 +1649,11 @@ cdef int64_t vm(const int64_t* code, int64_t pc, int64_t end, const int64_t* poo
             sp -= 1
             a = st[sp]
             if op == OP_ADD:
-                st[sp] = a + b
+                st[sp] = <int64_t>(<uint64_t>a + <uint64_t>b)      # wraps at 64 bits
             elif op == OP_SUB:
-                st[sp] = a - b
+                st[sp] = <int64_t>(<uint64_t>a - <uint64_t>b)
             elif op == OP_MUL:
-                st[sp] = a * b
+                st[sp] = <int64_t>(<uint64_t>a * <uint64_t>b)
             elif op == OP_DIV:
                 st[sp] = fdiv(a, b)
             elif op == OP_MOD:
@@ -1838,6 +1838,15 @@ cdef inline int64_t metric_of(int64_t kind, int64_t count, int64_t amount, int64
     return score + 2
 
 
+def _frozen(a, int ndim):
+    """A private, read-only, C-contiguous int64 copy of a program table."""
+    out = np.array(a, dtype=np.int64, order="C", copy=True)
+    if out.ndim != ndim:
+        raise ValueError("a program table of %d dimensions was expected, not %d" % (ndim, out.ndim))
+    out.setflags(write=False)
+    return out
+
+
 cdef class Kernel:
     """A compiled program bound to the kernel once (its tables checked once), to evaluate batches and
     single purchases against member state with :meth:`run` (a call acquires only the per-call arrays)."""
@@ -1849,11 +1858,17 @@ cdef class Kernel:
     cdef const int64_t[:, ::1] tiers
     cdef const int64_t[::1] params
 
-    def __init__(self, const int64_t[::1] code, const int64_t[::1] pool, const int64_t[:, ::1] conds,
-                 const int64_t[:, ::1] rules, const int64_t[:, ::1] offers, const int64_t[:, ::1] tiers,
-                 const int64_t[::1] params):
+    def __init__(self, code, pool, conds, rules, offers, tiers, params):
+        # private, read-only copies: a caller changing its arrays later cannot get past the checks
+        self._bind(_frozen(code, 1), _frozen(pool, 1), _frozen(conds, 2), _frozen(rules, 2), _frozen(offers, 2),
+                   _frozen(tiers, 2), _frozen(params, 1))
+
+    cdef _bind(self, const int64_t[::1] code, const int64_t[::1] pool, const int64_t[:, ::1] conds,
+              const int64_t[:, ::1] rules, const int64_t[:, ::1] offers, const int64_t[:, ::1] tiers,
+              const int64_t[::1] params):
         cdef Py_ssize_t k
         cdef Py_ssize_t nrules = rules.shape[0], noff = offers.shape[0], nt = tiers.shape[0]
+        cdef Py_ssize_t ncond = conds.shape[0]
         if nrules > 64 or noff > 64:
             raise ValueError("a program has at most 64 earn rules and 64 offers")
         if (nrules and rules.shape[1] != R_W) or (noff and offers.shape[1] != O_W) or (nt and tiers.shape[1] != T_W):
@@ -1862,8 +1877,16 @@ cdef class Kernel:
             raise ValueError("params is shorter than the program's parameters")
         if pool.shape[0] == 0:
             raise ValueError("the pool holds at least one word")
-        for k in range(conds.shape[0]):
+        for k in range(ncond):
             _check_cond(code, pool, conds, k)
+        for k in range(nrules):
+            if not (-1 <= rules[k, 0] < ncond and 0 <= rules[k, 1] <= 2 and 0 <= rules[k, 2] < 64
+                    and 0 <= rules[k, 3] <= 1):
+                raise ValueError("rule %d: condition %d, scope %d, symbol %d or kind %d is out of range"
+                                 % (k, rules[k, 0], rules[k, 1], rules[k, 2], rules[k, 3]))
+        for k in range(noff):
+            if not (-1 <= offers[k, 0] < ncond and 0 <= offers[k, 2] <= 4):
+                raise ValueError("offer %d: condition %d or effect %d is out of range" % (k, offers[k, 0], offers[k, 2]))
         self.code, self.pool, self.conds, self.rules = code, pool, conds, rules
         self.offers, self.tiers, self.params = offers, tiers, params
 
@@ -1883,12 +1906,13 @@ cdef class Kernel:
         """
         cdef Py_ssize_t n = rows.shape[0], noff = self.offers.shape[0]
         cdef Py_ssize_t i, j, s
+        cdef int64_t mt
         cdef int64_t nseg = hist_off.shape[0] - 1
         if nseg < 0 or out_off.shape[0] < nseg + 1 or seg_of.shape[0] < n:
             raise ValueError("hist_off/out_off/seg_of are too short")
         if facts_out.shape[0] != 0 and (facts_out.shape[0] < n or facts_out.shape[1] < N_FACTS):
             raise ValueError("facts_out must be (rows, %d) or empty" % N_FACTS)
-        if noff and (offer_use.shape[1] < noff or offer_use.shape[2] < 3 or budget_used.shape[0] < noff
+        if noff and (offer_use.shape[1] < noff or offer_use.shape[2] != 3 or budget_used.shape[0] < noff
                      or offer_use.shape[0] < members.shape[0]):
             raise ValueError("offer_use must be (members, offers, 3) and budget_used (offers,)")
         if out.shape[0] < n:
@@ -1911,6 +1935,13 @@ cdef class Kernel:
                 if rows[i].member < 0 or rows[i].member >= members.shape[0]:
                     raise ValueError("row %d names member %d, beyond the state (%d members)"
                                      % (i, rows[i].member, members.shape[0]))
+                mt = members[rows[i].member].tier
+                if mt < 0 or mt > self.tiers.shape[0]:
+                    raise ValueError("row %d: member %d has tier %d; the program has %d"
+                                     % (i, rows[i].member, mt, self.tiers.shape[0]))
+                if members[rows[i].member].referrer >= members.shape[0]:
+                    raise ValueError("row %d: member %d's referrer %d is beyond the state"
+                                     % (i, rows[i].member, members[rows[i].member].referrer))
                 if seg_of[i] < 0 or seg_of[i] >= nseg:
                     raise ValueError("row %d: segment %d is out of range" % (i, seg_of[i]))
                 if seg_member[seg_of[i]] == -1:
@@ -2006,8 +2037,9 @@ cdef int _check_cond(const int64_t[::1] code, const int64_t[::1] pool, const int
     if not (0 <= conds[k, 0] <= conds[k, 1] <= code.shape[0]):
         raise ValueError("condition %d lies outside the code" % k)
     if conds[k, 2] != 0:
-        if not (conds[k, 2] in (1, 2) and conds[k, 3] >= 0 and conds[k, 4] >= 0
-                and conds[k, 3] + 5 * conds[k, 4] <= pool.shape[0]):
+        # (written so that no sum can overflow: a crafted table must not pass by wrapping round)
+        if not (conds[k, 2] in (1, 2) and 0 <= conds[k, 3] <= pool.shape[0]
+                and 0 <= conds[k, 4] <= (pool.shape[0] - conds[k, 3]) // 5):
             raise ValueError("condition %d: its predicate lies outside the pool" % k)
         for j in range(conds[k, 4]):
             _check_atom(&pool[0], pool.shape[0], conds[k, 3] + 5 * j, k)
@@ -2027,8 +2059,7 @@ cdef int _check_atom(const int64_t* pp, Py_ssize_t npool, int64_t at, Py_ssize_t
         raise ValueError("condition %d: atom bit %d is out of range" % (c, pp[at + 4]))
     if kind == A_IN or kind == A_RANGES:
         lst = pp[at + 4]
-        if not (0 <= lst < npool and pp[lst] >= 0
-                and lst + 1 + pp[lst] * (1 if kind == A_IN else 2) <= npool):
+        if not (0 <= lst < npool and 0 <= pp[lst] <= (npool - lst - 1) // (1 if kind == A_IN else 2)):
             raise ValueError("condition %d: atom list is outside the pool" % c)
     return 0
 
@@ -2272,7 +2303,7 @@ cdef int64_t _evaluate(const int64_t[::1] code, const int64_t[::1] pool, const i
             for k in range(gend[0], gend[1]):         # masked, or against a multiple of a fact
                 fa = &fat[k]
                 ax = fa.pa[0] & fa.am
-                ay = fa.c * facts[fa.b]
+                ay = <int64_t>(<uint64_t>fa.c * <uint64_t>facts[fa.b])    # as the stack machine's product
                 abits |= <uint64_t>((fa.tab >> ((ax > ay) - (ax < ay) + 1)) & 1) << fa.bit
             for k in range(gend[1], gend[2]):         # in a list of small numbers
                 fa = &fat[k]
@@ -2525,7 +2556,7 @@ cdef inline bint _atom(const int64_t* at, const int64_t* pp, const int64_t* fact
         y = at[4]
     elif kind == A_SCALED:
         x = facts[at[2]]
-        y = at[4] * facts[at[3]]
+        y = <int64_t>(<uint64_t>at[4] * <uint64_t>facts[at[3]])
     elif kind == A_BIT:
         return <int64_t>((facts[at[2]] >> at[4]) & 1) != op
     elif kind == A_MASK:

@@ -70,6 +70,7 @@ _json_str = json.encoder.encode_basestring_ascii     # type: ignore[attr-defined
 def _bits(mask: int) -> list[int]:
     """The positions of the set bits of a non-negative mask, lowest first."""
     out = []
+    mask &= (1 << 64) - 1               # an int64 mask with bit 63 set is negative
     while mask:
         low = mask & -mask
         out.append(low.bit_length() - 1)
@@ -273,7 +274,7 @@ class Engine:
 
     def __init__(self, ledger: Ledger, program: Program) -> None:
         self.ledger = ledger
-        self.program = program
+        self._program = program
         cp = program.compiled
         self._kernel = _core.Kernel(cp.code, cp.pool, cp.conds, cp.rules, cp.offers, cp.tiers, cp.params)
         self._lock = threading.RLock()
@@ -290,6 +291,11 @@ class Engine:
         self._expiry_cache: dict[tuple[int, int], int] = {}
         self._code_key: Any = None
         self._codes: Any = None
+
+    @property
+    def program(self) -> Program:
+        """The program this engine runs (fixed for the engine's life: reopen to change it)."""
+        return self._program
 
     # -- opening -------------------------------------------------------------------------------------
     @classmethod
