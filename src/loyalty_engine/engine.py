@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from . import _core, _memory
+from . import _bulk, _core, _memory
 from .errors import ConfigError, InsufficientBalanceError, NotFoundError, StorageError, ValidationError
 from .ledger import Ledger
 from .program import Program
@@ -47,6 +47,8 @@ _NO_HIST = np.zeros(0, HEV)
 OUT_NAMES = OUT.names
 FACT_NAMES = tuple(sorted(VARIABLES, key=lambda k: VARIABLES[k].slot))
 CHUNK_ROWS = 200_000
+#: Members whose store records are built and written at a time (their bytes are a list while written).
+PUT_BATCH = 65_536
 
 
 class RowStatus(IntEnum):
@@ -383,27 +385,15 @@ class Engine:
         idx = _small_unique(idx[idx >= 0], len(self._member_names))[0]
         if len(idx) == 0:
             return
-        state = self._members[idx].tobytes()
-        size = MSTATE.itemsize
         noff = len(self.program.offers)
-        use = np.ascontiguousarray(self._offer_use[idx, :noff])
-        any_used = use.reshape(len(idx), -1).any(axis=1).tolist() if noff else [False] * len(idx)
-        use_raw = use.tobytes()
-        usize = noff * 3 * 8
-        ulen = usize.to_bytes(4, "little")
-        no_use = (0).to_bytes(4, "little")
-        names = self._member_names
-        hist = self._hist
-
-        def items() -> Any:
-            for k, i in enumerate(idx.tolist()):
-                name = names[i].encode()
-                use_part = ulen + use_raw[k * usize: (k + 1) * usize] if any_used[k] else no_use
-                yield (b"M" + i.to_bytes(8, "big"),
-                       len(name).to_bytes(2, "little") + name + state[k * size: (k + 1) * size] + use_part
-                       + hist.get(i, b""))
-
-        txn.cursor(db=self.ledger._ext_db()).putmulti(items())
+        cur = txn.cursor(db=self.ledger._ext_db())
+        for start in range(0, len(idx), PUT_BATCH):     # the pairs of one part at a time: bounded memory
+            part = idx[start: start + PUT_BATCH]
+            state = self._members[part].view(np.uint8).reshape(len(part), MSTATE.itemsize)
+            use = np.ascontiguousarray(self._offer_use[part, :noff]).reshape(len(part), noff * 3)
+            used = use.any(axis=1).view(np.uint8) if noff else np.zeros(len(part), np.uint8)
+            cur.putmulti(_bulk.member_records(part, self._member_names, state, use.view(np.uint8), used,
+                                              self._hist))
 
     def _put_event(self, txn: lmdb.Transaction, kind: str, member: str, at_us: int, **data: Any) -> None:
         self._event_seq += 1
@@ -673,10 +663,9 @@ class Engine:
             hist_off = np.array([0, len(h) // isz], np.int64)
             hist = np.frombuffer(h, HEV)
         else:
-            hists = [get(m, b"") for m in seg_members.tolist()]
-            hist_off = np.zeros(len(hists) + 1, np.int64)
-            hist_off[1:] = np.cumsum(np.fromiter(map(len, hists), np.int64, len(hists))) // isz
-            hist = np.frombuffer(b"".join(hists), HEV)
+            hist_off = np.zeros(len(seg_members) + 1, np.int64)
+            hist = np.frombuffer(_bulk.gather_bytes(self._hist, seg_members, hist_off), HEV)
+            hist_off //= isz
         out_hist = np.zeros(len(hist) + len(rows), HEV)
         out_off = np.zeros(len(hist_off), np.int64)
         out = np.zeros(len(rows), OUT)
@@ -688,10 +677,7 @@ class Engine:
         if len(rows) == 1:
             hd[int(seg_members[0])] = out_hist[int(out_off[0]): int(out_off[1])].tobytes()
             return (out, fx) if facts else out
-        raw = out_hist.tobytes()
-        bounds = (out_off * isz).tolist()
-        for s, m in enumerate(seg_members.tolist()):
-            hd[m] = raw[bounds[s]: bounds[s + 1]]
+        _bulk.scatter_bytes(hd, seg_members, out_off * isz, out_hist.view(np.uint8))
         return (out, fx) if facts else out
 
     def _purchase(self, member: str, amount: int, at: Any, ref: str, items: Sequence[Item], branch: str,
