@@ -593,3 +593,18 @@ def test_review_and_period_and_rfm_bounds_are_checked():
     with pytest.raises(ConfigError, match="recency_days.*four bounds"):
         Program.from_dict({"name": "x", "tiers": {"metric": "rfm", "levels": levels,
                                                   "rfm": {**RFM, "recency_days": [1, 2, 3, 2**63]}}})
+
+
+def test_enrolment_survives_the_map_growing_inside_its_transaction(tmp_path):
+    """A transaction that fills the LMDB map is retried after the map grows: what it does to the
+    engine's memory must not happen twice (the names were appended twice, the bonus added twice)."""
+    prog = Program.from_dict(CLUB)      # a sign-up bonus of 20
+    with Engine.open(tmp_path / "club", program=prog, sync="none", map_size=1 << 20) as eng:
+        assert eng.enroll_batch([f"m{i}" for i in range(20_000)], at=T0, events=False) == 20_000
+        assert eng.members == len(eng._member_names) == 20_000
+        eng.enroll("solo", at=T0)
+        assert eng.member("solo").points == 20 and eng._members[eng._names["solo"]]["points"] == 20
+        assert eng.members == 20_001
+    with Engine.open(tmp_path / "club", program=prog, sync="none") as eng:
+        assert eng.members == 20_001 and eng._names["solo"] == 20_000
+        assert eng.member("m19999").points == 20

@@ -502,7 +502,7 @@ class Engine:
 
             def extra(txn: lmdb.Transaction, results: np.ndarray) -> None:
                 _raise_on(results, f"enrolling {member!r}")
-                self._members[idx]["points"] += bonus
+                self._members[idx]["points"] = bonus    # (not +=: a retry after the map grew runs this again)
                 self._put_member(txn, idx)
                 txn.put(b"N" + member.encode(), idx.to_bytes(8, "big"), db=self.ledger._ext_db())
                 self._put_event(txn, "welcome", member, at_us, points=bonus)
@@ -543,18 +543,26 @@ class Engine:
                     new[m] = a
             if not new:
                 return 0
+            self._enroll_new(list(new), np.fromiter(new.values(), np.int64, len(new)), events=events)
+            return len(new)
+
+    def _enroll_new(self, names_new: list[str], at_arr: np.ndarray, *, events: bool) -> int:
+        """Enroll members that are valid, distinct and not members yet (the caller checked: enroll_batch,
+        or an import's dictionary of names), joining at ``at_arr`` (µs UTC, int64), in one transaction;
+        returns the first one's index (the others follow in order)."""
+        with self._lock:
+            n = len(names_new)
             first = len(self._member_names)
-            idx = np.arange(first, first + len(new), dtype=np.int64)
+            idx = np.arange(first, first + n, dtype=np.int64)
             flags = 0 if self.program.negative_balance == "allow" else AccountFlags.DEBITS_MUST_NOT_EXCEED_CREDITS
             r1 = self.ledger.create_accounts_batch(points_account(idx), asset=POINTS, flags=flags)
             r2 = self.ledger.create_accounts_batch(credit_account(idx), asset=CREDIT,
                                                    flags=AccountFlags.DEBITS_MUST_NOT_EXCEED_CREDITS)
             if not np.isin(np.concatenate([r1, r2]), [0, 3]).all():
                 raise StorageError("enroll_batch: the ledger refused to create member accounts")
-            at_arr = np.fromiter(new.values(), np.int64, len(new))
             day = self._local_fields(at_arr)["day"]
-            self._grow(first + len(new))
-            st = self._members[first: first + len(new)]
+            self._grow(first + n)
+            st = self._members[first: first + n]
             st["enroll_day"] = day
             st["last_day"] = -1
             st["tier"] = 1 if self.program.tiers else 0
@@ -563,25 +571,24 @@ class Engine:
             st["referrer"] = -1
             st["earn_day"] = -1
             bonus = self.program.signup_bonus
-            recs = np.zeros(len(new) if bonus else 0, RECORD_DTYPE)
+            recs = np.zeros(n if bonus else 0, RECORD_DTYPE)
             if bonus:
-                ids = np.array([_ref_id(f"enroll:{m}", 1) for m in new], np.uint64).reshape(-1, 2)
+                ids = np.array([_ref_id(f"enroll:{m}", 1) for m in names_new], np.uint64).reshape(-1, 2)
                 recs["id_lo"], recs["id_hi"] = ids[:, 0], ids[:, 1]
                 recs["debit"], recs["credit"], recs["amount"] = ISSUE_POINTS, points_account(idx), bonus
                 recs["asset"], recs["code"], recs["at"] = POINTS, Code.BONUS, at_arr
                 recs["expires_at"] = self._expiry(at_arr, day)
-            names_new = list(new)
 
             def extra(txn: lmdb.Transaction, results: np.ndarray) -> None:
                 _raise_on(results, "enroll_batch")
-                db = self.ledger._ext_db()
-                self._member_names.extend(names_new)
-                for k, m in enumerate(names_new):
-                    self._names[m] = first + k
-                self._members["points"][first: first + len(names_new)] = bonus
+                # by assignment, not extend: a retry of the transaction (the map grew) runs this again
+                self._member_names[first:] = names_new
+                self._names.update(zip(names_new, range(first, first + n), strict=True))
+                self._members["points"][first: first + n] = bonus
                 self._put_members(txn, idx)
-                txn.cursor(db=db).putmulti([(b"N" + m.encode(), (first + k).to_bytes(8, "big"))
-                                            for k, m in enumerate(names_new)])
+                cur = txn.cursor(db=self.ledger._ext_db())
+                for start in range(0, n, PUT_BATCH):
+                    cur.putmulti(_bulk.name_records(names_new[start: start + PUT_BATCH], first + start))
                 if events:
                     for k, m in enumerate(names_new):
                         self._put_event(txn, "welcome", m, int(at_arr[k]), points=bonus)
@@ -592,9 +599,9 @@ class Engine:
                 del self._member_names[first:]
                 for m in names_new:
                     self._names.pop(m, None)
-                self._members[first: first + len(new)] = np.zeros(len(new), MSTATE)
+                self._members[first: first + n] = np.zeros(n, MSTATE)
                 raise
-            return len(new)
+            return first
 
     def _transfers(self, parts: list[tuple[int, int, int, int, int]], ref: str, at_us: int,
                    expires: int = 0) -> np.ndarray:
