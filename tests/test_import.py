@@ -235,6 +235,23 @@ def test_unknown_members_are_enrolled_at_their_first_purchase_unless_told_not_to
         assert eng.member("c7").enrolled == first.astimezone(eng.program.zone).date()
 
 
+def test_a_null_member_is_quarantined_like_an_empty_one(tmp_path: Path) -> None:
+    """A null (not an empty string) in the member column of a Parquet or Arrow source; an all-null
+    chunk too."""
+    t = history(300, 10)
+    names = t.column("customer").to_pylist()
+    names[5] = names[17] = None
+    names[9] = ""
+    t = t.set_column(0, "customer", pa.array(names, pa.string()))
+    with Engine.open(tmp_path / "a", program=Program.from_toml(CLUB), sync="none") as eng:
+        rep = eng.import_sales(t, columns=MAP)
+        assert rep.rows_rejected == 3 and rep.reasons == {"no member (the value is empty)": 3}
+        assert rep.sales_posted == 297
+        nulls = t.slice(0, 20).set_column(0, "customer", pa.nulls(20, pa.string()))
+        rep = eng.import_sales(nulls, columns=MAP, import_id="all null")
+        assert rep.rows_rejected == 20 and rep.members_enrolled == 0
+
+
 def test_rows_older_than_the_members_last_purchase_are_quarantined_not_evaluated_out_of_order(tmp_path: Path) -> None:
     t = history(3_000, 30)
     # move the first 100 rows (the oldest) to the end: they arrive after later purchases were imported

@@ -39,7 +39,7 @@ import pyarrow.csv as pacsv
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
-from . import _core
+from . import _bulk, _core
 from .errors import NotFoundError, StorageError, ValidationError
 from .progress import Progress
 from .sources import Malformed, Part, batches, identity, resolve
@@ -284,6 +284,18 @@ def convert_amounts(col: pa.Array, scale: int) -> tuple[np.ndarray, np.ndarray]:
     reason[nulls] = R_AMT_NULL
     out = np.where(reason == 0, out, 0)
     return out.astype(np.int64), reason
+
+
+def _string_buffers(col: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """The value offsets (int64, ``n + 1``) and data buffer of a string array (nulls as empty strings)."""
+    col = pc.fill_null(_strings(col), "").cast(pa.large_string())
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    bufs = col.buffers()
+    off = np.frombuffer(bufs[1], np.int64)[col.offset: col.offset + len(col) + 1] if len(col) \
+        else np.zeros(1, np.int64)
+    data = np.frombuffer(bufs[2], np.uint8) if bufs[2] is not None else np.zeros(0, np.uint8)
+    return np.ascontiguousarray(off), data
 
 
 def hash_strings(col: pa.Array, seed: int = 0) -> np.ndarray:
@@ -540,6 +552,8 @@ class _Importer:
 
     # -- one chunk -------------------------------------------------------------------------------------
     def _chunk(self, ch: _Chunk, cp: dict[str, Any]) -> None:
+        from .engine import _small_unique
+
         eng = self.engine
         m = self.mapping
         n = len(ch.row)
@@ -600,36 +614,41 @@ class _Importer:
         # members: known ones, and new ones enrolled at their first purchase in the source
         good = reason == 0
         mem_dict = pc.dictionary_encode(member)
-        uniq = mem_dict.dictionary.to_pylist()
-        codes = mem_dict.indices.to_numpy(zero_copy_only=False)
-        names = eng._names
+        off, data = _string_buffers(mem_dict.dictionary)
+        codes = mem_dict.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+        uidx = np.empty(len(off) - 1, np.int64)      # the dictionary's members (-1: not a member)
+        _bulk.lookup_strings(eng._names, off, data, uidx)
 
-        def lookup() -> np.ndarray:
-            uidx = np.fromiter((names.get(u, -1) if u is not None else -1 for u in uniq), np.int64, len(uniq))
-            return uidx[np.where(codes >= 0, codes, 0)] if n else np.zeros(0, np.int64)
+        def row_members() -> np.ndarray:
+            if not len(uidx):
+                return np.full(n, -1, np.int64)
+            return np.where(codes >= 0, uidx[np.maximum(codes, 0)], -1)
 
-        midx = lookup()
+        midx = row_members()
         unknown = good & ~is_ret & (midx < 0)
         if unknown.any():
             if not self.enroll:
                 mark(unknown, R_UNKNOWN_MEMBER)
             else:
-                ucode = codes[unknown]
-                first_at = np.full(len(uniq), np.iinfo(np.int64).max, np.int64)
-                np.minimum.at(first_at, ucode, at[unknown])
+                # the dictionary's names are distinct, unknown, and checked above (not blank, at most 200 bytes)
+                first_at = np.full(len(uidx), np.iinfo(np.int64).max, np.int64)
+                np.minimum.at(first_at, codes[unknown], at[unknown])
                 new_codes = np.flatnonzero(first_at < np.iinfo(np.int64).max)
-                before = len(eng._member_names)
-                eng.enroll_batch([uniq[c] for c in new_codes], at=first_at[new_codes], events=False)
-                self.stats["enrolled"] += len(eng._member_names) - before
-                midx = lookup()
+                first = eng._enroll_new(_bulk.take_strings(off, data, new_codes), first_at[new_codes], events=False)
+                self.stats["enrolled"] += len(new_codes)
+                uidx[new_codes] = np.arange(first, first + len(new_codes), dtype=np.int64)
+                midx = row_members()
         mark(~is_ret & (midx < 0), R_UNKNOWN_MEMBER)
 
-        # sales, in time order, through the kernel (which changes the members' state: keep a copy until
-        # the chunk commits)
-        saved = (eng._members.copy(), eng._offer_use.copy(), eng._budget.copy(), dict(eng._hist))
+        # sales, in time order, through the kernel (which changes the state of the members and their
+        # referrers: keep a copy of theirs until the chunk commits)
         sales = np.flatnonzero((reason == 0) & ~is_ret)
         sales = sales[np.argsort(at[sales], kind="stable")]
-        o, status = self._evaluate(ch, sales, midx, at, amount, qty)
+        buyers = midx[sales]
+        involved = np.concatenate([buyers, eng._members["referrer"][buyers]])
+        involved = _small_unique(involved[involved >= 0], len(eng._member_names))[0]
+        saved = (eng._members[involved], eng._offer_use[involved], eng._budget.copy(), dict(eng._hist))
+        o, status, day = self._evaluate(ch, sales, midx, at, amount, qty, involved)
         refused = status != 0
         ktext: dict[int, str] = {}
         if refused.any():
@@ -677,7 +696,7 @@ class _Importer:
         # the quarantine first (a crash after this loses nothing), then one transaction
         bad = reason != 0
         self._quarantine(ch, reason, bad, ktext)
-        recs = self._transfers(ch, posted, midx, o_ok, at)
+        recs = self._transfers(ch, posted, midx, o_ok, at, day[~refused])
         touched = np.concatenate([midx[posted], o_ok["referrer"][o_ok["referrer"] >= 0]])
         receipts = self._receipts(posted, want_rec, midx, at, amount, o_ok, refs)
         n_bad = int(bad.sum())
@@ -697,7 +716,7 @@ class _Importer:
         try:
             self._commit(recs, touched, receipts, cp)
         except BaseException:
-            eng._members, eng._offer_use, eng._budget, eng._hist = saved
+            eng._members[involved], eng._offer_use[involved], eng._budget, eng._hist = saved
             raise
         if pending:
             self._refunds(pending)
@@ -753,25 +772,27 @@ class _Importer:
 
     # -- evaluation and posting -----------------------------------------------------------------------
     def _evaluate(self, ch: _Chunk, sales: np.ndarray, midx: np.ndarray, at: np.ndarray, amount: np.ndarray,
-                  qty: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                  qty: np.ndarray, involved: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The kernel's output and status of each sale (in the order of ``sales``), and its local day;
+        ``involved`` are the members of the sales and their referrers (sorted, distinct)."""
         from .engine import OUT, _purchase_rows
 
         eng = self.engine
         k = len(sales)
         if k == 0:
-            return np.zeros(0, OUT), np.zeros(0, np.int32)
+            return np.zeros(0, OUT), np.zeros(0, np.int32), np.zeros(0, np.int64)
         sym = self.program.symbols.tables
         zero = np.zeros(k, np.int32)
         sy = {f: self._symbols(ch, f, sym[f])[sales] if f in self.mapping else zero
               for f in ("branch", "channel", "category", "sku")}
         has_items = "category" in self.mapping or "sku" in self.mapping
+        local = eng._local_fields(at[sales])
         rows, icat, isku, iamt = _purchase_rows(
-            midx[sales], amount[sales], qty[sales], eng._local_fields(at[sales]), sy["branch"], sy["channel"],
+            midx[sales], amount[sales], qty[sales], local, sy["branch"], sy["channel"],
             sy["category"] if has_items else None, sy["sku"] if has_items else None)
-        members = rows["member"]
-        eng._refresh_points(np.unique(np.concatenate([members, eng._members["referrer"][members]])))
+        eng._refresh_points(involved)
         o = eng._evaluate(rows, icat, isku, iamt, facts=False)
-        return o, o["status"].astype(np.int32)
+        return o, o["status"].astype(np.int32), local["day"]
 
     def _symbols(self, ch: _Chunk, f: str, table: dict[str, int]) -> np.ndarray:
         from .engine import _sym_column
@@ -781,7 +802,7 @@ class _Importer:
                            f, table)
 
     def _transfers(self, ch: _Chunk, posted: np.ndarray, midx: np.ndarray, o: np.ndarray,
-                   at: np.ndarray) -> np.ndarray:
+                   at: np.ndarray, day: np.ndarray) -> np.ndarray:
         """Per-member aggregates: points earned (per member and expiry), credit (per member), referral
         bonuses (per referrer and expiry). Ids: this import's key, the chunk number and the position."""
         from .engine import CREDIT, ISSUE_CREDIT, ISSUE_POINTS, POINTS, credit_account, points_account
@@ -791,7 +812,6 @@ class _Importer:
             return np.zeros(0, RECORD_DTYPE)
         m = midx[posted]
         a = at[posted]
-        day = eng._local_fields(a)["day"]
         exp = eng._expiry(a, day)
         parts: list[np.ndarray] = []
         chunk_no = (ch.seq0 // self.chunk_rows) & 0xFFFFFF
