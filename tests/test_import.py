@@ -326,23 +326,62 @@ def test_a_stopped_import_needs_resume_and_then_finishes(tmp_path: Path) -> None
     path = tmp_path / "club"
     with Engine.open(path, program=prog, sync="none") as eng:
         calls = {"n": 0}
-        real = eng.ledger._post_with
+        real = eng.ledger._entries_with
 
-        def failing(recs, extra):  # the third chunk's commit fails (a disk error, say)
+        def failing(entries, extra):  # the third chunk's commit fails (a disk error, say)
             calls["n"] += 1
-            if calls["n"] == 3 + 1:     # after the enrolment of the first chunk
+            if calls["n"] == 3:         # one transaction a chunk, its enrolments included
                 raise OSError("disk full")
-            return real(recs, extra)
+            return real(entries, extra)
 
-        eng.ledger._post_with = failing
+        eng.ledger._entries_with = failing
         with pytest.raises(OSError):
             eng.import_sales(src, columns=MAP, chunk_rows=1_000)
-        eng.ledger._post_with = real
+        assert calls["n"] == 3
+        eng.ledger._entries_with = real
+        members = eng.members            # without the ones the failed chunk would have enrolled
+    with Engine.open(path, program=prog, sync="none") as eng:
+        assert eng.members == members
     with Engine.open(path, program=prog, sync="none") as eng:
         with pytest.raises(ValidationError, match="resume=True"):
             eng.import_sales(src, columns=MAP, chunk_rows=1_000)
         rep = eng.import_sales(src, columns=MAP, chunk_rows=1_000, resume=True)
         assert rep.resumed_from_row > 0
+        assert balances(eng) == clean
+        assert eng.ledger.verify().ok
+
+
+def test_a_failed_chunk_leaves_neither_its_enrolments_nor_its_evaluation_behind(tmp_path: Path) -> None:
+    """The members a chunk enrolls commit with the chunk: when its transaction fails, the engine's
+    memory is as before the chunk (no new names, the members' state as it was), and a resume gives
+    the clean ledger."""
+    prog = Program.from_toml(CLUB)
+    t = history(3_000, 2_000)
+    with Engine.open(tmp_path / "clean", program=prog, sync="none") as eng:
+        eng.import_sales(t, columns=MAP, chunk_rows=1_000, import_id="x")
+        clean = balances(eng)
+    with Engine.open(tmp_path / "club", program=prog, sync="none") as eng:
+        real = eng.ledger._entries_with
+        calls = {"n": 0}
+
+        def failing(entries, extra):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                assert entries[0][1].dtype != entries[-1][1].dtype      # the chunk enrolls members
+                raise OSError("disk full")
+            return real(entries, extra)
+
+        eng.ledger._entries_with = failing
+        with pytest.raises(OSError):
+            eng.import_sales(t, columns=MAP, chunk_rows=1_000, import_id="x")
+        eng.ledger._entries_with = real
+        members, state = eng.members, eng._members[: eng.members].copy()
+        hist = dict(eng._hist)
+    with Engine.open(tmp_path / "club", program=prog, sync="none") as eng:
+        assert eng.members == members and len(eng._names) == members
+        assert eng._members[: members].tobytes() == state.tobytes()
+        assert {k: v for k, v in eng._hist.items() if v} == {k: v for k, v in hist.items() if v}
+        eng.import_sales(t, columns=MAP, chunk_rows=1_000, import_id="x", resume=True)
         assert balances(eng) == clean
         assert eng.ledger.verify().ok
 

@@ -552,8 +552,6 @@ class _Importer:
 
     # -- one chunk -------------------------------------------------------------------------------------
     def _chunk(self, ch: _Chunk, cp: dict[str, Any]) -> None:
-        from .engine import _small_unique
-
         eng = self.engine
         m = self.mapping
         n = len(ch.row)
@@ -625,6 +623,7 @@ class _Importer:
             return np.where(codes >= 0, uidx[np.maximum(codes, 0)], -1)
 
         midx = row_members()
+        enrolling: tuple[int, list[str], list[tuple[int, np.ndarray]]] | None = None
         unknown = good & ~is_ret & (midx < 0)
         if unknown.any():
             if not self.enroll:
@@ -634,12 +633,41 @@ class _Importer:
                 first_at = np.full(len(uidx), np.iinfo(np.int64).max, np.int64)
                 np.minimum.at(first_at, codes[unknown], at[unknown])
                 new_codes = np.flatnonzero(first_at < np.iinfo(np.int64).max)
-                first = eng._enroll_new(_bulk.take_strings(off, data, new_codes), first_at[new_codes], events=False)
-                self.stats["enrolled"] += len(new_codes)
+                # they are members in memory now; their accounts and records commit with the chunk
+                names_new = _bulk.take_strings(off, data, new_codes)
+                first, entries = eng._enroll_prepare(names_new, first_at[new_codes])
+                enrolling = (first, names_new, entries)
                 uidx[new_codes] = np.arange(first, first + len(new_codes), dtype=np.int64)
                 midx = row_members()
         mark(~is_ret & (midx < 0), R_UNKNOWN_MEMBER)
+        undo: list[tuple[np.ndarray, tuple[Any, ...]]] = []
+        try:
+            pending = self._post(ch, cp, reason, midx, at, amount, qty, is_ret, refs, ref_hash, originals,
+                                 enrolling, undo)
+        except BaseException:       # the engine's memory as it was before the chunk
+            for involved, saved in undo:
+                eng._members[involved], eng._offer_use[involved], eng._budget, eng._hist = saved
+            if enrolling is not None:
+                eng._enroll_undo(enrolling[0])
+            raise
+        if pending:
+            self._refunds(pending)
+            cp["pending_refunds"] = []
+            self._stats_into(cp)
+            self._save_checkpoint(cp)
+        self.progress.update(cp["rows_done"], self.stats["rejected"])
 
+    def _post(self, ch: _Chunk, cp: dict[str, Any], reason: np.ndarray, midx: np.ndarray, at: np.ndarray,
+              amount: np.ndarray, qty: np.ndarray, is_ret: np.ndarray, refs: pa.Array | None, ref_hash: np.ndarray,
+              originals: pa.Array | None, enrolling: tuple[int, list[str], list[tuple[int, np.ndarray]]] | None,
+              undo: list[tuple[np.ndarray, tuple[Any, ...]]]) -> list[list[Any]]:
+        """Steps 4 to 7 of a chunk whose rows are checked and whose members are known (``enrolling``:
+        the ones this chunk enrolls, not committed yet): the kernel, the returns, the quarantine, the
+        commit. Appends to ``undo`` what to restore if it fails; returns the refunds to make."""
+        from .engine import _small_unique
+
+        eng = self.engine
+        n = len(ch.row)
         # sales, in time order, through the kernel (which changes the state of the members and their
         # referrers: keep a copy of theirs until the chunk commits)
         sales = np.flatnonzero((reason == 0) & ~is_ret)
@@ -647,8 +675,9 @@ class _Importer:
         buyers = midx[sales]
         involved = np.concatenate([buyers, eng._members["referrer"][buyers]])
         involved = _small_unique(involved[involved >= 0], len(eng._member_names))[0]
-        saved = (eng._members[involved], eng._offer_use[involved], eng._budget.copy(), dict(eng._hist))
-        o, status, day = self._evaluate(ch, sales, midx, at, amount, qty, involved)
+        undo.append((involved, (eng._members[involved], eng._offer_use[involved], eng._budget.copy(),
+                                dict(eng._hist))))
+        o, status, day = self._evaluate(ch, sales, midx, at, amount, qty, involved, enrolling)
         refused = status != 0
         ktext: dict[int, str] = {}
         if refused.any():
@@ -707,37 +736,47 @@ class _Importer:
         self.stats["credit"] += int(o_ok["credit"].sum())
         self.stats["offers"] += int(np.unpackbits(o_ok["offers_fired"].astype("<u8").view(np.uint8)).sum())
         self.stats["transfers"] += len(recs)
+        if enrolling is not None:
+            touched = np.concatenate([touched, np.arange(enrolling[0], enrolling[0] + len(enrolling[1]))])
+            self.stats["enrolled"] += len(enrolling[1])
         for code_, k in zip(*np.unique(reason[bad], return_counts=True), strict=True):
             self.reasons[int(code_)] += int(k)
         cp["rows_done"] = ch.seq0 + n
         cp["chunks"] = int(cp["chunks"]) + 1
         cp["pending_refunds"] = pending
         self._stats_into(cp)
-        try:
-            self._commit(recs, touched, receipts, cp)
-        except BaseException:
-            eng._members[involved], eng._offer_use[involved], eng._budget, eng._hist = saved
-            raise
-        if pending:
-            self._refunds(pending)
-            cp["pending_refunds"] = []
-            self._stats_into(cp)
-            self._save_checkpoint(cp)
-        self.progress.update(cp["rows_done"], self.stats["rejected"])
+        self._commit(recs, touched, receipts, cp, enrolling)
+        return pending
 
     def _commit(self, recs: np.ndarray, touched: np.ndarray, receipts: list[tuple[bytes, bytes]],
-                cp: dict[str, Any]) -> None:
+                cp: dict[str, Any], enrolling: tuple[int, list[str], list[tuple[int, np.ndarray]]] | None) -> None:
+        """The chunk's transaction: the enrolled members' accounts and bonuses (journal entries of their
+        own, as enroll_batch writes them), the transfers, the members' records, the budget, the receipts
+        and the checkpoint. (More than 8 M transfers go in several transactions; the checkpoint with the
+        last.)"""
+        from .ledger import KIND_TRANSFERS
+
         eng = self.engine
         for start in range(0, max(len(recs), 1), 8_000_000):
             part = recs[start: start + 8_000_000]
             last = start + 8_000_000 >= len(recs)
+            enroll_here = enrolling is not None and start == 0
+            entries = [*(enrolling[2] if enrolling is not None and enroll_here else []), (KIND_TRANSFERS, part)]
 
-            def extra(txn: lmdb.Transaction, results: np.ndarray, last: bool = last) -> None:
+            def extra(txn: lmdb.Transaction, all_results: list[np.ndarray], last: bool = last,
+                      enroll_here: bool = enroll_here) -> None:
+                results = all_results[-1]
                 bad_r = np.flatnonzero((results != 0) & (results != 3))
                 if len(bad_r):
                     from .types import TransferResult
                     raise StorageError(f"import: the ledger refused transfer {int(bad_r[0])} of chunk "
                                        f"{cp['chunks']}: {TransferResult(int(results[bad_r[0]])).name}")
+                if enroll_here and enrolling is not None:
+                    first, names, _ = enrolling
+                    eng._enroll_check(all_results)
+                    eng._put_names(txn, first, names)
+                    if not last:     # their records commit with their accounts
+                        eng._put_members(txn, np.arange(first, first + len(names), dtype=np.int64))
                 if last:
                     db = eng.ledger._ext_db()
                     eng._put_members(txn, touched)
@@ -746,7 +785,7 @@ class _Importer:
                         txn.cursor(db=db).putmulti(receipts)
                     txn.put(self._checkpoint_key(), json.dumps(cp).encode(), db=db)
 
-            eng.ledger._post_with(part, extra)
+            eng.ledger._entries_with(entries, extra)
 
     def _stats_into(self, cp: dict[str, Any]) -> None:
         cp["stats"] = dict(self.stats)
@@ -772,9 +811,13 @@ class _Importer:
 
     # -- evaluation and posting -----------------------------------------------------------------------
     def _evaluate(self, ch: _Chunk, sales: np.ndarray, midx: np.ndarray, at: np.ndarray, amount: np.ndarray,
-                  qty: np.ndarray, involved: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                  qty: np.ndarray, involved: np.ndarray,
+                  enrolling: tuple[int, list[str], list[tuple[int, np.ndarray]]] | None
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The kernel's output and status of each sale (in the order of ``sales``), and its local day;
-        ``involved`` are the members of the sales and their referrers (sorted, distinct)."""
+        ``involved`` are the members of the sales and their referrers (sorted, distinct). The points of
+        the members enrolled by this chunk are their sign-up bonus (their accounts are not in the
+        ledger before the chunk commits); the others' come from the ledger."""
         from .engine import OUT, _purchase_rows
 
         eng = self.engine
@@ -790,7 +833,7 @@ class _Importer:
         rows, icat, isku, iamt = _purchase_rows(
             midx[sales], amount[sales], qty[sales], local, sy["branch"], sy["channel"],
             sy["category"] if has_items else None, sy["sku"] if has_items else None)
-        eng._refresh_points(involved)
+        eng._refresh_points(involved if enrolling is None else involved[involved < enrolling[0]])
         o = eng._evaluate(rows, icat, isku, iamt, facts=False)
         return o, o["status"].astype(np.int32), local["day"]
 

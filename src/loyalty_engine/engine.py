@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 
 from . import _bulk, _core, _memory
 from .errors import ConfigError, InsufficientBalanceError, NotFoundError, StorageError, ValidationError
-from .ledger import Ledger
+from .ledger import KIND_ACCOUNTS, KIND_TRANSFERS, Ledger, _account_records
 from .program import Program
 from .rules.expr import EPOCH_ORDINAL, VARIABLES
 from .types import RECORD_DTYPE, Account, AccountFlags, Code, TransferFlags, TransferResult, from_micros, to_micros
@@ -547,61 +547,94 @@ class Engine:
             return len(new)
 
     def _enroll_new(self, names_new: list[str], at_arr: np.ndarray, *, events: bool) -> int:
-        """Enroll members that are valid, distinct and not members yet (the caller checked: enroll_batch,
-        or an import's dictionary of names), joining at ``at_arr`` (µs UTC, int64), in one transaction;
-        returns the first one's index (the others follow in order)."""
+        """Enroll members that are valid, distinct and not members yet (the caller checked: enroll_batch),
+        joining at ``at_arr`` (µs UTC, int64): their accounts, sign-up bonuses, records and (with
+        ``events``) welcome events in one transaction; returns the first one's index (the others follow
+        in order)."""
         with self._lock:
+            first, entries = self._enroll_prepare(names_new, at_arr)
             n = len(names_new)
-            first = len(self._member_names)
-            idx = np.arange(first, first + n, dtype=np.int64)
-            flags = 0 if self.program.negative_balance == "allow" else AccountFlags.DEBITS_MUST_NOT_EXCEED_CREDITS
-            r1 = self.ledger.create_accounts_batch(points_account(idx), asset=POINTS, flags=flags)
-            r2 = self.ledger.create_accounts_batch(credit_account(idx), asset=CREDIT,
-                                                   flags=AccountFlags.DEBITS_MUST_NOT_EXCEED_CREDITS)
-            if not np.isin(np.concatenate([r1, r2]), [0, 3]).all():
-                raise StorageError("enroll_batch: the ledger refused to create member accounts")
-            day = self._local_fields(at_arr)["day"]
-            self._grow(first + n)
-            st = self._members[first: first + n]
-            st["enroll_day"] = day
-            st["last_day"] = -1
-            st["tier"] = 1 if self.program.tiers else 0
-            col = {"month": 3, "quarter": 4, "year": 5}.get(self.program.tier_review, 5)
-            st["review_day"] = _core.calendar_check(day.astype(np.int64))[:, col]
-            st["referrer"] = -1
-            st["earn_day"] = -1
             bonus = self.program.signup_bonus
-            recs = np.zeros(n if bonus else 0, RECORD_DTYPE)
-            if bonus:
-                ids = np.array([_ref_id(f"enroll:{m}", 1) for m in names_new], np.uint64).reshape(-1, 2)
-                recs["id_lo"], recs["id_hi"] = ids[:, 0], ids[:, 1]
-                recs["debit"], recs["credit"], recs["amount"] = ISSUE_POINTS, points_account(idx), bonus
-                recs["asset"], recs["code"], recs["at"] = POINTS, Code.BONUS, at_arr
-                recs["expires_at"] = self._expiry(at_arr, day)
 
-            def extra(txn: lmdb.Transaction, results: np.ndarray) -> None:
-                _raise_on(results, "enroll_batch")
-                # by assignment, not extend: a retry of the transaction (the map grew) runs this again
-                self._member_names[first:] = names_new
-                self._names.update(zip(names_new, range(first, first + n), strict=True))
-                self._members["points"][first: first + n] = bonus
-                self._put_members(txn, idx)
-                cur = txn.cursor(db=self.ledger._ext_db())
-                for start in range(0, n, PUT_BATCH):
-                    cur.putmulti(_bulk.name_records(names_new[start: start + PUT_BATCH], first + start))
+            def extra(txn: lmdb.Transaction, results: list[np.ndarray]) -> None:
+                self._enroll_check(results)
+                self._put_members(txn, np.arange(first, first + n, dtype=np.int64))
+                self._put_names(txn, first, names_new)
                 if events:
                     for k, m in enumerate(names_new):
                         self._put_event(txn, "welcome", m, int(at_arr[k]), points=bonus)
 
             try:
-                self.ledger._post_with(recs, extra)
+                self.ledger._entries_with(entries, extra)
             except BaseException:
-                del self._member_names[first:]
-                for m in names_new:
-                    self._names.pop(m, None)
-                self._members[first: first + n] = np.zeros(n, MSTATE)
+                self._enroll_undo(first)
                 raise
             return first
+
+    def _enroll_prepare(self, names_new: list[str], at_arr: np.ndarray) -> tuple[int, list[tuple[int, np.ndarray]]]:
+        """The in-memory half of enrolling new members (see :meth:`_enroll_new`): their names, indices
+        and state (with the sign-up bonus in their points), and the ledger entries that must commit with
+        their records: their points accounts, their credit accounts, their bonuses. Returns the first
+        index and the entries; :meth:`_enroll_undo` takes it back if the commit fails."""
+        n = len(names_new)
+        first = len(self._member_names)
+        idx = np.arange(first, first + n, dtype=np.int64)
+        flags = 0 if self.program.negative_balance == "allow" else AccountFlags.DEBITS_MUST_NOT_EXCEED_CREDITS
+        entries = [(KIND_ACCOUNTS, _account_records(points_account(idx), asset=POINTS, flags=flags)),
+                   (KIND_ACCOUNTS, _account_records(credit_account(idx), asset=CREDIT,
+                                                    flags=AccountFlags.DEBITS_MUST_NOT_EXCEED_CREDITS))]
+        day = self._local_fields(at_arr)["day"]
+        bonus = self.program.signup_bonus
+        recs = np.zeros(n if bonus else 0, RECORD_DTYPE)
+        if bonus:
+            ids = np.array([_ref_id(f"enroll:{m}", 1) for m in names_new], np.uint64).reshape(-1, 2)
+            recs["id_lo"], recs["id_hi"] = ids[:, 0], ids[:, 1]
+            recs["debit"], recs["credit"], recs["amount"] = ISSUE_POINTS, points_account(idx), bonus
+            recs["asset"], recs["code"], recs["at"] = POINTS, Code.BONUS, at_arr
+            recs["expires_at"] = self._expiry(at_arr, day)
+        entries.append((KIND_TRANSFERS, recs))
+        self._grow(first + n)
+        st = self._members[first: first + n]
+        st[:] = np.zeros(1, MSTATE)
+        st["enroll_day"] = day
+        st["last_day"] = -1
+        st["tier"] = 1 if self.program.tiers else 0
+        col = {"month": 3, "quarter": 4, "year": 5}.get(self.program.tier_review, 5)
+        st["review_day"] = _core.calendar_check(day.astype(np.int64))[:, col]
+        st["referrer"] = -1
+        st["earn_day"] = -1
+        st["points"] = bonus
+        self._offer_use[first: first + n] = 0
+        self._member_names.extend(names_new)
+        self._names.update(zip(names_new, range(first, first + n), strict=True))
+        return first, entries
+
+    def _enroll_check(self, results: list[np.ndarray]) -> None:
+        """Raise unless the ledger created (or already had) the accounts and posted the bonuses of
+        :meth:`_enroll_prepare`'s entries (the first three of ``results``)."""
+        if not np.isin(np.concatenate(results[:2]), [0, 3]).all():
+            raise StorageError("enroll_batch: the ledger refused to create member accounts")
+        _raise_on(results[2], "enroll_batch")
+
+    def _enroll_undo(self, first: int) -> None:
+        """Forget the members from index ``first`` on (an enrolment whose transaction did not commit)."""
+        for m in self._member_names[first:]:
+            self._names.pop(m, None)
+        n = len(self._member_names) - first
+        del self._member_names[first:]
+        self._members[first: first + n] = np.zeros(n, MSTATE)
+        self._offer_use[first: first + n] = 0
+        self._hist_drop(first)
+
+    def _hist_drop(self, first: int) -> None:
+        for k in [k for k in self._hist if k >= first]:
+            del self._hist[k]
+
+    def _put_names(self, txn: lmdb.Transaction, first: int, names: list[str]) -> None:
+        """The name index (``b"N"`` + name -> index) of the members ``first``, ``first + 1``, ..."""
+        cur = txn.cursor(db=self.ledger._ext_db())
+        for start in range(0, len(names), PUT_BATCH):
+            cur.putmulti(_bulk.name_records(names[start: start + PUT_BATCH], first + start))
 
     def _transfers(self, parts: list[tuple[int, int, int, int, int]], ref: str, at_us: int,
                    expires: int = 0) -> np.ndarray:
