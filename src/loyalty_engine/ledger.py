@@ -270,6 +270,7 @@ class Ledger:
             raise StorageError("this ledger was opened readonly=True")
         st = self._st()
         with self._lock, st.lock:
+            self._make_room(st)
             for _attempt in range(40):
                 txn = st.begin(write=True)
                 try:
@@ -292,6 +293,15 @@ class Ledger:
                 raise StorageError("the ledger map could not grow enough for this batch")
         self._after_commit()
         return out
+
+    @staticmethod
+    def _make_room(st: Store) -> None:
+        """Double the map before a write when it is more than half full. A write that fills the map is
+        retried after the map grows, from a state rebuilt from the snapshot and the journal after it:
+        for a bulk import's big transactions, seconds, where growing the map first costs nothing."""
+        info = st.env.info()
+        if (info["last_pgno"] + 1) * st.env.stat()["psize"] * 2 > info["map_size"]:
+            st.grow()
 
     def _entry_buffer(self, dtype: np.dtype[Any], n: int) -> tuple[np.ndarray, np.ndarray]:
         """A journal entry's bytes, and a view of room for ``n`` records in it (filled in place, so
