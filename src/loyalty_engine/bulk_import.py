@@ -314,6 +314,22 @@ def hash_strings(col: pa.Array, seed: int = 0) -> np.ndarray:
     return out
 
 
+def _in_sorted(values: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """``np.isin(values, table)`` for a sorted ``table`` (no sort of the table)."""
+    if not len(table):
+        return np.zeros(len(values), bool)
+    pos = np.minimum(np.searchsorted(table, values), len(table) - 1)
+    return table[pos] == values
+
+
+def _insert_sorted(table: np.ndarray, new: np.ndarray) -> np.ndarray:
+    """``np.union1d(table, new)`` for a sorted, distinct ``table``: one pass over the table instead of a
+    sort of both (the table grows by a chunk at a time)."""
+    new = np.unique(new)
+    new = new[~_in_sorted(new, table)]
+    return np.insert(table, np.searchsorted(table, new), new) if len(new) else table
+
+
 # -- the import --------------------------------------------------------------------------------------------
 
 @dataclass
@@ -530,7 +546,7 @@ class _Importer:
             if take <= 0:
                 break
             col = ch.cols[self.mapping["ref"]].slice(0, take).combine_chunks()
-            self.seen = np.union1d(self.seen, hash_strings(col))
+            self.seen = _insert_sorted(self.seen, np.unique(hash_strings(col)))
             pos += n
 
     def _report(self, t0: float, cp: dict[str, Any], *, already: bool, resumed_from: int = 0) -> ImportReport:
@@ -599,9 +615,9 @@ class _Importer:
             sh = h[order]
             dup_in = np.zeros(len(h), bool)
             dup_in[order[1:]] = sh[1:] == sh[:-1]
-            dup_before = np.isin(h, self.seen, assume_unique=False) if len(self.seen) else np.zeros(len(h), bool)
+            dup_before = _in_sorted(h, self.seen)
             reason[live[dup_in | dup_before]] = R_DUP
-            self.seen = np.union1d(self.seen, h[~(dup_in | dup_before)])
+            self.seen = _insert_sorted(self.seen, h[~(dup_in | dup_before)])
         originals: pa.Array | None = None
         if "original" in m:
             originals = pc.utf8_trim_whitespace(_strings(col("original")))
@@ -675,8 +691,8 @@ class _Importer:
         buyers = midx[sales]
         involved = np.concatenate([buyers, eng._members["referrer"][buyers]])
         involved = _small_unique(involved[involved >= 0], len(eng._member_names))[0]
-        undo.append((involved, (eng._members[involved], eng._offer_use[involved], eng._budget.copy(),
-                                dict(eng._hist))))
+        undo.append((involved, (eng._members.view(f"V{eng._members.itemsize}")[involved].view(eng._members.dtype),
+                                eng._offer_use[involved], eng._budget.copy(), dict(eng._hist))))
         o, status, day = self._evaluate(ch, sales, midx, at, amount, qty, involved, enrolling)
         refused = status != 0
         ktext: dict[int, str] = {}
@@ -687,8 +703,7 @@ class _Importer:
             for i, s_code in zip(sales[refused].tolist(), status[refused].tolist(), strict=True):
                 ktext[i] = _STATUS_TEXT[RowStatus(s_code)]
             reason[sales[refused]] = R_KERNEL
-        posted = sales[~refused]
-        o_ok = o[~refused]
+        posted, o_ok = (sales[~refused], o[~refused]) if refused.any() else (sales, o)
 
         # returns: against their original (in this source or stored), in time order
         pending: list[list[Any]] = []
@@ -725,7 +740,7 @@ class _Importer:
         # the quarantine first (a crash after this loses nothing), then one transaction
         bad = reason != 0
         self._quarantine(ch, reason, bad, ktext)
-        recs = self._transfers(ch, posted, midx, o_ok, at, day[~refused])
+        recs = self._transfers(ch, posted, midx, o_ok, at, day[~refused] if refused.any() else day)
         touched = np.concatenate([midx[posted], o_ok["referrer"][o_ok["referrer"] >= 0]])
         receipts = self._receipts(posted, want_rec, midx, at, amount, o_ok, refs)
         n_bad = int(bad.sum())
@@ -848,7 +863,7 @@ class _Importer:
                    at: np.ndarray, day: np.ndarray) -> np.ndarray:
         """Per-member aggregates: points earned (per member and expiry), credit (per member), referral
         bonuses (per referrer and expiry). Ids: this import's key, the chunk number and the position."""
-        from .engine import CREDIT, ISSUE_CREDIT, ISSUE_POINTS, POINTS, credit_account, points_account
+        from .engine import CREDIT, ISSUE_CREDIT, ISSUE_POINTS, POINTS, _small_unique, credit_account, points_account
 
         eng = self.engine
         if len(posted) == 0:
@@ -859,38 +874,48 @@ class _Importer:
         parts: list[np.ndarray] = []
         chunk_no = (ch.seq0 // self.chunk_rows) & 0xFFFFFF
 
-        def group(keys: list[np.ndarray], amt: np.ndarray, kind: int, debit: int, credit_of: Any, asset: int,
+        # a group is (member, expiry), or the member alone: one int64 key, member * expiries + the
+        # expiry's rank, so that groups in key order are in (member, expiry) order
+        exp_values, exp_rank = np.unique(exp, return_inverse=True)
+        n_exp = len(exp_values)
+        bound = len(eng._member_names) * n_exp
+        if bound >= 1 << 62:
+            raise ValidationError(f"import: {len(eng._member_names):,} members times {n_exp:,} expiry dates "
+                                  f"in one chunk is too many; give a smaller chunk_rows")
+
+        def group(member: np.ndarray, amt: np.ndarray, kind: int, debit: int, credit_of: Any, asset: int,
                   code: int, expiring: bool) -> None:
-            sel = amt > 0
-            if not sel.any():
+            sel = np.flatnonzero(amt > 0)
+            if not len(sel):
                 return
-            ks = [k[sel] for k in keys]
-            order = np.lexsort(ks[::-1])
-            ks = [k[order] for k in ks]
-            am = amt[sel][order]
-            tt = a[sel][order]
-            ee = exp[sel][order]
-            brk = np.ones(len(am), bool)
-            brk[1:] = np.any(np.stack([k[1:] != k[:-1] for k in ks]), axis=0)
-            starts = np.flatnonzero(brk)
-            recs = np.zeros(len(starts), RECORD_DTYPE)
-            seq = np.arange(len(starts), dtype=np.uint64)
+            if expiring:
+                keys, inv = _small_unique(member[sel] * n_exp + exp_rank[sel], bound)
+                owner = keys // n_exp
+            else:
+                keys, inv = _small_unique(member[sel], len(eng._member_names))
+                owner = keys
+            total = np.zeros(len(keys), np.int64)
+            np.add.at(total, inv, amt[sel])
+            last = np.full(len(keys), np.iinfo(np.int64).min, np.int64)
+            np.maximum.at(last, inv, a[sel])
+            recs = np.zeros(len(keys), RECORD_DTYPE)
+            seq = np.arange(len(keys), dtype=np.uint64)
             recs["id_hi"] = self.key_hi
             recs["id_lo"] = (np.uint64(chunk_no) << np.uint64(40)) | (seq << np.uint64(8)) | np.uint64(kind)
             recs["debit"] = debit
-            recs["credit"] = credit_of(ks[0][starts])
-            recs["amount"] = np.add.reduceat(am, starts)
-            recs["at"] = np.maximum.reduceat(tt, starts)
+            recs["credit"] = credit_of(owner)
+            recs["amount"] = total
+            recs["at"] = last
             if expiring:
-                recs["expires_at"] = ee[starts]
+                recs["expires_at"] = exp_values[keys % n_exp]
             recs["asset"] = asset
             recs["code"] = code
             parts.append(recs)
 
-        group([m, exp], o["points"], 1, ISSUE_POINTS, points_account, POINTS, Code.EARN, True)
-        group([m], o["credit"], 2, ISSUE_CREDIT, credit_account, CREDIT, Code.CREDIT, False)
-        ref_m = np.maximum(o["referrer"], 0)
-        group([ref_m, exp], o["referrer_points"], 3, ISSUE_POINTS, points_account, POINTS, Code.BONUS, True)
+        group(m, o["points"], 1, ISSUE_POINTS, points_account, POINTS, Code.EARN, True)
+        group(m, o["credit"], 2, ISSUE_CREDIT, credit_account, CREDIT, Code.CREDIT, False)
+        group(np.maximum(o["referrer"], 0), o["referrer_points"], 3, ISSUE_POINTS, points_account, POINTS,
+              Code.BONUS, True)
         return np.concatenate(parts) if parts else np.zeros(0, RECORD_DTYPE)
 
     def _receipts(self, posted: np.ndarray, want: list[int], midx: np.ndarray, at: np.ndarray,

@@ -389,7 +389,7 @@ class Engine:
         cur = txn.cursor(db=self.ledger._ext_db())
         for start in range(0, len(idx), PUT_BATCH):     # the pairs of one part at a time: bounded memory
             part = idx[start: start + PUT_BATCH]
-            state = self._members[part].view(np.uint8).reshape(len(part), MSTATE.itemsize)
+            state = self._members.view(np.uint8).reshape(-1, MSTATE.itemsize)[part]
             use = np.ascontiguousarray(self._offer_use[part, :noff]).reshape(len(part), noff * 3)
             used = use.any(axis=1).view(np.uint8) if noff else np.zeros(len(part), np.uint8)
             cur.putmulti(_bulk.member_records(part, self._member_names, state, use.view(np.uint8), used,
@@ -977,8 +977,7 @@ class Engine:
         idx = idx[idx >= 0]
         if len(idx) == 0:
             return
-        b = self.ledger.balances(np.concatenate([points_account(idx), credit_account(idx)]).astype(np.uint64))
-        avail = b["available"] if b.dtype.names and "available" in b.dtype.names else b[:, -1]
+        avail = self.ledger._available(np.concatenate([points_account(idx), credit_account(idx)]))
         self._members["points"][idx] = avail[: len(idx)]
         self._members["credit"][idx] = avail[len(idx):]
 
