@@ -555,8 +555,10 @@ class Engine:
             first, entries = self._enroll_prepare(names_new, at_arr)
             n = len(names_new)
             bonus = self.program.signup_bonus
+            seq0 = self._event_seq
 
             def extra(txn: lmdb.Transaction, results: list[np.ndarray]) -> None:
+                self._event_seq = seq0          # a retry (the map grew) numbers the events again
                 self._enroll_check(results)
                 self._put_members(txn, np.arange(first, first + n, dtype=np.int64))
                 self._put_names(txn, first, names_new)
@@ -567,6 +569,7 @@ class Engine:
             try:
                 self.ledger._entries_with(entries, extra)
             except BaseException:
+                self._event_seq = seq0
                 self._enroll_undo(first)
                 raise
             return first
