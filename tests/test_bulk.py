@@ -11,6 +11,7 @@ import pyarrow as pa
 import pytest
 
 import loyalty_engine._bulk as bulk
+from loyalty_engine.bulk_import import hash_strings
 from loyalty_engine.engine import HEV, MSTATE
 
 STUB = Path(bulk.__file__).with_name("_bulk.pyi")
@@ -91,23 +92,36 @@ def _offsets(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(off), data
 
 
-def test_lookup_and_take_strings_read_arrow_buffers() -> None:
-    values = ["b", "", "ç—名", "zz", "b", None, "q"]
-    arr = pa.array(values, pa.string()).slice(1)          # an offset into the buffers too
+def test_take_strings_reads_arrow_buffers() -> None:
+    arr = pa.array(["b", "", "ç—名", "zz", "b", None, "q"], pa.string()).slice(1)   # an offset too
     off, data = _offsets(arr)
-    table = {"b": 4, "": 9, "ç—名": 2}
-    out = np.full(len(arr), 99, np.int64)
-    missing = bulk.lookup_strings(table, off, data, out)
-    ref = [table.get(v if v is not None else "", -1) for v in values[1:]]
-    assert out.tolist() == ref and missing == ref.count(-1)
     which = np.array([2, 0, 1, 3], np.int64)
     assert bulk.take_strings(off, data, which) == ["zz", "", "ç—名", "b"]
     with pytest.raises(ValueError, match="outside"):
         bulk.take_strings(off, data, np.array([len(arr)], np.int64))
     empty_off, empty_data = _offsets(pa.array(["", ""], pa.string()))
     assert bulk.take_strings(empty_off, empty_data, np.array([1, 0], np.int64)) == ["", ""]
-    out2 = np.zeros(2, np.int64)
-    assert bulk.lookup_strings({}, empty_off, empty_data, out2) == 2 and out2.tolist() == [-1, -1]
+
+
+def test_the_name_index_finds_what_a_dict_finds_even_when_hashes_collide() -> None:
+    rng = np.random.default_rng(4)
+    names = [f"m{i}" if i % 11 else f"ç{i}—名" for i in range(3_000)]
+    table = {m: i for i, m in enumerate(names)}
+    queries = pa.array([names[i] for i in rng.integers(0, len(names), 500)] + ["nobody", "", "m1x"]).slice(2)
+    off, data = _offsets(queries)
+    cap = 1 << 13
+    for label, hashes_of in (("real", lambda a: hash_strings(a)),
+                             ("colliding", lambda a: hash_strings(a) % np.uint64(7))):   # 7 hashes for all
+        slot_hash, slot_value = np.zeros(cap, np.uint64), np.full(cap, -1, np.int64)
+        bulk.index_insert(slot_hash, slot_value, hashes_of(pa.array(names)), np.arange(len(names), dtype=np.int64))
+        out = np.zeros(len(queries), np.int64)
+        missing = bulk.index_lookup(slot_hash, slot_value, hashes_of(queries), off, data, names, out)
+        ref = [table.get(q, -1) for q in queries.to_pylist()]
+        assert out.tolist() == ref, label
+        assert missing == ref.count(-1) == 3
+    with pytest.raises(ValueError, match="power-of-two"):
+        bulk.index_insert(np.zeros(6, np.uint64), np.full(6, -1, np.int64), np.zeros(1, np.uint64),
+                          np.zeros(1, np.int64))
 
 
 def test_gather_and_scatter_bytes() -> None:

@@ -19,7 +19,7 @@ from cpython.object cimport PyObject
 from cpython.unicode cimport PyUnicode_Check, PyUnicode_DecodeUTF8
 from libc.stdint cimport int64_t, uint8_t, uint64_t
 from libc.stdlib cimport free, malloc
-from libc.string cimport memcpy
+from libc.string cimport memcmp, memcpy
 
 
 cdef extern from "Python.h":
@@ -141,29 +141,6 @@ cdef inline const char* _string_at(const int64_t[::1] offsets, const uint8_t[::1
     return <const char*>&data[0] + a
 
 
-def lookup_strings(dict table, const int64_t[::1] offsets, const uint8_t[::1] data, int64_t[::1] out):
-    """``out[j] = table.get(s_j, -1)`` for each string ``s_j`` of an Arrow (large) string array given by
-    its value offsets (``n + 1``, int64) and data buffer; the table's values must be ints. Returns how
-    many were not found. (Null entries are looked up as the empty string: mask them afterwards.)"""
-    cdef Py_ssize_t n = offsets.shape[0] - 1, j, size = 0
-    cdef Py_ssize_t missing = 0
-    cdef const char* s
-    cdef object name
-    cdef PyObject* hit
-    if n < 0 or out.shape[0] != n:
-        raise ValueError("offsets must have n + 1 entries and out n")
-    for j in range(n):
-        s = _string_at(offsets, data, j, &size)
-        name = PyUnicode_DecodeUTF8(s, size, NULL)
-        hit = PyDict_GetItem(table, name)
-        if hit == NULL:
-            out[j] = -1
-            missing += 1
-        else:
-            out[j] = <object>hit
-    return missing
-
-
 def take_strings(const int64_t[::1] offsets, const uint8_t[::1] data, const int64_t[::1] which):
     """The strings ``which`` of an Arrow (large) string array (value offsets and data), as a list of
     ``str``."""
@@ -237,3 +214,67 @@ def scatter_bytes(dict table, const int64_t[::1] keys, const int64_t[::1] offset
         value = PyBytes_FromStringAndSize(<const char*>&data[0] + a if b > a else NULL, b - a)
         key = PyLong_FromLongLong(keys[k])
         PyDict_SetItem(table, key, value)
+
+
+def index_insert(uint64_t[::1] slot_hash, int64_t[::1] slot_value, const uint64_t[::1] hashes,
+                 const int64_t[::1] values):
+    """Insert ``(hashes[k], values[k])`` into an open-addressing table (``slot_hash``, ``slot_value``;
+    a power-of-two size, ``slot_value`` -1 where a slot is empty; several entries may share a hash).
+    The caller keeps the table at most half full."""
+    cdef Py_ssize_t cap = slot_hash.shape[0], k
+    cdef uint64_t mask, pos
+    if cap == 0 or cap & (cap - 1) or slot_value.shape[0] != cap:
+        raise ValueError("the table's two arrays must have the same power-of-two size")
+    if values.shape[0] != hashes.shape[0]:
+        raise ValueError("hashes and values need the same length")
+    mask = <uint64_t>cap - 1
+    with nogil:
+        for k in range(hashes.shape[0]):
+            pos = hashes[k] & mask
+            while slot_value[pos] >= 0:
+                pos = (pos + 1) & mask
+            slot_hash[pos] = hashes[k]
+            slot_value[pos] = values[k]
+
+
+def index_lookup(const uint64_t[::1] slot_hash, const int64_t[::1] slot_value, const uint64_t[::1] hashes,
+                 const int64_t[::1] offsets, const uint8_t[::1] data, list names, int64_t[::1] out):
+    """For each string ``s_j`` of an Arrow (large) string array (value offsets, data) with hash
+    ``hashes[j]``: ``out[j]`` = the value ``i`` of an entry of the table (see :func:`index_insert`)
+    with that hash whose ``names[i]`` is ``s_j`` (compared byte for byte), or -1. Returns how many were
+    not found."""
+    cdef Py_ssize_t cap = slot_hash.shape[0], n = offsets.shape[0] - 1, j, size, nlen
+    cdef Py_ssize_t nnames = PyList_GET_SIZE(names), missing = 0
+    cdef uint64_t mask, pos, h
+    cdef int64_t v
+    cdef const char* s
+    cdef const char* nptr
+    cdef object name
+    if cap == 0 or cap & (cap - 1) or slot_value.shape[0] != cap:
+        raise ValueError("the table's two arrays must have the same power-of-two size")
+    if n < 0 or out.shape[0] != n or hashes.shape[0] != n:
+        raise ValueError("offsets must have n + 1 entries, hashes and out n")
+    mask = <uint64_t>cap - 1
+    for j in range(n):
+        s = _string_at(offsets, data, j, &size)
+        h = hashes[j]
+        pos = h & mask
+        out[j] = -1
+        while True:
+            v = slot_value[pos]
+            if v < 0:
+                break
+            if slot_hash[pos] == h:
+                if v >= nnames:
+                    raise ValueError(f"the table holds {v}, not an index of names (0..{nnames - 1})")
+                name = <object>PyList_GET_ITEM(names, v)
+                if not PyUnicode_Check(name):
+                    raise TypeError(f"names[{v}] is {type(name).__name__}, not str")
+                nptr = PyUnicode_AsUTF8AndSize(name, &nlen)
+                if nlen == size and (size == 0 or memcmp(nptr, s, size) == 0):
+                    out[j] = v
+                    break
+            pos = (pos + 1) & mask
+        if out[j] < 0:
+            missing += 1
+    return missing

@@ -384,6 +384,26 @@ class _Importer:
         self.remaining: dict[str, list[int]] = {}   # original ref -> [amount left, member, at]
         self.stats = Counter()
         self.writer: Any = None
+        self._index: tuple[np.ndarray, np.ndarray] | None = None    # see _member_index
+        self._indexed = 0
+
+    def _member_index(self) -> tuple[np.ndarray, np.ndarray]:
+        """A hash table of the members' names (their 64-bit hash -> index; see ``_bulk.index_lookup``),
+        brought up to date with the engine's members: a chunk's names are looked up without a ``str``
+        and a dict probe each. The import holds the engine's lock, so only the import enrolls."""
+        names = self.engine._member_names
+        n = len(names)
+        if self._index is None or self._indexed > n or 2 * n > len(self._index[0]):
+            cap = 1 << max(10, (2 * n).bit_length())      # at most half full: 32 to 64 bytes a member
+            self._index = (np.zeros(cap, np.uint64), np.full(cap, -1, np.int64))
+            self._indexed = 0
+        if self._indexed < n:
+            new = pa.array(names[self._indexed:], pa.string())
+            idx = np.arange(self._indexed, n, dtype=np.int64)
+            real = pc.greater(pc.binary_length(new), 0).to_numpy(zero_copy_only=False)   # not the gaps ("")
+            _bulk.index_insert(*self._index, hash_strings(new)[real], idx[real])
+            self._indexed = n
+        return self._index
 
     # -- set-up --------------------------------------------------------------------------------------
     def _mapping(self, columns: dict[str, str] | None) -> dict[str, str]:
@@ -631,7 +651,9 @@ class _Importer:
         off, data = _string_buffers(mem_dict.dictionary)
         codes = mem_dict.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
         uidx = np.empty(len(off) - 1, np.int64)      # the dictionary's members (-1: not a member)
-        _bulk.lookup_strings(eng._names, off, data, uidx)
+        hashes = np.empty(len(uidx), np.uint64)
+        _core.hash_strings(off, data, 0, hashes)
+        _bulk.index_lookup(*self._member_index(), hashes, off, data, eng._member_names, uidx)
 
         def row_members() -> np.ndarray:
             if not len(uidx):
