@@ -250,6 +250,12 @@ def test_a_null_member_is_quarantined_like_an_empty_one(tmp_path: Path) -> None:
         nulls = t.slice(0, 20).set_column(0, "customer", pa.nulls(20, pa.string()))
         rep = eng.import_sales(nulls, columns=MAP, import_id="all null")
         assert rep.rows_rejected == 20 and rep.members_enrolled == 0
+        # integer member ids (named by their text), a null among them
+        ints = t.slice(0, 30).set_column(0, "customer", pa.array([i % 7 - 3 if i != 4 else None for i in range(30)],
+                                                                 pa.int64()))
+        rep = eng.import_sales(ints, columns=MAP, import_id="ints")
+        assert rep.rows_rejected == 1 and rep.members_enrolled == 7
+        assert sorted(m for m in eng._names if m.lstrip("-").isdigit()) == ["-1", "-2", "-3", "0", "1", "2", "3"]
 
 
 def test_rows_older_than_the_members_last_purchase_are_quarantined_not_evaluated_out_of_order(tmp_path: Path) -> None:

@@ -600,9 +600,18 @@ class _Importer:
             c = ch.cols[m[f]]
             return c.combine_chunks() if isinstance(c, pa.ChunkedArray) else c
 
-        member = _strings(col("member"))
-        mark(_blank(member), R_MEMBER_NULL)
-        mark(pc.greater(pc.binary_length(member), 200).fill_null(False).to_numpy(zero_copy_only=False), R_MEMBER_LONG)
+        raw_member = col("member")
+        if pa.types.is_integer(raw_member.type):
+            # the names are the numbers' text: encode the numbers, and cast only the distinct ones
+            mem_dict = pc.dictionary_encode(raw_member)
+            mem_dict = pa.DictionaryArray.from_arrays(mem_dict.indices, _strings(mem_dict.dictionary))
+            mark(pc.is_null(raw_member).to_numpy(zero_copy_only=False), R_MEMBER_NULL)
+        else:
+            member = _strings(raw_member)
+            mark(_blank(member), R_MEMBER_NULL)
+            mark(pc.greater(pc.binary_length(member), 200).fill_null(False).to_numpy(zero_copy_only=False),
+                 R_MEMBER_LONG)
+            mem_dict = pc.dictionary_encode(member)
         at, r_at = convert_times(col("at"), self.tz, self.time_format)
         reason = np.where(reason == 0, r_at, reason)
         scale = self.scale if self.scale is not None else (
@@ -647,7 +656,6 @@ class _Importer:
 
         # members: known ones, and new ones enrolled at their first purchase in the source
         good = reason == 0
-        mem_dict = pc.dictionary_encode(member)
         off, data = _string_buffers(mem_dict.dictionary)
         codes = mem_dict.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
         uidx = np.empty(len(off) - 1, np.int64)      # the dictionary's members (-1: not a member)
@@ -878,8 +886,16 @@ class _Importer:
         from .engine import _sym_column
 
         c = ch.cols[self.mapping[f]]
-        return _sym_column(pa.table({f: _strings(c.combine_chunks() if isinstance(c, pa.ChunkedArray) else c)}),
-                           f, table)
+        out = []
+        for part in (c.chunks if isinstance(c, pa.ChunkedArray) else [c]):
+            if pa.types.is_dictionary(part.type):     # the symbols of the dictionary, taken per row
+                of_dict = _sym_column(pa.table({f: _strings(part.dictionary)}), f, table)
+                idx = part.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+                out.append(np.where(idx >= 0, of_dict[np.maximum(idx, 0)], 0).astype(np.int32) if len(of_dict)
+                           else np.zeros(len(part), np.int32))
+            else:
+                out.append(_sym_column(pa.table({f: _strings(part)}), f, table))
+        return np.concatenate(out) if out else np.zeros(0, np.int32)
 
     def _transfers(self, ch: _Chunk, posted: np.ndarray, midx: np.ndarray, o: np.ndarray,
                    at: np.ndarray, day: np.ndarray) -> np.ndarray:
