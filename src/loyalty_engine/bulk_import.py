@@ -7,14 +7,16 @@ See docs/import.md. The steps of one chunk:
 1. read up to ``chunk_rows`` rows; convert member, time and amount (and the optional columns) to the
    engine's types, marking each row that cannot be converted with a reason;
 2. duplicates of a ref inside the source, sales without a member, returns without an original;
-3. unknown members are enrolled (their first purchase in the source is their join time);
+3. unknown members are enrolled (their first purchase in the source is their join time), in memory:
+   their accounts, bonuses and records commit with the chunk (step 7);
 4. the sales of the chunk, in time order, through the rule kernel (rows older than the member's last
    purchase are refused by the kernel, and quarantined with that reason);
 5. returns are checked against their original (in this source or an earlier receipt);
 6. bad rows are appended to the quarantine (before the commit, so a crash loses none);
-7. one LMDB transaction: the aggregated transfers (earned points per member and expiry, credit per
-   member, referral bonuses), the members' state, receipts of purchases a return will refer to, and
-   the checkpoint;
+7. one LMDB transaction: the new members' accounts and sign-up bonuses, the aggregated transfers
+   (earned points per member and expiry, credit per member, referral bonuses), the members' state and
+   names, receipts of purchases a return will refer to, and the checkpoint (a failure leaves the
+   engine's memory as it was before the chunk);
 8. the chunk's returns, each a refund (idempotent by its ref), and the checkpoint marks them done.
 
 A re-run of the same source finds its checkpoint: a finished import posts nothing; a stopped one
