@@ -17,7 +17,8 @@ directives = {
 
 setup(
     ext_modules=cythonize(
-        [Extension("loyalty_engine._core", ["src/loyalty_engine/_core.pyx"], extra_compile_args=["-O3"])],
+        [Extension("loyalty_engine._core", ["src/loyalty_engine/_core.pyx"], extra_compile_args=["-O3"]),
+         Extension("loyalty_engine._bulk", ["src/loyalty_engine/_bulk.pyx"], extra_compile_args=["-O3"])],
         compiler_directives=directives,
     )
 )

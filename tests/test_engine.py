@@ -638,3 +638,47 @@ def test_event_bodies_are_the_json_of_their_fields(kind, member, at, data):
 
     assert _event_json(kind, member, at, data) == json.dumps({"kind": kind, "member": member, "at": at,
                                                               "data": data}).encode()
+
+
+def test_enrolment_survives_the_map_growing_inside_its_transaction(tmp_path):
+    """A transaction that fills the LMDB map is retried after the map grows: what it does to the
+    engine's memory must not happen twice (the names were appended twice, the bonus added twice)."""
+    prog = Program.from_dict(CLUB)      # a sign-up bonus of 20
+    with Engine.open(tmp_path / "club", program=prog, sync="none", map_size=1 << 20) as eng:
+        assert eng.enroll_batch([f"m{i}" for i in range(20_000)], at=T0, events=False) == 20_000
+        assert eng.members == len(eng._member_names) == 20_000
+        eng.enroll("solo", at=T0)
+        assert eng.member("solo").points == 20 and eng._members[eng._names["solo"]]["points"] == 20
+        assert eng.members == 20_001
+    with Engine.open(tmp_path / "club", program=prog, sync="none") as eng:
+        assert eng.members == 20_001 and eng._names["solo"] == 20_000
+        assert eng.member("m19999").points == 20
+
+
+def test_a_retried_commit_numbers_the_outbox_without_gaps(tmp_path, monkeypatch):
+    """A write whose transaction is retried (LMDB's map was full) or fails gives back the event numbers
+    its attempt took: the outbox stays numbered 1, 2, 3, ..."""
+    import lmdb
+
+    prog = Program.from_dict(CLUB)
+    with Engine.open(tmp_path / "club", program=prog, sync="none") as eng:
+        eng.enroll("a", at=T0)
+        original = eng._commit_rows
+        calls = {"n": 0}
+
+        def full_once(txn, *args, **kwargs):
+            original(txn, *args, **kwargs)          # events numbered in this attempt
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise lmdb.MapFullError("the map is full (test)")
+
+        monkeypatch.setattr(eng, "_commit_rows", full_once)
+        eng.purchase("a", amount=300_000, at=T0 + timedelta(hours=1), ref="p1")
+        assert calls["n"] == 2                      # the ledger grew the map and retried
+        monkeypatch.setattr(eng, "_commit_rows", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+        with pytest.raises(RuntimeError):
+            eng.purchase("a", amount=300_000, at=T0 + timedelta(hours=2), ref="p2")
+        monkeypatch.setattr(eng, "_commit_rows", original)
+        eng.purchase("a", amount=300_000, at=T0 + timedelta(hours=3), ref="p3")
+        seqs = [e.seq for e in eng.events()]
+        assert seqs == list(range(1, len(seqs) + 1)) and len(seqs) >= 3

@@ -235,6 +235,29 @@ def test_unknown_members_are_enrolled_at_their_first_purchase_unless_told_not_to
         assert eng.member("c7").enrolled == first.astimezone(eng.program.zone).date()
 
 
+def test_a_null_member_is_quarantined_like_an_empty_one(tmp_path: Path) -> None:
+    """A null (not an empty string) in the member column of a Parquet or Arrow source; an all-null
+    chunk too."""
+    t = history(300, 10)
+    names = t.column("customer").to_pylist()
+    names[5] = names[17] = None
+    names[9] = ""
+    t = t.set_column(0, "customer", pa.array(names, pa.string()))
+    with Engine.open(tmp_path / "a", program=Program.from_toml(CLUB), sync="none") as eng:
+        rep = eng.import_sales(t, columns=MAP)
+        assert rep.rows_rejected == 3 and rep.reasons == {"no member (the value is empty)": 3}
+        assert rep.sales_posted == 297
+        nulls = t.slice(0, 20).set_column(0, "customer", pa.nulls(20, pa.string()))
+        rep = eng.import_sales(nulls, columns=MAP, import_id="all null")
+        assert rep.rows_rejected == 20 and rep.members_enrolled == 0
+        # integer member ids (named by their text), a null among them
+        ints = t.slice(0, 30).set_column(0, "customer", pa.array([i % 7 - 3 if i != 4 else None for i in range(30)],
+                                                                 pa.int64()))
+        rep = eng.import_sales(ints, columns=MAP, import_id="ints")
+        assert rep.rows_rejected == 1 and rep.members_enrolled == 7
+        assert sorted(m for m in eng._names if m.lstrip("-").isdigit()) == ["-1", "-2", "-3", "0", "1", "2", "3"]
+
+
 def test_rows_older_than_the_members_last_purchase_are_quarantined_not_evaluated_out_of_order(tmp_path: Path) -> None:
     t = history(3_000, 30)
     # move the first 100 rows (the oldest) to the end: they arrive after later purchases were imported
@@ -309,23 +332,62 @@ def test_a_stopped_import_needs_resume_and_then_finishes(tmp_path: Path) -> None
     path = tmp_path / "club"
     with Engine.open(path, program=prog, sync="none") as eng:
         calls = {"n": 0}
-        real = eng.ledger._post_with
+        real = eng.ledger._entries_with
 
-        def failing(recs, extra):  # the third chunk's commit fails (a disk error, say)
+        def failing(entries, extra):  # the third chunk's commit fails (a disk error, say)
             calls["n"] += 1
-            if calls["n"] == 3 + 1:     # after the enrolment of the first chunk
+            if calls["n"] == 3:         # one transaction a chunk, its enrolments included
                 raise OSError("disk full")
-            return real(recs, extra)
+            return real(entries, extra)
 
-        eng.ledger._post_with = failing
+        eng.ledger._entries_with = failing
         with pytest.raises(OSError):
             eng.import_sales(src, columns=MAP, chunk_rows=1_000)
-        eng.ledger._post_with = real
+        assert calls["n"] == 3
+        eng.ledger._entries_with = real
+        members = eng.members            # without the ones the failed chunk would have enrolled
+    with Engine.open(path, program=prog, sync="none") as eng:
+        assert eng.members == members
     with Engine.open(path, program=prog, sync="none") as eng:
         with pytest.raises(ValidationError, match="resume=True"):
             eng.import_sales(src, columns=MAP, chunk_rows=1_000)
         rep = eng.import_sales(src, columns=MAP, chunk_rows=1_000, resume=True)
         assert rep.resumed_from_row > 0
+        assert balances(eng) == clean
+        assert eng.ledger.verify().ok
+
+
+def test_a_failed_chunk_leaves_neither_its_enrolments_nor_its_evaluation_behind(tmp_path: Path) -> None:
+    """The members a chunk enrolls commit with the chunk: when its transaction fails, the engine's
+    memory is as before the chunk (no new names, the members' state as it was), and a resume gives
+    the clean ledger."""
+    prog = Program.from_toml(CLUB)
+    t = history(3_000, 2_000)
+    with Engine.open(tmp_path / "clean", program=prog, sync="none") as eng:
+        eng.import_sales(t, columns=MAP, chunk_rows=1_000, import_id="x")
+        clean = balances(eng)
+    with Engine.open(tmp_path / "club", program=prog, sync="none") as eng:
+        real = eng.ledger._entries_with
+        calls = {"n": 0}
+
+        def failing(entries, extra):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                assert entries[0][1].dtype != entries[-1][1].dtype      # the chunk enrolls members
+                raise OSError("disk full")
+            return real(entries, extra)
+
+        eng.ledger._entries_with = failing
+        with pytest.raises(OSError):
+            eng.import_sales(t, columns=MAP, chunk_rows=1_000, import_id="x")
+        eng.ledger._entries_with = real
+        members, state = eng.members, eng._members[: eng.members].copy()
+        hist = dict(eng._hist)
+    with Engine.open(tmp_path / "club", program=prog, sync="none") as eng:
+        assert eng.members == members and len(eng._names) == members
+        assert eng._members[: members].tobytes() == state.tobytes()
+        assert {k: v for k, v in eng._hist.items() if v} == {k: v for k, v in hist.items() if v}
+        eng.import_sales(t, columns=MAP, chunk_rows=1_000, import_id="x", resume=True)
         assert balances(eng) == clean
         assert eng.ledger.verify().ok
 

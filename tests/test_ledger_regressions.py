@@ -193,3 +193,27 @@ def test_big_runs_are_stored_in_chunks_and_merge(tmp_path: Path, monkeypatch: py
     chunks = [k for k in keys if len(k) == 21]
     assert [k[0] for k in directories] == [0, 1]
     assert len(chunks) == 2 + 10  # 80,000 entries in 2 chunks; 640,000 in 10
+
+
+def test_the_map_grows_before_a_write_that_could_fill_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write that fills the LMDB map is redone from a state rebuilt from the journal; the ledger
+    grows the map ahead (when it is half full) so that steady writes never pay for that."""
+    resets = {"n": 0}
+    real = Ledger._reset
+
+    def counting(self: Ledger) -> None:
+        resets["n"] += 1
+        real(self)
+
+    monkeypatch.setattr(Ledger, "_reset", counting)
+    with Ledger.open(tmp_path / "l", sync="none", map_size=1 << 18) as ledger:
+        ledger.create_accounts([Account(id=1), Account(id=2)])
+        start = ledger._st().env.info()["map_size"]
+        recs = np.zeros(200, RECORD_DTYPE)
+        recs["debit"], recs["credit"], recs["amount"], recs["at"] = 1, 2, 1, AT
+        for b in range(60):
+            recs["id_lo"] = np.arange(b * 200 + 1, (b + 1) * 200 + 1, dtype=np.uint64)
+            assert not ledger.post_batch(recs).any()
+        assert ledger._st().env.info()["map_size"] >= 4 * start
+        assert ledger.balance(2).credits_posted == 12_000
+    assert resets["n"] == 0

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 try:
-    from . import _core  # noqa: F401
+    from . import _bulk, _core  # noqa: F401
 except ImportError as _e:  # pragma: no cover - exercised by a subprocess test
     from .errors import BuildError
 
     raise BuildError(
-        "loyalty_engine's compiled core (loyalty_engine._core) is not built in this checkout "
+        "loyalty_engine's compiled core (loyalty_engine._core, loyalty_engine._bulk) is not built in this checkout "
         f"({_e}). Build it with:  pip install -e .   (needs a C compiler and Cython>=3); "
         "there is no pure-Python fallback."
     ) from _e

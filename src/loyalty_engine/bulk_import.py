@@ -7,14 +7,16 @@ See docs/import.md. The steps of one chunk:
 1. read up to ``chunk_rows`` rows; convert member, time and amount (and the optional columns) to the
    engine's types, marking each row that cannot be converted with a reason;
 2. duplicates of a ref inside the source, sales without a member, returns without an original;
-3. unknown members are enrolled (their first purchase in the source is their join time);
+3. unknown members are enrolled (their first purchase in the source is their join time), in memory:
+   their accounts, bonuses and records commit with the chunk (step 7);
 4. the sales of the chunk, in time order, through the rule kernel (rows older than the member's last
    purchase are refused by the kernel, and quarantined with that reason);
 5. returns are checked against their original (in this source or an earlier receipt);
 6. bad rows are appended to the quarantine (before the commit, so a crash loses none);
-7. one LMDB transaction: the aggregated transfers (earned points per member and expiry, credit per
-   member, referral bonuses), the members' state, receipts of purchases a return will refer to, and
-   the checkpoint;
+7. one LMDB transaction: the new members' accounts and sign-up bonuses, the aggregated transfers
+   (earned points per member and expiry, credit per member, referral bonuses), the members' state and
+   names, receipts of purchases a return will refer to, and the checkpoint (a failure leaves the
+   engine's memory as it was before the chunk);
 8. the chunk's returns, each a refund (idempotent by its ref), and the checkpoint marks them done.
 
 A re-run of the same source finds its checkpoint: a finished import posts nothing; a stopped one
@@ -39,7 +41,7 @@ import pyarrow.csv as pacsv
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
-from . import _core
+from . import _bulk, _core
 from .errors import NotFoundError, StorageError, ValidationError
 from .progress import Progress
 from .sources import Malformed, Part, batches, identity, resolve
@@ -286,6 +288,18 @@ def convert_amounts(col: pa.Array, scale: int) -> tuple[np.ndarray, np.ndarray]:
     return out.astype(np.int64), reason
 
 
+def _string_buffers(col: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """The value offsets (int64, ``n + 1``) and data buffer of a string array (nulls as empty strings)."""
+    col = pc.fill_null(_strings(col), "").cast(pa.large_string())
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    bufs = col.buffers()
+    off = np.frombuffer(bufs[1], np.int64)[col.offset: col.offset + len(col) + 1] if len(col) \
+        else np.zeros(1, np.int64)
+    data = np.frombuffer(bufs[2], np.uint8) if bufs[2] is not None else np.zeros(0, np.uint8)
+    return np.ascontiguousarray(off), data
+
+
 def hash_strings(col: pa.Array, seed: int = 0) -> np.ndarray:
     """64-bit hashes of a string column (nulls hash as empty strings)."""
     col = pc.fill_null(_strings(col), "").cast(pa.large_string())
@@ -300,6 +314,22 @@ def hash_strings(col: pa.Array, seed: int = 0) -> np.ndarray:
     data = np.frombuffer(bufs[2], np.uint8) if bufs[2] is not None else np.zeros(0, np.uint8)
     _core.hash_strings(np.ascontiguousarray(off), data, seed, out)
     return out
+
+
+def _in_sorted(values: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """``np.isin(values, table)`` for a sorted ``table`` (no sort of the table)."""
+    if not len(table):
+        return np.zeros(len(values), bool)
+    pos = np.minimum(np.searchsorted(table, values), len(table) - 1)
+    return table[pos] == values
+
+
+def _insert_sorted(table: np.ndarray, new: np.ndarray) -> np.ndarray:
+    """``np.union1d(table, new)`` for a sorted, distinct ``table``: one pass over the table instead of a
+    sort of both (the table grows by a chunk at a time)."""
+    new = np.unique(new)
+    new = new[~_in_sorted(new, table)]
+    return np.insert(table, np.searchsorted(table, new), new) if len(new) else table
 
 
 # -- the import --------------------------------------------------------------------------------------------
@@ -356,6 +386,26 @@ class _Importer:
         self.remaining: dict[str, list[int]] = {}   # original ref -> [amount left, member, at]
         self.stats = Counter()
         self.writer: Any = None
+        self._index: tuple[np.ndarray, np.ndarray] | None = None    # see _member_index
+        self._indexed = 0
+
+    def _member_index(self) -> tuple[np.ndarray, np.ndarray]:
+        """A hash table of the members' names (their 64-bit hash -> index; see ``_bulk.index_lookup``),
+        brought up to date with the engine's members: a chunk's names are looked up without a ``str``
+        and a dict probe each. The import holds the engine's lock, so only the import enrolls."""
+        names = self.engine._member_names
+        n = len(names)
+        if self._index is None or self._indexed > n or 2 * n > len(self._index[0]):
+            cap = 1 << max(10, (2 * n).bit_length())      # at most half full: 32 to 64 bytes a member
+            self._index = (np.zeros(cap, np.uint64), np.full(cap, -1, np.int64))
+            self._indexed = 0
+        if self._indexed < n:
+            new = pa.array(names[self._indexed:], pa.string())
+            idx = np.arange(self._indexed, n, dtype=np.int64)
+            real = pc.greater(pc.binary_length(new), 0).to_numpy(zero_copy_only=False)   # not the gaps ("")
+            _bulk.index_insert(*self._index, hash_strings(new)[real], idx[real])
+            self._indexed = n
+        return self._index
 
     # -- set-up --------------------------------------------------------------------------------------
     def _mapping(self, columns: dict[str, str] | None) -> dict[str, str]:
@@ -518,7 +568,7 @@ class _Importer:
             if take <= 0:
                 break
             col = ch.cols[self.mapping["ref"]].slice(0, take).combine_chunks()
-            self.seen = np.union1d(self.seen, hash_strings(col))
+            self.seen = _insert_sorted(self.seen, np.unique(hash_strings(col)))
             pos += n
 
     def _report(self, t0: float, cp: dict[str, Any], *, already: bool, resumed_from: int = 0) -> ImportReport:
@@ -552,9 +602,18 @@ class _Importer:
             c = ch.cols[m[f]]
             return c.combine_chunks() if isinstance(c, pa.ChunkedArray) else c
 
-        member = _strings(col("member"))
-        mark(_blank(member), R_MEMBER_NULL)
-        mark(pc.greater(pc.binary_length(member), 200).fill_null(False).to_numpy(zero_copy_only=False), R_MEMBER_LONG)
+        raw_member = col("member")
+        if pa.types.is_integer(raw_member.type):
+            # the names are the numbers' text: encode the numbers, and cast only the distinct ones
+            mem_dict = pc.dictionary_encode(raw_member)
+            mem_dict = pa.DictionaryArray.from_arrays(mem_dict.indices, _strings(mem_dict.dictionary))
+            mark(pc.is_null(raw_member).to_numpy(zero_copy_only=False), R_MEMBER_NULL)
+        else:
+            member = _strings(raw_member)
+            mark(_blank(member), R_MEMBER_NULL)
+            mark(pc.greater(pc.binary_length(member), 200).fill_null(False).to_numpy(zero_copy_only=False),
+                 R_MEMBER_LONG)
+            mem_dict = pc.dictionary_encode(member)
         at, r_at = convert_times(col("at"), self.tz, self.time_format)
         reason = np.where(reason == 0, r_at, reason)
         scale = self.scale if self.scale is not None else (
@@ -587,9 +646,9 @@ class _Importer:
             sh = h[order]
             dup_in = np.zeros(len(h), bool)
             dup_in[order[1:]] = sh[1:] == sh[:-1]
-            dup_before = np.isin(h, self.seen, assume_unique=False) if len(self.seen) else np.zeros(len(h), bool)
+            dup_before = _in_sorted(h, self.seen)
             reason[live[dup_in | dup_before]] = R_DUP
-            self.seen = np.union1d(self.seen, h[~(dup_in | dup_before)])
+            self.seen = _insert_sorted(self.seen, h[~(dup_in | dup_before)])
         originals: pa.Array | None = None
         if "original" in m:
             originals = pc.utf8_trim_whitespace(_strings(col("original")))
@@ -599,37 +658,74 @@ class _Importer:
 
         # members: known ones, and new ones enrolled at their first purchase in the source
         good = reason == 0
-        mem_dict = pc.dictionary_encode(member)
-        uniq = mem_dict.dictionary.to_pylist()
-        codes = mem_dict.indices.to_numpy(zero_copy_only=False)
-        names = eng._names
+        off, data = _string_buffers(mem_dict.dictionary)
+        codes = mem_dict.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+        uidx = np.empty(len(off) - 1, np.int64)      # the dictionary's members (-1: not a member)
+        hashes = np.empty(len(uidx), np.uint64)
+        _core.hash_strings(off, data, 0, hashes)
+        _bulk.index_lookup(*self._member_index(), hashes, off, data, eng._member_names, uidx)
 
-        def lookup() -> np.ndarray:
-            uidx = np.fromiter((names.get(u, -1) if u is not None else -1 for u in uniq), np.int64, len(uniq))
-            return uidx[np.where(codes >= 0, codes, 0)] if n else np.zeros(0, np.int64)
+        def row_members() -> np.ndarray:
+            if not len(uidx):
+                return np.full(n, -1, np.int64)
+            return np.where(codes >= 0, uidx[np.maximum(codes, 0)], -1)
 
-        midx = lookup()
+        midx = row_members()
+        enrolling: tuple[int, list[str], list[tuple[int, np.ndarray]]] | None = None
         unknown = good & ~is_ret & (midx < 0)
         if unknown.any():
             if not self.enroll:
                 mark(unknown, R_UNKNOWN_MEMBER)
             else:
-                ucode = codes[unknown]
-                first_at = np.full(len(uniq), np.iinfo(np.int64).max, np.int64)
-                np.minimum.at(first_at, ucode, at[unknown])
+                # the dictionary's names are distinct, unknown, and checked above (not blank, at most 200 bytes)
+                first_at = np.full(len(uidx), np.iinfo(np.int64).max, np.int64)
+                np.minimum.at(first_at, codes[unknown], at[unknown])
                 new_codes = np.flatnonzero(first_at < np.iinfo(np.int64).max)
-                before = len(eng._member_names)
-                eng.enroll_batch([uniq[c] for c in new_codes], at=first_at[new_codes], events=False)
-                self.stats["enrolled"] += len(eng._member_names) - before
-                midx = lookup()
+                # they are members in memory now; their accounts and records commit with the chunk
+                names_new = _bulk.take_strings(off, data, new_codes)
+                first, entries = eng._enroll_prepare(names_new, first_at[new_codes])
+                enrolling = (first, names_new, entries)
+                uidx[new_codes] = np.arange(first, first + len(new_codes), dtype=np.int64)
+                midx = row_members()
         mark(~is_ret & (midx < 0), R_UNKNOWN_MEMBER)
+        undo: list[tuple[np.ndarray, tuple[Any, ...]]] = []
+        try:
+            pending = self._post(ch, cp, reason, midx, at, amount, qty, is_ret, refs, ref_hash, originals,
+                                 enrolling, undo)
+        except BaseException:       # the engine's memory as it was before the chunk
+            for involved, saved in undo:
+                eng._members[involved], eng._offer_use[involved], eng._budget, eng._hist = saved
+            if enrolling is not None:
+                eng._enroll_undo(enrolling[0])
+            raise
+        if pending:
+            self._refunds(pending)
+            cp["pending_refunds"] = []
+            self._stats_into(cp)
+            self._save_checkpoint(cp)
+        self.progress.update(cp["rows_done"], self.stats["rejected"])
 
-        # sales, in time order, through the kernel (which changes the members' state: keep a copy until
-        # the chunk commits)
-        saved = (eng._members.copy(), eng._offer_use.copy(), eng._budget.copy(), dict(eng._hist))
+    def _post(self, ch: _Chunk, cp: dict[str, Any], reason: np.ndarray, midx: np.ndarray, at: np.ndarray,
+              amount: np.ndarray, qty: np.ndarray, is_ret: np.ndarray, refs: pa.Array | None, ref_hash: np.ndarray,
+              originals: pa.Array | None, enrolling: tuple[int, list[str], list[tuple[int, np.ndarray]]] | None,
+              undo: list[tuple[np.ndarray, tuple[Any, ...]]]) -> list[list[Any]]:
+        """Steps 4 to 7 of a chunk whose rows are checked and whose members are known (``enrolling``:
+        the ones this chunk enrolls, not committed yet): the kernel, the returns, the quarantine, the
+        commit. Appends to ``undo`` what to restore if it fails; returns the refunds to make."""
+        from .engine import _small_unique
+
+        eng = self.engine
+        n = len(ch.row)
+        # sales, in time order, through the kernel (which changes the state of the members and their
+        # referrers: keep a copy of theirs until the chunk commits)
         sales = np.flatnonzero((reason == 0) & ~is_ret)
         sales = sales[np.argsort(at[sales], kind="stable")]
-        o, status = self._evaluate(ch, sales, midx, at, amount, qty)
+        buyers = midx[sales]
+        involved = np.concatenate([buyers, eng._members["referrer"][buyers]])
+        involved = _small_unique(involved[involved >= 0], len(eng._member_names))[0]
+        undo.append((involved, (eng._members.view(f"V{eng._members.itemsize}")[involved].view(eng._members.dtype),
+                                eng._offer_use[involved], eng._budget.copy(), dict(eng._hist))))
+        o, status, day = self._evaluate(ch, sales, midx, at, amount, qty, involved, enrolling)
         refused = status != 0
         ktext: dict[int, str] = {}
         if refused.any():
@@ -639,8 +735,7 @@ class _Importer:
             for i, s_code in zip(sales[refused].tolist(), status[refused].tolist(), strict=True):
                 ktext[i] = _STATUS_TEXT[RowStatus(s_code)]
             reason[sales[refused]] = R_KERNEL
-        posted = sales[~refused]
-        o_ok = o[~refused]
+        posted, o_ok = (sales[~refused], o[~refused]) if refused.any() else (sales, o)
 
         # returns: against their original (in this source or stored), in time order
         pending: list[list[Any]] = []
@@ -677,7 +772,7 @@ class _Importer:
         # the quarantine first (a crash after this loses nothing), then one transaction
         bad = reason != 0
         self._quarantine(ch, reason, bad, ktext)
-        recs = self._transfers(ch, posted, midx, o_ok, at)
+        recs = self._transfers(ch, posted, midx, o_ok, at, day[~refused] if refused.any() else day)
         touched = np.concatenate([midx[posted], o_ok["referrer"][o_ok["referrer"] >= 0]])
         receipts = self._receipts(posted, want_rec, midx, at, amount, o_ok, refs)
         n_bad = int(bad.sum())
@@ -688,37 +783,47 @@ class _Importer:
         self.stats["credit"] += int(o_ok["credit"].sum())
         self.stats["offers"] += int(np.unpackbits(o_ok["offers_fired"].astype("<u8").view(np.uint8)).sum())
         self.stats["transfers"] += len(recs)
+        if enrolling is not None:
+            touched = np.concatenate([touched, np.arange(enrolling[0], enrolling[0] + len(enrolling[1]))])
+            self.stats["enrolled"] += len(enrolling[1])
         for code_, k in zip(*np.unique(reason[bad], return_counts=True), strict=True):
             self.reasons[int(code_)] += int(k)
         cp["rows_done"] = ch.seq0 + n
         cp["chunks"] = int(cp["chunks"]) + 1
         cp["pending_refunds"] = pending
         self._stats_into(cp)
-        try:
-            self._commit(recs, touched, receipts, cp)
-        except BaseException:
-            eng._members, eng._offer_use, eng._budget, eng._hist = saved
-            raise
-        if pending:
-            self._refunds(pending)
-            cp["pending_refunds"] = []
-            self._stats_into(cp)
-            self._save_checkpoint(cp)
-        self.progress.update(cp["rows_done"], self.stats["rejected"])
+        self._commit(recs, touched, receipts, cp, enrolling)
+        return pending
 
     def _commit(self, recs: np.ndarray, touched: np.ndarray, receipts: list[tuple[bytes, bytes]],
-                cp: dict[str, Any]) -> None:
+                cp: dict[str, Any], enrolling: tuple[int, list[str], list[tuple[int, np.ndarray]]] | None) -> None:
+        """The chunk's transaction: the enrolled members' accounts and bonuses (journal entries of their
+        own, as enroll_batch writes them), the transfers, the members' records, the budget, the receipts
+        and the checkpoint. (More than 8 M transfers go in several transactions; the checkpoint with the
+        last.)"""
+        from .ledger import KIND_TRANSFERS
+
         eng = self.engine
         for start in range(0, max(len(recs), 1), 8_000_000):
             part = recs[start: start + 8_000_000]
             last = start + 8_000_000 >= len(recs)
+            enroll_here = enrolling is not None and start == 0
+            entries = [*(enrolling[2] if enrolling is not None and enroll_here else []), (KIND_TRANSFERS, part)]
 
-            def extra(txn: lmdb.Transaction, results: np.ndarray, last: bool = last) -> None:
+            def extra(txn: lmdb.Transaction, all_results: list[np.ndarray], last: bool = last,
+                      enroll_here: bool = enroll_here) -> None:
+                results = all_results[-1]
                 bad_r = np.flatnonzero((results != 0) & (results != 3))
                 if len(bad_r):
                     from .types import TransferResult
                     raise StorageError(f"import: the ledger refused transfer {int(bad_r[0])} of chunk "
                                        f"{cp['chunks']}: {TransferResult(int(results[bad_r[0]])).name}")
+                if enroll_here and enrolling is not None:
+                    first, names, _ = enrolling
+                    eng._enroll_check(all_results)
+                    eng._put_names(txn, first, names)
+                    if not last:     # their records commit with their accounts
+                        eng._put_members(txn, np.arange(first, first + len(names), dtype=np.int64))
                 if last:
                     db = eng.ledger._ext_db()
                     eng._put_members(txn, touched)
@@ -727,7 +832,7 @@ class _Importer:
                         txn.cursor(db=db).putmulti(receipts)
                     txn.put(self._checkpoint_key(), json.dumps(cp).encode(), db=db)
 
-            eng.ledger._post_with(part, extra)
+            eng._entries_with(entries, extra)
 
     def _stats_into(self, cp: dict[str, Any]) -> None:
         cp["stats"] = dict(self.stats)
@@ -740,7 +845,7 @@ class _Importer:
         def extra(txn: lmdb.Transaction, results: np.ndarray) -> None:
             txn.put(self._checkpoint_key(), json.dumps(cp).encode(), db=eng.ledger._ext_db())
 
-        eng.ledger._post_with(np.zeros(0, RECORD_DTYPE), extra)
+        eng._post_with(np.zeros(0, RECORD_DTYPE), extra)
 
     def _refunds(self, pending: list[list[Any]]) -> None:
         for orig, amount, at_us, rref in pending:
@@ -753,81 +858,104 @@ class _Importer:
 
     # -- evaluation and posting -----------------------------------------------------------------------
     def _evaluate(self, ch: _Chunk, sales: np.ndarray, midx: np.ndarray, at: np.ndarray, amount: np.ndarray,
-                  qty: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                  qty: np.ndarray, involved: np.ndarray,
+                  enrolling: tuple[int, list[str], list[tuple[int, np.ndarray]]] | None
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The kernel's output and status of each sale (in the order of ``sales``), and its local day;
+        ``involved`` are the members of the sales and their referrers (sorted, distinct). The points of
+        the members enrolled by this chunk are their sign-up bonus (their accounts are not in the
+        ledger before the chunk commits); the others' come from the ledger."""
         from .engine import OUT, _purchase_rows
 
         eng = self.engine
         k = len(sales)
         if k == 0:
-            return np.zeros(0, OUT), np.zeros(0, np.int32)
+            return np.zeros(0, OUT), np.zeros(0, np.int32), np.zeros(0, np.int64)
         sym = self.program.symbols.tables
         zero = np.zeros(k, np.int32)
         sy = {f: self._symbols(ch, f, sym[f])[sales] if f in self.mapping else zero
               for f in ("branch", "channel", "category", "sku")}
         has_items = "category" in self.mapping or "sku" in self.mapping
+        local = eng._local_fields(at[sales])
         rows, icat, isku, iamt = _purchase_rows(
-            midx[sales], amount[sales], qty[sales], eng._local_fields(at[sales]), sy["branch"], sy["channel"],
+            midx[sales], amount[sales], qty[sales], local, sy["branch"], sy["channel"],
             sy["category"] if has_items else None, sy["sku"] if has_items else None)
-        members = rows["member"]
-        eng._refresh_points(np.unique(np.concatenate([members, eng._members["referrer"][members]])))
+        eng._refresh_points(involved if enrolling is None else involved[involved < enrolling[0]])
         o = eng._evaluate(rows, icat, isku, iamt, facts=False)
-        return o, o["status"].astype(np.int32)
+        return o, o["status"].astype(np.int32), local["day"]
 
     def _symbols(self, ch: _Chunk, f: str, table: dict[str, int]) -> np.ndarray:
         from .engine import _sym_column
 
         c = ch.cols[self.mapping[f]]
-        return _sym_column(pa.table({f: _strings(c.combine_chunks() if isinstance(c, pa.ChunkedArray) else c)}),
-                           f, table)
+        out = []
+        for part in (c.chunks if isinstance(c, pa.ChunkedArray) else [c]):
+            if pa.types.is_dictionary(part.type):     # the symbols of the dictionary, taken per row
+                of_dict = _sym_column(pa.table({f: _strings(part.dictionary)}), f, table)
+                idx = part.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+                out.append(np.where(idx >= 0, of_dict[np.maximum(idx, 0)], 0).astype(np.int32) if len(of_dict)
+                           else np.zeros(len(part), np.int32))
+            else:
+                out.append(_sym_column(pa.table({f: _strings(part)}), f, table))
+        return np.concatenate(out) if out else np.zeros(0, np.int32)
 
     def _transfers(self, ch: _Chunk, posted: np.ndarray, midx: np.ndarray, o: np.ndarray,
-                   at: np.ndarray) -> np.ndarray:
+                   at: np.ndarray, day: np.ndarray) -> np.ndarray:
         """Per-member aggregates: points earned (per member and expiry), credit (per member), referral
         bonuses (per referrer and expiry). Ids: this import's key, the chunk number and the position."""
-        from .engine import CREDIT, ISSUE_CREDIT, ISSUE_POINTS, POINTS, credit_account, points_account
+        from .engine import CREDIT, ISSUE_CREDIT, ISSUE_POINTS, POINTS, _small_unique, credit_account, points_account
 
         eng = self.engine
         if len(posted) == 0:
             return np.zeros(0, RECORD_DTYPE)
         m = midx[posted]
         a = at[posted]
-        day = eng._local_fields(a)["day"]
         exp = eng._expiry(a, day)
         parts: list[np.ndarray] = []
         chunk_no = (ch.seq0 // self.chunk_rows) & 0xFFFFFF
 
-        def group(keys: list[np.ndarray], amt: np.ndarray, kind: int, debit: int, credit_of: Any, asset: int,
+        # a group is (member, expiry), or the member alone: one int64 key, member * expiries + the
+        # expiry's rank, so that groups in key order are in (member, expiry) order
+        exp_values, exp_rank = np.unique(exp, return_inverse=True)
+        n_exp = len(exp_values)
+        bound = len(eng._member_names) * n_exp
+        if bound >= 1 << 62:
+            raise ValidationError(f"import: {len(eng._member_names):,} members times {n_exp:,} expiry dates "
+                                  f"in one chunk is too many; give a smaller chunk_rows")
+
+        def group(member: np.ndarray, amt: np.ndarray, kind: int, debit: int, credit_of: Any, asset: int,
                   code: int, expiring: bool) -> None:
-            sel = amt > 0
-            if not sel.any():
+            sel = np.flatnonzero(amt > 0)
+            if not len(sel):
                 return
-            ks = [k[sel] for k in keys]
-            order = np.lexsort(ks[::-1])
-            ks = [k[order] for k in ks]
-            am = amt[sel][order]
-            tt = a[sel][order]
-            ee = exp[sel][order]
-            brk = np.ones(len(am), bool)
-            brk[1:] = np.any(np.stack([k[1:] != k[:-1] for k in ks]), axis=0)
-            starts = np.flatnonzero(brk)
-            recs = np.zeros(len(starts), RECORD_DTYPE)
-            seq = np.arange(len(starts), dtype=np.uint64)
+            if expiring:
+                keys, inv = _small_unique(member[sel] * n_exp + exp_rank[sel], bound)
+                owner = keys // n_exp
+            else:
+                keys, inv = _small_unique(member[sel], len(eng._member_names))
+                owner = keys
+            total = np.zeros(len(keys), np.int64)
+            np.add.at(total, inv, amt[sel])
+            last = np.full(len(keys), np.iinfo(np.int64).min, np.int64)
+            np.maximum.at(last, inv, a[sel])
+            recs = np.zeros(len(keys), RECORD_DTYPE)
+            seq = np.arange(len(keys), dtype=np.uint64)
             recs["id_hi"] = self.key_hi
             recs["id_lo"] = (np.uint64(chunk_no) << np.uint64(40)) | (seq << np.uint64(8)) | np.uint64(kind)
             recs["debit"] = debit
-            recs["credit"] = credit_of(ks[0][starts])
-            recs["amount"] = np.add.reduceat(am, starts)
-            recs["at"] = np.maximum.reduceat(tt, starts)
+            recs["credit"] = credit_of(owner)
+            recs["amount"] = total
+            recs["at"] = last
             if expiring:
-                recs["expires_at"] = ee[starts]
+                recs["expires_at"] = exp_values[keys % n_exp]
             recs["asset"] = asset
             recs["code"] = code
             parts.append(recs)
 
-        group([m, exp], o["points"], 1, ISSUE_POINTS, points_account, POINTS, Code.EARN, True)
-        group([m], o["credit"], 2, ISSUE_CREDIT, credit_account, CREDIT, Code.CREDIT, False)
-        ref_m = np.maximum(o["referrer"], 0)
-        group([ref_m, exp], o["referrer_points"], 3, ISSUE_POINTS, points_account, POINTS, Code.BONUS, True)
+        group(m, o["points"], 1, ISSUE_POINTS, points_account, POINTS, Code.EARN, True)
+        group(m, o["credit"], 2, ISSUE_CREDIT, credit_account, CREDIT, Code.CREDIT, False)
+        group(np.maximum(o["referrer"], 0), o["referrer_points"], 3, ISSUE_POINTS, points_account, POINTS,
+              Code.BONUS, True)
         return np.concatenate(parts) if parts else np.zeros(0, RECORD_DTYPE)
 
     def _receipts(self, posted: np.ndarray, want: list[int], midx: np.ndarray, at: np.ndarray,

@@ -24,9 +24,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from . import _core, _memory
+from . import _bulk, _core, _memory
 from .errors import ConfigError, InsufficientBalanceError, NotFoundError, StorageError, ValidationError
-from .ledger import Ledger
+from .ledger import KIND_ACCOUNTS, KIND_TRANSFERS, Ledger, _account_records
 from .program import Program
 from .rules.expr import EPOCH_ORDINAL, VARIABLES
 from .types import RECORD_DTYPE, Account, AccountFlags, Code, TransferFlags, TransferResult, from_micros, to_micros
@@ -84,6 +84,8 @@ def _as_i64(bits: int) -> int:
 OUT_NAMES = OUT.names
 FACT_NAMES = tuple(sorted(VARIABLES, key=lambda k: VARIABLES[k].slot))
 CHUNK_ROWS = 200_000
+#: Members whose store records are built and written at a time (their bytes are a list while written).
+PUT_BATCH = 65_536
 
 
 class RowStatus(IntEnum):
@@ -369,7 +371,7 @@ class Engine:
                     self._put_members(txn, np.arange(len(self._member_names), dtype=np.int64))
                 txn.put(b"O", json.dumps(names).encode(), db=self.ledger._ext_db())
 
-            self.ledger._post_with(np.zeros(0, RECORD_DTYPE), extra)
+            self._post_with(np.zeros(0, RECORD_DTYPE), extra)
         self._use_map = None
 
     def _grow(self, n: int) -> None:
@@ -429,27 +431,37 @@ class Engine:
         idx = _small_unique(idx[idx >= 0], len(self._member_names))[0]
         if len(idx) == 0:
             return
-        state = self._members[idx].tobytes()
-        size = MSTATE.itemsize
         noff = len(self.program.offers)
-        use = np.ascontiguousarray(self._offer_use[idx, :noff])
-        any_used = use.reshape(len(idx), -1).any(axis=1).tolist() if noff else [False] * len(idx)
-        use_raw = use.tobytes()
-        usize = noff * 3 * 8
-        ulen = usize.to_bytes(4, "little")
-        no_use = (0).to_bytes(4, "little")
-        names = self._member_names
-        hist = self._hist
+        cur = txn.cursor(db=self.ledger._ext_db())
+        for start in range(0, len(idx), PUT_BATCH):     # the pairs of one part at a time: bounded memory
+            part = idx[start: start + PUT_BATCH]
+            state = self._members.view(np.uint8).reshape(-1, MSTATE.itemsize)[part]
+            use = np.ascontiguousarray(self._offer_use[part, :noff]).reshape(len(part), noff * 3)
+            used = use.any(axis=1).view(np.uint8) if noff else np.zeros(len(part), np.uint8)
+            cur.putmulti(_bulk.member_records(part, self._member_names, state, use.view(np.uint8), used,
+                                              self._hist))
 
-        def items() -> Any:
-            for k, i in enumerate(idx.tolist()):
-                name = names[i].encode()
-                use_part = ulen + use_raw[k * usize: (k + 1) * usize] if any_used[k] else no_use
-                yield (b"M" + i.to_bytes(8, "big"),
-                       len(name).to_bytes(2, "little") + name + state[k * size: (k + 1) * size] + use_part
-                       + hist.get(i, b""))
+    def _post_with(self, recs: np.ndarray, extra: Any) -> Any:
+        """:meth:`Ledger._post_with`, with the outbox numbered exactly: an attempt that does not commit
+        (a retry after the map grew, or a failure) gives back the event numbers it took."""
+        return self._numbered(self.ledger._post_with, recs, extra)
 
-        txn.cursor(db=self.ledger._ext_db()).putmulti(items())
+    def _entries_with(self, entries: Any, extra: Any) -> Any:
+        """:meth:`Ledger._entries_with`, numbered as :meth:`_post_with`."""
+        return self._numbered(self.ledger._entries_with, entries, extra)
+
+    def _numbered(self, write: Any, arg: Any, extra: Any) -> Any:
+        seq0 = self._event_seq
+
+        def attempt(txn: lmdb.Transaction, results: Any) -> Any:
+            self._event_seq = seq0
+            return extra(txn, results)
+
+        try:
+            return write(arg, attempt)
+        except BaseException:
+            self._event_seq = seq0
+            raise
 
     def _put_event(self, txn: lmdb.Transaction, kind: str, member: str, at_us: int, **data: Any) -> None:
         self._event_seq += 1
@@ -558,7 +570,7 @@ class Engine:
 
             def extra(txn: lmdb.Transaction, results: np.ndarray) -> None:
                 _raise_on(results, f"enrolling {member!r}")
-                self._members[idx]["points"] += bonus
+                self._members[idx]["points"] = bonus    # (not +=: a retry after the map grew runs this again)
                 self._put_member(txn, idx)
                 txn.put(b"N" + member.encode(), idx.to_bytes(8, "big"), db=self.ledger._ext_db())
                 self._put_event(txn, "welcome", member, at_us, points=bonus)
@@ -566,7 +578,7 @@ class Engine:
                     self._put_event(txn, "points_changed", member, at_us, delta=bonus, reason="signup")
 
             try:
-                self.ledger._post_with(recs, extra)
+                self._post_with(recs, extra)
             except BaseException:
                 self._member_names.pop()
                 del self._names[member]
@@ -599,58 +611,97 @@ class Engine:
                     new[m] = a
             if not new:
                 return 0
-            first = len(self._member_names)
-            idx = np.arange(first, first + len(new), dtype=np.int64)
-            flags = 0 if self.program.negative_balance == "allow" else AccountFlags.DEBITS_MUST_NOT_EXCEED_CREDITS
-            r1 = self.ledger.create_accounts_batch(points_account(idx), asset=POINTS, flags=flags)
-            r2 = self.ledger.create_accounts_batch(credit_account(idx), asset=CREDIT,
-                                                   flags=AccountFlags.DEBITS_MUST_NOT_EXCEED_CREDITS)
-            if not np.isin(np.concatenate([r1, r2]), [0, 3]).all():
-                raise StorageError("enroll_batch: the ledger refused to create member accounts")
-            at_arr = np.fromiter(new.values(), np.int64, len(new))
-            day = self._local_fields(at_arr)["day"]
-            self._grow(first + len(new))
-            st = self._members[first: first + len(new)]
-            st["enroll_day"] = day
-            st["last_day"] = -1
-            st["tier"] = 1 if self.program.tiers else 0
-            col = {"month": 3, "quarter": 4, "year": 5}.get(self.program.tier_review, 5)
-            st["review_day"] = _core.calendar_check(day.astype(np.int64))[:, col]
-            st["referrer"] = -1
-            st["earn_day"] = -1
-            bonus = self.program.signup_bonus
-            recs = np.zeros(len(new) if bonus else 0, RECORD_DTYPE)
-            if bonus:
-                ids = np.array([_ref_id(f"enroll:{m}", 1) for m in new], np.uint64).reshape(-1, 2)
-                recs["id_lo"], recs["id_hi"] = ids[:, 0], ids[:, 1]
-                recs["debit"], recs["credit"], recs["amount"] = ISSUE_POINTS, points_account(idx), bonus
-                recs["asset"], recs["code"], recs["at"] = POINTS, Code.BONUS, at_arr
-                recs["expires_at"] = self._expiry(at_arr, day)
-            names_new = list(new)
+            self._enroll_new(list(new), np.fromiter(new.values(), np.int64, len(new)), events=events)
+            return len(new)
 
-            def extra(txn: lmdb.Transaction, results: np.ndarray) -> None:
-                _raise_on(results, "enroll_batch")
-                db = self.ledger._ext_db()
-                self._member_names.extend(names_new)
-                for k, m in enumerate(names_new):
-                    self._names[m] = first + k
-                self._members["points"][first: first + len(names_new)] = bonus
-                self._put_members(txn, idx)
-                txn.cursor(db=db).putmulti([(b"N" + m.encode(), (first + k).to_bytes(8, "big"))
-                                            for k, m in enumerate(names_new)])
+    def _enroll_new(self, names_new: list[str], at_arr: np.ndarray, *, events: bool) -> int:
+        """Enroll members that are valid, distinct and not members yet (the caller checked: enroll_batch),
+        joining at ``at_arr`` (µs UTC, int64): their accounts, sign-up bonuses, records and (with
+        ``events``) welcome events in one transaction; returns the first one's index (the others follow
+        in order)."""
+        with self._lock:
+            first, entries = self._enroll_prepare(names_new, at_arr)
+            n = len(names_new)
+            bonus = self.program.signup_bonus
+            def extra(txn: lmdb.Transaction, results: list[np.ndarray]) -> None:
+                self._enroll_check(results)
+                self._put_members(txn, np.arange(first, first + n, dtype=np.int64))
+                self._put_names(txn, first, names_new)
                 if events:
                     for k, m in enumerate(names_new):
                         self._put_event(txn, "welcome", m, int(at_arr[k]), points=bonus)
 
             try:
-                self.ledger._post_with(recs, extra)
+                self._entries_with(entries, extra)
             except BaseException:
-                del self._member_names[first:]
-                for m in names_new:
-                    self._names.pop(m, None)
-                self._members[first: first + len(new)] = np.zeros(len(new), MSTATE)
+                self._enroll_undo(first)
                 raise
-            return len(new)
+            return first
+
+    def _enroll_prepare(self, names_new: list[str], at_arr: np.ndarray) -> tuple[int, list[tuple[int, np.ndarray]]]:
+        """The in-memory half of enrolling new members (see :meth:`_enroll_new`): their names, indices
+        and state (with the sign-up bonus in their points), and the ledger entries that must commit with
+        their records: their points accounts, their credit accounts, their bonuses. Returns the first
+        index and the entries; :meth:`_enroll_undo` takes it back if the commit fails."""
+        n = len(names_new)
+        first = len(self._member_names)
+        idx = np.arange(first, first + n, dtype=np.int64)
+        flags = 0 if self.program.negative_balance == "allow" else AccountFlags.DEBITS_MUST_NOT_EXCEED_CREDITS
+        entries = [(KIND_ACCOUNTS, _account_records(points_account(idx), asset=POINTS, flags=flags)),
+                   (KIND_ACCOUNTS, _account_records(credit_account(idx), asset=CREDIT,
+                                                    flags=AccountFlags.DEBITS_MUST_NOT_EXCEED_CREDITS))]
+        day = self._local_fields(at_arr)["day"]
+        bonus = self.program.signup_bonus
+        recs = np.zeros(n if bonus else 0, RECORD_DTYPE)
+        if bonus:
+            ids = np.array([_ref_id(f"enroll:{m}", 1) for m in names_new], np.uint64).reshape(-1, 2)
+            recs["id_lo"], recs["id_hi"] = ids[:, 0], ids[:, 1]
+            recs["debit"], recs["credit"], recs["amount"] = ISSUE_POINTS, points_account(idx), bonus
+            recs["asset"], recs["code"], recs["at"] = POINTS, Code.BONUS, at_arr
+            recs["expires_at"] = self._expiry(at_arr, day)
+        entries.append((KIND_TRANSFERS, recs))
+        self._grow(first + n)
+        st = self._members[first: first + n]
+        st[:] = np.zeros(1, MSTATE)
+        st["enroll_day"] = day
+        st["last_day"] = -1
+        st["tier"] = 1 if self.program.tiers else 0
+        col = {"month": 3, "quarter": 4, "year": 5}.get(self.program.tier_review, 5)
+        st["review_day"] = _core.calendar_check(day.astype(np.int64))[:, col]
+        st["referrer"] = -1
+        st["earn_day"] = -1
+        st["points"] = bonus
+        self._offer_use[first: first + n] = 0
+        self._member_names.extend(names_new)
+        self._names.update(zip(names_new, range(first, first + n), strict=True))
+        return first, entries
+
+    def _enroll_check(self, results: list[np.ndarray]) -> None:
+        """Raise unless the ledger created (or already had) the accounts and posted the bonuses of
+        :meth:`_enroll_prepare`'s entries (the first three of ``results``)."""
+        if not np.isin(np.concatenate(results[:2]), [0, 3]).all():
+            raise StorageError("enroll_batch: the ledger refused to create member accounts")
+        _raise_on(results[2], "enroll_batch")
+
+    def _enroll_undo(self, first: int) -> None:
+        """Forget the members from index ``first`` on (an enrolment whose transaction did not commit)."""
+        for m in self._member_names[first:]:
+            self._names.pop(m, None)
+        n = len(self._member_names) - first
+        del self._member_names[first:]
+        self._members[first: first + n] = np.zeros(n, MSTATE)
+        self._offer_use[first: first + n] = 0
+        self._hist_drop(first)
+
+    def _hist_drop(self, first: int) -> None:
+        for k in [k for k in self._hist if k >= first]:
+            del self._hist[k]
+
+    def _put_names(self, txn: lmdb.Transaction, first: int, names: list[str]) -> None:
+        """The name index (``b"N"`` + name -> index) of the members ``first``, ``first + 1``, ..."""
+        cur = txn.cursor(db=self.ledger._ext_db())
+        for start in range(0, len(names), PUT_BATCH):
+            cur.putmulti(_bulk.name_records(names[start: start + PUT_BATCH], first + start))
 
     def _transfers(self, parts: list[tuple[int, int, int, int, int]], ref: str, at_us: int,
                    expires: int = 0) -> np.ndarray:
@@ -721,7 +772,6 @@ class Engine:
     def _evaluate(self, rows: np.ndarray, cat: np.ndarray, sku: np.ndarray, amt: np.ndarray,
                   facts: bool) -> Any:
         """Run the kernel over rows in time order; updates the members' state and histories."""
-        c = self.program.compiled
         if len(rows) == 1:
             seg_members, seg_of = rows["member"], np.zeros(1, np.int64)
         else:
@@ -733,25 +783,20 @@ class Engine:
             hist_off = np.array([0, len(h) // isz], np.int64)
             hist = np.frombuffer(h, HEV)
         else:
-            hists = [get(m, b"") for m in seg_members.tolist()]
-            hist_off = np.zeros(len(hists) + 1, np.int64)
-            hist_off[1:] = np.cumsum(np.fromiter(map(len, hists), np.int64, len(hists))) // isz
-            hist = np.frombuffer(b"".join(hists), HEV)
+            hist_off = np.zeros(len(seg_members) + 1, np.int64)
+            hist = np.frombuffer(_bulk.gather_bytes(self._hist, seg_members, hist_off), HEV)
+            hist_off //= isz
         out_hist = np.zeros(len(hist) + len(rows), HEV)
         out_off = np.zeros(len(hist_off), np.int64)
         out = np.zeros(len(rows), OUT)
         fx = np.zeros((len(rows) if facts else 0, N_FACTS), np.int64)
-        _core.evaluate(c.code, c.pool, c.conds, c.rules, c.offers, c.tiers, c.params, rows,
-                       seg_of.astype(np.int64), cat, sku, amt, self._members, hist_off, hist, out_off, out_hist,
-                       self._offer_use, self._budget, out, fx)
+        self._kernel.run(rows, seg_of.astype(np.int64), cat, sku, amt, self._members, hist_off, hist, out_off,
+                         out_hist, self._offer_use, self._budget, out, fx)
         hd = self._hist
         if len(rows) == 1:
             hd[int(seg_members[0])] = out_hist[int(out_off[0]): int(out_off[1])].tobytes()
             return (out, fx) if facts else out
-        raw = out_hist.tobytes()
-        bounds = (out_off * isz).tolist()
-        for s, m in enumerate(seg_members.tolist()):
-            hd[m] = raw[bounds[s]: bounds[s + 1]]
+        _bulk.scatter_bytes(hd, seg_members, out_off * isz, out_hist.view(np.uint8))
         return (out, fx) if facts else out
 
     def _purchase(self, member: str, amount: int, at: Any, ref: str, items: Sequence[Item], branch: str,
@@ -798,7 +843,7 @@ class Engine:
                     self._commit_rows(txn, [ref], rec.reshape(1), [idx] + ([referrer] if referrer >= 0 else []),
                                       budget_before=saved[3], outs=[od])
 
-                self.ledger._post_with(recs, extra)
+                self._post_with(recs, extra)
             except BaseException:
                 self._restore(saved)
                 raise
@@ -977,7 +1022,7 @@ class Engine:
                         _raise_on(results, "purchase_batch")
                         self._commit_rows(txn, ok_refs, rec, touched.tolist(), events=events)
 
-                    self.ledger._post_with(recs, extra)
+                    self._post_with(recs, extra)
                 except BaseException:
                     self._members, self._offer_use, self._budget, self._hist = saved_all
                     raise
@@ -1021,8 +1066,7 @@ class Engine:
         idx = idx[idx >= 0]
         if len(idx) == 0:
             return
-        b = self.ledger.balances(np.concatenate([points_account(idx), credit_account(idx)]).astype(np.uint64))
-        avail = b["available"] if b.dtype.names and "available" in b.dtype.names else b[:, -1]
+        avail = self.ledger._available(np.concatenate([points_account(idx), credit_account(idx)]))
         self._members["points"][idx] = avail[: len(idx)]
         self._members["credit"][idx] = avail[len(idx):]
 
@@ -1150,7 +1194,7 @@ class Engine:
                                     after=self.program.tier_name(int(st["tier"])), ref=ref)
 
             try:
-                self.ledger._post_with(recs, extra)
+                self._post_with(recs, extra)
             except BaseException:
                 self._restore(saved)
                 raise
@@ -1217,7 +1261,7 @@ class Engine:
                 txn.put(b"R" + ref.encode(), rec.tobytes(), db=self.ledger._ext_db())
                 self._put_event(txn, "points_changed", member, at_us, delta=-points, reason="redeem", ref=ref)
 
-            self.ledger._post_with(recs, extra)
+            self._post_with(recs, extra)
             self._members[idx]["points"] = bal - points
             return value
 
@@ -1243,7 +1287,7 @@ class Engine:
                 if pts:
                     self._put_event(txn, "points_changed", member, at_us, delta=pts, reason="survey", ref=ref)
 
-            self.ledger._post_with(recs, extra)
+            self._post_with(recs, extra)
             self._members[idx]["points"] += pts
             return pts
 
@@ -1331,7 +1375,7 @@ class Engine:
                     self._put_event(txn, "birthday_soon", self._member_names[i], at_us,
                                     points=p.birthday_bonus, within_days=p.birthday_within)
 
-            self.ledger._post_with(np.zeros(0, RECORD_DTYPE), extra)
+            self._post_with(np.zeros(0, RECORD_DTYPE), extra)
             return n
 
     def events(self, after: int = 0, limit: int = 1000) -> list[Event]:
@@ -1373,7 +1417,7 @@ class Engine:
             return n
 
         with self._lock:
-            return int(self.ledger._post_with(np.zeros(0, RECORD_DTYPE), extra))
+            return int(self._post_with(np.zeros(0, RECORD_DTYPE), extra))
 
 
 def _purchase_rows(member: np.ndarray, amount: np.ndarray, qty: np.ndarray, local: dict[str, np.ndarray],

@@ -270,6 +270,7 @@ class Ledger:
             raise StorageError("this ledger was opened readonly=True")
         st = self._st()
         with self._lock, st.lock:
+            self._make_room(st)
             for _attempt in range(40):
                 txn = st.begin(write=True)
                 try:
@@ -292,6 +293,15 @@ class Ledger:
                 raise StorageError("the ledger map could not grow enough for this batch")
         self._after_commit()
         return out
+
+    @staticmethod
+    def _make_room(st: Store) -> None:
+        """Double the map before a write when it is more than half full. A write that fills the map is
+        retried after the map grows, from a state rebuilt from the snapshot and the journal after it:
+        for a bulk import's big transactions, seconds, where growing the map first costs nothing."""
+        info = st.env.info()
+        if (info["last_pgno"] + 1) * st.env.stat()["psize"] * 2 > info["map_size"]:
+            st.grow()
 
     def _entry_buffer(self, dtype: np.dtype[Any], n: int) -> tuple[np.ndarray, np.ndarray]:
         """A journal entry's bytes, and a view of room for ``n`` records in it (filled in place, so
@@ -376,17 +386,7 @@ class Ledger:
     def create_accounts_batch(self, ids: Any, *, asset: int = 0, flags: int = 0,
                               user_data: int = 0) -> np.ndarray:
         """Create many accounts of one asset and flags at once; returns a uint8 array of results."""
-        arr = np.asarray(ids)
-        if arr.ndim != 1 or arr.dtype.kind not in "iu":
-            raise ValidationError(f"ids must be a 1-d integer array, not {arr.dtype} of shape {arr.shape}")
-        if arr.dtype.kind == "i" and len(arr) and arr.min() < 0:
-            raise ValidationError(f"ids[{int(np.argmin(arr))}]={int(arr.min())} is negative")
-        recs = np.zeros(len(arr), ACCOUNT_RECORD_DTYPE)
-        recs["id"] = arr.astype(np.uint64)
-        recs["asset"] = _checked_int(asset, "asset", 0, (1 << 32) - 1)
-        recs["flags"] = _checked_int(int(flags), "flags", 0, 0xFFFF)
-        recs["user_data"] = _checked_int(user_data, "user_data", 0, (1 << 64) - 1)
-        return self._account_ops(recs)
+        return self._account_ops(_account_records(ids, asset=asset, flags=flags, user_data=user_data))
 
     def close_accounts(self, ids: Iterable[int]) -> None:
         """Mark accounts closed: they take no new transfers. Raises NotFoundError for an unknown id."""
@@ -491,6 +491,37 @@ class Ledger:
 
         return self._write(run)
 
+    def _entries_with(self, entries: Sequence[tuple[int, np.ndarray]], extra: Any) -> Any:
+        """Journal several entries in one write transaction, in order: ``(KIND_ACCOUNTS, account
+        records)`` creates accounts (as :meth:`create_accounts_batch`), ``(KIND_TRANSFERS, records)``
+        posts transfers (as :meth:`_post_with`); an empty one journals nothing. Then ``extra(txn,
+        results)`` runs with one result array per entry; all of it commits together or not at all."""
+        for kind, recs in entries:
+            if kind not in (KIND_ACCOUNTS, KIND_TRANSFERS):
+                raise ValidationError(f"an entry's kind is {KIND_ACCOUNTS} or {KIND_TRANSFERS}, not {kind!r}")
+            if len(recs) > MAX_BATCH:
+                raise ValidationError(f"a batch holds at most {MAX_BATCH} records, this one {len(recs)}; split it")
+
+        def run(txn: lmdb.Transaction) -> Any:
+            results = []
+            for kind, recs in entries:
+                res = np.zeros(len(recs), np.uint8)
+                if len(recs) and kind == KIND_ACCOUNTS:
+                    out = np.empty(len(recs), ACCOUNT_RECORD_DTYPE)
+                    k = self._state.apply_accounts(recs, res, out, False)
+                    if k:
+                        self._append(txn, KIND_ACCOUNTS, out[:k])
+                elif len(recs):
+                    self._ensure_ids(txn)
+                    buf, out = self._entry_buffer(RECORD_DTYPE, len(recs))
+                    k = self._state.apply(recs, res, out, False)
+                    if k:
+                        self._append_entry(txn, KIND_TRANSFERS, buf, k)
+                results.append(res)
+            return extra(txn, results)
+
+        return self._write(run)
+
     def _ext_db(self) -> Any:
         """The named database extensions (the engine) keep their own keys in."""
         return self._st().dbs[b"ext"]
@@ -571,6 +602,17 @@ class Ledger:
             out[name] = vals[:, j]
         out["found"] = found.astype(bool)
         return out
+
+    def _available(self, ids: np.ndarray) -> np.ndarray:
+        """The available balance of each of ``ids`` (uint64; 0 for an unknown id): the ``available``
+        column of :meth:`balances` without the other columns (the engine's batches ask for millions)."""
+        arr = np.ascontiguousarray(ids, np.uint64)
+        vals = np.empty((len(arr), 5), np.int64)
+        found = np.empty(len(arr), np.uint8)
+        with self._lock:
+            self._read()
+            self._state.balances_into(arr, vals, found)
+        return vals[:, 4].copy()
 
     def lots(self, account_id: int) -> list[tuple[int, int]]:
         """The account's lots as (expires_at µs, remaining), soonest first."""
@@ -1071,6 +1113,21 @@ def _check_index(txn: lmdb.Transaction, db: Any, derived_runs: list[tuple[int, n
         return [f"the account index ({(len(have) - 8) // 16} entries) does not match the journal "
                 f"({(len(want) - 8) // 16} entries)"]
     return []
+
+
+def _account_records(ids: Any, *, asset: int = 0, flags: int = 0, user_data: int = 0) -> np.ndarray:
+    """The records that create the accounts ``ids`` (of one asset and flags)."""
+    arr = np.asarray(ids)
+    if arr.ndim != 1 or arr.dtype.kind not in "iu":
+        raise ValidationError(f"ids must be a 1-d integer array, not {arr.dtype} of shape {arr.shape}")
+    if arr.dtype.kind == "i" and len(arr) and arr.min() < 0:
+        raise ValidationError(f"ids[{int(np.argmin(arr))}]={int(arr.min())} is negative")
+    recs = np.zeros(len(arr), ACCOUNT_RECORD_DTYPE)
+    recs["id"] = arr.astype(np.uint64)
+    recs["asset"] = _checked_int(asset, "asset", 0, (1 << 32) - 1)
+    recs["flags"] = _checked_int(int(flags), "flags", 0, 0xFFFF)
+    recs["user_data"] = _checked_int(user_data, "user_data", 0, (1 << 64) - 1)
+    return recs
 
 
 def _checked_int(v: Any, name: str, lo: int, hi: int) -> int:

@@ -1,0 +1,280 @@
+# cython: language_level=3
+"""Compiled helpers of the batch paths (bulk import, ``enroll_batch``, ``purchase_batch``): the member
+store's LMDB keys and values and the members' history bytes, built from arrays without a Python
+expression per member.
+
+The engine keeps a member's name (``str``) in a list and its history (HEV records, ``bytes``) in a dict
+keyed by the member's index; these helpers read and write those containers directly, so that one
+member costs a few C calls instead of a dozen Python operations. They know nothing of LMDB (they
+return the ``(key, value)`` pairs a cursor's ``putmulti`` takes), of business rules or of messages: a
+wrong input raises ``ValueError``/``TypeError`` naming the argument. ``tests/test_bulk.py`` checks each
+against a plain Python reference.
+"""
+
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.dict cimport PyDict_GetItem, PyDict_SetItem
+from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
+from cpython.long cimport PyLong_FromLongLong
+from cpython.object cimport PyObject
+from cpython.unicode cimport PyUnicode_Check, PyUnicode_DecodeUTF8
+from libc.stdint cimport int64_t, uint8_t, uint64_t
+from libc.stdlib cimport free, malloc
+from libc.string cimport memcmp, memcpy
+
+
+cdef extern from "Python.h":
+    const char* PyUnicode_AsUTF8AndSize(object s, Py_ssize_t* size) except NULL
+
+
+cdef const char* _EMPTY = ""
+
+
+cdef inline void _be64(char* p, uint64_t v) noexcept nogil:
+    cdef int j
+    for j in range(8):
+        p[j] = <char>((v >> (56 - 8 * j)) & 0xFF)
+
+
+cdef inline bytes _key(char prefix, uint64_t v):
+    cdef bytes k = PyBytes_FromStringAndSize(NULL, 9)
+    cdef char* p = PyBytes_AS_STRING(k)
+    p[0] = prefix
+    _be64(p + 1, v)
+    return k
+
+
+def member_records(const int64_t[::1] idx, list names, const uint8_t[:, ::1] state, const uint8_t[:, ::1] use,
+                   const uint8_t[::1] used, dict hist):
+    """The member store's ``(key, value)`` pairs of the members ``idx`` (in that order).
+
+    Key: ``b"M"`` + the index (8 bytes, big-endian). Value: the name's UTF-8 length (2 bytes, little-
+    endian), the name (``names[i]``), the state (row ``k`` of ``state``: the MSTATE record of
+    ``idx[k]``), the offer usage's length (4 bytes, little-endian) and the usage (row ``k`` of ``use``)
+    when ``used[k]`` (else length 0 and nothing), then the history (``hist.get(i, b"")``)."""
+    cdef Py_ssize_t n = idx.shape[0], k, ssize = state.shape[1], usize = use.shape[1], nlen, hlen, vlen
+    cdef Py_ssize_t nnames = PyList_GET_SIZE(names)
+    cdef int64_t i
+    cdef object name, key, value, h
+    cdef PyObject* hp
+    cdef const char* nptr
+    cdef char* p
+    cdef list out
+    if state.shape[0] != n or use.shape[0] != n or used.shape[0] != n:
+        raise ValueError(f"state, use and used need one row per member ({n}), not {state.shape[0]}, "
+                         f"{use.shape[0]}, {used.shape[0]}")
+    out = []
+    for k in range(n):
+        i = idx[k]
+        if i < 0 or i >= nnames:
+            raise ValueError(f"idx[{k}]={i} is not a member index (0..{nnames - 1})")
+        name = <object>PyList_GET_ITEM(names, i)
+        if not PyUnicode_Check(name):
+            raise TypeError(f"names[{i}] is {type(name).__name__}, not str")
+        nptr = PyUnicode_AsUTF8AndSize(name, &nlen)
+        if nlen > 0xFFFF:
+            raise ValueError(f"names[{i}] is {nlen} bytes long, more than a 2-byte length holds")
+        key = PyLong_FromLongLong(i)
+        hp = PyDict_GetItem(hist, key)
+        hlen = 0
+        if hp != NULL:
+            h = <object>hp
+            if not isinstance(h, bytes):
+                raise TypeError(f"hist[{i}] is {type(h).__name__}, not bytes")
+            hlen = PyBytes_GET_SIZE(h)
+        vlen = 2 + nlen + ssize + 4 + (usize if used[k] else 0) + hlen
+        value = PyBytes_FromStringAndSize(NULL, vlen)
+        p = PyBytes_AS_STRING(value)
+        p[0] = <char>(nlen & 0xFF)
+        p[1] = <char>(nlen >> 8)
+        memcpy(p + 2, nptr, nlen)
+        p += 2 + nlen
+        if ssize:
+            memcpy(p, &state[k, 0], ssize)
+        p += ssize
+        if used[k]:
+            p[0] = <char>(usize & 0xFF)
+            p[1] = <char>((usize >> 8) & 0xFF)
+            p[2] = <char>((usize >> 16) & 0xFF)
+            p[3] = <char>((usize >> 24) & 0xFF)
+            if usize:
+                memcpy(p + 4, &use[k, 0], usize)
+            p += 4 + usize
+        else:
+            p[0] = p[1] = p[2] = p[3] = 0
+            p += 4
+        if hlen:
+            memcpy(p, PyBytes_AS_STRING(h), hlen)
+        out.append((_key(b"M", <uint64_t>i), value))
+    return out
+
+
+def name_records(list names, int64_t first):
+    """The name index's ``(key, value)`` pairs: ``b"N"`` + the UTF-8 of ``names[k]``, and ``first + k``
+    (8 bytes, big-endian)."""
+    cdef Py_ssize_t n = PyList_GET_SIZE(names), k, nlen
+    cdef object name, key
+    cdef const char* nptr
+    cdef bytes value
+    cdef list out = []
+    for k in range(n):
+        name = <object>PyList_GET_ITEM(names, k)
+        if not PyUnicode_Check(name):
+            raise TypeError(f"names[{k}] is {type(name).__name__}, not str")
+        nptr = PyUnicode_AsUTF8AndSize(name, &nlen)
+        key = PyBytes_FromStringAndSize(NULL, nlen + 1)
+        PyBytes_AS_STRING(key)[0] = b"N"
+        memcpy(PyBytes_AS_STRING(key) + 1, nptr, nlen)
+        value = PyBytes_FromStringAndSize(NULL, 8)
+        _be64(PyBytes_AS_STRING(value), <uint64_t>(first + k))
+        out.append((key, value))
+    return out
+
+
+cdef inline const char* _string_at(const int64_t[::1] offsets, const uint8_t[::1] data, Py_ssize_t j,
+                                   Py_ssize_t* size) except? NULL:
+    cdef int64_t a = offsets[j], b = offsets[j + 1]
+    if a < 0 or b < a or b > data.shape[0]:
+        raise ValueError(f"string {j}'s offsets ({a}, {b}) run outside the data buffer ({data.shape[0]} bytes)")
+    size[0] = b - a
+    if data.shape[0] == 0:
+        return _EMPTY
+    return <const char*>&data[0] + a
+
+
+def take_strings(const int64_t[::1] offsets, const uint8_t[::1] data, const int64_t[::1] which):
+    """The strings ``which`` of an Arrow (large) string array (value offsets and data), as a list of
+    ``str``."""
+    cdef Py_ssize_t n = offsets.shape[0] - 1, k, size = 0
+    cdef int64_t j
+    cdef const char* s
+    cdef list out = []
+    cdef object name
+    for k in range(which.shape[0]):
+        j = which[k]
+        if j < 0 or j >= n:
+            raise ValueError(f"which[{k}]={j} is outside the array (0..{n - 1})")
+        s = _string_at(offsets, data, j, &size)
+        name = PyUnicode_DecodeUTF8(s, size, NULL)
+        out.append(name)
+    return out
+
+
+def gather_bytes(dict table, const int64_t[::1] keys, int64_t[::1] offsets):
+    """The values ``table.get(k, b"")`` of ``keys`` joined into one ``bytes``; ``offsets`` (``n + 1``)
+    receives where each starts (bytes) and the total at the end."""
+    cdef Py_ssize_t n = keys.shape[0], k, total = 0, size
+    cdef PyObject** got
+    cdef PyObject* hp
+    cdef object key, v
+    cdef bytes out
+    cdef char* p
+    if offsets.shape[0] != n + 1:
+        raise ValueError(f"offsets needs {n + 1} entries, not {offsets.shape[0]}")
+    got = <PyObject**>malloc(max(n, 1) * sizeof(PyObject*))
+    if got == NULL:
+        raise MemoryError()
+    try:
+        offsets[0] = 0
+        for k in range(n):
+            key = PyLong_FromLongLong(keys[k])
+            hp = PyDict_GetItem(table, key)
+            size = 0
+            if hp != NULL:
+                v = <object>hp
+                if not isinstance(v, bytes):
+                    raise TypeError(f"the value of {keys[k]} is {type(v).__name__}, not bytes")
+                size = PyBytes_GET_SIZE(v)
+            got[k] = hp       # borrowed: the dict is not changed until the copy below is done
+            total += size
+            offsets[k + 1] = total
+        out = PyBytes_FromStringAndSize(NULL, total)
+        p = PyBytes_AS_STRING(out)
+        for k in range(n):
+            if got[k] != NULL:
+                size = offsets[k + 1] - offsets[k]
+                if size:
+                    memcpy(p + offsets[k], PyBytes_AS_STRING(<object>got[k]), size)
+    finally:
+        free(got)
+    return out
+
+
+def scatter_bytes(dict table, const int64_t[::1] keys, const int64_t[::1] offsets, const uint8_t[::1] data):
+    """``table[keys[k]] = bytes(data[offsets[k]:offsets[k + 1]])`` for each ``k`` (empty values too)."""
+    cdef Py_ssize_t n = keys.shape[0], k
+    cdef int64_t a, b
+    cdef object key, value
+    if offsets.shape[0] != n + 1:
+        raise ValueError(f"offsets needs {n + 1} entries, not {offsets.shape[0]}")
+    for k in range(n):
+        a = offsets[k]
+        b = offsets[k + 1]
+        if a < 0 or b < a or b > data.shape[0]:
+            raise ValueError(f"offsets[{k}:{k + 2}] = ({a}, {b}) run outside the data ({data.shape[0]} bytes)")
+        value = PyBytes_FromStringAndSize(<const char*>&data[0] + a if b > a else NULL, b - a)
+        key = PyLong_FromLongLong(keys[k])
+        PyDict_SetItem(table, key, value)
+
+
+def index_insert(uint64_t[::1] slot_hash, int64_t[::1] slot_value, const uint64_t[::1] hashes,
+                 const int64_t[::1] values):
+    """Insert ``(hashes[k], values[k])`` into an open-addressing table (``slot_hash``, ``slot_value``;
+    a power-of-two size, ``slot_value`` -1 where a slot is empty; several entries may share a hash).
+    The caller keeps the table at most half full."""
+    cdef Py_ssize_t cap = slot_hash.shape[0], k
+    cdef uint64_t mask, pos
+    if cap == 0 or cap & (cap - 1) or slot_value.shape[0] != cap:
+        raise ValueError("the table's two arrays must have the same power-of-two size")
+    if values.shape[0] != hashes.shape[0]:
+        raise ValueError("hashes and values need the same length")
+    mask = <uint64_t>cap - 1
+    with nogil:
+        for k in range(hashes.shape[0]):
+            pos = hashes[k] & mask
+            while slot_value[pos] >= 0:
+                pos = (pos + 1) & mask
+            slot_hash[pos] = hashes[k]
+            slot_value[pos] = values[k]
+
+
+def index_lookup(const uint64_t[::1] slot_hash, const int64_t[::1] slot_value, const uint64_t[::1] hashes,
+                 const int64_t[::1] offsets, const uint8_t[::1] data, list names, int64_t[::1] out):
+    """For each string ``s_j`` of an Arrow (large) string array (value offsets, data) with hash
+    ``hashes[j]``: ``out[j]`` = the value ``i`` of an entry of the table (see :func:`index_insert`)
+    with that hash whose ``names[i]`` is ``s_j`` (compared byte for byte), or -1. Returns how many were
+    not found."""
+    cdef Py_ssize_t cap = slot_hash.shape[0], n = offsets.shape[0] - 1, j, size, nlen
+    cdef Py_ssize_t nnames = PyList_GET_SIZE(names), missing = 0
+    cdef uint64_t mask, pos, h
+    cdef int64_t v
+    cdef const char* s
+    cdef const char* nptr
+    cdef object name
+    if cap == 0 or cap & (cap - 1) or slot_value.shape[0] != cap:
+        raise ValueError("the table's two arrays must have the same power-of-two size")
+    if n < 0 or out.shape[0] != n or hashes.shape[0] != n:
+        raise ValueError("offsets must have n + 1 entries, hashes and out n")
+    mask = <uint64_t>cap - 1
+    for j in range(n):
+        s = _string_at(offsets, data, j, &size)
+        h = hashes[j]
+        pos = h & mask
+        out[j] = -1
+        while True:
+            v = slot_value[pos]
+            if v < 0:
+                break
+            if slot_hash[pos] == h:
+                if v >= nnames:
+                    raise ValueError(f"the table holds {v}, not an index of names (0..{nnames - 1})")
+                name = <object>PyList_GET_ITEM(names, v)
+                if not PyUnicode_Check(name):
+                    raise TypeError(f"names[{v}] is {type(name).__name__}, not str")
+                nptr = PyUnicode_AsUTF8AndSize(name, &nlen)
+                if nlen == size and (size == 0 or memcmp(nptr, s, size) == 0):
+                    out[j] = v
+                    break
+            pos = (pos + 1) & mask
+        if out[j] < 0:
+            missing += 1
+    return missing

@@ -1,0 +1,143 @@
+"""The compiled batch helpers (loyalty_engine._bulk) against plain Python references, and their stub."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+import loyalty_engine._bulk as bulk
+from loyalty_engine.bulk_import import hash_strings
+from loyalty_engine.engine import HEV, MSTATE
+
+STUB = Path(bulk.__file__).with_name("_bulk.pyi")
+
+
+def _stub_funcs() -> dict[str, list[str]]:
+    tree = ast.parse(STUB.read_text())
+    return {n.name: [a.arg for a in n.args.args] for n in tree.body if isinstance(n, ast.FunctionDef)}
+
+
+def test_stub_names_and_parameters_match_the_module() -> None:
+    funcs = _stub_funcs()
+    runtime = {n for n in dir(bulk) if not n.startswith("__")}
+    assert runtime == set(funcs)
+    for name, params in funcs.items():
+        assert list(inspect.signature(getattr(bulk, name)).parameters) == params, name
+
+
+def _member_records_reference(idx: np.ndarray, names: list[str], members: np.ndarray, use: np.ndarray,
+                              hist: dict[int, bytes]) -> list[tuple[bytes, bytes]]:
+    """The member store's record as Engine._member_value writes it, one member at a time."""
+    out = []
+    for i in idx.tolist():
+        name = names[i].encode()
+        use_b = use[i].tobytes() if use.shape[1] and use[i].any() else b""
+        out.append((b"M" + i.to_bytes(8, "big"),
+                    len(name).to_bytes(2, "little") + name + members[i: i + 1].tobytes()
+                    + len(use_b).to_bytes(4, "little") + use_b + hist.get(i, b"")))
+    return out
+
+
+@pytest.mark.parametrize("noff", [0, 1, 5])
+def test_member_records_are_the_bytes_of_the_one_member_path(noff: int) -> None:
+    rng = np.random.default_rng(5)
+    n = 300
+    names = [f"m{i}" if i % 7 else f"ç{i}—名" for i in range(n)]
+    members = np.zeros(n, MSTATE)
+    raw = members.view(np.uint8)
+    raw[:] = rng.integers(0, 256, len(raw))
+    use = np.zeros((n, noff * 3), np.int64)
+    if noff:
+        hit = rng.random(n) < 0.3
+        use[hit] = rng.integers(-5, 1 << 40, (int(hit.sum()), noff * 3))
+    hist = {i: rng.integers(0, 256, HEV.itemsize * int(rng.integers(0, 4)), dtype=np.uint8).tobytes()
+            for i in range(n) if i % 3}
+    idx = np.sort(rng.choice(n, 120, replace=False)).astype(np.int64)
+    got = bulk.member_records(idx, names, members[idx].view(np.uint8).reshape(len(idx), -1),
+                              np.ascontiguousarray(use[idx]).view(np.uint8).reshape(len(idx), -1),
+                              use[idx].any(axis=1).view(np.uint8) if noff else np.zeros(len(idx), np.uint8), hist)
+    assert got == _member_records_reference(idx, names, members, use, hist)
+
+
+def test_member_records_refuse_what_is_not_a_member() -> None:
+    state = np.zeros((1, MSTATE.itemsize), np.uint8)
+    use = np.zeros((1, 0), np.uint8)
+    used = np.zeros(1, np.uint8)
+    with pytest.raises(ValueError, match="not a member index"):
+        bulk.member_records(np.array([3], np.int64), ["a"], state, use, used, {})
+    with pytest.raises(TypeError, match="not str"):
+        bulk.member_records(np.array([0], np.int64), [b"a"], state, use, used, {})  # type: ignore[list-item]
+    with pytest.raises(TypeError, match="not bytes"):
+        bulk.member_records(np.array([0], np.int64), ["a"], state, use, used, {0: "x"})  # type: ignore[dict-item]
+    with pytest.raises(ValueError, match="one row per member"):
+        bulk.member_records(np.array([0, 0], np.int64), ["a"], state, use, used, {})
+
+
+def test_name_records() -> None:
+    names = ["a", "", "ç—名", "x" * 200]
+    assert bulk.name_records(names, 7) == [(b"N" + m.encode(), (7 + k).to_bytes(8, "big"))
+                                           for k, m in enumerate(names)]
+
+
+def _offsets(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    arr = arr.cast(pa.large_string())
+    bufs = arr.buffers()
+    off = np.frombuffer(bufs[1], np.int64)[arr.offset: arr.offset + len(arr) + 1]
+    data = np.frombuffer(bufs[2], np.uint8) if bufs[2] is not None else np.zeros(0, np.uint8)
+    return np.ascontiguousarray(off), data
+
+
+def test_take_strings_reads_arrow_buffers() -> None:
+    arr = pa.array(["b", "", "ç—名", "zz", "b", None, "q"], pa.string()).slice(1)   # an offset too
+    off, data = _offsets(arr)
+    which = np.array([2, 0, 1, 3], np.int64)
+    assert bulk.take_strings(off, data, which) == ["zz", "", "ç—名", "b"]
+    with pytest.raises(ValueError, match="outside"):
+        bulk.take_strings(off, data, np.array([len(arr)], np.int64))
+    empty_off, empty_data = _offsets(pa.array(["", ""], pa.string()))
+    assert bulk.take_strings(empty_off, empty_data, np.array([1, 0], np.int64)) == ["", ""]
+
+
+def test_the_name_index_finds_what_a_dict_finds_even_when_hashes_collide() -> None:
+    rng = np.random.default_rng(4)
+    names = [f"m{i}" if i % 11 else f"ç{i}—名" for i in range(3_000)]
+    table = {m: i for i, m in enumerate(names)}
+    queries = pa.array([names[i] for i in rng.integers(0, len(names), 500)] + ["nobody", "", "m1x"]).slice(2)
+    off, data = _offsets(queries)
+    cap = 1 << 13
+    for label, hashes_of in (("real", lambda a: hash_strings(a)),
+                             ("colliding", lambda a: hash_strings(a) % np.uint64(7))):   # 7 hashes for all
+        slot_hash, slot_value = np.zeros(cap, np.uint64), np.full(cap, -1, np.int64)
+        bulk.index_insert(slot_hash, slot_value, hashes_of(pa.array(names)), np.arange(len(names), dtype=np.int64))
+        out = np.zeros(len(queries), np.int64)
+        missing = bulk.index_lookup(slot_hash, slot_value, hashes_of(queries), off, data, names, out)
+        ref = [table.get(q, -1) for q in queries.to_pylist()]
+        assert out.tolist() == ref, label
+        assert missing == ref.count(-1) == 3
+    with pytest.raises(ValueError, match="power-of-two"):
+        bulk.index_insert(np.zeros(6, np.uint64), np.full(6, -1, np.int64), np.zeros(1, np.uint64),
+                          np.zeros(1, np.int64))
+
+
+def test_gather_and_scatter_bytes() -> None:
+    rng = np.random.default_rng(2)
+    table = {i: rng.integers(0, 256, int(rng.integers(0, 50)), dtype=np.uint8).tobytes() for i in range(0, 40, 2)}
+    keys = np.array([5, 2, 0, 38, 39, 2], np.int64)
+    off = np.zeros(len(keys) + 1, np.int64)
+    got = bulk.gather_bytes(table, keys, off)
+    parts = [table.get(k, b"") for k in keys.tolist()]
+    assert got == b"".join(parts)
+    assert off.tolist() == np.concatenate([[0], np.cumsum([len(p) for p in parts])]).tolist()
+    new: dict[int, bytes] = {1: b"old"}
+    data = np.frombuffer(b"abcdefgh", np.uint8)
+    bulk.scatter_bytes(new, np.array([1, 7, 3], np.int64), np.array([0, 3, 3, 8], np.int64), data)
+    assert new == {1: b"abc", 7: b"", 3: b"defgh"}
+    with pytest.raises(ValueError, match="outside"):
+        bulk.scatter_bytes(new, np.array([1], np.int64), np.array([0, 9], np.int64), data)
+    with pytest.raises(TypeError, match="not bytes"):
+        bulk.gather_bytes({1: "x"}, np.array([1], np.int64), np.zeros(2, np.int64))  # type: ignore[dict-item]
