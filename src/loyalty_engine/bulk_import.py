@@ -865,7 +865,7 @@ class _Importer:
         ``involved`` are the members of the sales and their referrers (sorted, distinct). The points of
         the members enrolled by this chunk are their sign-up bonus (their accounts are not in the
         ledger before the chunk commits); the others' come from the ledger."""
-        from .engine import OUT, _purchase_rows
+        from .engine import OUT, ROW, _purchase_rows
 
         eng = self.engine
         k = len(sales)
@@ -879,9 +879,10 @@ class _Importer:
         local = eng._local_fields(at[sales])
         rows, icat, isku, iamt = _purchase_rows(
             midx[sales], amount[sales], qty[sales], local, sy["branch"], sy["channel"],
-            sy["category"] if has_items else None, sy["sku"] if has_items else None)
+            sy["category"] if has_items else None, sy["sku"] if has_items else None,
+            into=eng._batch_buffer("rows", k, ROW, zero=True))
         eng._refresh_points(involved if enrolling is None else involved[involved < enrolling[0]])
-        o = eng._evaluate(rows, icat, isku, iamt, facts=False)
+        o = eng._evaluate(rows, icat, isku, iamt, facts=False, reuse=True)   # valid until the next chunk
         return o, o["status"].astype(np.int32), local["day"]
 
     def _symbols(self, ch: _Chunk, f: str, table: dict[str, int]) -> np.ndarray:

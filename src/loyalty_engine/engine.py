@@ -278,6 +278,7 @@ class Engine:
         self.ledger = ledger
         self._program = program
         cp = program.compiled
+        self._batch_buffers: dict[str, np.ndarray] = {}
         self._kernel = _core.Kernel(cp.code, cp.pool, cp.conds, cp.rules, cp.offers, cp.tiers, cp.params)
         self._lock = threading.RLock()
         self._names: dict[str, int] = {}
@@ -770,8 +771,10 @@ class Engine:
         return out[0], fx[0]
 
     def _evaluate(self, rows: np.ndarray, cat: np.ndarray, sku: np.ndarray, amt: np.ndarray,
-                  facts: bool) -> Any:
-        """Run the kernel over rows in time order; updates the members' state and histories."""
+                  facts: bool, reuse: bool = False) -> Any:
+        """Run the kernel over rows in time order; updates the members' state and histories. With
+        ``reuse`` the results live in the engine's batch buffer (valid until the next such call: the
+        import's chunks reuse their memory instead of faulting in fresh pages every chunk)."""
         if len(rows) == 1:
             seg_members, seg_of = rows["member"], np.zeros(1, np.int64)
         else:
@@ -786,9 +789,13 @@ class Engine:
             hist_off = np.zeros(len(seg_members) + 1, np.int64)
             hist = np.frombuffer(_bulk.gather_bytes(self._hist, seg_members, hist_off), HEV)
             hist_off //= isz
-        out_hist = np.zeros(len(hist) + len(rows), HEV)
+        if reuse:       # (the kernel writes every row of out and every event it keeps before reading it)
+            out_hist = self._batch_buffer("out_hist", len(hist) + len(rows), HEV)
+            out = self._batch_buffer("out", len(rows), OUT)
+        else:
+            out_hist = np.zeros(len(hist) + len(rows), HEV)
+            out = np.zeros(len(rows), OUT)
         out_off = np.zeros(len(hist_off), np.int64)
-        out = np.zeros(len(rows), OUT)
         fx = np.zeros((len(rows) if facts else 0, N_FACTS), np.int64)
         self._kernel.run(rows, seg_of.astype(np.int64), cat, sku, amt, self._members, hist_off, hist, out_off,
                          out_hist, self._offer_use, self._budget, out, fx)
@@ -798,6 +805,17 @@ class Engine:
             return (out, fx) if facts else out
         _bulk.scatter_bytes(hd, seg_members, out_off * isz, out_hist.view(np.uint8))
         return (out, fx) if facts else out
+
+    def _batch_buffer(self, name: str, n: int, dtype: np.dtype[Any], zero: bool = False) -> np.ndarray:
+        """``n`` items of the engine's reusable batch buffer ``name`` (grown by a quarter when short)."""
+        buf = self._batch_buffers.get(name)
+        if buf is None or len(buf) < n or buf.dtype != dtype:
+            buf = self._batch_buffers[name] = _memory.empty(max(n, int(1.25 * len(buf)) if buf is not None else n),
+                                                            dtype)
+        view = buf[:n]
+        if zero:
+            view.fill(0) if dtype.names is None else view.view(np.uint8).fill(0)
+        return view
 
     def _purchase(self, member: str, amount: int, at: Any, ref: str, items: Sequence[Item], branch: str,
                   channel: str, redeem: int, commit: bool) -> Receipt:
@@ -1422,11 +1440,13 @@ class Engine:
 
 def _purchase_rows(member: np.ndarray, amount: np.ndarray, qty: np.ndarray, local: dict[str, np.ndarray],
                    branch: np.ndarray, channel: np.ndarray, cat: np.ndarray | None, sku: np.ndarray | None,
-                   redeem: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+                   redeem: np.ndarray | None = None, into: np.ndarray | None = None
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The kernel's rows (and item arrays: one item per row when ``cat``/``sku`` are given) of a batch
-    of purchases; ``local`` holds day, hour, weekday, month and dom in the program's timezone."""
+    of purchases; ``local`` holds day, hour, weekday, month and dom in the program's timezone. ``into``
+    is a zeroed ROW array of the batch's length to fill (else one is allocated)."""
     n = len(member)
-    rows = np.zeros(n, ROW)
+    rows = np.zeros(n, ROW) if into is None else into
     rows["member"], rows["amount"], rows["quantity"] = member, amount, qty
     if redeem is not None:
         rows["redeem"] = redeem
