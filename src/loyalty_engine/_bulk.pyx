@@ -11,7 +11,7 @@ wrong input raises ``ValueError``/``TypeError`` naming the argument. ``tests/tes
 against a plain Python reference.
 """
 
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_Check, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.dict cimport PyDict_GetItem, PyDict_SetItem
 from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
 from cpython.long cimport PyLong_FromLongLong
@@ -43,6 +43,16 @@ cdef inline bytes _key(char prefix, uint64_t v):
     return k
 
 
+
+cdef Py_ssize_t _bytes_value(dict table, long long key, PyObject** found) except -1:
+    """The length of ``table[key]`` (bytes), 0 when absent; ``found`` gets the borrowed value or NULL."""
+    found[0] = PyDict_GetItem(table, PyLong_FromLongLong(key))
+    if found[0] == NULL:
+        return 0
+    if not PyBytes_Check(<object>found[0]):
+        raise TypeError(f"the value of {key} is {type(<object>found[0]).__name__}, not bytes")
+    return PyBytes_GET_SIZE(<object>found[0])
+
 def member_records(const int64_t[::1] idx, list names, const uint8_t[:, ::1] state, const uint8_t[:, ::1] use,
                    const uint8_t[::1] used, dict hist):
     """The member store's ``(key, value)`` pairs of the members ``idx`` (in that order).
@@ -54,7 +64,7 @@ def member_records(const int64_t[::1] idx, list names, const uint8_t[:, ::1] sta
     cdef Py_ssize_t n = idx.shape[0], k, ssize = state.shape[1], usize = use.shape[1], nlen, hlen, vlen
     cdef Py_ssize_t nnames = PyList_GET_SIZE(names)
     cdef int64_t i
-    cdef object name, key, value, h
+    cdef object name, value, h
     cdef PyObject* hp
     cdef const char* nptr
     cdef char* p
@@ -73,14 +83,9 @@ def member_records(const int64_t[::1] idx, list names, const uint8_t[:, ::1] sta
         nptr = PyUnicode_AsUTF8AndSize(name, &nlen)
         if nlen > 0xFFFF:
             raise ValueError(f"names[{i}] is {nlen} bytes long, more than a 2-byte length holds")
-        key = PyLong_FromLongLong(i)
-        hp = PyDict_GetItem(hist, key)
-        hlen = 0
-        if hp != NULL:
+        hlen = _bytes_value(hist, i, &hp)
+        if hlen:
             h = <object>hp
-            if not isinstance(h, bytes):
-                raise TypeError(f"hist[{i}] is {type(h).__name__}, not bytes")
-            hlen = PyBytes_GET_SIZE(h)
         vlen = 2 + nlen + ssize + 4 + (usize if used[k] else 0) + hlen
         value = PyBytes_FromStringAndSize(NULL, vlen)
         p = PyBytes_AS_STRING(value)
@@ -165,7 +170,6 @@ def gather_bytes(dict table, const int64_t[::1] keys, int64_t[::1] offsets):
     cdef Py_ssize_t n = keys.shape[0], k, total = 0, size
     cdef PyObject** got
     cdef PyObject* hp
-    cdef object key, v
     cdef bytes out
     cdef char* p
     if offsets.shape[0] != n + 1:
@@ -176,14 +180,7 @@ def gather_bytes(dict table, const int64_t[::1] keys, int64_t[::1] offsets):
     try:
         offsets[0] = 0
         for k in range(n):
-            key = PyLong_FromLongLong(keys[k])
-            hp = PyDict_GetItem(table, key)
-            size = 0
-            if hp != NULL:
-                v = <object>hp
-                if not isinstance(v, bytes):
-                    raise TypeError(f"the value of {keys[k]} is {type(v).__name__}, not bytes")
-                size = PyBytes_GET_SIZE(v)
+            size = _bytes_value(table, keys[k], &hp)
             got[k] = hp       # borrowed: the dict is not changed until the copy below is done
             total += size
             offsets[k + 1] = total
