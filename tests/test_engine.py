@@ -682,3 +682,16 @@ def test_a_retried_commit_numbers_the_outbox_without_gaps(tmp_path, monkeypatch)
         eng.purchase("a", amount=300_000, at=T0 + timedelta(hours=3), ref="p3")
         seqs = [e.seq for e in eng.events()]
         assert seqs == list(range(1, len(seqs) + 1)) and len(seqs) >= 3
+
+
+@pytest.mark.parametrize(("quantity", "message"), [(2.5, "items\\[0\\].quantity must be a whole number.*2.5"),
+                                                   ("3", "items\\[0\\].quantity must be a whole number.*'3'"),
+                                                   (True, "whole number"), (-1, "must be >= 0.*-1"),
+                                                   (2**70, "below 2\\*\\*31")])
+def test_an_item_quantity_that_is_not_a_count_is_refused(tmp_path, quantity, message):
+    with Engine.open(tmp_path / "c", program=Program.from_dict(CLUB), sync="none") as eng:
+        eng.enroll("a", at=T0)
+        with pytest.raises(ValidationError, match=message):
+            eng.purchase("a", amount=1000, at=T0 + timedelta(hours=1), ref="r1",
+                         items=[Item(category="food", amount=1000, quantity=quantity)])
+        assert eng.member("a").purchases == 0

@@ -269,6 +269,15 @@ def _checked_amount(v: Any, what: str, zero: bool = False) -> int:
     return v
 
 
+def _checked_quantity(v: Any, what: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int | np.integer):
+        raise ValidationError(f"{what} must be a whole number of pieces, not {type(v).__name__} {v!r}")
+    v = int(v)
+    if not 0 <= v < 1 << 31:
+        raise ValidationError(f"{what} must be >= 0 and below 2**31, not {v}")
+    return v
+
+
 class Engine:
     """A customer club: a program, its members and their ledger. Open with :meth:`open`.
 
@@ -745,7 +754,7 @@ class Engine:
                 sl[j] = k = sku_t.get(it.sku, 0)
                 cats |= 1 << c
                 skus |= 1 << k
-                qty += it.quantity
+                qty += _checked_quantity(it.quantity, f"items[{j}].quantity")
             cat, sku, amt = np.array(cl, np.int32), np.array(sl, np.int32), np.array(al, np.int64)
         else:
             qty = 1
@@ -989,7 +998,8 @@ class Engine:
         refs = _str_column(t, "ref")
         at = _time_column(t, "at")
         amount = _int_column(t, "amount", 1)
-        redeem = _int_column(t, "redeem_points", 0) if "redeem_points" in t.column_names else np.zeros(n, np.int64)
+        redeem = (_int_column(t, "redeem_points", 0, "whole points") if "redeem_points" in t.column_names
+                  else np.zeros(n, np.int64))
         status = np.zeros(n, np.int32)
         out = np.zeros(n, OUT)
         with self._lock:
@@ -1012,7 +1022,8 @@ class Engine:
             sku_col = _sym_column(t, "sku", sym["sku"])
             br = _sym_column(t, "branch", sym["branch"])
             ch = _sym_column(t, "channel", sym["channel"])
-            qty = _int_column(t, "quantity", 0) if "quantity" in t.column_names else np.ones(n, np.int64)
+            qty = (_int_column(t, "quantity", 0, "whole pieces", 1 << 31) if "quantity" in t.column_names
+                   else np.ones(n, np.int64))
             has_items = "category" in t.column_names or "sku" in t.column_names
             for start in range(0, len(order), CHUNK_ROWS):
                 chunk = order[start: start + CHUNK_ROWS]   # time order: budgets and caps see what came first
@@ -1509,17 +1520,19 @@ def _str_column(t: pa.Table, name: str) -> list[str]:
     return col.to_pylist()
 
 
-def _int_column(t: pa.Table, name: str, lo: int) -> np.ndarray:
+def _int_column(t: pa.Table, name: str, lo: int, what: str = "money in the minor unit",
+                hi: int = 1 << 53) -> np.ndarray:
     col = t.column(name)
     if not pa.types.is_integer(col.type):
-        raise ValidationError(f"column {name!r} must be integers (money in the minor unit), not {col.type}")
+        raise ValidationError(f"column {name!r} must be integers ({what}), not {col.type}")
     if col.null_count:
         row = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
         raise ValidationError(f"column {name!r} row {row} is null")
     arr = col.to_numpy().astype(np.int64)
-    bad = np.flatnonzero((arr < lo) | (arr >= 1 << 53))
+    bad = np.flatnonzero((arr < lo) | (arr >= hi))
     if len(bad):
-        raise ValidationError(f"column {name!r} row {int(bad[0])}: {int(arr[bad[0]])} is out of range [{lo}, 2**53)")
+        raise ValidationError(f"column {name!r} row {int(bad[0])}: {int(arr[bad[0]])} is out of range "
+                              f"[{lo}, 2**{hi.bit_length() - 1})")
     return arr
 
 
