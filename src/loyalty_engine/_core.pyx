@@ -2094,6 +2094,7 @@ cdef int64_t _evaluate(const int64_t[::1] code, const int64_t[::1] pool, const i
     cdef Py_ssize_t gend[4]
     cdef Py_ssize_t g
     cdef uint64_t rok, bits, mult_rules = 0, bonus_rules = 0, mult_offers = 0
+    cdef Py_ssize_t n_memo = 0
     cdef uint64_t cmask[64]
     cdef int8_t cfast[64]
     cdef Py_ssize_t natoms = 0
@@ -2141,6 +2142,9 @@ cdef int64_t _evaluate(const int64_t[::1] code, const int64_t[::1] pool, const i
                 natoms += 1
             cmask[k] = amask
             cfast[k] = <int8_t>condp[C_NCOL * k + 2]
+    for k in range(ncond if ncond < 64 else 64):
+        if not cfast[k]:
+            n_memo += 1
     # group the atoms (a stable sort by group) so that each group's loop has no branch on the kind
     for g in range(4):
         ng[g] = 0
@@ -2292,9 +2296,11 @@ cdef int64_t _evaluate(const int64_t[::1] code, const int64_t[::1] pool, const i
             if facts_out.shape[0]:
                 for k in range(N_FACTS):
                     facts_out[i, k] = facts[k]
-            # conditions of rules and offers, each evaluated once
-            for k in range(ncond if ncond < 64 else 64):
-                fired_cond[k] = -1
+            # conditions of rules and offers, each evaluated once (the memo serves the ones that are
+            # not predicates among the first 64: when there are none it is never read)
+            if n_memo:
+                for k in range(ncond if ncond < 64 else 64):
+                    fired_cond[k] = -1
             abits = 0
             for k in range(gend[0]):                  # a fact against a constant
                 fa = &fat[k]
@@ -2425,9 +2431,10 @@ cdef int64_t _evaluate(const int64_t[::1] code, const int64_t[::1] pool, const i
             credit = 0
             if nt and m.tier > 0:
                 credit = mul_bp(paid, tp[4 * (m.tier - 1) + 3])
-            for k in range(noff):
-                if not (offers_mask >> k) & 1:
-                    continue
+            bits = <uint64_t>offers_mask
+            while bits:
+                k = LE_CTZ(bits)
+                bits &= bits - 1
                 give = 0
                 if ofp[O_W * k + 2] == 0:
                     give = ofp[O_W * k + 3]
