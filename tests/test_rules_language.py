@@ -421,3 +421,75 @@ def test_the_kernel_fires_what_the_stack_machine_says(first: str, rest: list[str
             got = (fired >> k) & 1 if k < noff else (rfired >> (k - noff)) & 1
             want = _core.run_cond(code_a, pool_a, machine, k, np.ascontiguousarray(fx[i]), ca, sa)
             assert got == want, (srcs[k], i, fx[i].tolist())
+
+
+@pytest.mark.parametrize(("pool", "cond", "message"), [
+    ([1, 0, 0, 0, 0], [0, 0, 1, (1 << 63) - 3, 1], "predicate lies outside the pool"),      # offset + 5n wraps
+    ([1, 0, 0, 0, 0], [0, 0, 1, 0, 3689348814741910324], "predicate lies outside the pool"),  # 5n wraps
+    ([(1 << 63) - 1, 7, 0, 0, 0, 0], [0, 0, 1, 1, 1], "atom list is outside the pool"),     # an in-list too long
+    ([(1 << 62) + 1, 8, 0, 0, 0, 0], [0, 0, 1, 1, 1], "atom list is outside the pool"),     # 2 * ranges wraps
+    ([0, 11, 0, 0, 0, 0], [0, 0, 1, 1, 1], "bad predicate atom"),
+    ([0, 1, 0, 99, 0, 0], [0, 0, 1, 1, 1], "atom fact 99 is out of range"),
+    ([0, 0, 0, 0, 0, 0], [0, 0, 3, 1, 1], "predicate lies outside the pool"),
+    ([0], [0, 4, 0, 0, 0], "lies outside the code")])
+def test_a_crafted_condition_table_is_refused_not_followed(pool, cond, message):
+    """The kernel trusts its tables; a table that points outside them must be refused up front (the sums
+    of the checks are written so that none can wrap round)."""
+    z = np.zeros(64, np.int64)
+    with pytest.raises(ValueError, match=message):
+        _core.run_cond(np.zeros(0, np.int64), np.asarray(pool, np.int64), np.asarray([cond], np.int64), 0,
+                       np.zeros(N, np.int64), z, z)
+
+
+def _bound(prog: Program, **changes: np.ndarray) -> _core.Kernel:
+    c = prog.compiled
+    tables = {"code": c.code, "pool": c.pool, "conds": c.conds, "rules": c.rules, "offers": c.offers,
+              "tiers": c.tiers, "params": c.params, **changes}
+    return _core.Kernel(**tables)
+
+
+def test_the_kernel_binds_checked_private_copies_of_a_program():
+    prog = Program.from_dict({"name": "k", "earn_rules": [{"name": "r", "when": "hour >= 20", "bonus": 5}],
+                              "offers": [{"name": "o", "when": "amount > 10", "effect": {"bonus_points": 1}}]})
+    c = prog.compiled
+    rules = c.rules.copy()
+    rules[0, 0] = 100_000_000                               # a condition the program does not have
+    with pytest.raises(ValueError, match="rule 0: condition 100000000"):
+        _bound(prog, rules=rules)
+    rules = c.rules.copy()
+    rules[0, 1], rules[0, 2] = 1, 64                        # a category symbol beyond the 64 the rows' sets hold
+    with pytest.raises(ValueError, match="rule 0: .*symbol 64"):
+        _bound(prog, rules=rules)
+    offers = c.offers.copy()
+    offers[0, 0] = 7
+    with pytest.raises(ValueError, match="offer 0: condition 7"):
+        _bound(prog, offers=offers)
+    kernel = _bound(prog)
+    conds = c.conds.copy()
+    kernel2 = _core.Kernel(c.code, c.pool, conds, c.rules, c.offers, c.tiers, c.params)
+    conds[0, 3] = 1 << 40                                   # changed after binding: the kernel holds a copy
+    rows = np.zeros(1, _core.ROW_DTYPE)
+    rows["amount"], rows["day"] = 100, 20_000
+    members = np.zeros(1, _core.MSTATE_DTYPE)
+    members["referrer"], members["last_day"] = -1, -1
+
+    def run(k: _core.Kernel, members: np.ndarray, use_width: int = 3) -> np.ndarray:
+        out = np.zeros(1, _core.OUT_DTYPE)
+        k.run(rows, np.zeros(1, np.int64), np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, np.int64),
+              members, np.zeros(2, np.int64), np.zeros(0, _core.HEV_DTYPE), np.zeros(2, np.int64),
+              np.zeros(1, _core.HEV_DTYPE), np.zeros((1, 1, use_width), np.int64), np.zeros(1, np.int64), out,
+              np.zeros((0, N), np.int64))
+        return out
+
+    assert run(kernel2, members.copy())["offers_fired"][0] == 1
+    assert run(kernel, members.copy())["offers_fired"][0] == 1
+    with pytest.raises(ValueError, match="offer_use must be"):
+        run(kernel, members.copy(), use_width=4)
+    bad = members.copy()
+    bad["tier"] = 3                                         # the program has no tiers
+    with pytest.raises(ValueError, match="member 0 has tier 3; the program has 0"):
+        run(kernel, bad)
+    bad = members.copy()
+    bad["referrer"] = 5
+    with pytest.raises(ValueError, match="referrer 5 is beyond the state"):
+        run(kernel, bad)
