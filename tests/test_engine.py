@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from loyalty_engine.engine import Engine, Item, RowStatus, credit_account, points_account
+from loyalty_engine.engine import CREDIT, POINTS, Engine, Item, RowStatus, credit_account, points_account
 from loyalty_engine.errors import ConfigError, InsufficientBalanceError, NotFoundError, ValidationError
 from loyalty_engine.program import Program
 
@@ -695,3 +695,47 @@ def test_an_item_quantity_that_is_not_a_count_is_refused(tmp_path, quantity, mes
             eng.purchase("a", amount=1000, at=T0 + timedelta(hours=1), ref="r1",
                          items=[Item(category="food", amount=1000, quantity=quantity)])
         assert eng.member("a").purchases == 0
+
+
+def test_enrolling_a_member_whose_accounts_a_crash_left_behind(tmp_path):
+    """A crash between the accounts' write and the member's leaves the accounts: enrolling again finds
+    them (EXISTS, the same fields) and goes on."""
+    from loyalty_engine import Account, AccountFlags
+
+    prog = Program.from_dict(CLUB)
+    flags = 0 if prog.negative_balance == "allow" else AccountFlags.DEBITS_MUST_NOT_EXCEED_CREDITS
+    with Engine.open(tmp_path / "c", program=prog, sync="none") as eng:
+        eng.ledger.create_accounts([Account(id=points_account(0), asset=POINTS, flags=flags),
+                                    Account(id=credit_account(0), asset=CREDIT,
+                                            flags=AccountFlags.DEBITS_MUST_NOT_EXCEED_CREDITS)])
+        eng.enroll("a", at=T0)
+        assert eng.member("a").points == 20
+        eng.ledger.create_accounts([Account(id=points_account(1), asset=POINTS, flags=flags),
+                                    Account(id=credit_account(1), asset=CREDIT,
+                                            flags=AccountFlags.DEBITS_MUST_NOT_EXCEED_CREDITS)])
+        assert eng.enroll_batch(["b", "c"], at=T0) == 2
+        assert eng.member("b").points == 20 and eng.member("c").points == 20
+
+
+def test_an_interrupt_after_a_commit_keeps_its_events(tmp_path, monkeypatch):
+    """An exception that reaches the caller after the transaction committed (Ctrl-C during the
+    snapshot, say) must not give the committed events' numbers back: the next write would overwrite
+    them in the outbox."""
+    with Engine.open(tmp_path / "c", program=Program.from_dict(CLUB), sync="none") as eng:
+        eng.enroll("a", at=T0)
+        real = eng.ledger._after_commit
+
+        def interrupted() -> None:
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(eng.ledger, "_after_commit", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            eng.purchase("a", amount=300_000, at=T0 + timedelta(hours=1), ref="p1")
+        monkeypatch.setattr(eng.ledger, "_after_commit", real)
+        assert eng.receipt("p1").points_earned > 0           # it committed
+        before = [(e.seq, e.kind, e.data.get("ref")) for e in eng.events()]
+        assert ("p1" in [r for _, _, r in before])
+        eng.purchase("a", amount=300_000, at=T0 + timedelta(hours=2), ref="p2")
+        after = [(e.seq, e.kind, e.data.get("ref")) for e in eng.events()]
+        assert after[: len(before)] == before
+        assert [s for s, _, _ in after] == list(range(1, len(after) + 1))

@@ -392,6 +392,101 @@ def test_a_failed_chunk_leaves_neither_its_enrolments_nor_its_evaluation_behind(
         assert eng.ledger.verify().ok
 
 
+def test_resume_rebuilds_the_duplicate_refs_as_the_clean_run_had_them(tmp_path: Path) -> None:
+    """Refs are compared trimmed, and a row refused before the duplicate check (a zero amount here)
+    leaves its ref free: a resumed import must judge later rows as a clean one does."""
+    prog = Program.from_toml(CLUB)
+    t = history(3_000, 50)
+    total = t.column("total").to_numpy().copy()
+    refs = t.column("receipt").to_pylist()
+    total[10] = 0                       # refused before the duplicate check: "r10" stays free ...
+    refs[2_500] = "r10"                 # ... for this good row (in a chunk after the resume)
+    refs[20] = " r20 "                  # and "r20" is taken (trimmed) ...
+    refs[2_600] = "r20"                 # ... so this row is a duplicate
+    t = t.set_column(2, "total", pa.array(total)).set_column(3, "receipt", pa.array(refs))
+    src = tmp_path / "sales.parquet"
+    pq.write_table(t, src)
+    with Engine.open(tmp_path / "clean", program=prog, sync="none") as eng:
+        clean = eng.import_sales(src, columns=MAP, chunk_rows=1_000)
+        clean_balances = balances(eng)
+    with Engine.open(tmp_path / "club", program=prog, sync="none") as eng:
+        real = eng.ledger._entries_with
+        calls = {"n": 0}
+
+        def failing(entries, extra):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise OSError("disk full")
+            return real(entries, extra)
+
+        eng.ledger._entries_with = failing
+        with pytest.raises(OSError):
+            eng.import_sales(src, columns=MAP, chunk_rows=1_000)
+        eng.ledger._entries_with = real
+    with Engine.open(tmp_path / "club", program=prog, sync="none") as eng:
+        resumed = eng.import_sales(src, columns=MAP, chunk_rows=1_000, resume=True)
+        assert resumed.resumed_from_row == 2_000
+        assert (resumed.sales_posted, resumed.rows_rejected) == (clean.sales_posted, clean.rows_rejected)
+        assert resumed.reasons == clean.reasons
+        assert clean.reasons == {"the amount is zero": 1, "the same ref appears earlier in this source": 1}
+        assert balances(eng) == clean_balances
+
+
+def test_an_error_after_a_chunk_committed_keeps_the_chunk(tmp_path: Path) -> None:
+    """Housekeeping that fails after a chunk's commit (here: the ledger's snapshot) must not roll the
+    committed chunk back in memory: its enrolments and state stay, a warning says what failed, and the
+    import goes on to the clean ledger."""
+    prog = Program.from_toml(CLUB)
+    t = history(3_000, 2_000)
+    with Engine.open(tmp_path / "clean", program=prog, sync="none") as eng:
+        eng.import_sales(t, columns=MAP, chunk_rows=1_000, import_id="x")
+        clean = balances(eng)
+        clean_events = [(e.seq, e.kind, e.member) for e in eng.events(limit=10_000)]
+    with Engine.open(tmp_path / "club", program=prog, sync="none") as eng:
+        eng.ledger._write_snapshot = lambda: (_ for _ in ()).throw(OSError("no space for the snapshot"))
+        eng.ledger._since_snapshot = 10**12          # due after every commit
+        with pytest.warns(RuntimeWarning, match="snapshot after a commit failed"):
+            eng.import_sales(t, columns=MAP, chunk_rows=1_000, import_id="x")
+        assert balances(eng) == clean
+        assert [(e.seq, e.kind, e.member) for e in eng.events(limit=10_000)] == clean_events
+        members = eng.members
+        del eng.ledger._write_snapshot               # the disk has room again
+    with Engine.open(tmp_path / "club", program=prog, sync="none") as eng:
+        assert eng.members == members and balances(eng) == clean
+
+
+def test_a_chunk_of_many_journal_entries_commits_or_fails_whole(tmp_path: Path, monkeypatch) -> None:
+    """A chunk whose transfers take several journal entries is still one transaction: the same ledger
+    as one entry, and a failed commit leaves nothing of the chunk (a resume gives the clean ledger)."""
+    import loyalty_engine.bulk_import as bulk
+
+    prog = Program.from_toml(CLUB)
+    t = history(3_000, 2_000)
+    with Engine.open(tmp_path / "clean", program=prog, sync="none") as eng:
+        eng.import_sales(t, columns=MAP, chunk_rows=1_000, import_id="x")
+        clean = balances(eng)
+    monkeypatch.setattr(bulk, "ENTRY_TRANSFERS", 300)
+    with Engine.open(tmp_path / "club", program=prog, sync="none") as eng:
+        real = eng.ledger._entries_with
+        calls = {"n": 0}
+
+        def failing(entries, extra):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                assert sum(len(r) > 0 for _, r in entries) > 3       # accounts, bonuses and parts
+                raise OSError("disk full")
+            return real(entries, extra)
+
+        eng.ledger._entries_with = failing
+        with pytest.raises(OSError):
+            eng.import_sales(t, columns=MAP, chunk_rows=1_000, import_id="x")
+        eng.ledger._entries_with = real
+    with Engine.open(tmp_path / "club", program=prog, sync="none") as eng:
+        eng.import_sales(t, columns=MAP, chunk_rows=1_000, import_id="x", resume=True)
+        assert balances(eng) == clean
+        assert eng.ledger.verify().ok
+
+
 CHILD = """
 import sys
 from loyalty_engine.engine import Engine

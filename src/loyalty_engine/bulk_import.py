@@ -334,6 +334,9 @@ def _insert_sorted(table: np.ndarray, new: np.ndarray) -> np.ndarray:
 
 # -- the import --------------------------------------------------------------------------------------------
 
+#: Transfers per journal entry of a chunk's transaction (a chunk's transfers may take several entries).
+ENTRY_TRANSFERS = 8_000_000
+
 @dataclass
 class _Chunk:
     cols: dict[str, pa.ChunkedArray]
@@ -548,7 +551,7 @@ class _Importer:
         cols = [f for f in FIELDS if f in self.mapping]
         try:
             if resumed_from and "ref" in self.mapping:
-                self._replay_refs(resumed_from)
+                self._replay_refs(resumed_from, cols)
             for chunk in self._stream(cols, skip=resumed_from):
                 self._chunk(chunk, cp)
             cp["complete"] = True
@@ -557,18 +560,37 @@ class _Importer:
         finally:
             self.progress.close()
             self._close_quarantine(cp.get("complete", False))
+            self.engine._batch_buffers.clear()     # the chunks' buffers are not kept past the import
         return self._report(t0, cp, already=False, resumed_from=resumed_from)
 
-    def _replay_refs(self, upto: int) -> None:
-        """Rebuild the duplicate-ref set of the rows an earlier run already imported."""
+    def _dedupe(self, reason: np.ndarray, ref_hash: np.ndarray) -> None:
+        """Mark the rows (still good) whose ref an earlier good row used, in this chunk or before, as
+        duplicates; the others' refs join the set."""
+        live = np.flatnonzero(reason == 0)
+        h = ref_hash[live]
+        order = np.argsort(h, kind="stable")
+        sh = h[order]
+        dup_in = np.zeros(len(h), bool)
+        dup_in[order[1:]] = sh[1:] == sh[:-1]
+        dup_before = _in_sorted(h, self.seen)
+        reason[live[dup_in | dup_before]] = R_DUP
+        self.seen = _insert_sorted(self.seen, h[~(dup_in | dup_before)])
+
+    def _replay_refs(self, upto: int, cols: list[str]) -> None:
+        """Rebuild the duplicate-ref set of the rows an earlier run already imported, as that run built
+        it: the same checks first (a row refused before the duplicate check leaves its ref free), then
+        the trimmed refs of the rows still good."""
         pos = 0
-        for ch in self._stream(["ref"]):
+        for ch in self._stream(cols):
             n = len(ch.row)
             take = min(n, upto - pos)
             if take <= 0:
                 break
-            col = ch.cols[self.mapping["ref"]].slice(0, take).combine_chunks()
-            self.seen = _insert_sorted(self.seen, np.unique(hash_strings(col)))
+            if take < n:
+                ch = _Chunk({k: v.slice(0, take) for k, v in ch.cols.items()}, ch.file_no[:take], ch.row[:take],
+                            ch.seq0, [])
+            reason, *_, ref_hash = self._row_checks(ch)
+            self._dedupe(reason, ref_hash)
             pos += n
 
     def _report(self, t0: float, cp: dict[str, Any], *, already: bool, resumed_from: int = 0) -> ImportReport:
@@ -589,8 +611,10 @@ class _Importer:
             reasons=reasons, seconds=time.perf_counter() - t0, examples=[] if already else self.examples)
 
     # -- one chunk -------------------------------------------------------------------------------------
-    def _chunk(self, ch: _Chunk, cp: dict[str, Any]) -> None:
-        eng = self.engine
+    def _row_checks(self, ch: _Chunk) -> tuple[Any, ...]:
+        """The checks a chunk's rows pass before the duplicate-ref check, and what they parse: the
+        reason per row (0 = good so far), the members' dictionary, times, amounts, returns, quantities,
+        refs and their hashes. A resumed import replays them to rebuild the duplicate-ref set exactly."""
         m = self.mapping
         n = len(ch.row)
         reason = np.zeros(n, np.int8)
@@ -640,15 +664,23 @@ class _Importer:
             refs = pc.utf8_trim_whitespace(_strings(col("ref")))
             mark(_blank(refs), R_REF_NULL)
             ref_hash = hash_strings(refs)
-            live = np.flatnonzero(reason == 0)
-            h = ref_hash[live]
-            order = np.argsort(h, kind="stable")
-            sh = h[order]
-            dup_in = np.zeros(len(h), bool)
-            dup_in[order[1:]] = sh[1:] == sh[:-1]
-            dup_before = _in_sorted(h, self.seen)
-            reason[live[dup_in | dup_before]] = R_DUP
-            self.seen = _insert_sorted(self.seen, h[~(dup_in | dup_before)])
+        return reason, raw_member, mem_dict, at, amount, is_ret, qty, refs, ref_hash
+
+    def _chunk(self, ch: _Chunk, cp: dict[str, Any]) -> None:
+        eng = self.engine
+        m = self.mapping
+        n = len(ch.row)
+        reason, raw_member, mem_dict, at, amount, is_ret, qty, refs, ref_hash = self._row_checks(ch)
+
+        def mark(mask: np.ndarray, code: int) -> None:
+            reason[mask & (reason == 0)] = code
+
+        def col(f: str) -> pa.Array:
+            c = ch.cols[m[f]]
+            return c.combine_chunks() if isinstance(c, pa.ChunkedArray) else c
+
+        if "ref" in m:
+            self._dedupe(reason, ref_hash)
         originals: pa.Array | None = None
         if "original" in m:
             originals = pc.utf8_trim_whitespace(_strings(col("original")))
@@ -689,10 +721,13 @@ class _Importer:
                 midx = row_members()
         mark(~is_ret & (midx < 0), R_UNKNOWN_MEMBER)
         undo: list[tuple[np.ndarray, tuple[Any, ...]]] = []
+        commits = eng.ledger.commits
         try:
             pending = self._post(ch, cp, reason, midx, at, amount, qty, is_ret, refs, ref_hash, originals,
                                  enrolling, undo)
-        except BaseException:       # the engine's memory as it was before the chunk
+        except BaseException:       # the engine's memory as it was before the chunk, unless it committed
+            if eng.ledger.commits != commits:
+                raise
             for involved, saved in undo:
                 eng._members[involved], eng._offer_use[involved], eng._budget, eng._hist = saved
             if enrolling is not None:
@@ -797,42 +832,37 @@ class _Importer:
 
     def _commit(self, recs: np.ndarray, touched: np.ndarray, receipts: list[tuple[bytes, bytes]],
                 cp: dict[str, Any], enrolling: tuple[int, list[str], list[tuple[int, np.ndarray]]] | None) -> None:
-        """The chunk's transaction: the enrolled members' accounts and bonuses (journal entries of their
-        own, as enroll_batch writes them), the transfers, the members' records, the budget, the receipts
-        and the checkpoint. (More than 8 M transfers go in several transactions; the checkpoint with the
-        last.)"""
+        """The chunk's one transaction: the enrolled members' accounts and bonuses (journal entries of
+        their own, as enroll_batch writes them), the transfers (an entry per 8 M), the members' records,
+        the budget, the receipts and the checkpoint. All of it commits together or none of it does."""
         from .ledger import KIND_TRANSFERS
 
         eng = self.engine
-        for start in range(0, max(len(recs), 1), 8_000_000):
-            part = recs[start: start + 8_000_000]
-            last = start + 8_000_000 >= len(recs)
-            enroll_here = enrolling is not None and start == 0
-            entries = [*(enrolling[2] if enrolling is not None and enroll_here else []), (KIND_TRANSFERS, part)]
+        head = list(enrolling[2]) if enrolling is not None else []
+        parts = [(KIND_TRANSFERS, recs[start: start + ENTRY_TRANSFERS])
+                 for start in range(0, max(len(recs), 1), ENTRY_TRANSFERS)]
 
-            def extra(txn: lmdb.Transaction, all_results: list[np.ndarray], last: bool = last,
-                      enroll_here: bool = enroll_here) -> None:
-                results = all_results[-1]
+        def extra(txn: lmdb.Transaction, all_results: list[np.ndarray]) -> None:
+            done = 0
+            for results in all_results[len(head):]:
                 bad_r = np.flatnonzero((results != 0) & (results != 3))
                 if len(bad_r):
                     from .types import TransferResult
-                    raise StorageError(f"import: the ledger refused transfer {int(bad_r[0])} of chunk "
+                    raise StorageError(f"import: the ledger refused transfer {done + int(bad_r[0])} of chunk "
                                        f"{cp['chunks']}: {TransferResult(int(results[bad_r[0]])).name}")
-                if enroll_here and enrolling is not None:
-                    first, names, _ = enrolling
-                    eng._enroll_check(all_results)
-                    eng._put_names(txn, first, names)
-                    if not last:     # their records commit with their accounts
-                        eng._put_members(txn, np.arange(first, first + len(names), dtype=np.int64))
-                if last:
-                    db = eng.ledger._ext_db()
-                    eng._put_members(txn, touched)
-                    eng._put_budget(txn)
-                    if receipts:
-                        txn.cursor(db=db).putmulti(receipts)
-                    txn.put(self._checkpoint_key(), json.dumps(cp).encode(), db=db)
+                done += len(results)
+            if enrolling is not None:
+                first, names, _ = enrolling
+                eng._enroll_check(all_results)
+                eng._put_names(txn, first, names)
+            db = eng.ledger._ext_db()
+            eng._put_members(txn, touched)
+            eng._put_budget(txn)
+            if receipts:
+                txn.cursor(db=db).putmulti(receipts)
+            txn.put(self._checkpoint_key(), json.dumps(cp).encode(), db=db)
 
-            eng._entries_with(entries, extra)
+        eng._entries_with([*head, *parts], extra)
 
     def _stats_into(self, cp: dict[str, Any]) -> None:
         cp["stats"] = dict(self.stats)

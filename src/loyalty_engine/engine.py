@@ -29,7 +29,17 @@ from .errors import ConfigError, InsufficientBalanceError, NotFoundError, Storag
 from .ledger import KIND_ACCOUNTS, KIND_TRANSFERS, Ledger, _account_records
 from .program import Program
 from .rules.expr import EPOCH_ORDINAL, VARIABLES
-from .types import RECORD_DTYPE, Account, AccountFlags, Code, TransferFlags, TransferResult, from_micros, to_micros
+from .types import (
+    RECORD_DTYPE,
+    Account,
+    AccountFlags,
+    AccountResult,
+    Code,
+    TransferFlags,
+    TransferResult,
+    from_micros,
+    to_micros,
+)
 
 __all__ = ["Engine", "Item", "Receipt", "RefundReceipt", "MemberInfo", "Event", "RowStatus", "POINTS", "CREDIT"]
 
@@ -45,6 +55,8 @@ OUT = _core.OUT_DTYPE
 N_FACTS = len(VARIABLES)
 _NO_HIST = np.zeros(0, HEV)
 _NO_I32 = np.zeros(0, np.int32)
+#: account results that leave a member's account ready: created, or there already with the same fields
+_ACCOUNT_READY = (int(AccountResult.OK), int(AccountResult.EXISTS))
 _NO_I64 = np.zeros(0, np.int64)
 _SEG0 = np.zeros(1, np.int64)         # one purchase is one segment
 
@@ -462,6 +474,7 @@ class Engine:
 
     def _numbered(self, write: Any, arg: Any, extra: Any) -> Any:
         seq0 = self._event_seq
+        commits = self.ledger.commits
 
         def attempt(txn: lmdb.Transaction, results: Any) -> Any:
             self._event_seq = seq0
@@ -470,7 +483,8 @@ class Engine:
         try:
             return write(arg, attempt)
         except BaseException:
-            self._event_seq = seq0
+            if self.ledger.commits == commits:      # nothing committed: the numbers are free again
+                self._event_seq = seq0
             raise
 
     def _put_event(self, txn: lmdb.Transaction, kind: str, member: str, at_us: int, **data: Any) -> None:
@@ -558,7 +572,7 @@ class Engine:
             res = self.ledger.create_accounts([Account(id=points_account(idx), asset=POINTS, flags=flags),
                                                Account(id=credit_account(idx), asset=CREDIT,
                                                        flags=AccountFlags.DEBITS_MUST_NOT_EXCEED_CREDITS)])
-            if any(int(r) not in (0, 3) for r in res):  # OK or EXISTS (a crash between the two writes)
+            if any(int(r) not in _ACCOUNT_READY for r in res):  # OK or EXISTS (a crash between two writes)
                 raise StorageError(f"cannot create the ledger accounts of member {member!r}: {res}")
             self._grow(idx + 1)
             day = self._day_of(at_us)
@@ -689,7 +703,7 @@ class Engine:
     def _enroll_check(self, results: list[np.ndarray]) -> None:
         """Raise unless the ledger created (or already had) the accounts and posted the bonuses of
         :meth:`_enroll_prepare`'s entries (the first three of ``results``)."""
-        if not np.isin(np.concatenate(results[:2]), [0, 3]).all():
+        if not np.isin(np.concatenate(results[:2]), list(_ACCOUNT_READY)).all():
             raise StorageError("enroll_batch: the ledger refused to create member accounts")
         _raise_on(results[2], "enroll_batch")
 

@@ -12,6 +12,7 @@ import os
 import struct
 import threading
 import time
+import warnings
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
@@ -105,6 +106,9 @@ class Ledger:
         self._hash = ZERO_HASH
         self._since_snapshot = 0
         self._wrote = False
+        #: write transactions this handle committed (a caller tells a failed write from housekeeping
+        #: that failed after its commit)
+        self.commits = 0
         self._fresh_until = 0.0
         self._scratch = np.empty(0, np.uint8)
 
@@ -287,6 +291,7 @@ class Ledger:
                     self._reset()
                     raise
                 self._wrote = True
+                self.commits += 1
                 st.publish_head(self._seq)
                 break
             else:  # pragma: no cover - 40 doublings is beyond any disk
@@ -363,6 +368,10 @@ class Ledger:
                     self._write_snapshot()
         except lmdb.MapFullError:
             st.grow()  # housekeeping retries after a later commit
+        except Exception as exc:    # the write committed: a snapshot that failed is retried after a later one
+            warnings.warn(f"the ledger's snapshot after a commit failed ({type(exc).__name__}: {exc}); the "
+                          f"commit stands, and the snapshot is tried again after a later commit",
+                          RuntimeWarning, stacklevel=3)
 
     def _write_snapshot(self) -> None:
         st = self._st()
