@@ -141,3 +141,20 @@ def test_gather_and_scatter_bytes() -> None:
         bulk.scatter_bytes(new, np.array([1], np.int64), np.array([0, 9], np.int64), data)
     with pytest.raises(TypeError, match="not bytes"):
         bulk.gather_bytes({1: "x"}, np.array([1], np.int64), np.zeros(2, np.int64))  # type: ignore[dict-item]
+
+
+def test_a_full_name_table_is_refused_and_searched_once_round():
+    """The caller keeps the table at most half full; if it does not, insert refuses and lookup ends
+    (an open-addressing probe of a full table would never find a free slot)."""
+    slot_hash, slot_value = np.zeros(4, np.uint64), np.full(4, -1, np.int64)
+    with pytest.raises(ValueError, match="filled up"):
+        bulk.index_insert(slot_hash, slot_value, np.arange(5, dtype=np.uint64), np.arange(5, dtype=np.int64))
+    with pytest.raises(ValueError, match="no free slot"):
+        bulk.index_insert(slot_hash, slot_value, np.arange(1, dtype=np.uint64), np.arange(1, dtype=np.int64))
+    names = pa.array(["x"], pa.large_string())
+    offsets = np.frombuffer(names.buffers()[1], np.int64)[:2].copy()
+    data = np.frombuffer(names.buffers()[2], np.uint8)[:1].copy()
+    out = np.zeros(1, np.int64)
+    assert bulk.index_lookup(slot_hash, slot_value, np.array([7], np.uint64), offsets, data,
+                              ["a", "b", "c", "d"], out) == 1
+    assert out.tolist() == [-1]

@@ -218,20 +218,35 @@ def index_insert(uint64_t[::1] slot_hash, int64_t[::1] slot_value, const uint64_
     """Insert ``(hashes[k], values[k])`` into an open-addressing table (``slot_hash``, ``slot_value``;
     a power-of-two size, ``slot_value`` -1 where a slot is empty; several entries may share a hash).
     The caller keeps the table at most half full."""
-    cdef Py_ssize_t cap = slot_hash.shape[0], k
+    cdef Py_ssize_t cap = slot_hash.shape[0], k, probes
     cdef uint64_t mask, pos
+    cdef bint full = False
     if cap == 0 or cap & (cap - 1) or slot_value.shape[0] != cap:
         raise ValueError("the table's two arrays must have the same power-of-two size")
     if values.shape[0] != hashes.shape[0]:
         raise ValueError("hashes and values need the same length")
     mask = <uint64_t>cap - 1
+    for k in range(cap):                    # a table with no free slot would be probed for ever
+        if slot_value[k] < 0:
+            break
+    else:
+        raise ValueError("the table has no free slot")
     with nogil:
         for k in range(hashes.shape[0]):
             pos = hashes[k] & mask
+            probes = 0
             while slot_value[pos] >= 0:
                 pos = (pos + 1) & mask
+                probes += 1
+                if probes == cap:
+                    break
+            if probes == cap:
+                full = True
+                break
             slot_hash[pos] = hashes[k]
             slot_value[pos] = values[k]
+    if full:
+        raise ValueError("the table filled up: the caller must keep it at most half full")
 
 
 def index_lookup(const uint64_t[::1] slot_hash, const int64_t[::1] slot_value, const uint64_t[::1] hashes,
@@ -241,7 +256,7 @@ def index_lookup(const uint64_t[::1] slot_hash, const int64_t[::1] slot_value, c
     with that hash whose ``names[i]`` is ``s_j`` (compared byte for byte), or -1. Returns how many were
     not found."""
     cdef Py_ssize_t cap = slot_hash.shape[0], n = offsets.shape[0] - 1, j, size, nlen
-    cdef Py_ssize_t nnames = PyList_GET_SIZE(names), missing = 0
+    cdef Py_ssize_t nnames = PyList_GET_SIZE(names), missing = 0, probes
     cdef uint64_t mask, pos, h
     cdef int64_t v
     cdef const char* s
@@ -257,7 +272,9 @@ def index_lookup(const uint64_t[::1] slot_hash, const int64_t[::1] slot_value, c
         h = hashes[j]
         pos = h & mask
         out[j] = -1
-        while True:
+        probes = 0
+        while probes < cap:                 # (a full table is searched once round, not for ever)
+            probes += 1
             v = slot_value[pos]
             if v < 0:
                 break
