@@ -71,6 +71,10 @@ RUN_CHUNK = 1 << 16
 CHUNKED = 1 << 63
 RUN_KEY_LEN = 17
 SYNC_MODES = ("full", "group", "none")
+#: A write of this many records makes room in the map first; smaller ones look every ROOM_CHECK_EVERY writes.
+ROOM_CHECK_RECORDS = 16
+ROOM_CHECK_EVERY = 64
+
 #: Seconds a reader trusts ``head.hint`` before it looks at the journal head itself (the hint lags
 #: only if a writer died between its commit and publishing it).
 HINT_TRUST = 0.05
@@ -106,6 +110,7 @@ class Ledger:
         self._hash = ZERO_HASH
         self._since_snapshot = 0
         self._wrote = False
+        self._writes = 0
         #: write transactions this handle committed (a caller tells a failed write from housekeeping
         #: that failed after its commit)
         self.commits = 0
@@ -268,13 +273,17 @@ class Ledger:
         self._fresh_until = time.monotonic() + HINT_TRUST
 
     # -- writing ------------------------------------------------------------------------------------
-    def _write(self, fn: Any) -> Any:
-        """Run ``fn(txn)`` in a write transaction with the state caught up; commit; retry on map full."""
+    def _write(self, fn: Any, records: int = 0) -> Any:
+        """Run ``fn(txn)`` in a write transaction with the state caught up; commit; retry on map full.
+        ``records`` says how big the write is: a big one makes room in the map first (small ones look
+        every ROOM_CHECK_EVERY writes: the look costs about as much as a small write's own work)."""
         if self._readonly:
             raise StorageError("this ledger was opened readonly=True")
         st = self._st()
         with self._lock, st.lock:
-            self._make_room(st)
+            self._writes += 1
+            if records >= ROOM_CHECK_RECORDS or self._writes % ROOM_CHECK_EVERY == 1:
+                self._make_room(st)
             for _attempt in range(40):
                 txn = st.begin(write=True)
                 try:
@@ -434,7 +443,7 @@ class Ledger:
             if k:
                 self._append(txn, KIND_ACCOUNTS, out[:k])
 
-        self._write(run)
+        self._write(run, len(recs))
         return results
 
     def account(self, account_id: int) -> Account:
@@ -477,7 +486,7 @@ class Ledger:
             if k:
                 self._append_entry(txn, KIND_TRANSFERS, buf, k)
 
-        self._write(run)
+        self._write(run, len(recs))
         return results
 
     def _post_with(self, recs: np.ndarray, extra: Any) -> np.ndarray:
@@ -498,7 +507,7 @@ class Ledger:
                     self._append_entry(txn, KIND_TRANSFERS, buf, k)
             return extra(txn, results)
 
-        return self._write(run)
+        return self._write(run, n)
 
     def _entries_with(self, entries: Sequence[tuple[int, np.ndarray]], extra: Any) -> Any:
         """Journal several entries in one write transaction, in order: ``(KIND_ACCOUNTS, account
@@ -529,7 +538,7 @@ class Ledger:
                 results.append(res)
             return extra(txn, results)
 
-        return self._write(run)
+        return self._write(run, sum(len(r) for _, r in entries))
 
     def _ext_db(self) -> Any:
         """The named database extensions (the engine) keep their own keys in."""
