@@ -391,8 +391,9 @@ cdef class State:
                     if o[i].lo != 0 or o[i].hi != 0:
                         self._id_insert(o[i].lo, o[i].hi, o[i].fp)
 
-    cpdef reserve(self, Py_ssize_t accounts=0, Py_ssize_t transfers=0):
-        """Grow every table so that ``accounts`` more accounts and ``transfers`` more transfers fit."""
+    cpdef reserve(self, Py_ssize_t accounts=0, Py_ssize_t transfers=0, Py_ssize_t pending=-1):
+        """Grow every table so that ``accounts`` more accounts and ``transfers`` more transfers fit, of
+        which ``pending`` (all of them when -1) may be holds."""
         cdef Py_ssize_t need, cap
         need = self.n_accounts + accounts
         if need > self._slots.shape[0]:
@@ -412,7 +413,7 @@ cdef class State:
                 while cap < self.lots_in_use + transfers:
                     cap *= 2
                 self._alloc_lots(cap)
-            need = self.n_pending + transfers
+            need = self.n_pending + (transfers if pending < 0 else pending)
             if need > self._p_id_lo.shape[0]:
                 cap = self._p_id_lo.shape[0]
                 while cap < need:
@@ -507,7 +508,7 @@ cdef class State:
         cdef Py_ssize_t i, n = recs.shape[0]
         if not self.ids_enabled:
             return
-        self.reserve(0, n)
+        self.reserve(0, n, 0)
         with nogil:
             for i in range(n):
                 self._id_insert(recs[i].id_lo, recs[i].id_hi, recs[i].fp)
@@ -760,8 +761,13 @@ cdef class State:
             PyBuffer_Release(&bb)
 
     cdef object _apply(self, const TRec* batch, Py_ssize_t n, uint8_t* results, TRec* out, bint replay):
-        self.reserve(0, n)
-        cdef Py_ssize_t i, j, chain_start = 0, chain_out = 0, n_out = 0, chain_pending = 0
+        # room for the batch; hold tables only for the holds in it (an import posts none)
+        cdef Py_ssize_t holds = 0, i
+        for i in range(n):
+            if batch[i].flags & F_PENDING:
+                holds += 1
+        self.reserve(0, n, holds)
+        cdef Py_ssize_t j, chain_start = 0, chain_out = 0, n_out = 0, chain_pending = 0
         cdef Py_ssize_t failed_at = -1
         cdef bint in_chain = False, chain_failed = False
         cdef uint8_t r
