@@ -12,6 +12,7 @@ import time
 from collections import defaultdict
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -65,6 +66,30 @@ def lots_by_expiry(engine: Engine) -> dict[tuple[str, int], int]:
         for expires, remaining in engine.ledger.lots(points_account(idx)):
             out[(name, expires)] += remaining
     return dict(out)
+
+
+def import_failing_at_commit(eng: Engine, source: Any, commit: int, check: Any = None, **kw: Any) -> int:
+    """Import ``source`` with the ``commit``-th transaction failing (a disk error, say): one transaction
+    a chunk, its enrolments included. ``check(entries)`` looks at that transaction first. Returns the
+    transactions tried."""
+    real = eng.ledger._entries_with
+    calls = {"n": 0}
+
+    def failing(entries: Any, extra: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == commit:
+            if check is not None:
+                check(entries)
+            raise OSError("disk full")
+        return real(entries, extra)
+
+    eng.ledger._entries_with = failing
+    try:
+        with pytest.raises(OSError):
+            eng.import_sales(source, columns=MAP, chunk_rows=1_000, **kw)
+    finally:
+        eng.ledger._entries_with = real
+    return calls["n"]
 
 
 # -- the real data, in its real format --------------------------------------------------------------------
@@ -331,20 +356,7 @@ def test_a_stopped_import_needs_resume_and_then_finishes(tmp_path: Path) -> None
         clean = balances(eng)
     path = tmp_path / "club"
     with Engine.open(path, program=prog, sync="none") as eng:
-        calls = {"n": 0}
-        real = eng.ledger._entries_with
-
-        def failing(entries, extra):  # the third chunk's commit fails (a disk error, say)
-            calls["n"] += 1
-            if calls["n"] == 3:         # one transaction a chunk, its enrolments included
-                raise OSError("disk full")
-            return real(entries, extra)
-
-        eng.ledger._entries_with = failing
-        with pytest.raises(OSError):
-            eng.import_sales(src, columns=MAP, chunk_rows=1_000)
-        assert calls["n"] == 3
-        eng.ledger._entries_with = real
+        assert import_failing_at_commit(eng, src, 3) == 3
         members = eng.members            # without the ones the failed chunk would have enrolled
     with Engine.open(path, program=prog, sync="none") as eng:
         assert eng.members == members
@@ -367,20 +379,10 @@ def test_a_failed_chunk_leaves_neither_its_enrolments_nor_its_evaluation_behind(
         eng.import_sales(t, columns=MAP, chunk_rows=1_000, import_id="x")
         clean = balances(eng)
     with Engine.open(tmp_path / "club", program=prog, sync="none") as eng:
-        real = eng.ledger._entries_with
-        calls = {"n": 0}
+        def enrolls(entries: Any) -> None:
+            assert entries[0][1].dtype != entries[-1][1].dtype      # the chunk enrolls members
 
-        def failing(entries, extra):
-            calls["n"] += 1
-            if calls["n"] == 2:
-                assert entries[0][1].dtype != entries[-1][1].dtype      # the chunk enrolls members
-                raise OSError("disk full")
-            return real(entries, extra)
-
-        eng.ledger._entries_with = failing
-        with pytest.raises(OSError):
-            eng.import_sales(t, columns=MAP, chunk_rows=1_000, import_id="x")
-        eng.ledger._entries_with = real
+        import_failing_at_commit(eng, t, 2, enrolls, import_id="x")
         members, state = eng.members, eng._members[: eng.members].copy()
         hist = dict(eng._hist)
     with Engine.open(tmp_path / "club", program=prog, sync="none") as eng:
@@ -410,19 +412,7 @@ def test_resume_rebuilds_the_duplicate_refs_as_the_clean_run_had_them(tmp_path: 
         clean = eng.import_sales(src, columns=MAP, chunk_rows=1_000)
         clean_balances = balances(eng)
     with Engine.open(tmp_path / "club", program=prog, sync="none") as eng:
-        real = eng.ledger._entries_with
-        calls = {"n": 0}
-
-        def failing(entries, extra):
-            calls["n"] += 1
-            if calls["n"] == 3:
-                raise OSError("disk full")
-            return real(entries, extra)
-
-        eng.ledger._entries_with = failing
-        with pytest.raises(OSError):
-            eng.import_sales(src, columns=MAP, chunk_rows=1_000)
-        eng.ledger._entries_with = real
+        import_failing_at_commit(eng, src, 3)
     with Engine.open(tmp_path / "club", program=prog, sync="none") as eng:
         resumed = eng.import_sales(src, columns=MAP, chunk_rows=1_000, resume=True)
         assert resumed.resumed_from_row == 2_000
@@ -467,20 +457,10 @@ def test_a_chunk_of_many_journal_entries_commits_or_fails_whole(tmp_path: Path, 
         clean = balances(eng)
     monkeypatch.setattr(bulk, "ENTRY_TRANSFERS", 300)
     with Engine.open(tmp_path / "club", program=prog, sync="none") as eng:
-        real = eng.ledger._entries_with
-        calls = {"n": 0}
+        def many_parts(entries: Any) -> None:
+            assert sum(len(r) > 0 for _, r in entries) > 3          # accounts, bonuses and parts
 
-        def failing(entries, extra):
-            calls["n"] += 1
-            if calls["n"] == 2:
-                assert sum(len(r) > 0 for _, r in entries) > 3       # accounts, bonuses and parts
-                raise OSError("disk full")
-            return real(entries, extra)
-
-        eng.ledger._entries_with = failing
-        with pytest.raises(OSError):
-            eng.import_sales(t, columns=MAP, chunk_rows=1_000, import_id="x")
-        eng.ledger._entries_with = real
+        import_failing_at_commit(eng, t, 2, many_parts, import_id="x")
     with Engine.open(tmp_path / "club", program=prog, sync="none") as eng:
         eng.import_sales(t, columns=MAP, chunk_rows=1_000, import_id="x", resume=True)
         assert balances(eng) == clean
