@@ -48,3 +48,12 @@ def test_concurrent_blocks_restore_when_the_last_one_ends() -> None:
     release.set()
     t.join()
     assert _advice() is start
+
+
+def test_the_command_line_keeps_freed_memory_where_the_c_library_is_glibc() -> None:
+    import platform
+
+    took = _memory.keep_freed_memory()
+    assert isinstance(took, bool)
+    if platform.libc_ver()[0] == "glibc":
+        assert took

@@ -78,3 +78,24 @@ def small_pages() -> Iterator[None]:
             _advice_depth -= 1
             if _advice_depth == 0:
                 switch(_advice_saved)
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc's malloc to keep freed blocks of up to 1 GB for reuse instead of returning them to the
+    kernel (``M_MMAP_THRESHOLD``, ``M_TRIM_THRESHOLD``). A bulk import makes and drops arrays of tens
+    to hundreds of MB every chunk, and each fresh mapping is faulted in and zeroed page by page again:
+    a 2-million-row import ran 5-28% faster with this (two runs each way on a busy 2-core machine).
+    It changes the whole process's allocator and cannot be undone, so only the command line calls it,
+    for its own process; an application embedding the engine decides for itself. Returns whether the
+    setting took (False where the C library is not glibc)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(mallopt(m_mmap_threshold, 1 << 30)) and bool(mallopt(m_trim_threshold, 1 << 31))

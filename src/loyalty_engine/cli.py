@@ -178,10 +178,12 @@ def import_(ledger: Path, source: tuple[str, ...], program_path: Path, maps: tup
     """Import sales history from SOURCE (Parquet, CSV, Arrow IPC files, directories or globs) into the
     club at LEDGER. Bad rows are quarantined and counted; good rows import. Each chunk commits with a
     checkpoint: running it again posts nothing twice, and --resume continues a stopped import."""
+    from ._memory import keep_freed_memory
     from .engine import Engine
     from .program import Program
 
     prog = Program.from_toml(program_path)
+    keep_freed_memory()         # this process is the import's: its chunks reuse freed memory
     with Engine.open(ledger, program=prog, sync=sync) as engine:
         try:
             rep = engine.import_sales(list(source) if len(source) > 1 else source[0], columns=_mapping(maps),
