@@ -6,6 +6,7 @@ from __future__ import annotations
 import textwrap
 from datetime import date, timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -185,17 +186,25 @@ def test_toml_errors_name_the_file_and_line(tmp_path):
         when = "amount >= 4 * avg_baskit"
         effect = { credit_percent = 20 }
         """)
-    path = tmp_path / "program.toml"
+    _errors_name_the_line(tmp_path / "program.toml", text, Program.from_toml, 15,
+                          ("per = 1000", "per = 1000\nmultiplyer = 2"), 7, "name = ", "TOML")
+
+
+def _errors_name_the_line(path: Path, text: str, load: Any, misspelt_line: int, add_unknown: tuple[str, str],
+                          unknown_line: int, broken: str, fmt: str) -> None:
+    """A program file's mistakes are named with the file and line: ``text`` misspells the variable
+    avg_basket on ``misspelt_line``; ``add_unknown`` adds an unknown field on ``unknown_line``; ``broken``
+    is not the format at all."""
     path.write_text(text)
     with pytest.raises(ConfigError) as e:
-        Program.from_toml(path)
-    assert f"{path}, line 15" in str(e.value) and "avg_baskit" in str(e.value)
-    path.write_text(text.replace("per = 1000", "per = 1000\nmultiplyer = 2"))
-    with pytest.raises(ConfigError, match=r"line 7: field 'earn.multiplyer': unknown field"):
-        Program.from_toml(path)
-    path.write_text("name = ")
-    with pytest.raises(ConfigError, match="not valid TOML"):
-        Program.from_toml(path)
+        load(path)
+    assert f"{path}, line {misspelt_line}" in str(e.value) and "avg_baskit" in str(e.value)
+    path.write_text(text.replace(*add_unknown))
+    with pytest.raises(ConfigError, match=rf"line {unknown_line}: field 'earn.multiplyer': unknown field"):
+        load(path)
+    path.write_text(broken)
+    with pytest.raises(ConfigError, match=f"not valid {fmt}"):
+        load(path)
 
 
 def test_yaml_programs_read_like_toml_and_errors_name_the_line(tmp_path):
@@ -217,16 +226,8 @@ def test_yaml_programs_read_like_toml_and_errors_name_the_line(tmp_path):
             effect: {credit_percent: 20}
         """)
     path = tmp_path / "program.yaml"
-    path.write_text(text)
-    with pytest.raises(ConfigError) as e:
-        Program.from_yaml(path)
-    assert f"{path}, line 11" in str(e.value) and "avg_baskit" in str(e.value)
-    path.write_text(text.replace("  per: 1000", "  per: 1000\n  multiplyer: 2"))
-    with pytest.raises(ConfigError, match=r"line 6: field 'earn.multiplyer': unknown field"):
-        Program.from_yaml(path)
-    path.write_text("name: [")
-    with pytest.raises(ConfigError, match="not valid YAML"):
-        Program.from_yaml(path)
+    _errors_name_the_line(path, text, Program.from_yaml, 11,
+                          ("  per: 1000", "  per: 1000\n  multiplyer: 2"), 6, "name: [", "YAML")
     with pytest.raises(ConfigError, match="cannot read the program file"):
         Program.from_yaml(tmp_path / "missing.yaml")
     # where YAML 1.1 would surprise: a key twice, another base, aliases

@@ -912,7 +912,7 @@ class _Importer:
             sy["category"] if has_items else None, sy["sku"] if has_items else None,
             into=eng._batch_buffer("rows", k, ROW, zero=True))
         eng._refresh_points(involved if enrolling is None else involved[involved < enrolling[0]])
-        o = eng._evaluate(rows, icat, isku, iamt, facts=False, reuse=True)   # valid until the next chunk
+        o = eng._evaluate(rows, icat, isku, iamt, reuse=True)   # valid until the next chunk
         return o, o["status"].astype(np.int32), local["day"]
 
     def _symbols(self, ch: _Chunk, f: str, table: dict[str, int]) -> np.ndarray:

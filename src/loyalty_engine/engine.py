@@ -59,6 +59,7 @@ _NO_I32 = np.zeros(0, np.int32)
 _ACCOUNT_READY = (int(AccountResult.OK), int(AccountResult.EXISTS))
 _NO_I64 = np.zeros(0, np.int64)
 _SEG0 = np.zeros(1, np.int64)         # one purchase is one segment
+_NO_FACTS = np.zeros((0, N_FACTS), np.int64)   # batches record no facts
 
 
 def _event_json(kind: str, member: str, at_us: int, data: dict[str, Any]) -> bytes:
@@ -272,22 +273,22 @@ def _checked_ref(ref: Any, what: str = "ref") -> str:
     return ref
 
 
-def _checked_amount(v: Any, what: str, zero: bool = False) -> int:
+def _checked_whole(v: Any, what: str, noun: str, zero: bool, bits: int) -> int:
+    """``v`` as an int in [0 or 1, 2**bits); a ValidationError names ``what`` and the value otherwise."""
     if isinstance(v, bool) or not isinstance(v, int | np.integer):
-        raise ValidationError(f"{what} must be an integer in the currency's minor unit, not {type(v).__name__} {v!r}")
+        raise ValidationError(f"{what} must be {noun}, not {type(v).__name__} {v!r}")
     v = int(v)
-    if v < 0 or (v == 0 and not zero) or v >= 1 << 53:
-        raise ValidationError(f"{what} must be {'>= 0' if zero else '> 0'} and below 2**53, not {v}")
+    if v < 0 or (v == 0 and not zero) or v >= 1 << bits:
+        raise ValidationError(f"{what} must be {'>= 0' if zero else '> 0'} and below 2**{bits}, not {v}")
     return v
+
+
+def _checked_amount(v: Any, what: str, zero: bool = False) -> int:
+    return _checked_whole(v, what, "an integer in the currency's minor unit", zero, 53)
 
 
 def _checked_quantity(v: Any, what: str) -> int:
-    if isinstance(v, bool) or not isinstance(v, int | np.integer):
-        raise ValidationError(f"{what} must be a whole number of pieces, not {type(v).__name__} {v!r}")
-    v = int(v)
-    if not 0 <= v < 1 << 31:
-        raise ValidationError(f"{what} must be >= 0 and below 2**31, not {v}")
-    return v
+    return _checked_whole(v, what, "a whole number of pieces", True, 31)
 
 
 class Engine:
@@ -522,6 +523,15 @@ class Engine:
 
     def _day_of(self, at_us: int) -> int:
         return self._local_one(at_us)[0]
+
+    def _expiry_one(self, at_us: int, day: int) -> int:
+        """:meth:`_expiry` of one earning (without arrays for the kinds that need no calendar)."""
+        p = self.program
+        if p.expiry == "never":
+            return 0
+        if p.expiry == "days":
+            return at_us + p.expiry_days * DAY_US
+        return int(self._expiry(np.array([at_us], np.int64), np.array([day], np.int64))[0])
 
     def _expiry(self, at_us: np.ndarray, day: np.ndarray) -> np.ndarray:
         """When points earned at ``at_us`` expire (0 = never)."""
@@ -794,24 +804,16 @@ class Engine:
         return out[0], fx[0]
 
     def _evaluate(self, rows: np.ndarray, cat: np.ndarray, sku: np.ndarray, amt: np.ndarray,
-                  facts: bool, reuse: bool = False) -> Any:
-        """Run the kernel over rows in time order; updates the members' state and histories. With
-        ``reuse`` the results live in the engine's batch buffer (valid until the next such call: the
-        import's chunks reuse their memory instead of faulting in fresh pages every chunk)."""
-        if len(rows) == 1:
-            seg_members, seg_of = rows["member"], np.zeros(1, np.int64)
-        else:
-            seg_members, seg_of = _small_unique(rows["member"], len(self._member_names))
-        get = self._hist.get
+                  reuse: bool = False) -> np.ndarray:
+        """Run the kernel over a batch of rows in time order (one purchase: :meth:`_evaluate_one`);
+        updates the members' state and histories. With ``reuse`` the results live in the engine's batch
+        buffer (valid until the next such call: the import's chunks reuse their memory instead of
+        faulting in fresh pages every chunk)."""
+        seg_members, seg_of = _small_unique(rows["member"], len(self._member_names))
         isz = HEV.itemsize
-        if len(rows) == 1:          # one purchase: no gathering
-            h = get(int(seg_members[0]), b"")
-            hist_off = np.array([0, len(h) // isz], np.int64)
-            hist = np.frombuffer(h, HEV)
-        else:
-            hist_off = np.zeros(len(seg_members) + 1, np.int64)
-            hist = np.frombuffer(_bulk.gather_bytes(self._hist, seg_members, hist_off), HEV)
-            hist_off //= isz
+        hist_off = np.zeros(len(seg_members) + 1, np.int64)
+        hist = np.frombuffer(_bulk.gather_bytes(self._hist, seg_members, hist_off), HEV)
+        hist_off //= isz
         if reuse:       # (the kernel writes every row of out and every event it keeps before reading it)
             out_hist = self._batch_buffer("out_hist", len(hist) + len(rows), HEV)
             out = self._batch_buffer("out", len(rows), OUT)
@@ -819,15 +821,10 @@ class Engine:
             out_hist = np.zeros(len(hist) + len(rows), HEV)
             out = np.zeros(len(rows), OUT)
         out_off = np.zeros(len(hist_off), np.int64)
-        fx = np.zeros((len(rows) if facts else 0, N_FACTS), np.int64)
         self._kernel.run(rows, seg_of.astype(np.int64), cat, sku, amt, self._members, hist_off, hist, out_off,
-                         out_hist, self._offer_use, self._budget, out, fx)
-        hd = self._hist
-        if len(rows) == 1:
-            hd[int(seg_members[0])] = out_hist[int(out_off[0]): int(out_off[1])].tobytes()
-            return (out, fx) if facts else out
-        _bulk.scatter_bytes(hd, seg_members, out_off * isz, out_hist.view(np.uint8))
-        return (out, fx) if facts else out
+                         out_hist, self._offer_use, self._budget, out, _NO_FACTS)
+        _bulk.scatter_bytes(self._hist, seg_members, out_off * isz, out_hist.view(np.uint8))
+        return out
 
     def _batch_buffer(self, name: str, n: int, dtype: np.dtype[Any], zero: bool = False) -> np.ndarray:
         """``n`` items of the engine's reusable batch buffer ``name`` (grown by a quarter when short)."""
@@ -908,13 +905,7 @@ class Engine:
                 self._hist[k] = h
 
     def _purchase_transfers(self, ref: str, idx: int, o: Any, at_us: int, day: int) -> np.ndarray:
-        expiry = self.program.expiry
-        if expiry == "never":
-            exp = 0
-        elif expiry == "days":
-            exp = at_us + self.program.expiry_days * DAY_US
-        else:
-            exp = int(self._expiry(np.array([at_us], np.int64), np.array([day], np.int64))[0])
+        exp = self._expiry_one(at_us, day)
         parts = [(points_account(idx), REDEEMED_POINTS, int(o["redeemed"]), POINTS, Code.REDEEM),
                  (ISSUE_POINTS, points_account(idx), int(o["points"]), POINTS, Code.EARN),
                  (ISSUE_CREDIT, credit_account(idx), int(o["credit"]), CREDIT, Code.CREDIT)]
@@ -1048,7 +1039,7 @@ class Engine:
                 self._refresh_points(np.unique(np.concatenate([idx[chunk], self._members["referrer"][idx[chunk]]])))
                 saved_all = (self._members.copy(), self._offer_use.copy(), self._budget.copy(), dict(self._hist))
                 try:
-                    o = self._evaluate(rows, icat, isku, iamt, facts=False)
+                    o = self._evaluate(rows, icat, isku, iamt)
                     ok = o["status"] == 0
                     recs = self._batch_transfers([refs[i] for i in chunk], chunk, idx, o, at, lf["day"])
                     okrows = np.flatnonzero(ok)
