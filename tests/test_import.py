@@ -471,6 +471,7 @@ CHILD = """
 import sys
 from loyalty_engine.engine import Engine
 from loyalty_engine.program import Program
+print("READY", flush=True)
 with Engine.open(sys.argv[1], program=Program.from_toml(sys.argv[2]), sync="none") as eng:
     rep = eng.import_sales(sys.argv[3], columns={cols!r}, chunk_rows=1_000, resume=True,
                            quarantine=sys.argv[4], progress=False)
@@ -496,16 +497,26 @@ def test_sigkill_at_random_moments_then_resume_gives_the_clean_ledger(tmp_path: 
     rng = np.random.default_rng(int(os.environ.get("IMPORT_KILL_SEED", "5")))
     kills = 0
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    # the kill moments are fractions of how long a whole run of the child takes on this machine, so
-    # they land inside the import however fast or slow the machine is
-    t = time.monotonic()
-    subprocess.run([sys.executable, "-c", script, str(tmp_path / "timed"), str(CLUB), str(src),
-                    str(tmp_path / "timed_q.parquet")], capture_output=True, env=env, check=True)
-    whole = time.monotonic() - t
-    for _ in range(12):
-        p = subprocess.Popen([sys.executable, "-c", script, str(path), str(CLUB), str(src), str(q)],
+    # the kill moments are fractions of how long the import itself takes in a whole run of the child on this
+    # machine (timed from the child's READY, so the interpreter's start and a cold first compile of the
+    # modules are not counted), so they land inside the import however fast or slow the machine is
+    def child() -> subprocess.Popen:
+        c = subprocess.Popen([sys.executable, "-c", script, str(path), str(CLUB), str(src), str(q)],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-        time.sleep(float(rng.uniform(0.35, 0.9)) * whole)
+        assert c.stdout is not None and c.stdout.readline().startswith(b"READY"), c.communicate()[1]
+        return c
+
+    timed = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "timed"), str(CLUB), str(src),
+                              str(tmp_path / "timed_q.parquet")], stdout=subprocess.PIPE, env=env)
+    assert timed.stdout is not None and timed.stdout.readline().startswith(b"READY")
+    t = time.monotonic()
+    rest, _ = timed.communicate()
+    assert b"DONE" in rest and timed.returncode == 0
+    whole = time.monotonic() - t
+    for i in range(12):
+        p = child()
+        # the first kill comes early in the import, so that one lands even if the timed run was slow
+        time.sleep(float(rng.uniform(0.05, 0.4) if i == 0 else rng.uniform(0.2, 0.9)) * whole)
         if p.poll() is None:
             p.send_signal(signal.SIGKILL)
             kills += 1
