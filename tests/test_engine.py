@@ -739,3 +739,62 @@ def test_an_interrupt_after_a_commit_keeps_its_events(tmp_path, monkeypatch):
         after = [(e.seq, e.kind, e.data.get("ref")) for e in eng.events()]
         assert after[: len(before)] == before
         assert [s for s, _, _ in after] == list(range(1, len(after) + 1))
+
+
+def test_purchases_after_the_member_table_grew_see_the_new_state(tmp_path):
+    """One purchase at a time binds the state's arrays to the kernel; enrolling thousands replaces them,
+    and the next purchase must use (and update) the new ones, as if everyone had been there from the start."""
+    prog = Program.from_dict(CLUB)
+    names = [f"n{i}" for i in range(3_000)]
+    plays = [("anna", 900_000, "a1"), ("anna", 2_500_000, "a2"), (names[-1], 400_000, "b1"),
+             (names[0], 50_000, "c1"), ("anna", 300_000, "a3")]
+    with Engine.open(tmp_path / "grown", program=prog, sync="none") as grown, \
+            Engine.open(tmp_path / "first", program=prog, sync="none") as first:
+        for e in (grown, first):
+            e.enroll("anna", at=T0 - timedelta(days=30))
+        first.enroll_batch(names, at=T0 - timedelta(days=20))
+        got = [grown.purchase(plays[0][0], amount=plays[0][1], at=T0, ref=plays[0][2])]
+        grown.enroll_batch(names, at=T0 - timedelta(days=20))  # the member table is replaced
+        got += [grown.purchase(m, amount=a, at=T0 + timedelta(days=k + 1), ref=r)
+                for k, (m, a, r) in enumerate(plays[1:])]
+        want = [first.purchase(m, amount=a, at=T0 + timedelta(days=k), ref=r) for k, (m, a, r) in enumerate(plays)]
+        assert got == want
+        assert got[1].tier_after == "gold" and got[2].points_earned > 0       # the second purchase lifted anna
+        for m in ("anna", names[0], names[-1]):
+            a, b = grown.member(m), first.member(m)
+            assert (a.points, a.credit, a.tier, a.purchases, a.figures) == (b.points, b.credit, b.tier, b.purchases,
+                                                                            b.figures)
+
+
+def test_a_receipt_is_read_only_and_equals_its_stored_copy(club):
+    r = club.purchase("anna", amount=3_000_000, at=T0, ref="x1", items=[Item(category="cosmetics", amount=3_000_000)])
+    s = club.receipt("x1")
+    assert r == s and hash(r) == hash(s) and r is not s
+    assert (r.at, r.facts, r.rules, r.offers, r.tier_before, r.tier_after) == (s.at, s.facts, s.rules, s.offers,
+                                                                                s.tier_before, s.tier_after)
+    assert r.at == T0 and r.at.tzinfo is not None and r.rules == ("cosmetics x2",) and r.tier_after == "gold"
+    assert r.facts["amount"] == 3_000_000 and r.points_earned == r.base_points + r.rule_points + r.bonus_points
+    with pytest.raises(AttributeError):
+        r.points_earned = 1
+    assert "points_earned=" in repr(r) and "facts" not in repr(r)
+    q = club.quote("anna", amount=3_000_000, at=T0, ref="x1", items=[Item(category="cosmetics", amount=3_000_000)])
+    assert not q.committed and q != r            # a quote is not the committed receipt (and saw another history)
+    assert r != "x1"
+
+
+def test_transfers_packed_as_bytes_are_the_records_they_name():
+    from loyalty_engine.engine import _RECORD, ISSUE_POINTS, _ref_id
+    from loyalty_engine.types import RECORD_DTYPE, TransferFlags
+
+    assert _RECORD.size == RECORD_DTYPE.itemsize
+    e = Engine.__new__(Engine)
+    recs = e._transfers([(ISSUE_POINTS, 77, 5, POINTS, 7), (3, 4, 0, POINTS, 8), (ISSUE_POINTS, 78, 9, CREDIT, 9),
+                         (79, 2, 11, POINTS, 10)], "ref-1", 123, 456)
+    assert len(recs) == 3                                   # the zero amount is left out
+    assert [(int(r["id_lo"]), int(r["id_hi"])) for r in recs] == [_ref_id("ref-1", k) for k in (1, 2, 3)]
+    assert recs["debit"].tolist() == [ISSUE_POINTS, ISSUE_POINTS, 79]
+    assert recs["credit"].tolist() == [77, 78, 2] and recs["amount"].tolist() == [5, 9, 11]
+    assert recs["asset"].tolist() == [POINTS, CREDIT, POINTS] and recs["code"].tolist() == [7, 9, 10]
+    assert recs["at"].tolist() == [123] * 3 and recs["expires_at"].tolist() == [456, 0, 0]  # earned points only
+    assert recs["flags"].tolist() == [TransferFlags.LINKED, TransferFlags.LINKED, 0]
+    assert recs[["related_lo", "related_hi", "user_data", "timeout", "fp"]].tolist() == [(0,) * 5] * 3

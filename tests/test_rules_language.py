@@ -494,3 +494,62 @@ def test_the_kernel_binds_checked_private_copies_of_a_program():
     bad["referrer"] = 5
     with pytest.raises(ValueError, match="referrer 5 is beyond the state"):
         run(kernel, bad)
+
+
+def test_run_bound_evaluates_the_bound_buffers_as_run_does():
+    """One purchase at a time binds its buffers once; run_bound over them gives what run gives, checks the
+    same things, and refuses counts beyond what was bound."""
+    from loyalty_engine.bench.rules_workload import make_rows, program
+
+    prog = program()
+    data = make_rows(prog, 400, 3, seed=5)
+    noff = max(len(prog.offers), 1)
+
+    def state() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        members = np.zeros(3, _core.MSTATE_DTYPE)
+        members["tier"], members["last_day"], members["earn_day"], members["referrer"] = 1, -1, -1, -1
+        members["review_day"] = 1 << 30
+        return members, np.zeros((3, noff, 3), np.int64), np.zeros(noff, np.int64)
+
+    k_run, k_bound = _bound(prog), _bound(prog)
+    ma, ua, ba = state()
+    mb, ub, bb = state()
+    hist_a = {m: np.zeros(0, _core.HEV_DTYPE) for m in range(3)}
+    hist_b = {m: np.zeros(0, _core.HEV_DTYPE) for m in range(3)}
+    rows_b, cat_b, sku_b, amt_b = (np.zeros(1, _core.ROW_DTYPE), np.zeros(4, np.int32), np.zeros(4, np.int32),
+                                   np.zeros(4, np.int64))
+    hist_in, out_hist = np.zeros(600, _core.HEV_DTYPE), np.zeros(600, _core.HEV_DTYPE)
+    off_b, out_b, fx_b = np.zeros(2, np.int64), np.zeros(1, _core.OUT_DTYPE), np.zeros((1, N), np.int64)
+    with pytest.raises(ValueError, match="needs bind"):
+        k_bound.run_bound(1, 0, 0)
+    k_bound.bind(rows_b, cat_b, sku_b, amt_b, mb, np.zeros(2, np.int64), hist_in, off_b, out_hist, ub, bb, out_b,
+                 fx_b)
+    assert k_bound.bound[4] is mb
+    for i in range(len(data["rows"])):
+        row = data["rows"][i: i + 1].copy()
+        m = int(row["member"][0])
+        items = slice(int(row["item_start"][0]), int(row["item_end"][0]))
+        row["item_start"], row["item_end"] = 0, items.stop - items.start
+        out, fx, off = np.zeros(1, _core.OUT_DTYPE), np.zeros((1, N), np.int64), np.zeros(2, np.int64)
+        oh = np.zeros(len(hist_a[m]) + 1, _core.HEV_DTYPE)
+        k_run.run(row, np.zeros(1, np.int64), data["cat"][items], data["sku"][items], data["amount"][items], ma,
+                  np.array([0, len(hist_a[m])], np.int64), hist_a[m], off, oh, ua, ba, out, fx)
+        hist_a[m] = oh[off[0]: off[1]].copy()
+        n_items = items.stop - items.start
+        rows_b[:] = row
+        cat_b[:n_items], sku_b[:n_items], amt_b[:n_items] = (data["cat"][items], data["sku"][items],
+                                                             data["amount"][items])
+        hist_in[: len(hist_b[m])] = hist_b[m]
+        k_bound.run_bound(1, n_items, len(hist_b[m]))
+        hist_b[m] = out_hist[off_b[0]: off_b[1]].copy()
+        assert out_b.tobytes() == out.tobytes() and fx_b.tobytes() == fx.tobytes(), i
+        assert hist_b[m].tobytes() == hist_a[m].tobytes()
+    assert ma.tobytes() == mb.tobytes() and ua.tobytes() == ub.tobytes() and ba.tobytes() == bb.tobytes()
+    assert int(ma["purchases"].sum()) == len(data["rows"])
+    with pytest.raises(ValueError, match="exceed the bound buffers"):
+        k_bound.run_bound(1, 5, 0)                          # 4 items were bound
+    with pytest.raises(ValueError, match="exceed the bound buffers"):
+        k_bound.run_bound(2, 0, 0)                          # one row was bound
+    rows_b["member"] = 3                                    # the same checks as run: a member beyond the state
+    with pytest.raises(ValueError, match="names member 3, beyond the state"):
+        k_bound.run_bound(1, 0, 0)

@@ -53,6 +53,12 @@ class Kernel:
             item_sku: npt.NDArray[np.int32], item_amount: _I64, members: npt.NDArray[Any], hist_off: _I64,
             hist: npt.NDArray[Any], out_off: _I64, out_hist: npt.NDArray[Any], offer_use: npt.NDArray[np.int64],
             budget_used: _I64, out: npt.NDArray[Any], facts_out: _I64) -> int: ...
+    bound: tuple[npt.NDArray[Any], ...] | None
+    def bind(self, rows: npt.NDArray[Any], item_cat: npt.NDArray[np.int32], item_sku: npt.NDArray[np.int32],
+             item_amount: _I64, members: npt.NDArray[Any], hist_off: _I64, hist: npt.NDArray[Any], out_off: _I64,
+             out_hist: npt.NDArray[Any], offer_use: npt.NDArray[np.int64], budget_used: _I64, out: npt.NDArray[Any],
+             facts_out: _I64) -> None: ...
+    def run_bound(self, n_rows: int, n_items: int, n_hist: int) -> int: ...
 
 class State:
     n_accounts: int

@@ -1195,6 +1195,10 @@ cdef class State:
 # Index runs: (account, locator) pairs sorted by account then locator; locator = seq << 24 | position.
 # A stored run is one buffer: n (u64), n accounts, n locators (little-endian u64).
 
+#: Pairs up to which _radix_pairs sorts by insertion instead.
+DEF RADIX_MIN = 32
+
+
 cdef uint64_t* _radix_pairs(uint64_t* k, uint64_t* v, uint64_t* k2, uint64_t* v2,
                             Py_ssize_t n) noexcept nogil:
     """Stable LSD radix sort of (k, v) pairs by k, ping-ponging with (k2, v2); bytes where every key
@@ -1202,9 +1206,22 @@ cdef uint64_t* _radix_pairs(uint64_t* k, uint64_t* v, uint64_t* k2, uint64_t* v2
     result; its values are in the matching value buffer."""
     cdef Py_ssize_t counts[8][256]
     cdef Py_ssize_t i, d, pos, c
-    cdef uint64_t x
+    cdef uint64_t x, y
     cdef uint64_t* tk
     cdef uint64_t* tv
+    if n <= RADIX_MIN:
+        # a few pairs (one purchase's entry): a stable insertion sort in place, without the 16 KB of counts
+        for i in range(1, n):
+            x = k[i]
+            y = v[i]
+            pos = i
+            while pos > 0 and k[pos - 1] > x:
+                k[pos] = k[pos - 1]
+                v[pos] = v[pos - 1]
+                pos -= 1
+            k[pos] = x
+            v[pos] = y
+        return k
     for d in range(8):
         for i in range(256):
             counts[d][i] = 0
@@ -1863,6 +1880,16 @@ cdef class Kernel:
     cdef const int64_t[:, ::1] offers
     cdef const int64_t[:, ::1] tiers
     cdef const int64_t[::1] params
+    # the buffers of run_bound (one purchase at a time), bound by bind()
+    cdef RowIn[::1] b_rows
+    cdef int32_t[::1] b_cat, b_sku
+    cdef int64_t[::1] b_amt, b_hist_off, b_out_off, b_budget, b_seg
+    cdef MState[::1] b_members
+    cdef HEv[::1] b_hist, b_out_hist
+    cdef int64_t[:, :, ::1] b_use
+    cdef RowOut[::1] b_out
+    cdef int64_t[:, ::1] b_facts
+    cdef public object bound
 
     def __init__(self, code, pool, conds, rules, offers, tiers, params):
         # private, read-only copies: a caller changing its arrays later cannot get past the checks
@@ -1910,6 +1937,42 @@ cdef class Kernel:
         len(rows) events). ``facts_out`` is (len(rows), N_FACTS) to record every row's facts (for
         explanations) or (0, N_FACTS). Returns the number of segments.
         """
+        return self._run(rows, seg_of, item_cat, item_sku, item_amount, members, hist_off, hist, out_off, out_hist,
+                         offer_use, budget_used, out, facts_out)
+
+    def bind(self, rows, item_cat, item_sku, item_amount, members, hist_off, hist, out_off, out_hist, offer_use,
+             budget_used, out, facts_out):
+        """Bind the buffers :meth:`run_bound` evaluates (as :meth:`run`'s arguments, one segment; the
+        arrays are acquired here once, not at every call). ``bound`` keeps them, so a caller can tell
+        when its arrays were replaced and bind again."""
+        self.b_rows, self.b_cat, self.b_sku, self.b_amt = rows, item_cat, item_sku, item_amount
+        self.b_members, self.b_hist_off, self.b_hist, self.b_out_off = members, hist_off, hist, out_off
+        self.b_out_hist, self.b_use, self.b_budget, self.b_out, self.b_facts = (out_hist, offer_use, budget_used,
+                                                                                out, facts_out)
+        self.b_seg = np.zeros(len(rows), np.int64)     # one segment: the rows are one member's
+        self.bound = (rows, item_cat, item_sku, item_amount, members, hist_off, hist, out_off, out_hist, offer_use,
+                      budget_used, out, facts_out)
+
+    def run_bound(self, Py_ssize_t n_rows, Py_ssize_t n_items, Py_ssize_t n_hist):
+        """:meth:`run` over the first ``n_rows`` rows (all one member's), ``n_items`` items and ``n_hist``
+        history events of the bound buffers (the same checks are made)."""
+        if self.bound is None:
+            raise ValueError("run_bound needs bind() first")
+        if not (0 <= n_rows <= self.b_rows.shape[0] and 0 <= n_items <= self.b_amt.shape[0]
+                and 0 <= n_hist <= self.b_hist.shape[0] and self.b_hist_off.shape[0] >= 2
+                and self.b_seg.shape[0] >= n_rows):
+            raise ValueError("run_bound: %d rows, %d items or %d events exceed the bound buffers"
+                             % (n_rows, n_items, n_hist))
+        self.b_hist_off[0] = 0
+        self.b_hist_off[1] = n_hist
+        return self._run(self.b_rows[:n_rows], self.b_seg[:n_rows], self.b_cat[:n_items], self.b_sku[:n_items],
+                         self.b_amt[:n_items], self.b_members, self.b_hist_off[:2], self.b_hist[:n_hist],
+                         self.b_out_off, self.b_out_hist, self.b_use, self.b_budget, self.b_out, self.b_facts)
+
+    cdef object _run(self, const RowIn[::1] rows, const int64_t[::1] seg_of, const int32_t[::1] item_cat,
+                     const int32_t[::1] item_sku, const int64_t[::1] item_amount, MState[::1] members,
+                     const int64_t[::1] hist_off, const HEv[::1] hist, int64_t[::1] out_off, HEv[::1] out_hist,
+                     int64_t[:, :, ::1] offer_use, int64_t[::1] budget_used, RowOut[::1] out, int64_t[:, ::1] facts_out):
         cdef Py_ssize_t n = rows.shape[0], noff = self.offers.shape[0]
         cdef Py_ssize_t i, j, s
         cdef int64_t mt
