@@ -255,7 +255,9 @@ def test_capacity_check_replays_the_compressed_peak_hour(bench_run: Any, tmp_pat
     flat, paced = chk["flat_out"], chk["paced"]
     assert flat["purchases"] >= 200 and flat["measured_per_s"] > 0 and flat["measured_disk_per_purchase"] > 0
     assert flat["error"] == pytest.approx(flat["measured_per_s"] / flat["predicted_per_s"] - 1)
-    assert paced["purchases"] == 240                   # 12% of 2,000, the busiest hour
+    # the busiest hour (12% of 2,000) or as much of it as fits in half the 2 seconds at the paced rate (a
+    # machine that measured itself slow, e.g. while busy, paces fewer)
+    assert paced["purchases"] == int(min(240, paced["rate_per_s"] * 2 / 2)) > 0
     # compressed to arrive at 80% of the predicted durable rate
     assert paced["rate_per_s"] == pytest.approx(0.8 * flat["predicted_per_s"])
     assert paced["predicted_busy_share"] == pytest.approx(0.8) and paced["predicted_keeps_up"]
