@@ -657,13 +657,16 @@ def test_enrolment_survives_the_map_growing_inside_its_transaction(tmp_path):
 
 def test_a_retried_commit_numbers_the_outbox_without_gaps(tmp_path, monkeypatch):
     """A write whose transaction is retried (LMDB's map was full) or fails gives back the event numbers
-    its attempt took: the outbox stays numbered 1, 2, 3, ..."""
+    its attempt took: the outbox stays numbered 1, 2, 3, ...; and a purchase evaluated again in the retried
+    transaction starts from the member's state before the first attempt (it counts once)."""
     import lmdb
 
     prog = Program.from_dict(CLUB)
-    with Engine.open(tmp_path / "club", program=prog, sync="none") as eng:
-        eng.enroll("a", at=T0)
-        original = eng._commit_rows
+    with Engine.open(tmp_path / "club", program=prog, sync="none") as eng, \
+            Engine.open(tmp_path / "clean", program=prog, sync="none") as clean:
+        for e in (eng, clean):
+            e.enroll("a", at=T0)
+        original = eng._row_events
         calls = {"n": 0}
 
         def full_once(txn, *args, **kwargs):
@@ -672,16 +675,21 @@ def test_a_retried_commit_numbers_the_outbox_without_gaps(tmp_path, monkeypatch)
             if calls["n"] == 1:
                 raise lmdb.MapFullError("the map is full (test)")
 
-        monkeypatch.setattr(eng, "_commit_rows", full_once)
+        monkeypatch.setattr(eng, "_row_events", full_once)
         eng.purchase("a", amount=300_000, at=T0 + timedelta(hours=1), ref="p1")
         assert calls["n"] == 2                      # the ledger grew the map and retried
-        monkeypatch.setattr(eng, "_commit_rows", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+        monkeypatch.setattr(eng, "_row_events", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
         with pytest.raises(RuntimeError):
             eng.purchase("a", amount=300_000, at=T0 + timedelta(hours=2), ref="p2")
-        monkeypatch.setattr(eng, "_commit_rows", original)
+        monkeypatch.setattr(eng, "_row_events", original)
         eng.purchase("a", amount=300_000, at=T0 + timedelta(hours=3), ref="p3")
         seqs = [e.seq for e in eng.events()]
         assert seqs == list(range(1, len(seqs) + 1)) and len(seqs) >= 3
+        for ref, h in (("p1", 1), ("p3", 3)):
+            clean.purchase("a", amount=300_000, at=T0 + timedelta(hours=h), ref=ref)
+        a, b = eng.member("a"), clean.member("a")
+        assert (a.points, a.purchases, a.figures) == (b.points, b.purchases, b.figures) and a.purchases == 2
+        assert eng.receipt("p3") == clean.receipt("p3")
 
 
 @pytest.mark.parametrize(("quantity", "message"), [(2.5, "items\\[0\\].quantity must be a whole number.*2.5"),

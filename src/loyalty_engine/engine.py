@@ -104,6 +104,7 @@ _O_BONUS = OUT_NAMES.index("bonus_points")
 _O_EVENT = OUT_NAMES.index("event_points")
 _O_CAPPED = OUT_NAMES.index("capped")
 _O_REFERRER_POINTS = OUT_NAMES.index("referrer_points")
+_O_REFERRER = OUT_NAMES.index("referrer")
 _O_CREDIT = OUT_NAMES.index("credit")
 _O_DISCOUNT = OUT_NAMES.index("discount")
 _O_REDEEMED = OUT_NAMES.index("redeemed")
@@ -303,6 +304,8 @@ class Event:
     data: dict[str, Any]
 
 
+#: A receipt's fields before its results and facts (RECEIPT_DTYPE; a test checks the two agree).
+_RECEIPT_HEAD = struct.Struct("<8q")
 #: One RECORD_DTYPE record as struct fields (a test checks the two agree).
 _RECORD = struct.Struct("<QQQQqQQQqqqQIHH")
 
@@ -867,10 +870,10 @@ class Engine:
         return one
 
     def _evaluate_one(self, idx: int, row: tuple[int, ...], cat: list[int], sku: list[int],
-                      amt: list[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """Run the kernel over one purchase row of member ``idx``: its results and facts as plain ints;
-        updates the member's state and history. The kernel's buffers are bound once (an array acquired
-        per call costs more than the row's evaluation)."""
+                      amt: list[int]) -> tuple[tuple[int, ...], tuple[int, ...], bytes]:
+        """Run the kernel over one purchase row of member ``idx``: its results and facts as plain ints,
+        and their bytes (a receipt's after its head); updates the member's state and history. The kernel's
+        buffers are bound once (an array acquired per call costs more than the row's evaluation)."""
         h = self._hist.get(idx, b"")
         events, items = len(h) // HEV.itemsize, len(amt)
         one, bound = self._one, self._kernel.bound
@@ -885,7 +888,8 @@ class Engine:
         self._kernel.run_bound(1, items, events)
         lo, hi = one["out_off"].tolist()
         self._hist[idx] = one["out_hist"][lo: hi].tobytes()
-        return one["out"][0].item(), tuple(one["facts"][0].tolist())
+        out, facts = one["out"], one["facts"]
+        return out[0].item(), tuple(facts[0].tolist()), out.tobytes() + facts.tobytes()
 
     def _evaluate(self, rows: np.ndarray, cat: np.ndarray, sku: np.ndarray, amt: np.ndarray,
                   reuse: bool = False) -> np.ndarray:
@@ -932,45 +936,88 @@ class Engine:
                 raise ValidationError(f"{name} must be a string, not {v!r}")
         with self._lock:
             idx = self._idx(member)
-            if commit:
-                old = self._receipt(ref)
-                if old is not None:
-                    if old["member"] != idx or old["amount"] != amount:
-                        raise ValidationError(f"ref {ref!r} was already used for another purchase "
-                                              f"({self._member_names[int(old['member'])]}, "
-                                              f"amount {int(old['amount'])})")
-                    return self._receipt_obj(ref, old)
             row, cat, sku, amt = self._row(idx, amount, at_us, items, branch, channel, redeem)
-            m = self._members[idx: idx + 1]
+            if commit:
+                return self._commit_purchase(member, idx, ref, amount, at_us, redeem, row, cat, sku, amt)
+            m = self._members[idx]                          # (a view: its fields write through)
             m["points"] = self.ledger.balance(points_account(idx)).available
             m["credit"] = self.ledger.balance(credit_account(idx)).available
-            referrer = int(m["referrer"][0])
-            saved = self._save(idx, referrer)
+            saved = self._save(idx, int(m["referrer"]))
             try:
-                o, facts = self._evaluate_one(idx, row, cat, sku, amt)
-                status = o[_O_STATUS]
-                if status:
-                    raise (InsufficientBalanceError if status == RowStatus.REDEEM_INSUFFICIENT else ValidationError)(
-                        f"purchase {ref!r} of {member!r} refused: {_STATUS_TEXT[RowStatus(status)]} "
-                        f"(redeem_points={redeem}, amount={amount})")
-                if not commit:
-                    self._restore(saved)
-                    return Receipt(ref, self._member_names[idx], amount, at_us, o, facts, self.program, self._zone,
-                                   committed=False)
-                rec = np.array([(idx, at_us, amount, 0, 0, 0, 0, 0, o, facts)], RECEIPT_DTYPE)
-                od = dict(zip(OUT_NAMES, o, strict=True))
-                recs = self._purchase_transfers(ref, idx, od, at_us, row[6])
-
-                def extra(txn: lmdb.Transaction, results: np.ndarray) -> None:
-                    _raise_on(results, f"purchase {ref!r}")
-                    self._commit_rows(txn, [ref], rec, [idx] + ([referrer] if referrer >= 0 else []),
-                                      budget_before=saved[1], outs=[od])
-
-                self._post_with(recs, extra)
-            except BaseException:
+                o, facts, _ = self._evaluate_one(idx, row, cat, sku, amt)
+            finally:
                 self._restore(saved)
-                raise
-            return Receipt(ref, self._member_names[idx], amount, at_us, o, facts, self.program, self._zone)
+            self._refuse(member, ref, amount, redeem, o[_O_STATUS])
+            return Receipt(ref, self._member_names[idx], amount, at_us, o, facts, self.program, self._zone,
+                           committed=False)
+
+    def _refuse(self, member: str, ref: str, amount: int, redeem: int, status: int) -> None:
+        """Raise what a purchase row's kernel status (not 0) means."""
+        if status:
+            raise (InsufficientBalanceError if status == RowStatus.REDEEM_INSUFFICIENT else ValidationError)(
+                f"purchase {ref!r} of {member!r} refused: {_STATUS_TEXT[RowStatus(status)]} "
+                f"(redeem_points={redeem}, amount={amount})")
+
+    def _commit_purchase(self, member: str, idx: int, ref: str, amount: int, at_us: int, redeem: int,
+                         row: tuple[int, ...], cat: list[int], sku: list[int], amt: list[int]) -> Receipt:
+        """Evaluate and commit one purchase in one write transaction: the retry check (its receipt), the
+        member's balances from the ledger's state as of this transaction, the kernel, the transfers, the
+        receipt, the member's record and the outbox. A refused row or a retry commits nothing."""
+        ledger = self.ledger
+        db = ledger._ext_db()
+        rkey = b"R" + ref.encode()
+        seq0, commits = self._event_seq, ledger.commits
+        saved: tuple[Any, ...] | None = None
+
+        def fn(txn: lmdb.Transaction) -> Any:
+            nonlocal saved
+            self._event_seq = seq0
+            if saved is not None:               # tried again (the map grew): from the state before the try
+                self._restore(saved)
+                saved = None
+            raw = txn.get(rkey, db=db)
+            if raw is not None:                 # a retry: the first receipt
+                return np.frombuffer(bytes(raw), RECEIPT_DTYPE)[0].copy()
+            state = ledger._state
+            pts, cr = state.balance(points_account(idx)), state.balance(credit_account(idx))
+            if pts is None or cr is None:
+                raise StorageError(f"member {member!r} (number {idx}) has no ledger accounts")
+            m = self._members[idx]
+            m["points"], m["credit"] = pts[4], cr[4]
+            referrer = int(m["referrer"])
+            saved = self._save(idx, referrer)
+            o, facts, raw_out = self._evaluate_one(idx, row, cat, sku, amt)
+            if o[_O_STATUS]:
+                self._restore(saved)
+                saved = None
+                return o[_O_STATUS]
+            results = ledger._post_in(txn, self._purchase_transfers(ref, idx, o, at_us, row[6]))
+            _raise_on(results, f"purchase {ref!r}")
+            txn.put(rkey, _RECEIPT_HEAD.pack(idx, at_us, amount, 0, 0, 0, 0, 0) + raw_out, db=db)
+            self._row_events(txn, ref, self._member_names[idx], at_us, o)
+            self._put_member(txn, idx)
+            if referrer >= 0 and referrer != idx:
+                self._put_member(txn, referrer)
+            if saved[1] != self._budget.tobytes():  # (the stored budgets are the ones before the purchase)
+                self._put_budget(txn)
+            return o, facts
+
+        try:
+            got = ledger._write(fn, 4)
+        except BaseException:
+            if ledger.commits == commits:       # nothing committed: memory and the outbox's numbers go back
+                if saved is not None:
+                    self._restore(saved)
+                self._event_seq = seq0
+            raise
+        if type(got) is int:
+            self._refuse(member, ref, amount, redeem, got)
+        if type(got) is not tuple:              # the receipt of an earlier call with this ref
+            if got["member"] != idx or got["amount"] != amount:
+                raise ValidationError(f"ref {ref!r} was already used for another purchase "
+                                      f"({self._member_names[int(got['member'])]}, amount {int(got['amount'])})")
+            return self._receipt_obj(ref, got)
+        return Receipt(ref, self._member_names[idx], amount, at_us, got[0], got[1], self.program, self._zone)
 
     def _save(self, idx: int, referrer: int) -> tuple[Any, ...]:
         """What one purchase may change (the member's, and a referrer's, state and history; the budgets),
@@ -991,49 +1038,42 @@ class Engine:
                 self._hist[k] = h
         self._budget[:] = np.frombuffer(budget, self._budget.dtype)
 
-    def _purchase_transfers(self, ref: str, idx: int, o: Any, at_us: int, day: int) -> np.ndarray:
+    def _purchase_transfers(self, ref: str, idx: int, o: tuple[int, ...], at_us: int, day: int) -> np.ndarray:
+        """The transfers of one purchase row's results ``o`` (OUT's fields as a tuple)."""
         exp = self._expiry_one(at_us, day)
-        parts = [(points_account(idx), REDEEMED_POINTS, int(o["redeemed"]), POINTS, Code.REDEEM),
-                 (ISSUE_POINTS, points_account(idx), int(o["points"]), POINTS, Code.EARN),
-                 (ISSUE_CREDIT, credit_account(idx), int(o["credit"]), CREDIT, Code.CREDIT)]
-        if o["referrer_points"]:
-            parts.append((ISSUE_POINTS, points_account(int(o["referrer"])), int(o["referrer_points"]), POINTS,
-                          Code.BONUS))
+        parts = [(points_account(idx), REDEEMED_POINTS, o[_O_REDEEMED], POINTS, Code.REDEEM),
+                 (ISSUE_POINTS, points_account(idx), o[_O_POINTS], POINTS, Code.EARN),
+                 (ISSUE_CREDIT, credit_account(idx), o[_O_CREDIT], CREDIT, Code.CREDIT)]
+        if o[_O_REFERRER_POINTS]:
+            parts.append((ISSUE_POINTS, points_account(o[_O_REFERRER]), o[_O_REFERRER_POINTS], POINTS, Code.BONUS))
         return self._transfers(parts, ref, at_us, exp)
 
     def _commit_rows(self, txn: lmdb.Transaction, refs: Sequence[str], recs: np.ndarray,
-                     touched: Sequence[int], events: bool = True, budget_before: bytes | None = None,
-                     outs: Sequence[dict[str, int]] | None = None) -> None:
-        """Store receipts, members and events of committed purchase rows (inside the ledger's txn);
-        ``outs`` may give each row's results as plain ints (else they are read from ``recs``)."""
+                     touched: Sequence[int], events: bool = True) -> None:
+        """Store receipts, members and events of committed purchase rows (inside the ledger's txn)."""
         db = self.ledger._ext_db()
         put = txn.put
-        for i, (ref, rec) in enumerate(zip(refs, recs, strict=True)):
+        for ref, rec in zip(refs, recs, strict=True):
             put(b"R" + ref.encode(), rec.tobytes(), db=db)
-            if not events:
-                continue
-            # plain ints: no numpy scalar per field
-            o = outs[i] if outs is not None else dict(zip(OUT_NAMES, rec["out"].item(), strict=True))
-            name = self._member_names[int(rec["member"])]
-            at = int(rec["at"])
-            delta = o["points"] - o["redeemed"]
-            if delta:
-                self._put_event(txn, "points_changed", name, at, delta=delta, reason="purchase", ref=ref)
-            if o["tier_after"] != o["tier_before"]:
-                self._put_event(txn, "tier_changed", name, at, before=self.program.tier_name(o["tier_before"]),
-                                after=self.program.tier_name(o["tier_after"]), ref=ref)
-            if o["offers_fired"]:
-                for k, off in enumerate(self.program.offers):
-                    if (o["offers_fired"] >> k) & 1:
-                        self._put_event(txn, "offer_granted", name, at, offer=off.name, ref=ref)
-            if o["referrer_points"]:
-                self._put_event(txn, "points_changed", self._member_names[o["referrer"]], at,
-                                delta=o["referrer_points"], reason="referral", ref=ref)
+            if events:
+                self._row_events(txn, ref, self._member_names[int(rec["member"])], int(rec["at"]), rec["out"].item())
         self._put_members(txn, list(touched))
-        # the stored budgets equal the ones in memory before this commit (every commit that changes them
-        # writes them; a failed one restores memory): unchanged, they need no write
-        if budget_before is None or budget_before != self._budget.tobytes():
-            self._put_budget(txn)
+        self._put_budget(txn)
+
+    def _row_events(self, txn: lmdb.Transaction, ref: str, name: str, at: int, o: tuple[int, ...]) -> None:
+        """The outbox events of one committed purchase row (its results ``o``, OUT's fields as a tuple)."""
+        delta = o[_O_POINTS] - o[_O_REDEEMED]
+        if delta:
+            self._put_event(txn, "points_changed", name, at, delta=delta, reason="purchase", ref=ref)
+        if o[_O_TIER_AFTER] != o[_O_TIER_BEFORE]:
+            self._put_event(txn, "tier_changed", name, at, before=self.program.tier_name(o[_O_TIER_BEFORE]),
+                            after=self.program.tier_name(o[_O_TIER_AFTER]), ref=ref)
+        if o[_O_OFFERS]:
+            for k in _bits(o[_O_OFFERS]):
+                self._put_event(txn, "offer_granted", name, at, offer=self.program.offers[k].name, ref=ref)
+        if o[_O_REFERRER_POINTS]:
+            self._put_event(txn, "points_changed", self._member_names[o[_O_REFERRER]], at,
+                            delta=o[_O_REFERRER_POINTS], reason="referral", ref=ref)
 
     def _receipt(self, ref: str) -> np.void | None:
         with self.ledger._ext_begin() as txn:

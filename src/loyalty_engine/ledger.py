@@ -496,18 +496,22 @@ class Ledger:
         n = len(recs)
         if n > MAX_BATCH:
             raise ValidationError(f"a batch holds at most {MAX_BATCH} transfers, this one {n}; split it")
+        return self._write(lambda txn: extra(txn, self._post_in(txn, recs)), n)
+
+    def _post_in(self, txn: lmdb.Transaction, recs: np.ndarray) -> np.ndarray:
+        """Post ``recs`` (RECORD_DTYPE) inside ``txn``, a :meth:`_write` callback's transaction; returns
+        one result per record. What the callback stores beside them commits with them or not at all."""
+        n = len(recs)
+        if n > MAX_BATCH:
+            raise ValidationError(f"a batch holds at most {MAX_BATCH} transfers, this one {n}; split it")
         results = np.zeros(n, np.uint8)
-
-        def run(txn: lmdb.Transaction) -> Any:
-            if n:
-                self._ensure_ids(txn)
-                buf, out = self._entry_buffer(RECORD_DTYPE, n)
-                k = self._state.apply(recs, results, out, False)
-                if k:
-                    self._append_entry(txn, KIND_TRANSFERS, buf, k)
-            return extra(txn, results)
-
-        return self._write(run, n)
+        if n:
+            self._ensure_ids(txn)
+            buf, out = self._entry_buffer(RECORD_DTYPE, n)
+            k = self._state.apply(recs, results, out, False)
+            if k:
+                self._append_entry(txn, KIND_TRANSFERS, buf, k)
+        return results
 
     def _entries_with(self, entries: Sequence[tuple[int, np.ndarray]], extra: Any) -> Any:
         """Journal several entries in one write transaction, in order: ``(KIND_ACCOUNTS, account
