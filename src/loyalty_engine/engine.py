@@ -59,6 +59,7 @@ _NO_I32 = np.zeros(0, np.int32)
 #: account results that leave a member's account ready: created, or there already with the same fields
 _ACCOUNT_READY = (int(AccountResult.OK), int(AccountResult.EXISTS))
 _NO_I64 = np.zeros(0, np.int64)
+_QUARTER_US = 900_000_000             # a quarter hour in microseconds
 _SEG0 = np.zeros(1, np.int64)         # one purchase is one segment
 _NO_FACTS = np.zeros((0, N_FACTS), np.int64)   # batches record no facts
 
@@ -367,6 +368,8 @@ class Engine:
         self._budget = np.zeros(max(noff, 1), np.int64)
         self._event_seq = 0
         self._zone = program.zone
+        self._offsets: dict[int, int | bool] = {}     # _local_one's: quarter hour of UTC -> the zone's offset
+        self._dates: dict[int, tuple[int, int, int]] = {}    # local day -> (weekday, month, day of month)
         self._expiry_cache: dict[tuple[int, int], int] = {}
         self._code_key: Any = None
         self._codes: Any = None
@@ -569,11 +572,38 @@ class Engine:
 
     def _local_one(self, at_us: int) -> tuple[int, int, int, int, int]:
         """(day, hour, weekday, month, day of month) of one time, in the program's timezone: the same
-        answer as :meth:`_local_fields` (a test checks it across DST changes) without an Arrow call."""
-        utc = datetime.fromtimestamp(at_us // 1_000_000, UTC_TZ).replace(microsecond=at_us % 1_000_000)
-        local = utc.astimezone(self._zone)
-        day = local.toordinal() - EPOCH_ORDINAL
-        return day, local.hour, local.weekday(), local.month, local.day
+        answer as :meth:`_local_fields` (a test checks it across DST changes) without an Arrow call. The
+        zone's offset is looked up once per quarter hour of UTC (when it is the same at both ends of the
+        quarter; a quarter with a change in it is read with zoneinfo every time) and dates once per day."""
+        q = at_us // _QUARTER_US
+        off = self._offsets.get(q)
+        if off is None:
+            if len(self._offsets) > 50_000:
+                self._offsets.clear()
+            off = self._offsets[q] = self._quarter_offset(q)
+        if off is False:
+            utc = datetime.fromtimestamp(at_us // 1_000_000, UTC_TZ).replace(microsecond=at_us % 1_000_000)
+            local = utc.astimezone(self._zone)
+            return local.toordinal() - EPOCH_ORDINAL, local.hour, local.weekday(), local.month, local.day
+        local_us = at_us + off
+        day = local_us // DAY_US
+        cal = self._dates.get(day)
+        if cal is None:
+            if len(self._dates) > 50_000:
+                self._dates.clear()
+            d = date.fromordinal(day + EPOCH_ORDINAL)
+            cal = self._dates[day] = (d.weekday(), d.month, d.day)
+        return day, local_us // 3_600_000_000 % 24, cal[0], cal[1], cal[2]
+
+    def _quarter_offset(self, q: int) -> int | bool:
+        """The zone's UTC offset in microseconds over the quarter hour ``q`` of UTC, or False when it
+        differs at the two ends (the quarter holds a change; zones change at most twice a year)."""
+        ends = []
+        for us in (q * _QUARTER_US, (q + 1) * _QUARTER_US - 1):
+            utc = datetime.fromtimestamp(us // 1_000_000, UTC_TZ).replace(microsecond=us % 1_000_000)
+            off = utc.astimezone(self._zone).utcoffset()
+            ends.append(None if off is None else off // timedelta(microseconds=1))
+        return ends[0] if ends[0] is not None and ends[0] == ends[1] else False
 
     def _day_of(self, at_us: int) -> int:
         return self._local_one(at_us)[0]

@@ -83,6 +83,10 @@ HINT_TRUST = 0.05
 def _entry_hash(header: bytes | memoryview, payload: bytes | memoryview) -> bytes:
     """The hash of a journal entry: BLAKE3 of its header (which holds the previous entry's hash) and
     its records. BLAKE3 is a tree hash: big payloads are hashed on every core, the GIL released."""
+    if len(payload) < 1 << 20:       # (one purchase's entry: one call, no thread pool)
+        h = blake3.blake3(header)
+        h.update(payload)
+        return h.digest()
     return _entry_hash_parts(header, [payload])
 
 
@@ -116,6 +120,7 @@ class Ledger:
         self.commits = 0
         self._fresh_until = 0.0
         self._scratch = np.empty(0, np.uint8)
+        self._scratch_views: tuple[Any, Any] = (None, None)    # (dtype, n) of the last _entry_buffer, its views
 
     # -- opening and closing ------------------------------------------------------------------------
     @classmethod
@@ -321,11 +326,16 @@ class Ledger:
         """A journal entry's bytes, and a view of room for ``n`` records in it (filled in place, so
         the records are never copied between the kernel and LMDB). The memory is this handle's,
         reused by every write (under the handle's lock): fresh memory costs a page fault per 4 KB."""
+        key = (dtype, n)
+        if self._scratch_views[0] == key:        # the same shape as the last write's (one purchase after another)
+            return self._scratch_views[1]
         size = HEADER.size + n * dtype.itemsize + HASH_SIZE
         if len(self._scratch) < size:
             self._scratch = np.empty(max(size, 2 * len(self._scratch)), np.uint8)
         buf = self._scratch[:size]
-        return buf, buf[HEADER.size: HEADER.size + n * dtype.itemsize].view(dtype)
+        views = buf, buf[HEADER.size: HEADER.size + n * dtype.itemsize].view(dtype)
+        self._scratch_views = key, views
+        return views
 
     def _append(self, txn: lmdb.Transaction, kind: int, recs: np.ndarray) -> None:
         """Journal one entry (and its index run) in ``txn``; the state already holds its effect."""
