@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from loyalty_engine.engine import CREDIT, POINTS, Engine, Item, RowStatus, credit_account, points_account
 from loyalty_engine.errors import ConfigError, InsufficientBalanceError, NotFoundError, ValidationError
 from loyalty_engine.program import Program
+from loyalty_engine.types import to_micros
 
 T0 = datetime(2026, 1, 5, 12, tzinfo=UTC)
 
@@ -647,6 +648,21 @@ def test_event_bodies_are_the_json_of_their_fields(kind, member, at, data):
 
     assert _event_json(kind, member, at, data) == json.dumps({"kind": kind, "member": member, "at": at,
                                                               "data": data}).encode()
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.text(min_size=1, max_size=10), st.text(min_size=1, max_size=10))
+def test_a_purchase_event_written_straight_is_the_json_of_its_fields(tmp_path_factory, name, ref):
+    """A purchase's points_changed event is formatted in place (not through _event_json): its stored bytes
+    must be json.dumps' of the event, whatever the member's name and the ref hold."""
+    with Engine.open(tmp_path_factory.mktemp("ev"), program=Program.from_dict(CLUB), sync="none") as e:
+        e.enroll(name, at=T0)
+        r = e.purchase(name, amount=250_000, at=T0 + timedelta(hours=1), ref=ref)
+        with e.ledger._ext_begin() as txn:
+            raw = bytes(txn.get(b"E" + e._event_seq.to_bytes(8, "big"), db=e.ledger._ext_db()))
+        want = {"kind": "points_changed", "member": name, "at": to_micros(T0 + timedelta(hours=1), "at"),
+                "data": {"delta": r.points_earned, "reason": "purchase", "ref": ref}}
+        assert raw == json.dumps(want).encode()
 
 
 def test_enrolment_survives_the_map_growing_inside_its_transaction(tmp_path):

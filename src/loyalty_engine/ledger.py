@@ -75,6 +75,9 @@ SYNC_MODES = ("full", "group", "none")
 ROOM_CHECK_RECORDS = 16
 ROOM_CHECK_EVERY = 64
 
+#: Transfers journaled since the last snapshot before another is written (more when the state is big).
+SNAPSHOT_MIN = 250_000
+
 #: Seconds a reader trusts ``head.hint`` before it looks at the journal head itself (the hint lags
 #: only if a writer died between its commit and publishing it).
 HINT_TRUST = 0.05
@@ -218,7 +221,8 @@ class Ledger:
         """Replay the journal entries committed after the state this handle holds."""
         if self._state is None:
             self._load(txn)
-        head, _ = self._head(txn)
+        cur = txn.cursor(db=self._st().dbs[b"journal"])
+        head = int.from_bytes(cur.key(), "big") if cur.last() else 0
         if head < self._seq:  # the ledger was replaced under us
             self._load(txn)
         if head == self._seq:
@@ -377,13 +381,15 @@ class Ledger:
 
     def _after_commit(self) -> None:
         """Housekeeping outside the commit: write a snapshot when due."""
+        if self._since_snapshot < SNAPSHOT_MIN:      # (most writes: no locks taken to know it)
+            return
         st = self._st()
         try:
             with self._lock, st.lock:
                 state = self._state
                 size = state.n_accounts + state.lots_in_use + state.n_pending if state is not None else 0
                 # a snapshot costs about as much as replaying this many transfers
-                if self._since_snapshot >= 4 * size + 250_000:
+                if self._since_snapshot >= 4 * size + SNAPSHOT_MIN:
                     self._write_snapshot()
         except lmdb.MapFullError:
             st.grow()  # housekeeping retries after a later commit
