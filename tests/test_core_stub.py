@@ -13,7 +13,7 @@ import loyalty_engine._core as core
 STUB = Path(core.__file__).with_name("_core.pyi")
 
 
-CLASSES = ("State", "Kernel")
+CLASSES = ("State", "Kernel", "OnePurchase")
 
 
 def _stub_defs() -> tuple[dict[str, list[str]], dict[str, dict[str, list[str]]], set[str], dict[str, set[str]]]:

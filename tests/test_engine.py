@@ -831,3 +831,68 @@ def test_transfers_packed_as_bytes_are_the_records_they_name():
     assert recs["at"].tolist() == [123] * 3 and recs["expires_at"].tolist() == [456, 0, 0]  # earned points only
     assert recs["flags"].tolist() == [TransferFlags.LINKED, TransferFlags.LINKED, 0]
     assert recs[["related_lo", "related_hi", "user_data", "timeout", "fp"]].tolist() == [(0,) * 5] * 3
+
+
+def _memory(e: Engine) -> tuple[bytes, ...]:
+    return (e._members.tobytes(), e._offer_use.tobytes(), e._budget.tobytes(),
+            b"".join(k.to_bytes(8, "little") + v for k, v in sorted(e._hist.items())))
+
+
+def test_a_quote_and_a_refused_purchase_leave_memory_as_it_was(tmp_path):
+    prog = dict(CLUB, offers=[{**CLUB["offers"][0], "budget": 10**9}, CLUB["offers"][1]])
+    with Engine.open(tmp_path / "c", program=Program.from_dict(prog), sync="none") as e:
+        e.enroll("anna", at=T0 - timedelta(days=30))
+        e.enroll("ben", at=T0 - timedelta(days=30), referred_by="anna")
+        for k in range(4):
+            e.purchase("ben", amount=60_000, at=T0 + timedelta(days=3 * k), ref=f"b{k}")
+        before = _memory(e)
+        q = e.quote("ben", amount=900_000, at=T0 + timedelta(days=13))
+        assert q.offers == ("bigger basket",) and q.credit_earned > 0       # it would use the offer's budget
+        assert _memory(e) == before
+        with pytest.raises(InsufficientBalanceError):
+            e.purchase("ben", amount=900_000, at=T0 + timedelta(days=13), ref="too-much", redeem_points=10**6)
+        assert _memory(e) == before
+        r = e.purchase("ben", amount=900_000, at=T0 + timedelta(days=13), ref="real")
+        assert (r.offers, r.credit_earned, r.points_earned) == (q.offers, q.credit_earned, q.points_earned)
+        assert _memory(e) != before
+
+
+def test_one_purchase_stores_the_member_record_and_results_the_engine_would():
+    """OnePurchase builds a member's record and the results' bytes in C; they must be the engine's
+    (Engine._member_value) and NumPy's reading of them, offer use or not, with or without offers."""
+    from loyalty_engine import _core
+    from loyalty_engine.engine import _FACTS_STRUCT, _OUT_STRUCT, N_FACTS, OUT
+
+    rng = np.random.default_rng(3)
+    out = np.zeros(1, OUT)
+    out.view(np.uint8)[:] = rng.integers(0, 256, OUT.itemsize, dtype=np.uint8)
+    facts = rng.integers(-(1 << 62), 1 << 62, N_FACTS)
+    raw = out.tobytes() + facts.tobytes()
+    assert _OUT_STRUCT.unpack_from(raw) == out[0].item()
+    assert _FACTS_STRUCT.unpack_from(raw, OUT.itemsize) == tuple(facts.tolist())
+    for noff in (0, 2):
+        e = Engine.__new__(Engine)
+        e._members = np.zeros(3, _core.MSTATE_DTYPE)
+        e._members.view(np.uint8)[:] = rng.integers(0, 256, e._members.nbytes, dtype=np.uint8)
+        e._offer_use = np.zeros((3, max(noff, 1), 3), np.int64)
+        e._offer_use[1] = rng.integers(0, 5, (max(noff, 1), 3))
+        e._member_names = ["a", "bé", "c" * 300]
+        e._hist = {0: b"", 1: bytes(range(48)), 2: bytes(24)}
+        e._program = Program.from_dict({**CLUB, "offers": CLUB["offers"][:noff]})
+        one = _core.OnePurchase()
+        kernel = _core.Kernel(*(getattr(e.program.compiled, k) for k in ("code", "pool", "conds", "rules", "offers",
+                                                                          "tiers", "params")))
+        one.bind(kernel, np.zeros(1, _core.ROW_DTYPE), np.zeros(1, np.int32), np.zeros(1, np.int32),
+                 np.zeros(1, np.int64), e._members, np.zeros(2, np.int64), np.zeros(8, _core.HEV_DTYPE),
+                 np.zeros(2, np.int64), np.zeros(8, _core.HEV_DTYPE), e._offer_use, np.zeros(max(noff, 1), np.int64),
+                 np.zeros(1, OUT), np.zeros((1, N_FACTS), np.int64), noff)
+        for idx in range(3):
+            assert one.member_record(idx, e._member_names[idx].encode(), e._hist[idx]) == e._member_value(idx)
+        with pytest.raises(ValueError, match="beyond the state"):
+            one.member_record(3, b"x", b"")
+        with pytest.raises(ValueError, match="16 fields"):
+            one.evaluate((0,) * 15, 0, b"", 0, 0)
+        with pytest.raises(ValueError, match="does not fit"):
+            one.evaluate((0,) * 16, 0, bytes(24 * 8), 0, 0)
+    with pytest.raises(ValueError, match="needs bind"):
+        _core.OnePurchase().evaluate((0,) * 16, 0, b"", 0, 0)

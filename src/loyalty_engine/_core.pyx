@@ -10,7 +10,7 @@ Python modules; the kernels return counts and status codes.
 cimport cython
 from libc.stdint cimport int64_t, uint64_t, int32_t, uint32_t, int16_t, uint16_t, int8_t, uint8_t, INT64_MAX
 from libc.stdlib cimport malloc, realloc, free
-from libc.string cimport memcpy, memset
+from libc.string cimport memcmp, memcpy, memset
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE, PyBUF_WRITABLE
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE, PyBytes_Check
 
@@ -3190,3 +3190,160 @@ def hash_strings(const int64_t[::1] offsets, const uint8_t[::1] data, uint64_t s
                 k += 1
                 p += 1
             out[i] = _mix64(h ^ w ^ (<uint64_t>k << 56))
+
+
+cdef class OnePurchase:
+    """The work of one purchase around the kernel, on the engine's arrays bound once (as
+    :meth:`Kernel.bind`): keep the member's (and its referrer's) state and the budgets to restore, set the
+    member's balances, put the row and the member's history in place and run the kernel; then the bytes
+    the commit stores (the results and facts, the member's new history, the member's record)."""
+    cdef Kernel kernel
+    cdef RowIn[::1] rows
+    cdef MState[::1] members
+    cdef HEv[::1] hist
+    cdef HEv[::1] out_hist
+    cdef int64_t[::1] out_off
+    cdef int64_t[::1] budget
+    cdef int64_t[:, :, ::1] use
+    cdef RowOut[::1] out
+    cdef int64_t[:, ::1] facts
+    cdef public object bound
+    cdef Py_ssize_t noff, use_row, nbudget
+    cdef MState keep_m[2]
+    cdef int64_t keep_idx[2]
+    cdef int nkeep
+    cdef int64_t* keep_use
+    cdef int64_t* keep_budget
+
+    def __dealloc__(self):
+        free(self.keep_use)
+        free(self.keep_budget)
+
+    def bind(self, Kernel kernel, rows, item_cat, item_sku, item_amount, members, hist_off, hist, out_off, out_hist,
+             offer_use, budget_used, out, facts_out, Py_ssize_t noff):
+        """Bind ``kernel`` to these buffers (:meth:`Kernel.bind`) and keep them; ``noff`` is the number of
+        offers whose use a member's record stores."""
+        kernel.bind(rows, item_cat, item_sku, item_amount, members, hist_off, hist, out_off, out_hist, offer_use,
+                    budget_used, out, facts_out)
+        self.rows, self.members, self.hist, self.out_hist, self.out_off = rows, members, hist, out_hist, out_off
+        self.use, self.budget, self.out, self.facts = offer_use, budget_used, out, facts_out
+        if self.rows.shape[0] < 1 or self.out.shape[0] < 1 or self.facts.shape[0] < 1 or self.facts.shape[1] < N_FACTS:
+            raise ValueError("one purchase binds a row, its result and its facts")
+        if not 0 <= noff <= self.use.shape[1] or self.use.shape[2] != 3 or self.use.shape[0] < self.members.shape[0]:
+            raise ValueError("offer_use must be (members, offers, 3) with room for %d offers" % noff)
+        self.noff, self.use_row, self.nbudget = noff, self.use.shape[1] * 3, self.budget.shape[0]
+        cdef int64_t* u = <int64_t*>realloc(self.keep_use, (2 * self.use_row + 1) * sizeof(int64_t))
+        if u == NULL:
+            raise MemoryError()
+        self.keep_use = u
+        u = <int64_t*>realloc(self.keep_budget, (self.nbudget + 1) * sizeof(int64_t))
+        if u == NULL:
+            raise MemoryError()
+        self.keep_budget = u
+        self.kernel = kernel
+        self.nkeep = 0
+        self.bound = kernel.bound
+
+    cdef void _keep(self, int64_t idx) noexcept:
+        cdef int k = self.nkeep
+        self.keep_idx[k] = idx
+        self.keep_m[k] = self.members[idx]
+        if self.use_row:
+            memcpy(self.keep_use + k * self.use_row, &self.use[idx, 0, 0], self.use_row * sizeof(int64_t))
+        self.nkeep = k + 1
+
+    def evaluate(self, tuple row, Py_ssize_t n_items, bytes hist, int64_t points, int64_t credit):
+        """Keep what the purchase may change, set the member's balances, put ``row`` (ROW's fields as a
+        tuple; its items already in the bound item buffers) and ``hist`` (the member's history) in place
+        and run the kernel. Returns the row's status (0: evaluated; :meth:`restore` undoes it either way)."""
+        if self.kernel is None:
+            raise ValueError("OnePurchase needs bind() first")
+        if len(row) != 16:
+            raise ValueError("a row has 16 fields, not %d" % len(row))
+        cdef int64_t idx = row[0], ref
+        cdef Py_ssize_t size = len(hist), nh = size // sizeof(HEv)
+        if idx < 0 or idx >= self.members.shape[0]:
+            raise ValueError("member %d is beyond the state (%d members)" % (idx, self.members.shape[0]))
+        if size % sizeof(HEv) or nh >= self.hist.shape[0] or nh >= self.out_hist.shape[0]:
+            raise ValueError("a history of %d bytes does not fit the bound buffers" % size)
+        self.nkeep = 0
+        self._keep(idx)
+        ref = self.members[idx].referrer
+        if 0 <= ref < self.members.shape[0] and ref != idx:
+            self._keep(ref)
+        if self.nbudget:
+            memcpy(self.keep_budget, &self.budget[0], self.nbudget * sizeof(int64_t))
+        self.members[idx].points = points
+        self.members[idx].credit = credit
+        cdef RowIn* r = &self.rows[0]
+        r.member, r.amount, r.quantity, r.redeem, r.cats, r.skus = row[0], row[1], row[2], row[3], row[4], row[5]
+        r.day, r.hour, r.weekday, r.month, r.dom = row[6], row[7], row[8], row[9], row[10]
+        r.branch, r.channel, r.item_start, r.item_end, r.pad = row[11], row[12], row[13], row[14], row[15]
+        if nh:
+            memcpy(&self.hist[0], PyBytes_AS_STRING(hist), size)
+        self.kernel.run_bound(1, n_items, nh)
+        return self.out[0].status
+
+    def restore(self):
+        """Put back what :meth:`evaluate` kept (the member's and its referrer's state, their offer use, the
+        budgets)."""
+        cdef int k
+        for k in range(self.nkeep):
+            self.members[self.keep_idx[k]] = self.keep_m[k]
+            if self.use_row:
+                memcpy(&self.use[self.keep_idx[k], 0, 0], self.keep_use + k * self.use_row,
+                       self.use_row * sizeof(int64_t))
+        if self.nbudget and self.nkeep:
+            memcpy(&self.budget[0], self.keep_budget, self.nbudget * sizeof(int64_t))
+        self.nkeep = 0
+
+    def budget_changed(self):
+        """Whether the evaluated purchase changed the budgets (against what :meth:`evaluate` kept)."""
+        return self.nbudget > 0 and memcmp(&self.budget[0], self.keep_budget, self.nbudget * sizeof(int64_t)) != 0
+
+    def results(self):
+        """The evaluated row's result and facts, as the bytes of OUT_DTYPE then N_FACTS int64."""
+        cdef bytes b = PyBytes_FromStringAndSize(NULL, sizeof(RowOut) + N_FACTS * sizeof(int64_t))
+        cdef char* p = PyBytes_AS_STRING(b)
+        memcpy(p, &self.out[0], sizeof(RowOut))
+        memcpy(p + sizeof(RowOut), &self.facts[0, 0], N_FACTS * sizeof(int64_t))
+        return b
+
+    def new_history(self):
+        """The member's history after the evaluated row, as bytes."""
+        cdef int64_t lo = self.out_off[0], hi = self.out_off[1]
+        if not 0 <= lo <= hi <= self.out_hist.shape[0]:
+            raise ValueError("the kernel's history offsets are out of range")
+        return PyBytes_FromStringAndSize(<char*>&self.out_hist[lo] if hi > lo else NULL, (hi - lo) * sizeof(HEv))
+
+    def member_record(self, int64_t idx, bytes name, bytes hist):
+        """Member ``idx``'s stored record: the name (2-byte length), the state, the offer use (4-byte
+        length; empty when never used) and ``hist`` (the member's history)."""
+        if idx < 0 or idx >= self.members.shape[0]:
+            raise ValueError("member %d is beyond the state" % idx)
+        cdef Py_ssize_t nn = len(name), nu = self.noff * 3 * sizeof(int64_t), nhb = len(hist), j
+        if nn > 0xFFFF:
+            raise ValueError("a name of %d bytes is too long" % nn)
+        cdef const uint8_t* u = <const uint8_t*>&self.use[idx, 0, 0]
+        cdef bint used = False
+        for j in range(nu):
+            if u[j]:
+                used = True
+                break
+        if not used:
+            nu = 0
+        cdef bytes b = PyBytes_FromStringAndSize(NULL, 2 + nn + sizeof(MState) + 4 + nu + nhb)
+        cdef uint8_t* p = <uint8_t*>PyBytes_AS_STRING(b)
+        p[0] = nn & 0xFF
+        p[1] = (nn >> 8) & 0xFF
+        memcpy(p + 2, PyBytes_AS_STRING(name), nn)
+        p += 2 + nn
+        memcpy(p, &self.members[idx], sizeof(MState))
+        p += sizeof(MState)
+        for j in range(4):
+            p[j] = (nu >> (8 * j)) & 0xFF
+        p += 4
+        if nu:
+            memcpy(p, u, nu)
+        memcpy(p + nu, PyBytes_AS_STRING(hist), nhb)
+        return b

@@ -305,6 +305,18 @@ class Event:
     data: dict[str, Any]
 
 
+def _struct_of(dtype: np.dtype[Any]) -> struct.Struct:
+    """A little-endian struct with ``dtype``'s integer fields in order (a dtype without padding)."""
+    codes = {"i1": "b", "i2": "h", "i4": "i", "i8": "q", "u1": "B", "u2": "H", "u4": "I", "u8": "Q"}
+    fmt = struct.Struct("<" + "".join(codes[dtype.fields[n][0].str[1:]] for n in dtype.names))
+    if fmt.size != dtype.itemsize:
+        raise TypeError(f"{dtype} has padding or fields a struct cannot hold")
+    return fmt
+
+
+#: The kernel's results (OUT) and facts as structs, to read them without NumPy (tested against NumPy).
+_OUT_STRUCT = _struct_of(OUT)
+_FACTS_STRUCT = struct.Struct(f"<{N_FACTS}q")
 #: A receipt's fields before its results and facts (RECEIPT_DTYPE; a test checks the two agree).
 _RECEIPT_HEAD = struct.Struct("<8q")
 #: One RECORD_DTYPE record as struct fields (a test checks the two agree).
@@ -356,6 +368,7 @@ class Engine:
         # one purchase's kernel buffers, bound to the kernel once (used under the lock, read out before the
         # next purchase); _bind_one makes them and binds them again when the state's arrays are replaced
         self._one: dict[str, np.ndarray] = {}
+        self._onep = _core.OnePurchase()
         self._kernel = _core.Kernel(cp.code, cp.pool, cp.conds, cp.rules, cp.offers, cp.tiers, cp.params)
         self._lock = threading.RLock()
         self._names: dict[str, int] = {}
@@ -879,47 +892,45 @@ class Engine:
 
     def _bind_one(self, events: int, items: int) -> dict[str, np.ndarray]:
         """(Re)make one purchase's kernel buffers, with room for ``events`` history events and ``items``
-        items, and bind them with the state's arrays to the kernel."""
+        items, and bind them with the state's arrays to the kernel (through ``self._onep``)."""
         one = self._one
         fresh = not one
         ev = max(events + 1, 64 if fresh else 2 * len(one["hist"]))
         it = max(items, 16 if fresh else 2 * len(one["amt"]))
         if fresh or len(one["hist"]) < events + 1:
-            one["hist"] = np.zeros(ev, HEV)
-            one["hist_u8"] = one["hist"].view(np.uint8)
-            one["out_hist"] = np.zeros(ev, HEV)
+            one["hist"], one["out_hist"] = np.zeros(ev, HEV), np.zeros(ev, HEV)
         if fresh or len(one["amt"]) < items:
             one["cat"], one["sku"], one["amt"] = np.zeros(it, np.int32), np.zeros(it, np.int32), np.zeros(it, np.int64)
         if fresh:
             one["rows"], one["out"] = np.zeros(1, ROW), np.zeros(1, OUT)
             one["hist_off"], one["out_off"] = np.zeros(2, np.int64), np.zeros(2, np.int64)
             one["facts"] = np.zeros((1, N_FACTS), np.int64)
-        self._kernel.bind(one["rows"], one["cat"], one["sku"], one["amt"], self._members, one["hist_off"],
-                          one["hist"], one["out_off"], one["out_hist"], self._offer_use, self._budget, one["out"],
-                          one["facts"])
+        self._onep.bind(self._kernel, one["rows"], one["cat"], one["sku"], one["amt"], self._members,
+                        one["hist_off"], one["hist"], one["out_off"], one["out_hist"], self._offer_use, self._budget,
+                        one["out"], one["facts"], len(self.program.offers))
         return one
 
-    def _evaluate_one(self, idx: int, row: tuple[int, ...], cat: list[int], sku: list[int],
-                      amt: list[int]) -> tuple[tuple[int, ...], tuple[int, ...], bytes]:
-        """Run the kernel over one purchase row of member ``idx``: its results and facts as plain ints,
-        and their bytes (a receipt's after its head); updates the member's state and history. The kernel's
-        buffers are bound once (an array acquired per call costs more than the row's evaluation)."""
+    def _evaluate_one(self, idx: int, row: tuple[int, ...], cat: list[int], sku: list[int], amt: list[int],
+                      points: int, credit: int) -> int:
+        """Run the kernel over one purchase row of member ``idx`` with these balances (``self._onep``
+        keeps what it changed, to restore, and holds the results); returns the row's status. The buffers
+        are bound once (an array acquired per call costs more than the row's evaluation)."""
         h = self._hist.get(idx, b"")
-        events, items = len(h) // HEV.itemsize, len(amt)
-        one, bound = self._one, self._kernel.bound
+        items = len(amt)
+        one, bound = self._one, self._onep.bound
         if (bound is None or bound[4] is not self._members or bound[9] is not self._offer_use
-                or bound[10] is not self._budget or len(one["hist"]) <= events or len(one["amt"]) < items):
-            one = self._bind_one(events, items)
-        one["rows"][0] = row
+                or bound[10] is not self._budget or len(one["hist"]) * HEV.itemsize <= len(h)
+                or len(one["amt"]) < items):
+            one = self._bind_one(len(h) // HEV.itemsize, items)
         if items:
             one["cat"][:items], one["sku"][:items], one["amt"][:items] = cat, sku, amt
-        if h:
-            one["hist_u8"][: len(h)] = np.frombuffer(h, np.uint8)
-        self._kernel.run_bound(1, items, events)
-        lo, hi = one["out_off"].tolist()
-        self._hist[idx] = one["out_hist"][lo: hi].tobytes()
-        out, facts = one["out"], one["facts"]
-        return out[0].item(), tuple(facts[0].tolist()), out.tobytes() + facts.tobytes()
+        return self._onep.evaluate(row, items, h, points, credit)
+
+    def _one_results(self) -> tuple[tuple[int, ...], tuple[int, ...], bytes]:
+        """The evaluated row's results and facts as plain ints, and their bytes (a receipt's after its
+        head)."""
+        raw = self._onep.results()
+        return _OUT_STRUCT.unpack_from(raw), _FACTS_STRUCT.unpack_from(raw, OUT.itemsize), raw
 
     def _evaluate(self, rows: np.ndarray, cat: np.ndarray, sku: np.ndarray, amt: np.ndarray,
                   reuse: bool = False) -> np.ndarray:
@@ -969,15 +980,14 @@ class Engine:
             row, cat, sku, amt = self._row(idx, amount, at_us, items, branch, channel, redeem)
             if commit:
                 return self._commit_purchase(member, idx, ref, amount, at_us, redeem, row, cat, sku, amt)
-            m = self._members[idx]                          # (a view: its fields write through)
-            m["points"] = self.ledger.balance(points_account(idx)).available
-            m["credit"] = self.ledger.balance(credit_account(idx)).available
-            saved = self._save(idx, int(m["referrer"]))
+            points = self.ledger.balance(points_account(idx)).available
+            credit = self.ledger.balance(credit_account(idx)).available
             try:
-                o, facts, _ = self._evaluate_one(idx, row, cat, sku, amt)
+                self._refuse(member, ref, amount, redeem,
+                             self._evaluate_one(idx, row, cat, sku, amt, points, credit))
+                o, facts, _ = self._one_results()
             finally:
-                self._restore(saved)
-            self._refuse(member, ref, amount, redeem, o[_O_STATUS])
+                self._onep.restore()            # (a quote keeps no history either)
             return Receipt(ref, self._member_names[idx], amount, at_us, o, facts, self.program, self._zone,
                            committed=False)
 
@@ -997,14 +1007,21 @@ class Engine:
         db = ledger._ext_db()
         rkey = b"R" + ref.encode()
         seq0, commits = self._event_seq, ledger.commits
-        saved: tuple[Any, ...] | None = None
+        hist, one = self._hist, self._onep
+        kept: list[Any] = []                    # the member's history before the purchase, while evaluated
+
+        def undo() -> None:
+            one.restore()
+            h = kept.pop()
+            if h is None:
+                hist.pop(idx, None)
+            else:
+                hist[idx] = h
 
         def fn(txn: lmdb.Transaction) -> Any:
-            nonlocal saved
             self._event_seq = seq0
-            if saved is not None:               # tried again (the map grew): from the state before the try
-                self._restore(saved)
-                saved = None
+            if kept:                            # tried again (the map grew): from the state before the try
+                undo()
             raw = txn.get(rkey, db=db)
             if raw is not None:                 # a retry: the first receipt
                 return np.frombuffer(bytes(raw), RECEIPT_DTYPE)[0].copy()
@@ -1012,23 +1029,23 @@ class Engine:
             pts, cr = state.balance(points_account(idx)), state.balance(credit_account(idx))
             if pts is None or cr is None:
                 raise StorageError(f"member {member!r} (number {idx}) has no ledger accounts")
-            m = self._members[idx]
-            m["points"], m["credit"] = pts[4], cr[4]
-            referrer = int(m["referrer"])
-            saved = self._save(idx, referrer)
-            o, facts, raw_out = self._evaluate_one(idx, row, cat, sku, amt)
-            if o[_O_STATUS]:
-                self._restore(saved)
-                saved = None
-                return o[_O_STATUS]
+            kept.append(hist.get(idx))
+            status = self._evaluate_one(idx, row, cat, sku, amt, pts[4], cr[4])
+            if status:
+                undo()
+                return status
+            h = hist[idx] = one.new_history()
+            o, facts, raw_out = self._one_results()
             results = ledger._post_in(txn, self._purchase_transfers(ref, idx, o, at_us, row[6]))
             _raise_on(results, f"purchase {ref!r}")
             txn.put(rkey, _RECEIPT_HEAD.pack(idx, at_us, amount, 0, 0, 0, 0, 0) + raw_out, db=db)
-            self._row_events(txn, ref, self._member_names[idx], at_us, o)
-            self._put_member(txn, idx)
-            if referrer >= 0 and referrer != idx:
+            name = self._member_names[idx]
+            self._row_events(txn, ref, name, at_us, o)
+            txn.put(b"M" + idx.to_bytes(8, "big"), one.member_record(idx, name.encode(), h), db=db)
+            referrer = int(self._members[idx]["referrer"])
+            if 0 <= referrer != idx:
                 self._put_member(txn, referrer)
-            if saved[1] != self._budget.tobytes():  # (the stored budgets are the ones before the purchase)
+            if one.budget_changed():            # (the stored budgets are the ones before the purchase)
                 self._put_budget(txn)
             return o, facts
 
@@ -1036,8 +1053,8 @@ class Engine:
             got = ledger._write(fn, 4)
         except BaseException:
             if ledger.commits == commits:       # nothing committed: memory and the outbox's numbers go back
-                if saved is not None:
-                    self._restore(saved)
+                if kept:
+                    undo()
                 self._event_seq = seq0
             raise
         if type(got) is int:
