@@ -1279,6 +1279,36 @@ def index_run(recs, uint64_t seq):
         PyBuffer_Release(&rb)
 
 
+def index_run_at(recs, const uint64_t[::1] locs):
+    """The stored index run of several journal entries' records at once: ``recs`` (RECORD_DTYPE) and
+    each record's location (its entry's sequence << 24 | its position in the entry), in journal order.
+    The same run as merging each entry's :func:`index_run` (the sort is stable)."""
+    cdef Py_buffer rb
+    cdef Py_ssize_t i, n, m
+    _check_records(recs, "recs")
+    PyObject_GetBuffer(recs, &rb, PyBUF_SIMPLE)
+    cdef const TRec* r = <const TRec*>rb.buf
+    cdef uint64_t* scratch = NULL
+    try:
+        n = rb.len // sizeof(TRec)
+        if locs.shape[0] != n:
+            raise ValueError("index_run_at: %d records, %d locations" % (n, locs.shape[0]))
+        m = 2 * n
+        scratch = <uint64_t*>malloc((4 * m + 1) * sizeof(uint64_t))
+        if scratch == NULL:
+            raise MemoryError("index run: no memory")
+        with nogil:
+            for i in range(n):
+                scratch[2 * i] = r[i].debit
+                scratch[2 * i + 1] = r[i].credit
+                scratch[m + 2 * i] = locs[i]
+                scratch[m + 2 * i + 1] = locs[i]
+        return _sorted_run(scratch, scratch + m, scratch + 2 * m, scratch + 3 * m, m)
+    finally:
+        free(scratch)
+        PyBuffer_Release(&rb)
+
+
 cdef object _index_run(const TRec* recs, Py_ssize_t n, uint64_t seq):
     cdef Py_ssize_t i, m = 2 * n
     cdef uint64_t base = seq << 24

@@ -323,9 +323,14 @@ _RECEIPT_HEAD = struct.Struct("<8q")
 _RECORD = struct.Struct("<QQQQqQQQqqqQIHH")
 
 
+_REF_HASH = hashlib.blake2b(digest_size=16, person=b"loyalty-ref")
+
+
 def _ref_id(ref: str, kind: int) -> tuple[int, int]:
     """The 128-bit transfer id of part ``kind`` of the operation named ``ref`` (lo, hi)."""
-    h = hashlib.blake2b(ref.encode(), digest_size=16, person=b"loyalty-ref").digest()
+    hasher = _REF_HASH.copy()               # (half the cost of a new hash with its parameters)
+    hasher.update(ref.encode())
+    h = hasher.digest()
     lo = int.from_bytes(h[:8], "little") & ~0xFF | kind
     hi = int.from_bytes(h[8:], "little") & 0x7FFF_FFFF_FFFF_FFFF
     return lo or 1, hi
