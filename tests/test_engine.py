@@ -896,3 +896,41 @@ def test_one_purchase_stores_the_member_record_and_results_the_engine_would():
             one.evaluate((0,) * 16, 0, bytes(24 * 8), 0, 0)
     with pytest.raises(ValueError, match="needs bind"):
         _core.OnePurchase().evaluate((0,) * 16, 0, b"", 0, 0)
+
+
+def test_one_purchase_packs_the_chain_of_transfers_the_engine_describes():
+    """OnePurchase.transfers packs a purchase's chain in C from the kernel's result; it must be the records
+    Engine._purchase_transfers builds, zero amounts and a referrer's bonus included."""
+    from loyalty_engine import _core
+    from loyalty_engine.engine import _OUT_STRUCT, ISSUE_CREDIT, ISSUE_POINTS, N_FACTS, OUT, REDEEMED_POINTS, _ref_id
+    from loyalty_engine.types import RECORD_DTYPE, Code
+
+    e = Engine.__new__(Engine)
+    e._program = Program.from_dict({**CLUB, "expiry": {"kind": "days", "days": 30}})
+    c = e.program.compiled
+    out = np.zeros(1, OUT)
+    one = _core.OnePurchase()
+    with pytest.raises(ValueError, match="set_chain"):
+        one.transfers(0, 0, 0, 0, 0, 0, 0)
+    one.bind(_core.Kernel(c.code, c.pool, c.conds, c.rules, c.offers, c.tiers, c.params),
+             np.zeros(1, _core.ROW_DTYPE), np.zeros(1, np.int32), np.zeros(1, np.int32), np.zeros(1, np.int64),
+             np.zeros(3, _core.MSTATE_DTYPE), np.zeros(2, np.int64), np.zeros(4, _core.HEV_DTYPE),
+             np.zeros(2, np.int64), np.zeros(4, _core.HEV_DTYPE), np.zeros((3, 2, 3), np.int64), np.zeros(2, np.int64),
+             out, np.zeros((1, N_FACTS), np.int64), 2)
+    one.set_chain(REDEEMED_POINTS, ISSUE_POINTS, ISSUE_CREDIT, POINTS, CREDIT, Code.REDEEM, Code.EARN, Code.CREDIT,
+                  Code.BONUS)
+    rng = np.random.default_rng(8)
+    at = to_micros(T0, "at")
+    for k in range(200):
+        for f in ("points", "credit", "redeemed", "referrer_points"):
+            out[f] = rng.choice([0, 0, 1, int(rng.integers(1, 10**9)), -5])
+        out["referrer"] = rng.integers(0, 3) if out["referrer_points"][0] else -1
+        o = _OUT_STRUCT.unpack_from(out.tobytes())
+        ref = f"pos-{k}"
+        want = e._purchase_transfers(ref, 1, o, at, 20_000)
+        lo, hi = _ref_id(ref, 0)
+        got = one.transfers(lo & ~0xFF, hi, at, e._expiry_one(at, 20_000), points_account(1), credit_account(1),
+                            points_account(int(out["referrer"][0])) if out["referrer_points"][0] else 0)
+        assert np.frombuffer(got, RECORD_DTYPE).tobytes() == want.tobytes(), o
+    with pytest.raises(ValueError, match="low byte"):
+        one.transfers(1, 0, at, 0, 1, 2, 0)

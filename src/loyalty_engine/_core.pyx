@@ -3244,6 +3244,10 @@ cdef class OnePurchase:
     cdef int nkeep
     cdef int64_t* keep_use
     cdef int64_t* keep_budget
+    cdef uint64_t c_redeemed, c_issue_points, c_issue_credit
+    cdef uint32_t c_points, c_credit
+    cdef uint16_t c_redeem, c_earn, c_credit_code, c_bonus
+    cdef bint chained
 
     def __dealloc__(self):
         free(self.keep_use)
@@ -3345,6 +3349,56 @@ cdef class OnePurchase:
         if not 0 <= lo <= hi <= self.out_hist.shape[0]:
             raise ValueError("the kernel's history offsets are out of range")
         return PyBytes_FromStringAndSize(<char*>&self.out_hist[lo] if hi > lo else NULL, (hi - lo) * sizeof(HEv))
+
+    def set_chain(self, uint64_t redeemed, uint64_t issue_points, uint64_t issue_credit, uint32_t points_asset,
+                  uint32_t credit_asset, uint16_t redeem, uint16_t earn, uint16_t credit, uint16_t bonus):
+        """The engine's accounts, assets and codes of a purchase's chain of transfers (:meth:`transfers`)."""
+        self.c_redeemed, self.c_issue_points, self.c_issue_credit = redeemed, issue_points, issue_credit
+        self.c_points, self.c_credit = points_asset, credit_asset
+        self.c_redeem, self.c_earn, self.c_credit_code, self.c_bonus = redeem, earn, credit, bonus
+        self.chained = True
+
+    def transfers(self, uint64_t id_lo, uint64_t id_hi, int64_t at, int64_t expires, uint64_t member_points,
+                  uint64_t member_credit, uint64_t referrer_points):
+        """The evaluated purchase's linked chain as RECORD_DTYPE bytes: points redeemed (member to the
+        redeemed sink), earned (issue to member; these points expire at ``expires``), credit (issue to the
+        member's credit) and the referrer's bonus (issue to ``referrer_points``), leaving out zero amounts;
+        the k-th transfer's id is (id_lo | k, id_hi), k from 1, its low byte clear in ``id_lo``."""
+        if not self.chained or self.kernel is None:
+            raise ValueError("transfers need bind() and set_chain() first")
+        if id_lo & 0xFF:
+            raise ValueError("id_lo's low byte numbers the chain's transfers; it must be 0")
+        cdef RowOut* o = &self.out[0]
+        cdef uint64_t debit[4]
+        cdef uint64_t credit[4]
+        cdef int64_t amount[4]
+        cdef uint32_t asset[4]
+        cdef uint16_t code[4]
+        debit[0], credit[0], amount[0], asset[0], code[0] = (member_points, self.c_redeemed, o.redeemed, self.c_points,
+                                                             self.c_redeem)
+        debit[1], credit[1], amount[1], asset[1], code[1] = (self.c_issue_points, member_points, o.points,
+                                                             self.c_points, self.c_earn)
+        debit[2], credit[2], amount[2], asset[2], code[2] = (self.c_issue_credit, member_credit, o.credit,
+                                                             self.c_credit, self.c_credit_code)
+        debit[3], credit[3], amount[3], asset[3], code[3] = (self.c_issue_points, referrer_points,
+                                                             o.referrer_points, self.c_points, self.c_bonus)
+        cdef int j, n = 0, k = 0
+        for j in range(4):
+            n += amount[j] > 0
+        cdef bytes b = PyBytes_FromStringAndSize(NULL, n * sizeof(TRec))
+        cdef TRec* t = <TRec*>PyBytes_AS_STRING(b)
+        memset(t, 0, n * sizeof(TRec))
+        for j in range(4):
+            if amount[j] <= 0:
+                continue
+            t[k].id_lo = id_lo | <uint64_t>(k + 1)
+            t[k].id_hi = id_hi
+            t[k].debit, t[k].credit, t[k].amount, t[k].at = debit[j], credit[j], amount[j], at
+            t[k].expires_at = expires if (asset[j] == self.c_points and debit[j] == self.c_issue_points) else 0
+            t[k].asset, t[k].code = asset[j], code[j]
+            t[k].flags = F_LINKED if k < n - 1 else 0
+            k += 1
+        return b
 
     def member_record(self, int64_t idx, bytes name, bytes hist):
         """Member ``idx``'s stored record: the name (2-byte length), the state, the offer use (4-byte

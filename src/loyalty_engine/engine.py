@@ -373,7 +373,9 @@ class Engine:
         # one purchase's kernel buffers, bound to the kernel once (used under the lock, read out before the
         # next purchase); _bind_one makes them and binds them again when the state's arrays are replaced
         self._one: dict[str, np.ndarray] = {}
-        self._onep = _core.OnePurchase()
+        self._onep = _core.OnePurchase()         # (its chain of transfers is _purchase_transfers', tested)
+        self._onep.set_chain(REDEEMED_POINTS, ISSUE_POINTS, ISSUE_CREDIT, POINTS, CREDIT, Code.REDEEM, Code.EARN,
+                             Code.CREDIT, Code.BONUS)
         self._kernel = _core.Kernel(cp.code, cp.pool, cp.conds, cp.rules, cp.offers, cp.tiers, cp.params)
         self._lock = threading.RLock()
         self._names: dict[str, int] = {}
@@ -1041,7 +1043,12 @@ class Engine:
                 return status
             h = hist[idx] = one.new_history()
             o, facts, raw_out = self._one_results()
-            results = ledger._post_in(txn, self._purchase_transfers(ref, idx, o, at_us, row[6]))
+            lo, hi = _ref_id(ref, 0)
+            recs = np.frombuffer(one.transfers(lo & ~0xFF, hi, at_us, self._expiry_one(at_us, row[6]),
+                                               points_account(idx), credit_account(idx),
+                                               points_account(o[_O_REFERRER]) if o[_O_REFERRER_POINTS] else 0),
+                                 RECORD_DTYPE)
+            results = ledger._post_in(txn, recs)
             _raise_on(results, f"purchase {ref!r}")
             txn.put(rkey, _RECEIPT_HEAD.pack(idx, at_us, amount, 0, 0, 0, 0, 0) + raw_out, db=db)
             name = self._member_names[idx]
