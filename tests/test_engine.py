@@ -934,3 +934,19 @@ def test_one_purchase_packs_the_chain_of_transfers_the_engine_describes():
         assert np.frombuffer(got, RECORD_DTYPE).tobytes() == want.tobytes(), o
     with pytest.raises(ValueError, match="low byte"):
         one.transfers(1, 0, at, 0, 1, 2, 0)
+
+
+def test_the_member_table_a_purchase_bound_is_freed_when_it_grows(tmp_path):
+    import gc
+    import weakref
+
+    with Engine.open(tmp_path / "c", program=Program.from_dict(CLUB), sync="none") as e:
+        e.enroll("anna", at=T0)
+        e.purchase("anna", amount=100_000, at=T0 + timedelta(hours=1), ref="p1")
+        old = weakref.ref(e._members)
+        assert e._onep.bound is not None and e._onep.bound[4] is old()
+        e.enroll_batch([f"n{i}" for i in range(5_000)], at=T0)
+        gc.collect()
+        assert old() is None and e._onep.bound is None     # no buffer of the kernel holds it
+        e.purchase("anna", amount=100_000, at=T0 + timedelta(hours=2), ref="p2")
+        assert e._onep.bound[4] is e._members and e.member("anna").purchases == 2

@@ -1983,6 +1983,13 @@ cdef class Kernel:
         self.bound = (rows, item_cat, item_sku, item_amount, members, hist_off, hist, out_off, out_hist, offer_use,
                       budget_used, out, facts_out)
 
+    def release(self):
+        """Drop the buffers :meth:`bind` bound (so that arrays the caller replaced can be freed)."""
+        self.b_rows = self.b_cat = self.b_sku = self.b_amt = self.b_members = self.b_hist_off = None
+        self.b_hist = self.b_out_off = self.b_out_hist = self.b_use = self.b_budget = self.b_out = None
+        self.b_facts = self.b_seg = None
+        self.bound = None
+
     def run_bound(self, Py_ssize_t n_rows, Py_ssize_t n_items, Py_ssize_t n_hist):
         """:meth:`run` over the first ``n_rows`` rows (all one member's), ``n_items`` items and ``n_hist``
         history events of the bound buffers (the same checks are made)."""
@@ -3277,6 +3284,16 @@ cdef class OnePurchase:
         self.kernel = kernel
         self.nkeep = 0
         self.bound = kernel.bound
+
+    def release(self):
+        """Drop the bound buffers, the kernel's too (so that arrays the caller replaced can be freed)."""
+        if self.kernel is not None:
+            self.kernel.release()
+        self.rows = self.members = self.hist = self.out_hist = self.out_off = None
+        self.use = self.budget = self.out = self.facts = None
+        self.kernel = None
+        self.nkeep = 0
+        self.bound = None
 
     cdef void _keep(self, int64_t idx) noexcept:
         cdef int k = self.nkeep

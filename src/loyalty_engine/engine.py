@@ -484,6 +484,7 @@ class Engine:
         u = np.zeros((cap, *self._offer_use.shape[1:]), np.int64)
         u[: len(self._offer_use)] = self._offer_use
         self._offer_use = u
+        self._onep.release()    # the old arrays are free to go (the next purchase binds the new ones)
 
     # member record: name length (2) + name + state + usage length (4) + offer usage (int64 [offer, 3],
     # in the order of the names under key "O"; empty when the member never had an offer) + history
