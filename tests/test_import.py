@@ -26,6 +26,7 @@ from loyalty_engine.engine import Engine, credit_account, points_account
 from loyalty_engine.errors import ValidationError
 from loyalty_engine.program import Program
 from loyalty_engine.progress import Progress
+from loyalty_engine.types import TransferResult
 
 ROOT = Path(__file__).resolve().parent.parent
 CLUB = ROOT / "examples" / "customer_club" / "program.toml"
@@ -443,6 +444,44 @@ def test_an_error_after_a_chunk_committed_keeps_the_chunk(tmp_path: Path) -> Non
         del eng.ledger._write_snapshot               # the disk has room again
     with Engine.open(tmp_path / "club", program=prog, sync="none") as eng:
         assert eng.members == members and balances(eng) == clean
+
+
+def test_the_id_table_in_memory_does_not_grow_with_the_rows_imported(tmp_path: Path) -> None:
+    """The ids of an import's transfers are kept as runs (a few per chunk), not one table entry each:
+    importing 2.5 times the rows (the same members) leaves the writer's id table as it was, and a
+    re-run of the source, or a transfer posted again with an import's id, is still refused."""
+    prog = Program.from_toml(CLUB)
+    small, large = history(6_000, 300, seed=4), history(15_000, 300, seed=4)
+    sizes = {}
+    for name, t in (("small", small), ("large", large)):
+        with Engine.open(tmp_path / name, program=prog, sync="none") as eng:
+            first = eng.import_sales(t.slice(0, 3_000), columns=MAP, chunk_rows=3_000, import_id="a")
+            assert first.members_enrolled == 300                   # every member is in the first chunk
+            rep = eng.import_sales(t.slice(3_000), columns=MAP, chunk_rows=3_000, import_id="b")
+            st = eng.ledger._state
+            sizes[name] = (st.n_ids, st.n_runs, st.ids_in_runs)
+            assert rep.transfers == 0 or st.ids_in_runs >= rep.transfers
+            # an import's transfer posted again answers exists
+            recs = [r for _, r in _journal_transfers(eng) if len(r) >= 300][-1]
+            got = eng.ledger.post_batch(recs[[0, len(recs) // 2, len(recs) - 1]])
+            assert got.tolist() == [TransferResult.EXISTS] * 3
+    assert sizes["large"][0] == sizes["small"][0]
+    assert sizes["large"][2] > 2 * sizes["small"][2]                 # 2.5 times the rows
+    assert sizes["large"][1] <= 8 * 5                                 # a few runs a chunk
+
+
+def _journal_transfers(eng: Engine) -> list[tuple[int, np.ndarray]]:
+    """(sequence number, records) of every transfer entry in the engine's journal."""
+    from loyalty_engine.ledger import KIND_TRANSFERS, _records
+    from loyalty_engine.store import from_u64be
+
+    st = eng.ledger._st()
+    out = []
+    with st.begin() as txn:
+        for key, value in txn.cursor(db=st.dbs[b"journal"]):
+            if value[0] == KIND_TRANSFERS:
+                out.append((from_u64be(key), _records(txn, st.dbs[b"records"], from_u64be(key), value).copy()))
+    return out
 
 
 def test_a_chunk_of_many_journal_entries_commits_or_fails_whole(tmp_path: Path, monkeypatch) -> None:

@@ -528,6 +528,10 @@ class _Importer:
         cp = self._load_checkpoint()
         resumed_from = 0
         if cp is not None and cp.get("complete"):
+            # a run stopped between its last commit and writing the quarantine out: write it now
+            partial = self._partial()
+            if partial is not None and partial.exists():
+                self._write_quarantine(partial)
             return self._report(t0, cp, already=True)
         if cp is not None:
             if not self.resume:
@@ -933,7 +937,8 @@ class _Importer:
     def _transfers(self, ch: _Chunk, posted: np.ndarray, midx: np.ndarray, o: np.ndarray,
                    at: np.ndarray, day: np.ndarray) -> np.ndarray:
         """Per-member aggregates: points earned (per member and expiry), credit (per member), referral
-        bonuses (per referrer and expiry). Ids: this import's key, the chunk number and the position."""
+        bonuses (per referrer and expiry). Ids: this import's key, the chunk number and the position among
+        the chunk's transfers."""
         from .engine import CREDIT, ISSUE_CREDIT, ISSUE_POINTS, POINTS, _small_unique, credit_account, points_account
 
         eng = self.engine
@@ -954,7 +959,9 @@ class _Importer:
             raise ValidationError(f"import: {len(eng._member_names):,} members times {n_exp:,} expiry dates "
                                   f"in one chunk is too many; give a smaller chunk_rows")
 
-        def group(member: np.ndarray, amt: np.ndarray, kind: int, debit: int, credit_of: Any, asset: int,
+        placed = [0]
+
+        def group(member: np.ndarray, amt: np.ndarray, debit: int, credit_of: Any, asset: int,
                   code: int, expiring: bool) -> None:
             sel = np.flatnonzero(amt > 0)
             if not len(sel):
@@ -970,9 +977,12 @@ class _Importer:
             last = np.full(len(keys), np.iinfo(np.int64).min, np.int64)
             np.maximum.at(last, inv, a[sel])
             recs = np.zeros(len(keys), RECORD_DTYPE)
-            seq = np.arange(len(keys), dtype=np.uint64)
+            # the position among the chunk's transfers: one arithmetic run of ids a chunk, which the
+            # ledger keeps as a run instead of an entry per id (see Ledger._ensure_ids)
+            pos = np.arange(placed[0], placed[0] + len(keys), dtype=np.uint64)
+            placed[0] += len(keys)
             recs["id_hi"] = self.key_hi
-            recs["id_lo"] = (np.uint64(chunk_no) << np.uint64(40)) | (seq << np.uint64(8)) | np.uint64(kind)
+            recs["id_lo"] = (np.uint64(chunk_no) << np.uint64(40)) | pos
             recs["debit"] = debit
             recs["credit"] = credit_of(owner)
             recs["amount"] = total
@@ -983,9 +993,9 @@ class _Importer:
             recs["code"] = code
             parts.append(recs)
 
-        group(m, o["points"], 1, ISSUE_POINTS, points_account, POINTS, Code.EARN, True)
-        group(m, o["credit"], 2, ISSUE_CREDIT, credit_account, CREDIT, Code.CREDIT, False)
-        group(np.maximum(o["referrer"], 0), o["referrer_points"], 3, ISSUE_POINTS, points_account, POINTS,
+        group(m, o["points"], ISSUE_POINTS, points_account, POINTS, Code.EARN, True)
+        group(m, o["credit"], ISSUE_CREDIT, credit_account, CREDIT, Code.CREDIT, False)
+        group(np.maximum(o["referrer"], 0), o["referrer_points"], ISSUE_POINTS, points_account, POINTS,
               Code.BONUS, True)
         return np.concatenate(parts) if parts else np.zeros(0, RECORD_DTYPE)
 
@@ -1100,6 +1110,11 @@ class _Importer:
         partial = self._partial()
         if not complete or partial is None or self.quarantine is None:
             return
+        self._write_quarantine(partial)
+
+    def _write_quarantine(self, partial: Path) -> None:
+        """The quarantine file from its side file (every chunk's bad rows, written before its commit)."""
+        assert self.quarantine is not None
         with ipc.open_stream(partial) as r:
             t = r.read_all().drop_columns(["_seq"])
         t = t.sort_by([("file", "ascending"), ("row", "ascending")]) if t.num_rows else t
