@@ -423,6 +423,98 @@ def test_resume_rebuilds_the_duplicate_refs_as_the_clean_run_had_them(tmp_path: 
         assert balances(eng) == clean_balances
 
 
+def test_the_seen_refs_spill_to_sorted_runs_on_disk_and_answer_as_a_set() -> None:
+    """The duplicate-ref set holds at most ``spill`` hashes in RAM; the rest are sorted runs in files,
+    merged when too many pile up; it answers as a Python set does (the oracle)."""
+    from loyalty_engine.bulk_import import _SeenRefs
+
+    rng = np.random.default_rng(2)
+    seen = _SeenRefs(spill=1_000, max_runs=2, block=64)
+    oracle: set[int] = set()
+    try:
+        for _ in range(40):
+            h = np.unique(rng.integers(0, 30_000, 400).astype(np.uint64))
+            got = seen.contains(h)
+            assert got.tolist() == [int(v) in oracle for v in h.tolist()]
+            seen.add(h[~got])
+            oracle.update(int(v) for v in h[~got].tolist())
+            assert len(seen) == len(oracle) and len(seen.mem) < 1_000 and len(seen.runs) <= 2
+        assert seen.runs and all((np.diff(np.asarray(r)) > 0).all() for _, r in seen.runs)
+        folder = seen._dir
+        assert folder is not None and folder.exists()
+    finally:
+        seen.close()
+    assert not folder.exists()
+
+
+def test_duplicate_refs_are_found_across_spilled_runs(tmp_path: Path, monkeypatch) -> None:
+    """With the RAM part of the seen refs made tiny, an import still rejects a ref repeated chunks
+    later (and a resumed one rebuilds the same set), as with everything in RAM."""
+    import loyalty_engine.bulk_import as bulk
+
+    prog = Program.from_toml(CLUB)
+    t = history(6_000, 60)
+    refs = t.column("receipt").to_pylist()
+    refs[5_500], refs[4_100] = "r3", " r1999 "
+    t = t.set_column(3, "receipt", pa.array(refs))
+    with Engine.open(tmp_path / "ram", program=prog, sync="none") as eng:
+        in_ram = eng.import_sales(t, columns=MAP, chunk_rows=1_000, import_id="x")
+    assert in_ram.reasons == {"the same ref appears earlier in this source": 2}
+    monkeypatch.setattr(bulk, "SEEN_SPILL", 1_500)
+    runs_seen = []
+    real_add = bulk._SeenRefs.add
+
+    def add(self: Any, new: np.ndarray) -> None:
+        real_add(self, new)
+        runs_seen.append((len(self.runs), len(self.mem)))
+
+    monkeypatch.setattr(bulk._SeenRefs, "add", add)
+    with Engine.open(tmp_path / "disk", program=prog, sync="none") as eng:
+        import_failing_at_commit(eng, t, 5, import_id="x")
+    with Engine.open(tmp_path / "disk", program=prog, sync="none") as eng:
+        spilled = eng.import_sales(t, columns=MAP, chunk_rows=1_000, import_id="x", resume=True)
+        assert spilled.resumed_from_row == 4_000
+        assert spilled.reasons == in_ram.reasons and spilled.sales_posted == in_ram.sales_posted
+        assert balances(eng) == balances_of(tmp_path / "ram", prog)
+    assert max(r for r, _ in runs_seen) >= 2 and max(m for _, m in runs_seen) < 1_500
+
+
+def balances_of(path: Path, prog: Program) -> dict[str, tuple[int, int, str]]:
+    with Engine.open(path, program=prog, sync="none") as eng:
+        return balances(eng)
+
+
+def test_a_stop_after_the_last_commit_still_gives_the_quarantine(tmp_path: Path, monkeypatch) -> None:
+    """Killed after its last commit (the checkpoint says complete) but before the quarantine file was
+    written out from its side file: running the import again writes it (the SIGKILL test hit this)."""
+    import loyalty_engine.bulk_import as bulk
+
+    prog = Program.from_toml(CLUB)
+    t = history(3_000, 50)
+    total = t.column("total").to_numpy().copy()
+    total[::500] = 0
+    t = t.set_column(2, "total", pa.array(total))
+    with Engine.open(tmp_path / "clean", program=prog, sync="none") as eng:
+        eng.import_sales(t, columns=MAP, chunk_rows=1_000, import_id="q", quarantine=tmp_path / "clean.parquet")
+    q = tmp_path / "q.parquet"
+    real = bulk._Importer._write_quarantine
+
+    def killed(self: Any, partial: Path) -> None:
+        raise KeyboardInterrupt          # as a kill: nothing after this line of the run happens
+
+    monkeypatch.setattr(bulk._Importer, "_write_quarantine", killed)
+    with Engine.open(tmp_path / "club", program=prog, sync="none") as eng:
+        with pytest.raises(KeyboardInterrupt):
+            eng.import_sales(t, columns=MAP, chunk_rows=1_000, import_id="q", quarantine=q)
+    assert not q.exists() and (tmp_path / "q.parquet.partial").exists()
+    monkeypatch.setattr(bulk._Importer, "_write_quarantine", real)
+    with Engine.open(tmp_path / "club", program=prog, sync="none") as eng:
+        again = eng.import_sales(t, columns=MAP, chunk_rows=1_000, import_id="q", quarantine=q)
+    assert again.already_imported
+    assert pq.read_table(q).equals(pq.read_table(tmp_path / "clean.parquet")) and pq.read_table(q).num_rows == 6
+    assert not (tmp_path / "q.parquet.partial").exists()
+
+
 def test_an_error_after_a_chunk_committed_keeps_the_chunk(tmp_path: Path) -> None:
     """Housekeeping that fails after a chunk's commit (here: the ledger's snapshot) must not roll the
     committed chunk back in memory: its enrolments and state stay, a warning says what failed, and the

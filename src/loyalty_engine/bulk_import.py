@@ -332,6 +332,91 @@ def _insert_sorted(table: np.ndarray, new: np.ndarray) -> np.ndarray:
     return np.insert(table, np.searchsorted(table, new), new) if len(new) else table
 
 
+class _SeenRefs:
+    """The set of ref hashes an import has seen, in bounded memory: the newest up to ``spill`` in RAM
+    (sorted), the older ones in sorted runs in files (memory-mapped: read through the page cache, not
+    held by the process), merged two at a time when more than ``max_runs`` pile up. Files live in a
+    temporary directory removed by :meth:`close`."""
+
+    def __init__(self, spill: int, max_runs: int = 4, block: int = 1 << 20) -> None:
+        self.spill, self.max_runs, self.block = spill, max_runs, block
+        self.mem = np.zeros(0, np.uint64)
+        self.runs: list[tuple[Path, np.ndarray]] = []
+        self._dir: Path | None = None
+        self._files = 0
+
+    def __len__(self) -> int:
+        return len(self.mem) + sum(len(r) for _, r in self.runs)
+
+    def contains(self, h: np.ndarray) -> np.ndarray:
+        """Which of ``h`` (sorted, for the page cache's sake) are in the set."""
+        out = _in_sorted(h, self.mem)
+        for _, run in self.runs:
+            out |= _in_sorted(h, run)
+        return out
+
+    def add(self, new: np.ndarray) -> None:
+        """Add ``new`` (none of them in the set)."""
+        self.mem = _insert_sorted(self.mem, new)
+        if len(self.mem) >= self.spill:
+            self.runs.append(self._write(self.mem))
+            self.mem = np.zeros(0, np.uint64)
+            while len(self.runs) > self.max_runs:
+                self.runs.sort(key=lambda r: len(r[1]))
+                (pa_, a), (pb, b) = self.runs[0], self.runs[1]
+                merged = self._merge(a, b)
+                del a, b
+                self.runs = [merged, *self.runs[2:]]
+                pa_.unlink()
+                pb.unlink()
+
+    def _path(self) -> Path:
+        import tempfile
+
+        if self._dir is None:
+            self._dir = Path(tempfile.mkdtemp(prefix="loyalty-import-refs-"))
+        self._files += 1
+        return self._dir / f"run-{self._files}.u64"
+
+    def _write(self, arr: np.ndarray) -> tuple[Path, np.ndarray]:
+        path = self._path()
+        arr.tofile(path)
+        return path, np.memmap(path, np.uint64, "r")
+
+    def _merge(self, a: np.ndarray, b: np.ndarray) -> tuple[Path, np.ndarray]:
+        """One sorted run of two (distinct values), a block of each at a time."""
+        path = self._path()
+        i = j = 0
+        with open(path, "wb") as f:
+            while i < len(a) or j < len(b):
+                x, y = np.asarray(a[i: i + self.block]), np.asarray(b[j: j + self.block])
+                if not len(x) or not len(y):
+                    rest = x if len(x) else y
+                    rest.tofile(f)
+                    i, j = i + len(x), j + len(y)
+                    continue
+                cut = min(x[-1], y[-1])
+                nx, ny = int(np.searchsorted(x, cut, "right")), int(np.searchsorted(y, cut, "right"))
+                m = np.concatenate([x[:nx], y[:ny]])
+                m.sort()
+                m.tofile(f)
+                i, j = i + nx, j + ny
+        return path, np.memmap(path, np.uint64, "r")
+
+    def close(self) -> None:
+        self.runs = []
+        self.mem = np.zeros(0, np.uint64)
+        if self._dir is not None:
+            import shutil
+
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+
+
+#: Ref hashes an import keeps in RAM (8 bytes each) before it writes them to a sorted run on disk.
+SEEN_SPILL = 2_000_000
+
+
 # -- the import --------------------------------------------------------------------------------------------
 
 #: Transfers per journal entry of a chunk's transaction (a chunk's transfers may take several entries).
@@ -384,7 +469,7 @@ class _Importer:
         self.reasons: Counter[int] = Counter()
         self.kernel_reasons: Counter[str] = Counter()
         self.examples: list[dict[str, Any]] = []
-        self.seen = np.zeros(0, np.uint64)          # ref hashes of this source so far (duplicates)
+        self.seen = _SeenRefs(SEEN_SPILL)            # ref hashes of this source so far (duplicates)
         self.wanted = np.zeros(0, np.uint64)        # refs that returns refer to
         self.remaining: dict[str, list[int]] = {}   # original ref -> [amount left, member, at]
         self.stats = Counter()
@@ -565,6 +650,7 @@ class _Importer:
             self.progress.close()
             self._close_quarantine(cp.get("complete", False))
             self.engine._batch_buffers.clear()     # the chunks' buffers are not kept past the import
+            self.seen.close()
         return self._report(t0, cp, already=False, resumed_from=resumed_from)
 
     def _dedupe(self, reason: np.ndarray, ref_hash: np.ndarray) -> None:
@@ -576,9 +662,10 @@ class _Importer:
         sh = h[order]
         dup_in = np.zeros(len(h), bool)
         dup_in[order[1:]] = sh[1:] == sh[:-1]
-        dup_before = _in_sorted(h, self.seen)
+        dup_before = np.empty(len(h), bool)
+        dup_before[order] = self.seen.contains(sh)
         reason[live[dup_in | dup_before]] = R_DUP
-        self.seen = _insert_sorted(self.seen, h[~(dup_in | dup_before)])
+        self.seen.add(h[~(dup_in | dup_before)])
 
     def _replay_refs(self, upto: int, cols: list[str]) -> None:
         """Rebuild the duplicate-ref set of the rows an earlier run already imported, as that run built
