@@ -81,3 +81,23 @@ def test_short_runs_and_scattered_ids_go_to_the_table(tmp_path: Path) -> None:
     assert led._state.n_runs == 0 and led._state.n_ids == 500 + ID_RUN_MIN - 1
     assert (led.post_batch(batch(np.concatenate([short, scattered]))) == EXISTS).all()
     led.close()
+
+
+def test_a_snapshot_holds_the_state_twice_at_most(tmp_path: Path) -> None:
+    """Writing a snapshot holds the exported state and the value built from it, not also a copy of each
+    array and their join (an import's snapshot of 2 M accounts took 260 MB more)."""
+    import tracemalloc
+
+    led = Ledger.open(tmp_path / "l", sync="none")
+    led.create_accounts_batch(np.arange(1, 200_001, dtype=np.uint64))
+    size = sum(a.nbytes for a in led._state.export().values())
+    tracemalloc.start()
+    try:
+        led._write_snapshot()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert size > 10 << 20 and peak < 2.5 * size, (peak >> 20, size >> 20)
+    led.close()
+    with Ledger.open(tmp_path / "l", sync="none") as again:
+        assert again.verify().ok and again.balance(200_000).available == 0

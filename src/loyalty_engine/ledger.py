@@ -933,20 +933,27 @@ def _put_snapshot(txn: lmdb.Transaction, db: Any, seq: int, entry_hash: bytes,
                   arrays: dict[str, np.ndarray]) -> None:
     names = sorted(arrays)
     index = []
-    blobs = []
+    parts = []
     off = 0
     for name in names:
         a = np.ascontiguousarray(arrays[name])
-        b = a.tobytes()
         index.append(f"{name}:{a.dtype.str}:{len(a)}:{off}")
-        blobs.append(b)
-        off += len(b)
+        parts.append(a)
+        off += a.nbytes
     meta = ";".join(index).encode()
     head = u64be(seq) + entry_hash + struct.pack("<I", len(meta)) + meta
-    h = blake3.blake3(head, max_threads=blake3.blake3.AUTO)
-    for b in blobs:
-        h.update(b)
-    txn.put(b"state", b"".join((head, *blobs, h.digest())), db=db)
+    # the value is built in one buffer from the arrays themselves (a copy per array and a join of
+    # the copies cost two more state-sized blocks of memory at the moment of the snapshot)
+    value = np.empty(len(head) + off + HASH_SIZE, np.uint8)
+    value[: len(head)] = np.frombuffer(head, np.uint8)
+    pos = len(head)
+    for a in parts:
+        value[pos: pos + a.nbytes] = a.reshape(-1).view(np.uint8)
+        pos += a.nbytes
+    h = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    h.update(value[:pos])
+    value[pos:] = np.frombuffer(h.digest(), np.uint8)
+    txn.put(b"state", value, db=db)
 
 
 def _read_snapshot(txn: lmdb.Transaction, db: Any) -> tuple[int, bytes, dict[str, np.ndarray]] | None:
