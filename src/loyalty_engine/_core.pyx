@@ -957,7 +957,8 @@ cdef class State:
         if not replay and self.ids_enabled and self.n_runs:
             self._promote(batch, n)
         self.runs_at_start = self.n_runs
-        self.w_src = out
+        # the records runs closed by this call are built from (replay: the batch, as journaled)
+        self.w_src = batch if replay else out
         cdef Py_ssize_t j, chain_start = 0, chain_out = 0, n_out = 0, chain_pending = 0
         cdef Py_ssize_t failed_at = -1
         cdef bint in_chain = False, chain_failed = False
