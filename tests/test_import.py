@@ -26,6 +26,7 @@ from loyalty_engine.engine import Engine, credit_account, points_account
 from loyalty_engine.errors import ValidationError
 from loyalty_engine.program import Program
 from loyalty_engine.progress import Progress
+from loyalty_engine.types import TransferResult
 
 ROOT = Path(__file__).resolve().parent.parent
 CLUB = ROOT / "examples" / "customer_club" / "program.toml"
@@ -422,6 +423,118 @@ def test_resume_rebuilds_the_duplicate_refs_as_the_clean_run_had_them(tmp_path: 
         assert balances(eng) == clean_balances
 
 
+def test_the_seen_refs_spill_to_sorted_runs_on_disk_and_answer_as_a_set() -> None:
+    """The duplicate-ref set holds at most ``spill`` hashes in RAM; the rest are sorted runs in files,
+    merged when too many pile up; it answers as a Python set does (the oracle)."""
+    from loyalty_engine.bulk_import import _SeenRefs
+
+    rng = np.random.default_rng(2)
+    seen = _SeenRefs(spill=1_000, max_runs=2, block=64)
+    oracle: set[int] = set()
+    try:
+        for _ in range(40):
+            h = np.unique(rng.integers(0, 30_000, 400).astype(np.uint64))
+            got = seen.contains(h)
+            assert got.tolist() == [int(v) in oracle for v in h.tolist()]
+            seen.add(h[~got])
+            oracle.update(int(v) for v in h[~got].tolist())
+            assert len(seen) == len(oracle) and len(seen.mem) < 1_000 and len(seen.runs) <= 2
+        assert seen.runs and all((np.diff(np.asarray(r)) > 0).all() for _, r in seen.runs)
+        folder = seen._dir
+        assert folder is not None and folder.exists()
+    finally:
+        seen.close()
+    assert not folder.exists()
+
+
+def test_duplicate_refs_are_found_across_spilled_runs(tmp_path: Path, monkeypatch) -> None:
+    """With the RAM part of the seen refs made tiny, an import still rejects a ref repeated chunks
+    later (and a resumed one rebuilds the same set), as with everything in RAM."""
+    import loyalty_engine.bulk_import as bulk
+
+    prog = Program.from_toml(CLUB)
+    t = history(6_000, 60)
+    refs = t.column("receipt").to_pylist()
+    refs[5_500], refs[4_100] = "r3", " r1999 "
+    t = t.set_column(3, "receipt", pa.array(refs))
+    with Engine.open(tmp_path / "ram", program=prog, sync="none") as eng:
+        in_ram = eng.import_sales(t, columns=MAP, chunk_rows=1_000, import_id="x")
+    assert in_ram.reasons == {"the same ref appears earlier in this source": 2}
+    monkeypatch.setattr(bulk, "SEEN_SPILL", 1_500)
+    runs_seen = []
+    real_add = bulk._SeenRefs.add
+
+    def add(self: Any, new: np.ndarray) -> None:
+        real_add(self, new)
+        runs_seen.append((len(self.runs), len(self.mem)))
+
+    monkeypatch.setattr(bulk._SeenRefs, "add", add)
+    with Engine.open(tmp_path / "disk", program=prog, sync="none") as eng:
+        import_failing_at_commit(eng, t, 5, import_id="x")
+    with Engine.open(tmp_path / "disk", program=prog, sync="none") as eng:
+        spilled = eng.import_sales(t, columns=MAP, chunk_rows=1_000, import_id="x", resume=True)
+        assert spilled.resumed_from_row == 4_000
+        assert spilled.reasons == in_ram.reasons and spilled.sales_posted == in_ram.sales_posted
+        assert balances(eng) == balances_of(tmp_path / "ram", prog)
+    assert max(r for r, _ in runs_seen) >= 2 and max(m for _, m in runs_seen) < 1_500
+
+
+def balances_of(path: Path, prog: Program) -> dict[str, tuple[int, int, str]]:
+    with Engine.open(path, program=prog, sync="none") as eng:
+        return balances(eng)
+
+
+def test_reading_a_parquet_file_holds_one_row_group_not_the_file(tmp_path: Path) -> None:
+    """Read over the whole file, the Parquet reader kept what it pre-buffered until it ended: Arrow's
+    memory grew with the row groups read (the benchmark's 10 M rows: 100 MB, then 215 MB). Read a row
+    group at a time, it stays flat."""
+    from loyalty_engine.bench.import_workload import write_history
+    from loyalty_engine.sources import batches, resolve
+
+    path = write_history(tmp_path / "history.parquet", 3_000_000, 100_000, row_group=250_000)
+    held = []
+    rows = 0
+    for b, r in batches(resolve(path, None, None)[0], ["customer_id", "sold_at", "total", "category"], 1 << 20,
+                        None, []):
+        assert r[0] == rows + 1
+        rows += b.num_rows
+        held.append(pa.total_allocated_bytes())
+        del b
+    assert rows == 3_000_000
+    assert max(held[-3:]) - max(held[:3]) < 4 << 20, [h >> 20 for h in held]     # it was 20 MB more
+
+
+def test_a_stop_after_the_last_commit_still_gives_the_quarantine(tmp_path: Path, monkeypatch) -> None:
+    """Killed after its last commit (the checkpoint says complete) but before the quarantine file was
+    written out from its side file: running the import again writes it (the SIGKILL test hit this)."""
+    import loyalty_engine.bulk_import as bulk
+
+    prog = Program.from_toml(CLUB)
+    t = history(3_000, 50)
+    total = t.column("total").to_numpy().copy()
+    total[::500] = 0
+    t = t.set_column(2, "total", pa.array(total))
+    with Engine.open(tmp_path / "clean", program=prog, sync="none") as eng:
+        eng.import_sales(t, columns=MAP, chunk_rows=1_000, import_id="q", quarantine=tmp_path / "clean.parquet")
+    q = tmp_path / "q.parquet"
+    real = bulk._Importer._write_quarantine
+
+    def killed(self: Any, partial: Path) -> None:
+        raise KeyboardInterrupt          # as a kill: nothing after this line of the run happens
+
+    monkeypatch.setattr(bulk._Importer, "_write_quarantine", killed)
+    with Engine.open(tmp_path / "club", program=prog, sync="none") as eng:
+        with pytest.raises(KeyboardInterrupt):
+            eng.import_sales(t, columns=MAP, chunk_rows=1_000, import_id="q", quarantine=q)
+    assert not q.exists() and (tmp_path / "q.parquet.partial").exists()
+    monkeypatch.setattr(bulk._Importer, "_write_quarantine", real)
+    with Engine.open(tmp_path / "club", program=prog, sync="none") as eng:
+        again = eng.import_sales(t, columns=MAP, chunk_rows=1_000, import_id="q", quarantine=q)
+    assert again.already_imported
+    assert pq.read_table(q).equals(pq.read_table(tmp_path / "clean.parquet")) and pq.read_table(q).num_rows == 6
+    assert not (tmp_path / "q.parquet.partial").exists()
+
+
 def test_an_error_after_a_chunk_committed_keeps_the_chunk(tmp_path: Path) -> None:
     """Housekeeping that fails after a chunk's commit (here: the ledger's snapshot) must not roll the
     committed chunk back in memory: its enrolments and state stay, a warning says what failed, and the
@@ -443,6 +556,44 @@ def test_an_error_after_a_chunk_committed_keeps_the_chunk(tmp_path: Path) -> Non
         del eng.ledger._write_snapshot               # the disk has room again
     with Engine.open(tmp_path / "club", program=prog, sync="none") as eng:
         assert eng.members == members and balances(eng) == clean
+
+
+def test_the_id_table_in_memory_does_not_grow_with_the_rows_imported(tmp_path: Path) -> None:
+    """The ids of an import's transfers are kept as runs (a few per chunk), not one table entry each:
+    importing 2.5 times the rows (the same members) leaves the writer's id table as it was, and a
+    re-run of the source, or a transfer posted again with an import's id, is still refused."""
+    prog = Program.from_toml(CLUB)
+    small, large = history(6_000, 300, seed=4), history(15_000, 300, seed=4)
+    sizes = {}
+    for name, t in (("small", small), ("large", large)):
+        with Engine.open(tmp_path / name, program=prog, sync="none") as eng:
+            first = eng.import_sales(t.slice(0, 3_000), columns=MAP, chunk_rows=3_000, import_id="a")
+            assert first.members_enrolled == 300                   # every member is in the first chunk
+            rep = eng.import_sales(t.slice(3_000), columns=MAP, chunk_rows=3_000, import_id="b")
+            st = eng.ledger._state
+            sizes[name] = (st.n_ids, st.n_runs, st.ids_in_runs)
+            assert rep.transfers == 0 or st.ids_in_runs >= rep.transfers
+            # an import's transfer posted again answers exists
+            recs = [r for _, r in _journal_transfers(eng) if len(r) >= 300][-1]
+            got = eng.ledger.post_batch(recs[[0, len(recs) // 2, len(recs) - 1]])
+            assert got.tolist() == [TransferResult.EXISTS] * 3
+    assert sizes["large"][0] == sizes["small"][0]
+    assert sizes["large"][2] > 2 * sizes["small"][2]                 # 2.5 times the rows
+    assert sizes["large"][1] <= 8 * 5                                 # a few runs a chunk
+
+
+def _journal_transfers(eng: Engine) -> list[tuple[int, np.ndarray]]:
+    """(sequence number, records) of every transfer entry in the engine's journal."""
+    from loyalty_engine.ledger import KIND_TRANSFERS, _records
+    from loyalty_engine.store import from_u64be
+
+    st = eng.ledger._st()
+    out = []
+    with st.begin() as txn:
+        for key, value in txn.cursor(db=st.dbs[b"journal"]):
+            if value[0] == KIND_TRANSFERS:
+                out.append((from_u64be(key), _records(txn, st.dbs[b"records"], from_u64be(key), value).copy()))
+    return out
 
 
 def test_a_chunk_of_many_journal_entries_commits_or_fails_whole(tmp_path: Path, monkeypatch) -> None:

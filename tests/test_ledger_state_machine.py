@@ -38,6 +38,7 @@ from ledger_model import (
 )
 
 from loyalty_engine import Account, AccountFlags, Ledger, Transfer, TransferFlags
+from loyalty_engine._core import ID_RUN_MIN
 from loyalty_engine.errors import NotFoundError
 
 SEC = 1_000_000
@@ -321,6 +322,24 @@ class LedgerMachine(RuleBasedStateMachine):
             replace(t, flags=(t.flags | LINKED) if ln else (t.flags & ~TransferFlags.LINKED))
             for t, ln in zip(batch, linked, strict=True)
         ]
+        self.post(batch)
+
+    @rule(data=st.data(), n=st.integers(ID_RUN_MIN - 2, ID_RUN_MIN + 40), stride=st.sampled_from((1, 2, 256)))
+    def post_run(self, data: Any, n: int, stride: int) -> None:
+        """A bulk batch whose ids step by a constant stride, as an import's do (the ledger keeps such ids
+        as runs, not a table entry each): some of its transfers fail (a zero amount, or more than the
+        debit holds), which breaks the run; a few at the end repeat one before them, as sent or changed.
+        Later retries (retry_batch, a retry in post_batch) and a reopened handle look them up again."""
+        first = self.last_id + 1
+        self.last_id += n * stride
+        hi = pick(data, (0, 0, 5), "id high bits") << 64
+        debit, credit, asset = self.draw_pair(data)
+        amounts = data.draw(st.lists(st.integers(0, 40), min_size=n, max_size=n), label="amounts")
+        batch = [Transfer(id=hi | (first + k * stride), debit=debit, credit=credit, amount=amounts[k], asset=asset,
+                          code=7, at=self.now) for k in range(n)]
+        for _ in range(pick(data, (0, 0, 1, 3), "repeats")):
+            t = batch[data.draw(st.integers(0, n - 1), label="repeat of")]
+            batch.append(t if pick(data, (True, False), "as sent") else replace(t, amount=t.amount ^ 1))
         self.post(batch)
 
     @precondition(lambda self: bool(self.batches))

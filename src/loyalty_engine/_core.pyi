@@ -1,5 +1,6 @@
 """Type stub for the compiled core (src/loyalty_engine/_core.pyx). Kept true by tests/test_core_stub.py."""
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -10,6 +11,7 @@ ACCOUNT_RECORD_SIZE: int
 SLOT_DTYPE: np.dtype[Any]
 LOT_DTYPE: np.dtype[Any]
 HUGE_TABLE: int
+ID_RUN_MIN: int
 MSTATE_DTYPE: np.dtype[Any]
 HEV_DTYPE: np.dtype[Any]
 ROW_DTYPE: np.dtype[Any]
@@ -85,6 +87,11 @@ class State:
     n_pending: int
     n_ids: int
     ids_enabled: bool
+    n_runs: int
+    ids_in_runs: int
+    entry_seq: int
+    id_source: Callable[[int, int, int, int], int] | None
+    _runs_arr: npt.NDArray[np.void] | None
     lot_free: int
     lot_cap: int
     lots_in_use: int
@@ -114,7 +121,7 @@ class State:
     def _alloc_ids(self, cap: int) -> None: ...
     def reserve(self, accounts: int = 0, transfers: int = 0, pending: int = -1) -> None: ...
     def enable_ids(self, expected: int = 0) -> None: ...
-    def add_ids(self, recs: _Records) -> None: ...
+    def add_ids(self, recs: _Records, seq: int = 0) -> None: ...
     def apply_accounts(self, recs: _Records, results: _U8, out: _Records, replay: bool = False) -> int: ...
     def slot_of(self, account_id: int) -> int: ...
     def account_row(self, account_id: int) -> tuple[int, int, int] | None: ...

@@ -19,6 +19,13 @@ import mmap
 import numpy as np
 
 HUGE_TABLE = 4 << 20
+#: Consecutive committed transfers (of one journal entry) whose ids step by a constant stride are kept
+#: as one run (a few numbers) instead of an entry each in the id table, when at least this many.
+ID_RUN_MIN = 64
+cdef Py_ssize_t _ID_RUN_MIN = ID_RUN_MIN
+# A write keeps at most this many new runs (a later transfer of the same batch looks its id up in each);
+# the ids of any further run of that write go to the table.
+DEF RUNS_PER_WRITE = 8
 
 # ---------------------------------------------------------------------------------------------------
 # Records (must match types.RECORD_DTYPE and types.ACCOUNT_RECORD_DTYPE)
@@ -76,6 +83,16 @@ cdef packed struct IdEntry:
     uint64_t hi
     uint64_t fp
     uint64_t pad
+
+cdef packed struct IdRun:
+    # committed transfer ids hi, first, first + stride, ..., last: the records at positions pos,
+    # pos + 1, ... of journal entry seq (their fingerprints are read from there when asked)
+    uint64_t hi
+    uint64_t first
+    uint64_t last
+    uint64_t stride
+    int64_t seq
+    int64_t pos
 
 cdef extern from *:
     """
@@ -281,6 +298,23 @@ cdef class State:
     cdef uint64_t t_mask
     cdef public Py_ssize_t n_ids
     cdef public bint ids_enabled
+    # ...and runs of them (see IdRun): ids_in_runs ids in n_runs runs, read back through id_source
+    cdef public object _runs_arr
+    cdef IdRun[::1] runs
+    cdef public Py_ssize_t n_runs, ids_in_runs
+    #: the journal entry the next apply() (or add_ids) writes; 0: unknown, so no run is kept. The
+    #: ledger sets it before each write; apply() clears it.
+    cdef public int64_t entry_seq
+    #: id_source(seq, pos, id_lo, id_hi) -> the fingerprint of the committed record at position pos of
+    #: entry seq (the ledger reads it from the journal); asked only for an id found in a run
+    cdef public object id_source
+    # the run being built: records or_pos .. or_pos + or_count - 1 of or_src
+    cdef const TRec* or_src
+    cdef uint64_t or_hi, or_first, or_stride
+    cdef Py_ssize_t or_pos, or_count
+    # runs runs_at_start .. n_runs - 1 were closed by the apply() under way, from records of w_src
+    cdef Py_ssize_t runs_at_start
+    cdef const TRec* w_src
 
     def __init__(self):
         self.n_accounts = 0
@@ -288,6 +322,15 @@ cdef class State:
         self.n_ids = 0
         self.ids_enabled = False
         self._ids_arr = None
+        self._runs_arr = None
+        self.n_runs = 0
+        self.ids_in_runs = 0
+        self.entry_seq = 0
+        self.id_source = None
+        self.or_src = NULL
+        self.or_count = 0
+        self.runs_at_start = 0
+        self.w_src = NULL
         self.lot_free = -1
         self.lot_cap = 0
         self.lots_in_use = 0
@@ -424,13 +467,8 @@ cdef class State:
                 while cap < need * 2:
                     cap *= 2
                 self._alloc_pending_hash(cap)
-            if self.ids_enabled:
-                need = self.n_ids + transfers
-                if need * 2 > self._ids_arr.shape[0]:
-                    cap = self._ids_arr.shape[0]
-                    while cap < need * 2:
-                        cap *= 4  # the id table only grows: rehash it less often
-                    self._alloc_ids(cap)
+            # the id table grows when an insert needs it (_id_put): most of a bulk write's ids end in
+            # runs, not in the table
 
     def enable_ids(self, Py_ssize_t expected=0):
         """Start tracking seen transfer ids (for idempotency); the caller then feeds the journal."""
@@ -439,6 +477,13 @@ cdef class State:
             cap *= 2
         self._ids_arr = None
         self._alloc_ids(cap)
+        self._runs_arr = np.zeros(16, [("hi", "<u8"), ("first", "<u8"), ("last", "<u8"), ("stride", "<u8"),
+                                       ("seq", "<i8"), ("pos", "<i8")])
+        self.runs = self._runs_arr
+        self.n_runs = 0
+        self.ids_in_runs = 0
+        self.or_src = NULL
+        self.or_count = 0
         self.ids_enabled = True
 
     # -- hash tables ---------------------------------------------------------------------------
@@ -483,14 +528,32 @@ cdef class State:
         self.p_vals[i] = p
 
     cdef inline int _id_find(self, uint64_t lo, uint64_t hi, uint64_t* fp) noexcept nogil:
-        cdef uint64_t i = hash128(lo, hi) & self.t_mask
+        """A committed id (its fingerprint in ``fp``): in the table, in the run being built, or in a
+        run this write closed (the ids of a batch that are in earlier writes' runs were put in the table
+        before it, by _promote)."""
+        cdef uint64_t i = hash128(lo, hi) & self.t_mask, d
+        cdef Py_ssize_t r
         while True:
             if self.ids[i].lo == lo and self.ids[i].hi == hi:
                 fp[0] = self.ids[i].fp
                 return 1
             if self.ids[i].lo == 0 and self.ids[i].hi == 0:
-                return 0
+                break
             i = (i + 1) & self.t_mask
+        if self.or_count > 0 and hi == self.or_hi and lo >= self.or_first:
+            d = lo - self.or_first
+            if d == 0:
+                fp[0] = self.or_src[self.or_pos].fp
+                return 1
+            if self.or_count > 1 and d % self.or_stride == 0 and d // self.or_stride < <uint64_t>self.or_count:
+                fp[0] = self.or_src[self.or_pos + <Py_ssize_t>(d // self.or_stride)].fp
+                return 1
+        for r in range(self.runs_at_start, self.n_runs):    # closed by this write (its records in w_src)
+            if (self.runs[r].hi == hi and self.runs[r].first <= lo and lo <= self.runs[r].last
+                    and (lo - self.runs[r].first) % self.runs[r].stride == 0):
+                fp[0] = self.w_src[self.runs[r].pos + <Py_ssize_t>((lo - self.runs[r].first) // self.runs[r].stride)].fp
+                return 1
+        return 0
 
     cdef inline void _id_insert(self, uint64_t lo, uint64_t hi, uint64_t fp) noexcept nogil:
         cdef uint64_t i = hash128(lo, hi) & self.t_mask
@@ -503,15 +566,139 @@ cdef class State:
         self.ids[i].fp = fp
         self.n_ids += 1
 
-    def add_ids(self, const TRec[::1] recs):
-        """Record the ids (and submitted-field fingerprints) of committed transfers."""
+    cdef int _id_put(self, uint64_t lo, uint64_t hi, uint64_t fp) noexcept nogil:
+        """Insert into the id table, growing it first when it would be more than half full."""
+        cdef Py_ssize_t cap
+        if (self.n_ids + 1) * 2 > self.ids.shape[0]:
+            with gil:
+                try:
+                    cap = self._ids_arr.shape[0]
+                    self._alloc_ids(cap * 4)   # the id table only grows: rehash it less often
+                except BaseException:
+                    return -1
+        self._id_insert(lo, hi, fp)
+        return 0
+
+    cdef int _id_add(self, const TRec* src, Py_ssize_t j) noexcept nogil:
+        """Remember the id of committed record ``src[j]`` (position ``j`` of the entry being written;
+        records are added in position order, none twice): it extends the open run, or closes it and
+        opens a new one."""
+        cdef uint64_t lo = src[j].id_lo, d
+        if self.or_count > 0 and src == self.or_src and j == self.or_pos + self.or_count \
+                and src[j].id_hi == self.or_hi and lo > self.or_first:
+            d = lo - self.or_first
+            if self.or_count == 1:
+                self.or_stride = d
+                self.or_count = 2
+                return 0
+            if d % self.or_stride == 0 and d // self.or_stride == <uint64_t>self.or_count:
+                self.or_count += 1
+                return 0
+        if self._ids_close():
+            return -1
+        self.or_src = src
+        self.or_pos = j
+        self.or_hi = src[j].id_hi
+        self.or_first = lo
+        self.or_stride = 0
+        self.or_count = 1
+        return 0
+
+    cdef int _ids_close(self) noexcept nogil:
+        """Close the open run: a long one (of a known entry) joins the runs, a short one's ids the table."""
+        cdef Py_ssize_t k
+        cdef IdRun* r
+        if self.or_count == 0:
+            return 0
+        if self.or_count >= _ID_RUN_MIN and self.entry_seq > 0 and self.n_runs - self.runs_at_start < RUNS_PER_WRITE:
+            if self.n_runs == self.runs.shape[0]:
+                with gil:
+                    try:
+                        arr = np.zeros(2 * self.n_runs, self._runs_arr.dtype)
+                        arr[:self.n_runs] = self._runs_arr
+                        self._runs_arr = arr
+                        self.runs = arr
+                    except BaseException:
+                        return -1
+            r = &self.runs[self.n_runs]
+            r.hi = self.or_hi
+            r.first = self.or_first
+            r.last = self.or_first + <uint64_t>(self.or_count - 1) * self.or_stride
+            r.stride = self.or_stride
+            r.seq = self.entry_seq
+            r.pos = self.or_pos
+            self.n_runs += 1
+            self.ids_in_runs += self.or_count
+        else:
+            for k in range(self.or_pos, self.or_pos + self.or_count):
+                if self._id_put(self.or_src[k].id_lo, self.or_src[k].id_hi, self.or_src[k].fp):
+                    return -1
+        self.or_count = 0
+        self.or_src = NULL
+        return 0
+
+    cdef inline Py_ssize_t _run_find(self, uint64_t lo, uint64_t hi) noexcept nogil:
+        """The stored run holding id (lo, hi), or -1."""
+        cdef Py_ssize_t r
+        for r in range(self.n_runs):
+            if (self.runs[r].hi == hi and self.runs[r].first <= lo and lo <= self.runs[r].last
+                    and (lo - self.runs[r].first) % self.runs[r].stride == 0):
+                return r
+        return -1
+
+    cdef int _promote(self, const TRec* batch, Py_ssize_t n) except -1:
+        """Before a batch is applied: the ids of the batch found in stored runs go into the table with
+        their fingerprints (``id_source`` reads them from the journal), so that the batch sees them as
+        it sees any committed id. Such ids are re-submissions: rare, and each looked up once."""
+        cdef Py_ssize_t i, r, k, pos
+        cdef Buf hits
+        hits.data = NULL; hits.n = 0; hits.cap = 0
+        cdef int err = 0
+        try:
+            with nogil:
+                for i in range(n):
+                    r = self._run_find(batch[i].id_lo, batch[i].id_hi)
+                    if r >= 0 and (buf_push(&hits, i) or buf_push(&hits, r)):
+                        err = 1
+                        break
+            if err:
+                raise MemoryError("ledger kernel: no memory for the run look-ups")
+            for k in range(0, hits.n, 2):
+                i, r = hits.data[k], hits.data[k + 1]
+                if self.id_source is None:
+                    raise RuntimeError("the ledger state keeps id runs but has no id_source to read them")
+                pos = self.runs[r].pos + <Py_ssize_t>((batch[i].id_lo - self.runs[r].first) // self.runs[r].stride)
+                fp = self.id_source(self.runs[r].seq, pos, batch[i].id_lo, batch[i].id_hi)
+                if self._id_put(batch[i].id_lo, batch[i].id_hi, <uint64_t>fp):
+                    raise MemoryError("ledger kernel: could not grow the id table")
+        finally:
+            free(hits.data)
+        return 0
+
+    def add_ids(self, const TRec[::1] recs, int64_t seq=0):
+        """Record the ids (and submitted-field fingerprints) of committed transfers: the records of
+        journal entry ``seq`` in order (with ``seq`` 0, every id goes to the table)."""
         cdef Py_ssize_t i, n = recs.shape[0]
-        if not self.ids_enabled:
+        cdef int err = 0
+        if not self.ids_enabled or n == 0:
             return
-        self.reserve(0, n, 0)
-        with nogil:
-            for i in range(n):
-                self._id_insert(recs[i].id_lo, recs[i].id_hi, recs[i].fp)
+        self.entry_seq = seq
+        self.runs_at_start = self.n_runs
+        try:
+            with nogil:
+                for i in range(n):
+                    if self._id_add(&recs[0], i):
+                        err = 1
+                        break
+                if not err and self._ids_close():
+                    err = 1
+        finally:
+            self.or_count = 0
+            self.or_src = NULL
+            self.entry_seq = 0
+            self.runs_at_start = self.n_runs
+        if err:
+            raise MemoryError("ledger kernel: could not grow the id table")
 
     # -- lots ----------------------------------------------------------------------------------
     cdef inline int32_t _lot_alloc(self) noexcept nogil:
@@ -767,6 +954,11 @@ cdef class State:
             if batch[i].flags & F_PENDING:
                 holds += 1
         self.reserve(0, n, holds)
+        if not replay and self.ids_enabled and self.n_runs:
+            self._promote(batch, n)
+        self.runs_at_start = self.n_runs
+        # the records runs closed by this call are built from (replay: the batch, as journaled)
+        self.w_src = batch if replay else out
         cdef Py_ssize_t j, chain_start = 0, chain_out = 0, n_out = 0, chain_pending = 0
         cdef Py_ssize_t failed_at = -1
         cdef bint in_chain = False, chain_failed = False
@@ -850,7 +1042,11 @@ cdef class State:
                         # chain (or single transfer) complete: remember its ids
                         if self.ids_enabled and not chain_failed:
                             for j in range(chain_out, n_out):
-                                self._id_insert(out[j].id_lo, out[j].id_hi, out[j].fp)
+                                if self._id_add(out, j):
+                                    rc = -1
+                                    break
+                            if rc:
+                                break
                 if rc == 0 and failed_at < 0 and in_chain and not replay:
                     # the batch ended inside a chain: the chain fails as a whole
                     if not chain_failed:
@@ -858,19 +1054,30 @@ cdef class State:
                         n_out = chain_out
                     for j in range(chain_start, n):
                         results[j] = R_LINKED_EVENT_CHAIN_OPEN
+            if rc == 0 and failed_at < 0 and self.ids_enabled:
+                with nogil:
+                    if replay:
+                        for i in range(n):
+                            if self._id_add(batch, i):
+                                rc = -1
+                                break
+                    if rc == 0 and self._ids_close():
+                        rc = -1
         finally:
             free(slots)
             free(bal_undo.data)
             free(lot_undo.data)
             free(pend_undo.data)
+            # the run being built points into this call's buffers: it ends with the call
+            self.or_count = 0
+            self.or_src = NULL
+            self.entry_seq = 0
+            self.runs_at_start = self.n_runs
+            self.w_src = NULL
         if rc:
-            raise MemoryError("ledger kernel: could not grow an undo log")
+            raise MemoryError("ledger kernel: could not grow an undo log or the id table")
         if failed_at >= 0:
             return -(failed_at + 1)
-        if replay and self.ids_enabled:
-            with nogil:
-                for i in range(n):
-                    self._id_insert(batch[i].id_lo, batch[i].id_hi, batch[i].fp)
         return n_out
 
     cdef void _rollback(self, Buf* bal_undo, Buf* lot_undo, Buf* pend_undo,

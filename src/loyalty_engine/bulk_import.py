@@ -332,6 +332,91 @@ def _insert_sorted(table: np.ndarray, new: np.ndarray) -> np.ndarray:
     return np.insert(table, np.searchsorted(table, new), new) if len(new) else table
 
 
+class _SeenRefs:
+    """The set of ref hashes an import has seen, in bounded memory: the newest up to ``spill`` in RAM
+    (sorted), the older ones in sorted runs in files (memory-mapped: read through the page cache, not
+    held by the process), merged two at a time when more than ``max_runs`` pile up. Files live in a
+    temporary directory removed by :meth:`close`."""
+
+    def __init__(self, spill: int, max_runs: int = 4, block: int = 1 << 20) -> None:
+        self.spill, self.max_runs, self.block = spill, max_runs, block
+        self.mem = np.zeros(0, np.uint64)
+        self.runs: list[tuple[Path, np.ndarray]] = []
+        self._dir: Path | None = None
+        self._files = 0
+
+    def __len__(self) -> int:
+        return len(self.mem) + sum(len(r) for _, r in self.runs)
+
+    def contains(self, h: np.ndarray) -> np.ndarray:
+        """Which of ``h`` (sorted, for the page cache's sake) are in the set."""
+        out = _in_sorted(h, self.mem)
+        for _, run in self.runs:
+            out |= _in_sorted(h, run)
+        return out
+
+    def add(self, new: np.ndarray) -> None:
+        """Add ``new`` (none of them in the set)."""
+        self.mem = _insert_sorted(self.mem, new)
+        if len(self.mem) >= self.spill:
+            self.runs.append(self._write(self.mem))
+            self.mem = np.zeros(0, np.uint64)
+            while len(self.runs) > self.max_runs:
+                self.runs.sort(key=lambda r: len(r[1]))
+                (pa_, a), (pb, b) = self.runs[0], self.runs[1]
+                merged = self._merge(a, b)
+                del a, b
+                self.runs = [merged, *self.runs[2:]]
+                pa_.unlink()
+                pb.unlink()
+
+    def _path(self) -> Path:
+        import tempfile
+
+        if self._dir is None:
+            self._dir = Path(tempfile.mkdtemp(prefix="loyalty-import-refs-"))
+        self._files += 1
+        return self._dir / f"run-{self._files}.u64"
+
+    def _write(self, arr: np.ndarray) -> tuple[Path, np.ndarray]:
+        path = self._path()
+        arr.tofile(path)
+        return path, np.memmap(path, np.uint64, "r")
+
+    def _merge(self, a: np.ndarray, b: np.ndarray) -> tuple[Path, np.ndarray]:
+        """One sorted run of two (distinct values), a block of each at a time."""
+        path = self._path()
+        i = j = 0
+        with open(path, "wb") as f:
+            while i < len(a) or j < len(b):
+                x, y = np.asarray(a[i: i + self.block]), np.asarray(b[j: j + self.block])
+                if not len(x) or not len(y):
+                    rest = x if len(x) else y
+                    rest.tofile(f)
+                    i, j = i + len(x), j + len(y)
+                    continue
+                cut = min(x[-1], y[-1])
+                nx, ny = int(np.searchsorted(x, cut, "right")), int(np.searchsorted(y, cut, "right"))
+                m = np.concatenate([x[:nx], y[:ny]])
+                m.sort()
+                m.tofile(f)
+                i, j = i + nx, j + ny
+        return path, np.memmap(path, np.uint64, "r")
+
+    def close(self) -> None:
+        self.runs = []
+        self.mem = np.zeros(0, np.uint64)
+        if self._dir is not None:
+            import shutil
+
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+
+
+#: Ref hashes an import keeps in RAM (8 bytes each) before it writes them to a sorted run on disk.
+SEEN_SPILL = 2_000_000
+
+
 # -- the import --------------------------------------------------------------------------------------------
 
 #: Transfers per journal entry of a chunk's transaction (a chunk's transfers may take several entries).
@@ -384,7 +469,7 @@ class _Importer:
         self.reasons: Counter[int] = Counter()
         self.kernel_reasons: Counter[str] = Counter()
         self.examples: list[dict[str, Any]] = []
-        self.seen = np.zeros(0, np.uint64)          # ref hashes of this source so far (duplicates)
+        self.seen = _SeenRefs(SEEN_SPILL)            # ref hashes of this source so far (duplicates)
         self.wanted = np.zeros(0, np.uint64)        # refs that returns refer to
         self.remaining: dict[str, list[int]] = {}   # original ref -> [amount left, member, at]
         self.stats = Counter()
@@ -528,6 +613,10 @@ class _Importer:
         cp = self._load_checkpoint()
         resumed_from = 0
         if cp is not None and cp.get("complete"):
+            # a run stopped between its last commit and writing the quarantine out: write it now
+            partial = self._partial()
+            if partial is not None and partial.exists():
+                self._write_quarantine(partial)
             return self._report(t0, cp, already=True)
         if cp is not None:
             if not self.resume:
@@ -561,6 +650,7 @@ class _Importer:
             self.progress.close()
             self._close_quarantine(cp.get("complete", False))
             self.engine._batch_buffers.clear()     # the chunks' buffers are not kept past the import
+            self.seen.close()
         return self._report(t0, cp, already=False, resumed_from=resumed_from)
 
     def _dedupe(self, reason: np.ndarray, ref_hash: np.ndarray) -> None:
@@ -572,9 +662,10 @@ class _Importer:
         sh = h[order]
         dup_in = np.zeros(len(h), bool)
         dup_in[order[1:]] = sh[1:] == sh[:-1]
-        dup_before = _in_sorted(h, self.seen)
+        dup_before = np.empty(len(h), bool)
+        dup_before[order] = self.seen.contains(sh)
         reason[live[dup_in | dup_before]] = R_DUP
-        self.seen = _insert_sorted(self.seen, h[~(dup_in | dup_before)])
+        self.seen.add(h[~(dup_in | dup_before)])
 
     def _replay_refs(self, upto: int, cols: list[str]) -> None:
         """Rebuild the duplicate-ref set of the rows an earlier run already imported, as that run built
@@ -933,7 +1024,8 @@ class _Importer:
     def _transfers(self, ch: _Chunk, posted: np.ndarray, midx: np.ndarray, o: np.ndarray,
                    at: np.ndarray, day: np.ndarray) -> np.ndarray:
         """Per-member aggregates: points earned (per member and expiry), credit (per member), referral
-        bonuses (per referrer and expiry). Ids: this import's key, the chunk number and the position."""
+        bonuses (per referrer and expiry). Ids: this import's key, the chunk number and the position among
+        the chunk's transfers."""
         from .engine import CREDIT, ISSUE_CREDIT, ISSUE_POINTS, POINTS, _small_unique, credit_account, points_account
 
         eng = self.engine
@@ -954,7 +1046,9 @@ class _Importer:
             raise ValidationError(f"import: {len(eng._member_names):,} members times {n_exp:,} expiry dates "
                                   f"in one chunk is too many; give a smaller chunk_rows")
 
-        def group(member: np.ndarray, amt: np.ndarray, kind: int, debit: int, credit_of: Any, asset: int,
+        placed = [0]
+
+        def group(member: np.ndarray, amt: np.ndarray, debit: int, credit_of: Any, asset: int,
                   code: int, expiring: bool) -> None:
             sel = np.flatnonzero(amt > 0)
             if not len(sel):
@@ -970,9 +1064,12 @@ class _Importer:
             last = np.full(len(keys), np.iinfo(np.int64).min, np.int64)
             np.maximum.at(last, inv, a[sel])
             recs = np.zeros(len(keys), RECORD_DTYPE)
-            seq = np.arange(len(keys), dtype=np.uint64)
+            # the position among the chunk's transfers: one arithmetic run of ids a chunk, which the
+            # ledger keeps as a run instead of an entry per id (see Ledger._ensure_ids)
+            pos = np.arange(placed[0], placed[0] + len(keys), dtype=np.uint64)
+            placed[0] += len(keys)
             recs["id_hi"] = self.key_hi
-            recs["id_lo"] = (np.uint64(chunk_no) << np.uint64(40)) | (seq << np.uint64(8)) | np.uint64(kind)
+            recs["id_lo"] = (np.uint64(chunk_no) << np.uint64(40)) | pos
             recs["debit"] = debit
             recs["credit"] = credit_of(owner)
             recs["amount"] = total
@@ -983,9 +1080,9 @@ class _Importer:
             recs["code"] = code
             parts.append(recs)
 
-        group(m, o["points"], 1, ISSUE_POINTS, points_account, POINTS, Code.EARN, True)
-        group(m, o["credit"], 2, ISSUE_CREDIT, credit_account, CREDIT, Code.CREDIT, False)
-        group(np.maximum(o["referrer"], 0), o["referrer_points"], 3, ISSUE_POINTS, points_account, POINTS,
+        group(m, o["points"], ISSUE_POINTS, points_account, POINTS, Code.EARN, True)
+        group(m, o["credit"], ISSUE_CREDIT, credit_account, CREDIT, Code.CREDIT, False)
+        group(np.maximum(o["referrer"], 0), o["referrer_points"], ISSUE_POINTS, points_account, POINTS,
               Code.BONUS, True)
         return np.concatenate(parts) if parts else np.zeros(0, RECORD_DTYPE)
 
@@ -1100,6 +1197,11 @@ class _Importer:
         partial = self._partial()
         if not complete or partial is None or self.quarantine is None:
             return
+        self._write_quarantine(partial)
+
+    def _write_quarantine(self, partial: Path) -> None:
+        """The quarantine file from its side file (every chunk's bad rows, written before its commit)."""
+        assert self.quarantine is not None
         with ipc.open_stream(partial) as r:
             t = r.read_all().drop_columns(["_seq"])
         t = t.sort_by([("file", "ascending"), ("row", "ascending")]) if t.num_rows else t

@@ -241,6 +241,7 @@ class Ledger:
             self._since_snapshot += len(recs)
 
     def _replay(self, seq: int, kind: int, recs: np.ndarray) -> None:
+        self._state.entry_seq = seq
         if kind == KIND_ACCOUNTS:
             r = self._state.apply_accounts(recs, np.empty(0, np.uint8), np.empty(0, ACCOUNT_RECORD_DTYPE),
                                            True)
@@ -251,23 +252,48 @@ class Ledger:
                                   f"before it; run 'loyalty-engine verify' on the ledger")
 
     def _ensure_ids(self, txn: lmdb.Transaction) -> None:
-        """Track every committed transfer id (needed to answer ``exists``); done once per writer."""
-        if self._state.ids_enabled:
+        """Track every committed transfer id (needed to answer ``exists``), built from the journal once
+        per writer; and tell the state which entry the write about to apply will be, and how to read
+        a committed record back (``txn``).
+
+        Ids are kept two ways (see ``_core.State``): consecutive records of an entry whose ids step
+        by a constant stride (a bulk import's, for one) as a run of a few numbers; the others in a
+        hash table with their fingerprints. A transfer whose id lies in a run is answered ``exists``
+        or ``exists_different`` from the record read back from the journal, as from the table."""
+        st = self._st()
+        state = self._state
+        self._id_context(txn)
+        if state.ids_enabled:
             return
-        jdb = self._st().dbs[b"journal"]
-        total = 0
+        jdb = st.dbs[b"journal"]
         entries = []
         for key, value in txn.cursor(db=jdb):
             if from_u64be(key) > self._seq:
                 break
-            kind, count = value[0], struct.unpack_from("<I", value, 4)[0]
-            if kind == KIND_TRANSFERS:
-                total += count
+            if value[0] == KIND_TRANSFERS:
                 entries.append((from_u64be(key), value))
-        self._state.enable_ids(total)
-        rdb = self._st().dbs[b"records"]
+        state.enable_ids(0)
+        rdb = st.dbs[b"records"]
         for seq, value in entries:
-            self._state.add_ids(_records(txn, rdb, seq, value))
+            state.add_ids(_records(txn, rdb, seq, value), seq)
+        state.entry_seq = self._seq + 1
+
+    def _id_context(self, txn: lmdb.Transaction) -> None:
+        """Before a write applies transfers in ``txn``: the entry it writes, and how the state reads a
+        committed record's fingerprint back."""
+        self._state.entry_seq = self._seq + 1
+        self._state.id_source = lambda seq, pos, lo, hi: self._committed_fp(txn, seq, pos, lo, hi)
+
+    def _committed_fp(self, txn: lmdb.Transaction, seq: int, pos: int, lo: int, hi: int) -> int:
+        """The fingerprint of the committed record at position ``pos`` of journal entry ``seq``, which
+        the state's id runs say has id (``lo``, ``hi``)."""
+        st = self._st()
+        rec = _records_at(txn, st.dbs[b"journal"], st.dbs[b"records"], seq, np.array([pos], np.int64))
+        if int(rec["id_lo"][0]) != lo or int(rec["id_hi"][0]) != hi:
+            raise CorruptionError(f"journal entry {seq}, record {pos} has id {int(rec['id_hi'][0]):x}:"
+                                  f"{int(rec['id_lo'][0]):x}, not {hi:x}:{lo:x} as the id runs say; run "
+                                  f"'loyalty-engine verify' on the ledger")
+        return int(rec["fp"][0])
 
     def _read(self) -> None:
         """Bring the state up to date for a read. When the head a writer published (``head.hint``)
@@ -592,6 +618,7 @@ class Ledger:
             recs["fp"] = _core.fingerprints(recs)
             out = np.empty(len(recs), RECORD_DTYPE)
             results = np.zeros(len(recs), np.uint8)
+            self._id_context(txn)
             k = self._state.apply(recs, results, out, False)
             if k != len(recs):
                 bad = int(np.flatnonzero(results)[0])
@@ -926,20 +953,27 @@ def _put_snapshot(txn: lmdb.Transaction, db: Any, seq: int, entry_hash: bytes,
                   arrays: dict[str, np.ndarray]) -> None:
     names = sorted(arrays)
     index = []
-    blobs = []
+    parts = []
     off = 0
     for name in names:
         a = np.ascontiguousarray(arrays[name])
-        b = a.tobytes()
         index.append(f"{name}:{a.dtype.str}:{len(a)}:{off}")
-        blobs.append(b)
-        off += len(b)
+        parts.append(a)
+        off += a.nbytes
     meta = ";".join(index).encode()
     head = u64be(seq) + entry_hash + struct.pack("<I", len(meta)) + meta
-    h = blake3.blake3(head, max_threads=blake3.blake3.AUTO)
-    for b in blobs:
-        h.update(b)
-    txn.put(b"state", b"".join((head, *blobs, h.digest())), db=db)
+    # the value is built in one buffer from the arrays themselves (a copy per array and a join of
+    # the copies cost two more state-sized blocks of memory at the moment of the snapshot)
+    value = np.empty(len(head) + off + HASH_SIZE, np.uint8)
+    value[: len(head)] = np.frombuffer(head, np.uint8)
+    pos = len(head)
+    for a in parts:
+        value[pos: pos + a.nbytes] = a.reshape(-1).view(np.uint8)
+        pos += a.nbytes
+    h = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    h.update(value[:pos])
+    value[pos:] = np.frombuffer(h.digest(), np.uint8)
+    txn.put(b"state", value, db=db)
 
 
 def _read_snapshot(txn: lmdb.Transaction, db: Any) -> tuple[int, bytes, dict[str, np.ndarray]] | None:
