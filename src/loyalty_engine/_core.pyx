@@ -1853,6 +1853,40 @@ def _frozen(a, int ndim):
     return out
 
 
+cdef struct FAtom:
+    int64_t kind        # 1: (facts[a] & am) against c * facts[b] (tab: a truth table over <, ==, >);
+    int64_t a           # 2: 0 <= facts[a] < 64 and bit facts[a] of c, xor tab; 0: the general test of ptr
+    int64_t b
+    int64_t c
+    int64_t am
+    int64_t tab
+    int64_t bit         # the atom's bit in the row's set
+    const int64_t* ptr
+    const int64_t* pa   # &facts[a]
+
+
+cdef struct Plan:
+    # what the kernel derives from a program once, when it is bound: the first 64 atoms of predicate
+    # conditions (tested once a row into the bits of a word, grouped so that each group's loop has no
+    # branch on the kind), and tables that turn those bits into conditions' truths and rules' truths
+    FAtom fat[64]
+    Py_ssize_t natoms
+    Py_ssize_t gend[4]              # where each group of ``fat`` ends
+    int8_t cfast[64]                # condition k < 64 is a predicate whose truth is bit k of the row's word
+    Py_ssize_t n_memo               # conditions among the first 64 that are not (the stack machine's)
+    uint64_t cw_const               # predicates of no atoms that hold (all of nothing)
+    Py_ssize_t nab                  # bytes of the atom bits that ``atab`` maps
+    uint64_t atab[8][256]           # byte t of the atom bits -> the predicates one of whose atoms they are
+    Py_ssize_t nall                 # predicates that need all of two or more atoms: tested by mask
+    int64_t all_cond[64]
+    uint64_t all_mask[64]
+    Py_ssize_t ncb                  # bytes of the condition word that ``rtab`` maps
+    uint64_t rtab[8][256]           # byte t of the condition word -> the rules whose condition they are
+    uint64_t rule_always            # rules without a condition
+    Py_ssize_t nslow                # rules whose condition is not in the word (tested one by one)
+    int64_t slow_rule[64]
+
+
 cdef class Kernel:
     """A compiled program bound to the kernel once (its tables checked once), to evaluate batches and
     single purchases against member state with :meth:`run` (a call acquires only the per-call arrays)."""
@@ -1863,6 +1897,7 @@ cdef class Kernel:
     cdef const int64_t[:, ::1] offers
     cdef const int64_t[:, ::1] tiers
     cdef const int64_t[::1] params
+    cdef Plan plan
 
     def __init__(self, code, pool, conds, rules, offers, tiers, params):
         # private, read-only copies: a caller changing its arrays later cannot get past the checks
@@ -1895,6 +1930,8 @@ cdef class Kernel:
                 raise ValueError("offer %d: condition %d or effect %d is out of range" % (k, offers[k, 0], offers[k, 2]))
         self.code, self.pool, self.conds, self.rules = code, pool, conds, rules
         self.offers, self.tiers, self.params = offers, tiers, params
+        _make_plan(&self.plan, &pool[0], &conds[0, 0] if ncond else NULL, ncond,
+                   &rules[0, 0] if nrules else NULL, nrules)
 
     def run(self, const RowIn[::1] rows, const int64_t[::1] seg_of, const int32_t[::1] item_cat,
             const int32_t[::1] item_sku, const int64_t[::1] item_amount, MState[::1] members,
@@ -1967,7 +2004,7 @@ cdef class Kernel:
                     raise ValueError("hist_off must not decrease")
             return _evaluate(self.code, self.pool, self.conds, self.rules, self.offers, self.tiers, self.params,
                              rows, seg_of, item_cat, item_sku, item_amount, members, hist_off, hist, out_off,
-                             out_hist, offer_use, budget_used, out, facts_out, W, nseg)
+                             out_hist, offer_use, budget_used, out, facts_out, W, nseg, &self.plan)
         finally:
             free(W)
             free(seg_member)
@@ -1979,18 +2016,6 @@ def evaluate(code, pool, conds, rules, offers, tiers, params, rows, seg_of, item
     return Kernel(code, pool, conds, rules, offers, tiers, params).run(
         rows, seg_of, item_cat, item_sku, item_amount, members, hist_off, hist, out_off, out_hist, offer_use,
         budget_used, out, facts_out)
-
-
-cdef struct FAtom:
-    int64_t kind        # 1: (facts[a] & am) against c * facts[b] (tab: a truth table over <, ==, >);
-    int64_t a           # 2: 0 <= facts[a] < 64 and bit facts[a] of c, xor tab; 0: the general test of ptr
-    int64_t b
-    int64_t c
-    int64_t am
-    int64_t tab
-    int64_t bit         # the atom's bit in the row's set
-    const int64_t* ptr
-    const int64_t* pa   # &facts[a]
 
 
 cdef inline void _fast_atom(FAtom* fa, const int64_t* at) noexcept nogil:
@@ -2070,6 +2095,73 @@ cdef int _check_atom(const int64_t* pp, Py_ssize_t npool, int64_t at, Py_ssize_t
     return 0
 
 
+cdef void _make_plan(Plan* pl, const int64_t* pp, const int64_t* condp, Py_ssize_t ncond, const int64_t* rp,
+                     Py_ssize_t nrules) noexcept nogil:
+    """Fill ``pl`` for a checked program (see :c:type:`Plan`)."""
+    cdef Py_ssize_t k, j, g, v, na, nc = ncond if ncond < 64 else 64
+    cdef uint64_t amask
+    cdef FAtom tmp_atom
+    cdef Py_ssize_t ng[4]
+    cdef int64_t c
+    memset(pl, 0, sizeof(Plan))
+    # the atoms of the first predicates that fit in 64 bits, in the order of their conditions
+    for k in range(nc):
+        na = condp[C_NCOL * k + 4]
+        if (condp[C_NCOL * k + 2] == 1 or condp[C_NCOL * k + 2] == 2) and pl.natoms + na <= 64:
+            amask = 0
+            for j in range(na):
+                _fast_atom(&pl.fat[pl.natoms], pp + condp[C_NCOL * k + 3] + 5 * j)
+                pl.fat[pl.natoms].bit = pl.natoms
+                amask |= (<uint64_t>1) << pl.natoms
+                pl.natoms += 1
+            pl.cfast[k] = <int8_t>condp[C_NCOL * k + 2]
+            if na == 0:
+                if pl.cfast[k] == 1:                # all of no atoms holds; any of none does not
+                    pl.cw_const |= (<uint64_t>1) << k
+            elif pl.cfast[k] == 2 or na == 1:       # any of its atoms: one table entry per atom
+                for j in range(64):
+                    if (amask >> j) & 1:
+                        for v in range(256):
+                            if (v >> (j & 7)) & 1:
+                                pl.atab[j >> 3][v] |= (<uint64_t>1) << k
+            else:
+                pl.all_cond[pl.nall] = k
+                pl.all_mask[pl.nall] = amask
+                pl.nall += 1
+        else:
+            pl.n_memo += 1
+    pl.nab = (pl.natoms + 7) // 8
+    # rules: a condition in the word is a table entry, no condition always holds, the rest one by one
+    for k in range(nrules):
+        c = rp[R_W * k + 0]
+        if c < 0:
+            pl.rule_always |= (<uint64_t>1) << k
+        elif c < 64 and pl.cfast[c]:
+            for v in range(256):
+                if (v >> (c & 7)) & 1:
+                    pl.rtab[c >> 3][v] |= (<uint64_t>1) << k
+            if (c >> 3) + 1 > pl.ncb:
+                pl.ncb = (c >> 3) + 1
+        else:
+            pl.slow_rule[pl.nslow] = k
+            pl.nslow += 1
+    # group the atoms (a stable sort by group) so that each group's loop has no branch on the kind
+    for g in range(4):
+        ng[g] = 0
+    for k in range(pl.natoms):
+        ng[_atom_group(&pl.fat[k])] += 1
+    pl.gend[0] = ng[0]
+    for g in range(1, 4):
+        pl.gend[g] = pl.gend[g - 1] + ng[g]
+    for k in range(1, pl.natoms):       # insertion sort by group keeps the order inside a group
+        tmp_atom = pl.fat[k]
+        j = k - 1
+        while j >= 0 and _atom_group(&pl.fat[j]) > _atom_group(&tmp_atom):
+            pl.fat[j + 1] = pl.fat[j]
+            j -= 1
+        pl.fat[j + 1] = tmp_atom
+
+
 cdef int64_t _evaluate(const int64_t[::1] code, const int64_t[::1] pool, const int64_t[:, ::1] conds,
                        const int64_t[:, ::1] rules, const int64_t[:, ::1] offers, const int64_t[:, ::1] tiers,
                        const int64_t[::1] params, const RowIn[::1] rows, const int64_t[::1] seg_of,
@@ -2077,7 +2169,7 @@ cdef int64_t _evaluate(const int64_t[::1] code, const int64_t[::1] pool, const i
                        MState[::1] members, const int64_t[::1] hist_off, const HEv[::1] hist,
                        int64_t[::1] out_off, HEv[::1] out_hist, int64_t[:, :, ::1] offer_use,
                        int64_t[::1] budget_used, RowOut[::1] out, int64_t[:, ::1] facts_out, int64_t* W,
-                       int64_t nseg) noexcept nogil:
+                       int64_t nseg, const Plan* plan) noexcept nogil:
     cdef Py_ssize_t n = rows.shape[0], nrules = rules.shape[0], noff = offers.shape[0]
     cdef Py_ssize_t nt = tiers.shape[0], ncond = conds.shape[0]
     cdef Py_ssize_t i, j, k, s
@@ -2091,20 +2183,15 @@ cdef int64_t _evaluate(const int64_t[::1] code, const int64_t[::1] pool, const i
     cdef Py_ssize_t ou_stride = offer_use.shape[1] * 3 if noff else 0
     cdef int64_t facts[N_FACTS + 1]     # the last slot is 1 (an atom against a constant is c * facts[N_FACTS])
     cdef int64_t cat_amt[64]
-    # the first 64 atoms of predicate conditions, tested once a row into the bits of ``abits``; a
-    # predicate condition is then a mask test (all of its atoms' bits, or any)
+    # the plan's atoms, tested once a row into the bits of ``abits``, with their facts' addresses; the
+    # predicates' truths are then the bits of ``cw`` (table look-ups and mask tests)
     cdef FAtom fat[64]          # by group: constant comparisons, other comparisons, small sets, the rest
     cdef FAtom* fa
-    cdef FAtom tmp_atom
-    cdef Py_ssize_t ng[4]
-    cdef Py_ssize_t gend[4]
-    cdef Py_ssize_t g
+    cdef const Py_ssize_t* gend = plan.gend
+    cdef const int8_t* cfast = plan.cfast
+    cdef Py_ssize_t n_memo = plan.n_memo
     cdef uint64_t rok, bits, mult_rules = 0, bonus_rules = 0, mult_offers = 0
-    cdef Py_ssize_t n_memo = 0
-    cdef uint64_t cmask[64]
-    cdef int8_t cfast[64]
-    cdef Py_ssize_t natoms = 0
-    cdef uint64_t abits, amask
+    cdef uint64_t abits, cw
     cdef int64_t ax, ay
     cdef const int64_t* atp
     cdef int64_t sku_amt[64]
@@ -2127,8 +2214,10 @@ cdef int64_t _evaluate(const int64_t[::1] code, const int64_t[::1] pool, const i
     for k in range(64):
         cat_amt[k] = 0
         sku_amt[k] = 0
-        cfast[k] = 0
     facts[N_FACTS] = 1
+    for k in range(plan.natoms):
+        fat[k] = plan.fat[k]
+        fat[k].pa = &facts[fat[k].a]
     for k in range(nrules):             # (the caller allows at most 64 rules and 64 offers)
         if rp[R_W * k + 3] == 0:
             mult_rules |= (<uint64_t>1) << k
@@ -2137,35 +2226,6 @@ cdef int64_t _evaluate(const int64_t[::1] code, const int64_t[::1] pool, const i
     for k in range(noff):
         if ofp[O_W * k + 2] == 1:
             mult_offers |= (<uint64_t>1) << k
-    for k in range(ncond if ncond < 64 else 64):
-        if (condp[C_NCOL * k + 2] == 1 or condp[C_NCOL * k + 2] == 2) and natoms + condp[C_NCOL * k + 4] <= 64:
-            amask = 0
-            for j in range(condp[C_NCOL * k + 4]):
-                _fast_atom(&fat[natoms], pp + condp[C_NCOL * k + 3] + 5 * j)
-                fat[natoms].bit = natoms
-                fat[natoms].pa = &facts[fat[natoms].a]
-                amask |= (<uint64_t>1) << natoms
-                natoms += 1
-            cmask[k] = amask
-            cfast[k] = <int8_t>condp[C_NCOL * k + 2]
-    for k in range(ncond if ncond < 64 else 64):
-        if not cfast[k]:
-            n_memo += 1
-    # group the atoms (a stable sort by group) so that each group's loop has no branch on the kind
-    for g in range(4):
-        ng[g] = 0
-    for k in range(natoms):
-        ng[_atom_group(&fat[k])] += 1
-    gend[0] = ng[0]
-    for g in range(1, 4):
-        gend[g] = gend[g - 1] + ng[g]
-    for k in range(1, natoms):          # insertion sort by group keeps the order inside a group
-        tmp_atom = fat[k]
-        j = k - 1
-        while j >= 0 and _atom_group(&fat[j]) > _atom_group(&tmp_atom):
-            fat[j + 1] = fat[j]
-            j -= 1
-        fat[j + 1] = tmp_atom
     # lay the segments out: each gets room for its history and its rows
     base_at = 0
     for s in range(nseg):
@@ -2327,6 +2387,12 @@ cdef int64_t _evaluate(const int64_t[::1] code, const int64_t[::1] pool, const i
             for k in range(gend[2], gend[3]):
                 fa = &fat[k]
                 abits |= (<uint64_t>_atom(fa.ptr, pp, facts, cat_amt, sku_amt)) << fa.bit
+            # the predicates' truths: any of their atoms by table, all of two or more by mask
+            cw = plan.cw_const
+            for k in range(plan.nab):
+                cw |= plan.atab[k][(abits >> (8 * k)) & 0xff]
+            for k in range(plan.nall):
+                cw |= (<uint64_t>((abits & plan.all_mask[k]) == plan.all_mask[k])) << plan.all_cond[k]
             # offers, highest priority first
             offers_mask = 0
             any_fired = False
@@ -2346,7 +2412,7 @@ cdef int64_t _evaluate(const int64_t[::1] code, const int64_t[::1] pool, const i
                 if ofp[O_W * k + 7] and budget_used[k] >= ofp[O_W * k + 7]:
                     continue
                 cidx = ofp[O_W * k + 0]
-                if cidx >= 0 and not _cv(cidx, cfast, cmask, abits, cp, condp, pp, facts, cat_amt, sku_amt, fired_cond):
+                if cidx >= 0 and not _cv(cidx, cfast, cw, cp, condp, pp, facts, cat_amt, sku_amt, fired_cond):
                     continue
                 offers_mask |= (<int64_t>1) << k
                 any_fired = True
@@ -2395,10 +2461,12 @@ cdef int64_t _evaluate(const int64_t[::1] code, const int64_t[::1] pool, const i
                 S = 0
                 base = round_div(<i128>paid * rate_pts, <i128>rate_per, rmode)
                 # the rules whose conditions hold, once a row; multipliers then stack in rule order
-                rok = 0
-                for k in range(nrules):
-                    cidx = rp[R_W * k + 0]
-                    if cidx < 0 or _cv(cidx, cfast, cmask, abits, cp, condp, pp, facts, cat_amt, sku_amt, fired_cond):
+                rok = plan.rule_always
+                for k in range(plan.ncb):
+                    rok |= plan.rtab[k][(cw >> (8 * k)) & 0xff]
+                for j in range(plan.nslow):
+                    k = plan.slow_rule[j]
+                    if _cond(cp, condp, rp[R_W * k + 0], pp, facts, cat_amt, sku_amt, fired_cond):
                         rok |= (<uint64_t>1) << k
                 for j in range(first_item, last_item if last_item > first_item else first_item + 1):
                     f = BP
@@ -2612,15 +2680,13 @@ cdef inline bint _atom(const int64_t* at, const int64_t* pp, const int64_t* fact
     return x >= y
 
 
-cdef inline bint _cv(int64_t c, const int8_t* cfast, const uint64_t* cmask, uint64_t abits, const int64_t* cp,
-                     const int64_t* condp, const int64_t* pp, const int64_t* facts, const int64_t* cat_amt,
-                     const int64_t* sku_amt, int64_t* memo) noexcept nogil:
-    """Condition ``c``'s truth: a mask test of the row's atom bits for a predicate among the first 64
+cdef inline bint _cv(int64_t c, const int8_t* cfast, uint64_t cw, const int64_t* cp, const int64_t* condp,
+                     const int64_t* pp, const int64_t* facts, const int64_t* cat_amt, const int64_t* sku_amt,
+                     int64_t* memo) noexcept nogil:
+    """Condition ``c``'s truth: bit c of the row's condition word for a predicate among the first 64
     conditions, else :func:`_cond`."""
     if c < 64 and cfast[c]:
-        if cfast[c] == 1:
-            return (abits & cmask[c]) == cmask[c]
-        return (abits & cmask[c]) != 0
+        return (cw >> c) & 1
     return _cond(cp, condp, c, pp, facts, cat_amt, sku_amt, memo)
 
 
