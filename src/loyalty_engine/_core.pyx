@@ -8,7 +8,7 @@ Python modules; the kernels return counts and status codes.
 """
 
 cimport cython
-from libc.stdint cimport int64_t, uint64_t, int32_t, uint32_t, int16_t, uint16_t, int8_t, uint8_t, INT64_MAX
+from libc.stdint cimport int64_t, uint64_t, int32_t, uint32_t, int16_t, uint16_t, int8_t, uint8_t, INT64_MAX, INT64_MIN
 from libc.stdlib cimport malloc, realloc, free
 from libc.string cimport memcpy, memset
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE, PyBUF_WRITABLE
@@ -1863,6 +1863,9 @@ cdef struct FAtom:
     int64_t bit         # the atom's bit in the row's set
     const int64_t* ptr
     const int64_t* pa   # &facts[a]
+    int64_t lo          # group 0 (a fact against a constant) as an interval: the atom holds when
+    uint64_t span       # facts[a] - lo <= span (unsigned), xor neg
+    uint64_t neg
 
 
 cdef struct Plan:
@@ -2102,34 +2105,64 @@ cdef void _make_plan(Plan* pl, const int64_t* pp, const int64_t* condp, Py_ssize
     cdef uint64_t amask
     cdef FAtom tmp_atom
     cdef Py_ssize_t ng[4]
+    cdef Py_ssize_t first[64]           # a predicate's first atom (in the order of the conditions)
+    cdef Py_ssize_t at_bit[64]          # an atom's bit: its place once grouped
     cdef int64_t c
     memset(pl, 0, sizeof(Plan))
     # the atoms of the first predicates that fit in 64 bits, in the order of their conditions
     for k in range(nc):
         na = condp[C_NCOL * k + 4]
         if (condp[C_NCOL * k + 2] == 1 or condp[C_NCOL * k + 2] == 2) and pl.natoms + na <= 64:
-            amask = 0
+            first[k] = pl.natoms
             for j in range(na):
                 _fast_atom(&pl.fat[pl.natoms], pp + condp[C_NCOL * k + 3] + 5 * j)
                 pl.fat[pl.natoms].bit = pl.natoms
-                amask |= (<uint64_t>1) << pl.natoms
                 pl.natoms += 1
             pl.cfast[k] = <int8_t>condp[C_NCOL * k + 2]
-            if na == 0:
-                if pl.cfast[k] == 1:                # all of no atoms holds; any of none does not
-                    pl.cw_const |= (<uint64_t>1) << k
-            elif pl.cfast[k] == 2 or na == 1:       # any of its atoms: one table entry per atom
-                for j in range(64):
-                    if (amask >> j) & 1:
-                        for v in range(256):
-                            if (v >> (j & 7)) & 1:
-                                pl.atab[j >> 3][v] |= (<uint64_t>1) << k
-            else:
-                pl.all_cond[pl.nall] = k
-                pl.all_mask[pl.nall] = amask
-                pl.nall += 1
         else:
             pl.n_memo += 1
+    # group the atoms (a stable sort by group) so that each group's loop has no branch on the kind;
+    # an atom's bit in the row's word is its place in that order
+    for g in range(4):
+        ng[g] = 0
+    for k in range(pl.natoms):
+        ng[_atom_group(&pl.fat[k])] += 1
+    pl.gend[0] = ng[0]
+    for g in range(1, 4):
+        pl.gend[g] = pl.gend[g - 1] + ng[g]
+    for k in range(1, pl.natoms):       # insertion sort by group keeps the order inside a group
+        tmp_atom = pl.fat[k]
+        j = k - 1
+        while j >= 0 and _atom_group(&pl.fat[j]) > _atom_group(&tmp_atom):
+            pl.fat[j + 1] = pl.fat[j]
+            j -= 1
+        pl.fat[j + 1] = tmp_atom
+    for k in range(pl.natoms):
+        at_bit[pl.fat[k].bit] = k
+        pl.fat[k].bit = k
+        if k < pl.gend[0]:
+            _interval(&pl.fat[k])
+    # the predicates' tables: any of their atoms (or the one atom) by table, all of several by mask
+    for k in range(nc):
+        if not pl.cfast[k]:
+            continue
+        na = condp[C_NCOL * k + 4]
+        amask = 0
+        for j in range(na):
+            amask |= (<uint64_t>1) << at_bit[first[k] + j]
+        if na == 0:
+            if pl.cfast[k] == 1:                # all of no atoms holds; any of none does not
+                pl.cw_const |= (<uint64_t>1) << k
+        elif pl.cfast[k] == 2 or na == 1:
+            for j in range(64):
+                if (amask >> j) & 1:
+                    for v in range(256):
+                        if (v >> (j & 7)) & 1:
+                            pl.atab[j >> 3][v] |= (<uint64_t>1) << k
+        else:
+            pl.all_cond[pl.nall] = k
+            pl.all_mask[pl.nall] = amask
+            pl.nall += 1
     pl.nab = (pl.natoms + 7) // 8
     # rules: a condition in the word is a table entry, no condition always holds, the rest one by one
     for k in range(nrules):
@@ -2145,21 +2178,33 @@ cdef void _make_plan(Plan* pl, const int64_t* pp, const int64_t* condp, Py_ssize
         else:
             pl.slow_rule[pl.nslow] = k
             pl.nslow += 1
-    # group the atoms (a stable sort by group) so that each group's loop has no branch on the kind
-    for g in range(4):
-        ng[g] = 0
-    for k in range(pl.natoms):
-        ng[_atom_group(&pl.fat[k])] += 1
-    pl.gend[0] = ng[0]
-    for g in range(1, 4):
-        pl.gend[g] = pl.gend[g - 1] + ng[g]
-    for k in range(1, pl.natoms):       # insertion sort by group keeps the order inside a group
-        tmp_atom = pl.fat[k]
-        j = k - 1
-        while j >= 0 and _atom_group(&pl.fat[j]) > _atom_group(&tmp_atom):
-            pl.fat[j + 1] = pl.fat[j]
-            j -= 1
-        pl.fat[j + 1] = tmp_atom
+
+
+cdef inline void _interval(FAtom* fa) noexcept nogil:
+    """A fact against a constant (truth table ``tab`` over <, ==, > of facts[a] and c) as an interval
+    [lo, lo + span] of facts[a], or its complement when ``neg``: every table is one."""
+    cdef int64_t c = fa.c, t = fa.tab
+    fa.neg = 0
+    if t == 2 or t == 5:                        # == c, != c
+        fa.lo = c
+        fa.span = 0
+        fa.neg = t == 5
+    elif t == 3 or t == 7:                      # <= c; anything
+        fa.lo = INT64_MIN
+        fa.span = <uint64_t>c - <uint64_t>INT64_MIN if t == 3 else <uint64_t>0 - 1
+    elif t == 6:                                # >= c
+        fa.lo = c
+        fa.span = <uint64_t>INT64_MAX - <uint64_t>c
+    elif t == 1 and c != INT64_MIN:             # < c
+        fa.lo = INT64_MIN
+        fa.span = <uint64_t>(c - 1) - <uint64_t>INT64_MIN
+    elif t == 4 and c != INT64_MAX:             # > c
+        fa.lo = c + 1
+        fa.span = <uint64_t>INT64_MAX - <uint64_t>(c + 1)
+    else:                                       # nothing (also < the least, > the greatest)
+        fa.lo = INT64_MIN
+        fa.span = <uint64_t>0 - 1
+        fa.neg = 1
 
 
 cdef int64_t _evaluate(const int64_t[::1] code, const int64_t[::1] pool, const int64_t[:, ::1] conds,
@@ -2367,26 +2412,22 @@ cdef int64_t _evaluate(const int64_t[::1] code, const int64_t[::1] pool, const i
             if n_memo:
                 for k in range(ncond if ncond < 64 else 64):
                     fired_cond[k] = -1
+            # atom k is bit k: the groups run from the last atom down, each result shifted in below
             abits = 0
-            for k in range(gend[0]):                  # a fact against a constant
+            for k in range(gend[3] - 1, gend[2] - 1, -1):
+                abits = (abits << 1) | <uint64_t>_atom(fat[k].ptr, pp, facts, cat_amt, sku_amt)
+            for k in range(gend[2] - 1, gend[1] - 1, -1):     # in a list of small numbers
                 fa = &fat[k]
                 ax = fa.pa[0]
-                abits |= <uint64_t>((fa.tab >> ((ax > fa.c) - (ax < fa.c) + 1)) & 1) << fa.bit
-            for k in range(gend[0], gend[1]):         # masked, or against a multiple of a fact
+                abits = (abits << 1) | ((((<uint64_t>fa.c >> (ax & 63)) & (<uint64_t>ax < 64))) ^ <uint64_t>fa.tab)
+            for k in range(gend[1] - 1, gend[0] - 1, -1):     # masked, or against a multiple of a fact
                 fa = &fat[k]
                 ax = fa.pa[0] & fa.am
                 ay = <int64_t>(<uint64_t>fa.c * <uint64_t>facts[fa.b])    # as the stack machine's product
-                abits |= <uint64_t>((fa.tab >> ((ax > ay) - (ax < ay) + 1)) & 1) << fa.bit
-            for k in range(gend[1], gend[2]):         # in a list of small numbers
+                abits = (abits << 1) | <uint64_t>((fa.tab >> ((ax > ay) - (ax < ay) + 1)) & 1)
+            for k in range(gend[0] - 1, -1, -1):              # a fact against a constant: an interval
                 fa = &fat[k]
-                ax = fa.pa[0]
-                if 0 <= ax < 64:
-                    abits |= (((<uint64_t>fa.c >> ax) & 1) ^ <uint64_t>fa.tab) << fa.bit
-                else:
-                    abits |= (<uint64_t>fa.tab) << fa.bit
-            for k in range(gend[2], gend[3]):
-                fa = &fat[k]
-                abits |= (<uint64_t>_atom(fa.ptr, pp, facts, cat_amt, sku_amt)) << fa.bit
+                abits = (abits << 1) | ((<uint64_t>(<uint64_t>fa.pa[0] - <uint64_t>fa.lo <= fa.span)) ^ fa.neg)
             # the predicates' truths: any of their atoms by table, all of two or more by mask
             cw = plan.cw_const
             for k in range(plan.nab):
