@@ -1868,6 +1868,33 @@ cdef struct FAtom:
     uint64_t neg
 
 
+cdef packed struct Win:
+    # a segment's windows over its history in out_hist (one cache line: the kernel reads and writes one
+    # a row): the history starts at ``base``; its end and the 30/90/365-day windows' first events are
+    # offsets from there, with the windows' visits and spend
+    int64_t a30
+    int64_t a90
+    int64_t a365
+    int64_t base
+    int32_t p
+    int32_t lo30
+    int32_t lo90
+    int32_t lo365
+    int32_t c30
+    int32_t c90
+    int32_t c365
+    int32_t pad
+
+
+cdef packed struct TWin:
+    # the tier window, where it is not the 365-day window (or the metric is points)
+    int64_t ta
+    int64_t tpts
+    int32_t lot
+    int32_t tc
+    int64_t pad
+
+
 cdef struct Plan:
     # what the kernel derives from a program once, when it is bound: the first 64 atoms of predicate
     # conditions (tested once a row into the bits of a word, grouped so that each group's loop has no
@@ -1963,38 +1990,41 @@ cdef class Kernel:
             raise ValueError("offer_use must be (members, offers, 3) and budget_used (offers,)")
         if out.shape[0] < n:
             raise ValueError("out is shorter than rows")
-        if out_hist.shape[0] < hist.shape[0] + n or hist_off[nseg] > hist.shape[0]:
-            raise ValueError("out_hist must hold len(hist) + len(rows) events")
+        if out_hist.shape[0] < hist.shape[0] + n or hist_off[nseg] > hist.shape[0] or hist_off[0] < 0:
+            raise ValueError("out_hist must hold len(hist) + len(rows) events, and hist_off lie in hist")
         if item_cat.shape[0] < item_amount.shape[0] or item_sku.shape[0] < item_amount.shape[0]:
             raise ValueError("item arrays differ in length")
-        cdef int64_t* W = <int64_t*>malloc((nseg + 1) * 16 * sizeof(int64_t))
-        cdef int64_t* seg_member = <int64_t*>malloc((nseg + 1) * sizeof(int64_t))
-        if W == NULL or seg_member == NULL:
-            free(W)
-            free(seg_member)
+        cdef Py_ssize_t nm = members.shape[0], ntiers = self.tiers.shape[0]
+        cdef int64_t seg, mem, bad = 0
+        cdef bint tsep = ntiers > 0 and not (self.params[P_TIER_PERIOD] == 0 and self.params[P_TIER_WINDOW] == 365
+                                             and self.params[P_TIER_METRIC] != 0)
+        # per segment: its member and its rows (then its size); the windows, one cache line a segment
+        cdef int64_t* seg_info = <int64_t*>malloc((nseg + 1) * 2 * sizeof(int64_t))
+        cdef char* wmem = <char*>malloc((nseg + 1) * sizeof(Win) + 64)
+        cdef char* twmem = <char*>malloc((nseg + 1) * sizeof(TWin) + 64) if tsep else NULL
+        if seg_info == NULL or wmem == NULL or (tsep and twmem == NULL):
+            free(seg_info)
+            free(wmem)
+            free(twmem)
             raise MemoryError()
+        cdef Win* win = <Win*>(wmem + ((-<Py_ssize_t>wmem) & 63))
+        cdef TWin* twin = <TWin*>(twmem + ((-<Py_ssize_t>twmem) & 63)) if tsep else NULL
         for s in range(nseg + 1):
-            W[s * 16 + 1] = 0
-            seg_member[s] = -1
+            seg_info[2 * s] = -1
+            seg_info[2 * s + 1] = 0
         try:
             for i in range(n):
-                if rows[i].member < 0 or rows[i].member >= members.shape[0]:
-                    raise ValueError("row %d names member %d, beyond the state (%d members)"
-                                     % (i, rows[i].member, members.shape[0]))
-                mt = members[rows[i].member].tier
-                if mt < 0 or mt > self.tiers.shape[0]:
-                    raise ValueError("row %d: member %d has tier %d; the program has %d"
-                                     % (i, rows[i].member, mt, self.tiers.shape[0]))
-                if members[rows[i].member].referrer >= members.shape[0]:
-                    raise ValueError("row %d: member %d's referrer %d is beyond the state"
-                                     % (i, rows[i].member, members[rows[i].member].referrer))
-                if seg_of[i] < 0 or seg_of[i] >= nseg:
-                    raise ValueError("row %d: segment %d is out of range" % (i, seg_of[i]))
-                if seg_member[seg_of[i]] == -1:
-                    seg_member[seg_of[i]] = rows[i].member
-                elif seg_member[seg_of[i]] != rows[i].member:
-                    raise ValueError("row %d: segment %d holds two members" % (i, seg_of[i]))
-                W[seg_of[i] * 16 + 1] += 1
+                mem = rows[i].member
+                seg = seg_of[i]
+                if mem < 0 or mem >= nm:
+                    raise ValueError("row %d names member %d, beyond the state (%d members)" % (i, mem, nm))
+                if seg < 0 or seg >= nseg:
+                    raise ValueError("row %d: segment %d is out of range" % (i, seg))
+                if seg_info[2 * seg] == -1:
+                    seg_info[2 * seg] = mem
+                elif seg_info[2 * seg] != mem:
+                    raise ValueError("row %d: segment %d holds two members" % (i, seg))
+                seg_info[2 * seg + 1] += 1
                 if (rows[i].item_start < 0 or rows[i].item_end > item_amount.shape[0]
                         or rows[i].item_end < rows[i].item_start):
                     raise ValueError("row %d: items [%d, %d) are out of range"
@@ -2002,15 +2032,38 @@ cdef class Kernel:
                 for j in range(rows[i].item_start, rows[i].item_end):
                     if item_cat[j] < 0 or item_cat[j] >= 64 or item_sku[j] < 0 or item_sku[j] >= 64:
                         raise ValueError("item %d: category/sku symbol out of range" % j)
+            # the members' state, once a segment (every row's member is its segment's)
+            for s in range(nseg):
+                mem = seg_info[2 * s]
+                if mem >= 0 and (members[mem].tier < 0 or members[mem].tier > ntiers
+                                 or members[mem].referrer >= nm):
+                    bad = 1
+            if bad:                 # name the first row whose member's state is bad
+                for i in range(n):
+                    mt = members[rows[i].member].tier
+                    if mt < 0 or mt > ntiers:
+                        raise ValueError("row %d: member %d has tier %d; the program has %d"
+                                         % (i, rows[i].member, mt, ntiers))
+                    if members[rows[i].member].referrer >= nm:
+                        raise ValueError("row %d: member %d's referrer %d is beyond the state"
+                                         % (i, rows[i].member, members[rows[i].member].referrer))
             for s in range(nseg):
                 if hist_off[s] > hist_off[s + 1]:
                     raise ValueError("hist_off must not decrease")
+                # (the windows count a segment's events in 32 bits)
+                if hist_off[s + 1] - hist_off[s] + seg_info[2 * s + 1] >= (<int64_t>1 << 31) - 1:
+                    raise ValueError("segment %d holds 2^31 events or more" % s)
+            for j in range(hist_off[0], hist_off[nseg]):
+                if hist[j].visits < -1 or hist[j].visits > 1:
+                    raise ValueError("history event %d counts %d visits (1, 0 or -1)" % (j, hist[j].visits))
             return _evaluate(self.code, self.pool, self.conds, self.rules, self.offers, self.tiers, self.params,
                              rows, seg_of, item_cat, item_sku, item_amount, members, hist_off, hist, out_off,
-                             out_hist, offer_use, budget_used, out, facts_out, W, nseg, &self.plan)
+                             out_hist, offer_use, budget_used, out, facts_out, win, twin, seg_info, nseg,
+                             &self.plan)
         finally:
-            free(W)
-            free(seg_member)
+            free(seg_info)
+            free(wmem)
+            free(twmem)
 
 
 def evaluate(code, pool, conds, rules, offers, tiers, params, rows, seg_of, item_cat, item_sku, item_amount,
@@ -2213,8 +2266,8 @@ cdef int64_t _evaluate(const int64_t[::1] code, const int64_t[::1] pool, const i
                        const int32_t[::1] item_cat, const int32_t[::1] item_sku, const int64_t[::1] item_amount,
                        MState[::1] members, const int64_t[::1] hist_off, const HEv[::1] hist,
                        int64_t[::1] out_off, HEv[::1] out_hist, int64_t[:, :, ::1] offer_use,
-                       int64_t[::1] budget_used, RowOut[::1] out, int64_t[:, ::1] facts_out, int64_t* W,
-                       int64_t nseg, const Plan* plan) noexcept nogil:
+                       int64_t[::1] budget_used, RowOut[::1] out, int64_t[:, ::1] facts_out, Win* win,
+                       TWin* twin, const int64_t* seg_info, int64_t nseg, const Plan* plan) noexcept nogil:
     cdef Py_ssize_t n = rows.shape[0], nrules = rules.shape[0], noff = offers.shape[0]
     cdef Py_ssize_t nt = tiers.shape[0], ncond = conds.shape[0]
     cdef Py_ssize_t i, j, k, s
@@ -2241,13 +2294,15 @@ cdef int64_t _evaluate(const int64_t[::1] code, const int64_t[::1] pool, const i
     cdef const int64_t* atp
     cdef int64_t sku_amt[64]
     cdef int64_t fired_cond[64]
-    cdef int64_t* ws
+    cdef Win* ws
+    cdef TWin* tw = NULL
     cdef MState* m
     cdef int64_t rate_pts = params[P_RATE_POINTS], rate_per = params[P_RATE_PER], rmode = params[P_ROUNDING]
     cdef int64_t stacking = params[P_STACKING], window = params[P_TIER_WINDOW], review = params[P_REVIEW]
     cdef int64_t tmetric = params[P_TIER_METRIC], horizon = params[P_HORIZON], tperiod = params[P_TIER_PERIOD]
     cdef int64_t tstart
-    cdef int64_t p0, p, lo30, lo90, lo365, lot, c30, c90, c365, a30, a90, a365, tc, ta, tpts
+    cdef int64_t p0, p, lo30, lo90, lo365, c30, c90, c365, a30, a90, a365
+    cdef int64_t lot = 0, tc = 0, ta = 0, tpts = 0
     cdef int64_t d, amount, f, paid, disc, burn_money, earned, base, bonus, evpts, credit, give
     cdef int64_t y, mo, dd, occ, metric, tnew, items_total, q, base_at, b_next
     cdef int32_t saved_tier, saved_review
@@ -2274,52 +2329,65 @@ cdef int64_t _evaluate(const int64_t[::1] code, const int64_t[::1] pool, const i
     # lay the segments out: each gets room for its history and its rows
     base_at = 0
     for s in range(nseg):
-        ws = W + s * 16
-        k = ws[1]                       # rows of this segment (counted by the caller's check)
-        ws[0] = base_at
+        ws = win + s
         p = base_at
+        c365 = a365 = tpts = 0
         for j in range(hist_off[s], hist_off[s + 1]):
             out_hist[p] = hist[j]
+            c365 += hist[j].visits
+            a365 += hist[j].amount
+            tpts += hist[j].points
             p += 1
-        ws[1] = p
-        ws[2] = ws[3] = ws[4] = ws[5] = base_at
-        for j in range(6, 16):
-            ws[j] = 0
-        for j in range(base_at, p):
-            ws[6] += out_hist[j].visits; ws[7] += out_hist[j].visits; ws[8] += out_hist[j].visits
-            ws[12] += out_hist[j].visits
-            ws[9] += out_hist[j].amount; ws[10] += out_hist[j].amount; ws[11] += out_hist[j].amount
-            ws[13] += out_hist[j].amount; ws[14] += out_hist[j].points
-        base_at = p + k
+        ws.base = base_at
+        ws.p = <int32_t>(p - base_at)
+        ws.lo30 = ws.lo90 = ws.lo365 = 0
+        ws.c30 = ws.c90 = ws.c365 = <int32_t>c365
+        ws.a30 = ws.a90 = ws.a365 = a365
+        if twin != NULL:
+            twin[s].lot = 0
+            twin[s].tc = <int32_t>c365
+            twin[s].ta = a365
+            twin[s].tpts = tpts
+        base_at = p + seg_info[2 * s + 1]
+    tpts = 0
     for i in range(n):
         # memory, not arithmetic, is the cost with many members: fetch the state of the member two
-        # prefetch distances ahead, and the history slots its windows point at one distance ahead
+        # prefetch distances ahead (every cache line of its state and offer use), and the history slots
+        # its windows point at one distance ahead
         if i + 2 * PF_ROWS < n:
             j = rows[i + 2 * PF_ROWS].member
-            LE_PREFETCH(W + seg_of[i + 2 * PF_ROWS] * 16)
-            LE_PREFETCH(W + seg_of[i + 2 * PF_ROWS] * 16 + 8)
+            s = seg_of[i + 2 * PF_ROWS]
+            LE_PREFETCH(win + s)
+            if twin != NULL:
+                LE_PREFETCH(twin + s)
             LE_PREFETCH(&members[j])
-            LE_PREFETCH(<char*>&members[j] + 63)
+            LE_PREFETCH(<char*>&members[j] + sizeof(MState) - 1)
             if noff:
-                LE_PREFETCH(&offer_use[j, 0, 0])
-                LE_PREFETCH(<char*>&offer_use[j, 0, 0] + 64)
+                atp = &offer_use[j, 0, 0]
+                LE_PREFETCH(atp)
+                LE_PREFETCH(atp + 8)
+                LE_PREFETCH(atp + ou_stride - 1)
         if i + PF_ROWS < n:
-            ws = W + seg_of[i + PF_ROWS] * 16
-            LE_PREFETCH(&out_hist[ws[1]])
-            if ws[1] > ws[0]:
-                LE_PREFETCH(&out_hist[ws[1] - 1])
-            LE_PREFETCH(&out_hist[ws[2]])
-            LE_PREFETCH(&out_hist[ws[3]])
-            LE_PREFETCH(&out_hist[ws[4]])
-            LE_PREFETCH(&out_hist[ws[5]])
+            ws = win + seg_of[i + PF_ROWS]
+            q = ws.base
+            LE_PREFETCH(&out_hist[q + ws.p])
+            if ws.p > 0:
+                LE_PREFETCH(&out_hist[q + ws.p - 1])
+            LE_PREFETCH(&out_hist[q + ws.lo30])
+            LE_PREFETCH(&out_hist[q + ws.lo90])
+            LE_PREFETCH(&out_hist[q + ws.lo365])
+            if twin != NULL:
+                LE_PREFETCH(&out_hist[q + twin[seg_of[i + PF_ROWS]].lot])
         d = rows[i].day
         m = &members[rows[i].member]
         if noff:
             oup = &offer_use[0, 0, 0] + rows[i].member * ou_stride
-        ws = W + seg_of[i] * 16
-        p0 = ws[0]; p = ws[1]; lo30 = ws[2]; lo90 = ws[3]; lo365 = ws[4]; lot = ws[5]
-        c30 = ws[6]; c90 = ws[7]; c365 = ws[8]; a30 = ws[9]; a90 = ws[10]; a365 = ws[11]
-        tc = ws[12]; ta = ws[13]; tpts = ws[14]
+        ws = win + seg_of[i]
+        p0 = ws.base; p = p0 + ws.p; lo30 = p0 + ws.lo30; lo90 = p0 + ws.lo90; lo365 = p0 + ws.lo365
+        c30 = ws.c30; c90 = ws.c90; c365 = ws.c365; a30 = ws.a30; a90 = ws.a90; a365 = ws.a365
+        if twin != NULL:
+            tw = twin + seg_of[i]
+            lot = p0 + tw.lot; tc = tw.tc; ta = tw.ta; tpts = tw.tpts
         if True:
             memset(&out[i], 0, sizeof(RowOut))
             out[i].tier_before = m.tier
@@ -2335,9 +2403,10 @@ cdef int64_t _evaluate(const int64_t[::1] code, const int64_t[::1] pool, const i
                 c90 -= out_hist[lo90].visits; a90 -= out_hist[lo90].amount; lo90 += 1
             while lo365 < p and out_hist[lo365].day < d - 364:
                 c365 -= out_hist[lo365].visits; a365 -= out_hist[lo365].amount; lo365 += 1
-            tstart = period_start(d, tperiod) if tperiod else d - window + 1
-            while lot < p and out_hist[lot].day < tstart:
-                tc -= out_hist[lot].visits; ta -= out_hist[lot].amount; tpts -= out_hist[lot].points; lot += 1
+            if tw != NULL:      # the tier window, where it is not the 365-day one
+                tstart = period_start(d, tperiod) if tperiod else d - window + 1
+                while lot < p and out_hist[lot].day < tstart:
+                    tc -= out_hist[lot].visits; ta -= out_hist[lot].amount; tpts -= out_hist[lot].points; lot += 1
             # tier review (downgrades happen only at a period end, after the grace days); a refused
             # row changes nothing, so remember what the review may change
             saved_tier = m.tier
@@ -2627,20 +2696,26 @@ cdef int64_t _evaluate(const int64_t[::1] code, const int64_t[::1] pool, const i
             c30 += 1; c90 += 1; c365 += 1; tc += 1
             a30 += amount; a90 += amount; a365 += amount; ta += amount; tpts += earned + evpts
             if nt:
-                tnew = tier_for(tp, nt, metric_of(tmetric, tc, ta, tpts, 0, &params[P_RFM]))
+                if tw != NULL:
+                    metric = metric_of(tmetric, tc, ta, tpts, 0, &params[P_RFM])
+                else:           # the 365-day window, and the metric is not points
+                    metric = metric_of(tmetric, c365, a365, 0, 0, &params[P_RFM])
+                tnew = tier_for(tp, nt, metric)
                 if tnew > m.tier:
                     m.tier = <int32_t>tnew
             out[i].tier_after = m.tier
-            ws[1] = p; ws[2] = lo30; ws[3] = lo90; ws[4] = lo365; ws[5] = lot
-            ws[6] = c30; ws[7] = c90; ws[8] = c365; ws[9] = a30; ws[10] = a90; ws[11] = a365
-            ws[12] = tc; ws[13] = ta; ws[14] = tpts
+            ws.p = <int32_t>(p - p0); ws.lo30 = <int32_t>(lo30 - p0); ws.lo90 = <int32_t>(lo90 - p0)
+            ws.lo365 = <int32_t>(lo365 - p0)
+            ws.c30 = <int32_t>c30; ws.c90 = <int32_t>c90; ws.c365 = <int32_t>c365
+            ws.a30 = a30; ws.a90 = a90; ws.a365 = a365
+            if tw != NULL:
+                tw.lot = <int32_t>(lot - p0); tw.tc = <int32_t>tc; tw.ta = ta; tw.tpts = tpts
     # keep each segment's horizon and pack the segments together
     out_off[0] = 0
     base_at = 0
     for s in range(nseg):
-        ws = W + s * 16
-        p0 = ws[0]
-        p = ws[1]
+        p0 = win[s].base
+        p = p0 + win[s].p
         j = p0
         if p > p0:
             q = out_hist[p - 1].day - horizon + 1
