@@ -428,6 +428,32 @@ def test_predicates_and_the_stack_machine_give_identical_ledgers(tmp_path_factor
         b.close()
 
 
+@settings(max_examples=int(os.environ.get("ENGINE_PROPERTY_EXAMPLES", "60")) // 2, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(programs(), histories())
+def test_offers_in_one_word_and_one_by_one_give_identical_ledgers(tmp_path_factory, prog, history):
+    """Where no offer is exclusive the kernel takes the offers whose conditions hold from the row's
+    condition word and then drops those their limits or budgets stop; an exclusive offer that never
+    fires sends the kernel through its offers one by one in priority order instead: both must post
+    the same."""
+    n_members, births, rows = history
+    prog = {**prog, "offers": [{**o, "exclusive": False} for o in prog["offers"]]}
+    never = {"name": "never", "when": "false", "effect": {"bonus_points": 1}, "priority": 2, "exclusive": True}
+    base = tmp_path_factory.mktemp("club")
+    a, sa = _play(base / "word", prog, n_members, births, rows, batch=True)
+    b, sb = _play(base / "loop", {**prog, "offers": [*prog["offers"], never]}, n_members, births, rows, batch=True)
+    try:
+        assert sa == sb
+        ids = np.array([f(i) for i in range(n_members) for f in (points_account, credit_account)], np.uint64)
+        assert a.ledger.balances(ids).tolist() == b.ledger.balances(ids).tolist()
+        for i in range(n_members):
+            ua, ub = a.member(f"m{i}").offers_used, b.member(f"m{i}").offers_used
+            assert ua == {k: v for k, v in ub.items() if k != "never"} and not ub["never"]
+    finally:
+        a.close()
+        b.close()
+
+
 @pytest.mark.parametrize("tz", ["Europe/Berlin", "Asia/Tehran", "America/New_York", "Australia/Lord_Howe"])
 def test_one_purchase_and_a_batch_read_local_time_alike(tmp_path, tz):
     """The single path reads local time with zoneinfo, the batch path with Arrow: they must agree,

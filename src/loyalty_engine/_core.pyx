@@ -81,9 +81,11 @@ cdef extern from *:
     """
     #define LE_PREFETCH(p) __builtin_prefetch((const void *)(p))
     #define LE_CTZ(x) __builtin_ctzll(x)
+    #define LE_MUL_OVERFLOW(a, b, r) __builtin_mul_overflow((a), (b), (r))
     """
     void LE_PREFETCH(const void* p) noexcept nogil
     int LE_CTZ(unsigned long long x) noexcept nogil
+    bint LE_MUL_OVERFLOW(int64_t a, int64_t b, int64_t* r) noexcept nogil
 
 cdef packed struct ARec:
     uint64_t id
@@ -1915,6 +1917,17 @@ cdef struct Plan:
     uint64_t rule_always            # rules without a condition
     Py_ssize_t nslow                # rules whose condition is not in the word (tested one by one)
     int64_t slow_rule[64]
+    # offers, where none is exclusive (else they are tested one by one in priority order): those whose
+    # condition holds by table (``otab``, ``offer_always``) or one by one, less those their limits stop
+    bint offers_by_word
+    Py_ssize_t ocb
+    uint64_t otab[8][256]
+    uint64_t offer_always
+    Py_ssize_t nslow_off
+    int64_t slow_offer[64]
+    uint64_t offer_limited          # offers with a limit per member, per period or a budget
+    uint64_t offer_discount         # discount_percent offers
+    bint tiers_rise                 # thresholds never fall: an upgrade walks up from the member's tier
 
 
 cdef class Kernel:
@@ -1961,7 +1974,8 @@ cdef class Kernel:
         self.code, self.pool, self.conds, self.rules = code, pool, conds, rules
         self.offers, self.tiers, self.params = offers, tiers, params
         _make_plan(&self.plan, &pool[0], &conds[0, 0] if ncond else NULL, ncond,
-                   &rules[0, 0] if nrules else NULL, nrules)
+                   &rules[0, 0] if nrules else NULL, nrules, &offers[0, 0] if noff else NULL, noff,
+                   &tiers[0, 0] if nt else NULL, nt)
 
     def run(self, const RowIn[::1] rows, const int64_t[::1] seg_of, const int32_t[::1] item_cat,
             const int32_t[::1] item_sku, const int64_t[::1] item_amount, MState[::1] members,
@@ -2152,7 +2166,8 @@ cdef int _check_atom(const int64_t* pp, Py_ssize_t npool, int64_t at, Py_ssize_t
 
 
 cdef void _make_plan(Plan* pl, const int64_t* pp, const int64_t* condp, Py_ssize_t ncond, const int64_t* rp,
-                     Py_ssize_t nrules) noexcept nogil:
+                     Py_ssize_t nrules, const int64_t* ofp, Py_ssize_t noff, const int64_t* tp,
+                     Py_ssize_t nt) noexcept nogil:
     """Fill ``pl`` for a checked program (see :c:type:`Plan`)."""
     cdef Py_ssize_t k, j, g, v, na, nc = ncond if ncond < 64 else 64
     cdef uint64_t amask
@@ -2231,6 +2246,31 @@ cdef void _make_plan(Plan* pl, const int64_t* pp, const int64_t* condp, Py_ssize
         else:
             pl.slow_rule[pl.nslow] = k
             pl.nslow += 1
+    # offers likewise, when none is exclusive (an exclusive one makes their order matter)
+    pl.offers_by_word = True
+    for k in range(noff):
+        if ofp[O_W * k + 1] != 0:
+            pl.offers_by_word = False
+        if ofp[O_W * k + 4] or ofp[O_W * k + 5] or ofp[O_W * k + 7]:
+            pl.offer_limited |= (<uint64_t>1) << k
+        if ofp[O_W * k + 2] == 4:
+            pl.offer_discount |= (<uint64_t>1) << k
+        c = ofp[O_W * k + 0]
+        if c < 0:
+            pl.offer_always |= (<uint64_t>1) << k
+        elif c < 64 and pl.cfast[c]:
+            for v in range(256):
+                if (v >> (c & 7)) & 1:
+                    pl.otab[c >> 3][v] |= (<uint64_t>1) << k
+            if (c >> 3) + 1 > pl.ocb:
+                pl.ocb = (c >> 3) + 1
+        else:
+            pl.slow_offer[pl.nslow_off] = k
+            pl.nslow_off += 1
+    pl.tiers_rise = True
+    for k in range(1, nt):
+        if tp[T_W * k] < tp[T_W * (k - 1)]:
+            pl.tiers_rise = False
 
 
 cdef inline void _interval(FAtom* fa) noexcept nogil:
@@ -2289,7 +2329,7 @@ cdef int64_t _evaluate(const int64_t[::1] code, const int64_t[::1] pool, const i
     cdef const int8_t* cfast = plan.cfast
     cdef Py_ssize_t n_memo = plan.n_memo
     cdef uint64_t rok, bits, mult_rules = 0, bonus_rules = 0, mult_offers = 0
-    cdef uint64_t abits, cw
+    cdef uint64_t abits, cw, om
     cdef int64_t ax, ay
     cdef const int64_t* atp
     cdef int64_t sku_amt[64]
@@ -2509,7 +2549,30 @@ cdef int64_t _evaluate(const int64_t[::1] code, const int64_t[::1] pool, const i
             disc = 0
             if nt:
                 disc = mul_bp(amount, tp[4 * (m.tier - 1) + 2]) if m.tier > 0 else 0
-            for k in range(noff):
+            if plan.offers_by_word:
+                om = plan.offer_always
+                for k in range(plan.ocb):
+                    om |= plan.otab[k][(cw >> (8 * k)) & 0xff]
+                for j in range(plan.nslow_off):
+                    k = plan.slow_offer[j]
+                    if _cond(cp, condp, ofp[O_W * k + 0], pp, facts, cat_amt, sku_amt, fired_cond):
+                        om |= (<uint64_t>1) << k
+                bits = om & plan.offer_limited
+                while bits:
+                    k = LE_CTZ(bits)
+                    bits &= bits - 1
+                    if ((ofp[O_W * k + 4] and oup[3 * k + 0] >= ofp[O_W * k + 4])
+                            or (ofp[O_W * k + 5] and oup[3 * k + 1] and d - oup[3 * k + 2] < ofp[O_W * k + 6]
+                                and oup[3 * k + 1] >= ofp[O_W * k + 5])
+                            or (ofp[O_W * k + 7] and budget_used[k] >= ofp[O_W * k + 7])):
+                        om &= ~((<uint64_t>1) << k)
+                offers_mask = <int64_t>om
+                bits = om & plan.offer_discount
+                while bits:
+                    k = LE_CTZ(bits)
+                    bits &= bits - 1
+                    disc += mul_bp(amount, ofp[O_W * k + 3])
+            for k in range(noff if not plan.offers_by_word else 0):
                 excl = ofp[O_W * k + 1] != 0
                 if excl and any_fired:
                     continue
@@ -2700,9 +2763,13 @@ cdef int64_t _evaluate(const int64_t[::1] code, const int64_t[::1] pool, const i
                     metric = metric_of(tmetric, tc, ta, tpts, 0, &params[P_RFM])
                 else:           # the 365-day window, and the metric is not points
                     metric = metric_of(tmetric, c365, a365, 0, 0, &params[P_RFM])
-                tnew = tier_for(tp, nt, metric)
-                if tnew > m.tier:
-                    m.tier = <int32_t>tnew
+                if plan.tiers_rise:     # the tiers the member has not reached, from the next one up
+                    while m.tier < nt and tp[T_W * m.tier] <= metric:
+                        m.tier += 1
+                else:
+                    tnew = tier_for(tp, nt, metric)
+                    if tnew > m.tier:
+                        m.tier = <int32_t>tnew
             out[i].tier_after = m.tier
             ws.p = <int32_t>(p - p0); ws.lo30 = <int32_t>(lo30 - p0); ws.lo90 = <int32_t>(lo90 - p0)
             ws.lo365 = <int32_t>(lo365 - p0)
@@ -2731,8 +2798,9 @@ cdef int64_t _evaluate(const int64_t[::1] code, const int64_t[::1] pool, const i
 
 cdef inline int64_t mul_bp(int64_t a, int64_t b) noexcept nogil:
     """a * b / BP, truncated, exact for any int64 operands (128-bit only when the product needs it)."""
-    if a == <int32_t>a and b == <int32_t>b:
-        return (a * b) // BP
+    cdef int64_t r
+    if not LE_MUL_OVERFLOW(a, b, &r):
+        return r // BP
     return <int64_t>((<i128>a * b) // BP)
 
 
