@@ -1903,15 +1903,15 @@ cdef struct Plan:
     # branch on the kind), and tables that turn those bits into conditions' truths and rules' truths
     FAtom fat[64]
     Py_ssize_t natoms
-    Py_ssize_t gend[4]              # where each group of ``fat`` ends
+    Py_ssize_t gend[5]              # where each group of ``fat`` ends
+    uint64_t negmask                # the atoms whose test is negated (the row's bits are xor'ed with it)
     int8_t cfast[64]                # condition k < 64 is a predicate whose truth is bit k of the row's word
     Py_ssize_t n_memo               # conditions among the first 64 that are not (the stack machine's)
     uint64_t cw_const               # predicates of no atoms that hold (all of nothing)
     Py_ssize_t nab                  # bytes of the atom bits that ``atab`` maps
     uint64_t atab[8][256]           # byte t of the atom bits -> the predicates one of whose atoms they are
-    Py_ssize_t nall                 # predicates that need all of two or more atoms: tested by mask
-    int64_t all_cond[64]
-    uint64_t all_mask[64]
+    uint64_t all_conds              # predicates that need all of two or more atoms: they hold unless
+    uint64_t ftab[8][256]           # byte t of the atom bits' complement -> those one of whose atoms fails
     Py_ssize_t ncb                  # bytes of the condition word that ``rtab`` maps
     uint64_t rtab[8][256]           # byte t of the condition word -> the rules whose condition they are
     uint64_t rule_always            # rules without a condition
@@ -2123,10 +2123,15 @@ cdef inline void _fast_atom(FAtom* fa, const int64_t* at) noexcept nogil:
 
 
 cdef inline Py_ssize_t _atom_group(const FAtom* fa) noexcept nogil:
-    """0: a plain fact against a constant; 1: another comparison; 2: a small set; 3: the general test."""
+    """0: a plain fact against a constant; 1: a bit of a fact; 2: another comparison; 3: a small set;
+    4: the general test."""
     if fa.kind == 1:
-        return 0 if fa.b == N_FACTS and fa.am == -1 else 1
-    return 2 if fa.kind == 2 else 3
+        if fa.b == N_FACTS and fa.am == -1:
+            return 0
+        if fa.b == N_FACTS and fa.c == 0 and (fa.tab == 2 or fa.tab == 5):     # (x & am) == 0, != 0
+            return 1
+        return 2
+    return 3 if fa.kind == 2 else 4
 
 
 cdef int _check_cond(const int64_t[::1] code, const int64_t[::1] pool, const int64_t[:, ::1] conds,
@@ -2172,7 +2177,7 @@ cdef void _make_plan(Plan* pl, const int64_t* pp, const int64_t* condp, Py_ssize
     cdef Py_ssize_t k, j, g, v, na, nc = ncond if ncond < 64 else 64
     cdef uint64_t amask
     cdef FAtom tmp_atom
-    cdef Py_ssize_t ng[4]
+    cdef Py_ssize_t ng[5]
     cdef Py_ssize_t first[64]           # a predicate's first atom (in the order of the conditions)
     cdef Py_ssize_t at_bit[64]          # an atom's bit: its place once grouped
     cdef int64_t c
@@ -2191,12 +2196,12 @@ cdef void _make_plan(Plan* pl, const int64_t* pp, const int64_t* condp, Py_ssize
             pl.n_memo += 1
     # group the atoms (a stable sort by group) so that each group's loop has no branch on the kind;
     # an atom's bit in the row's word is its place in that order
-    for g in range(4):
+    for g in range(5):
         ng[g] = 0
     for k in range(pl.natoms):
         ng[_atom_group(&pl.fat[k])] += 1
     pl.gend[0] = ng[0]
-    for g in range(1, 4):
+    for g in range(1, 5):
         pl.gend[g] = pl.gend[g - 1] + ng[g]
     for k in range(1, pl.natoms):       # insertion sort by group keeps the order inside a group
         tmp_atom = pl.fat[k]
@@ -2210,6 +2215,14 @@ cdef void _make_plan(Plan* pl, const int64_t* pp, const int64_t* condp, Py_ssize
         pl.fat[k].bit = k
         if k < pl.gend[0]:
             _interval(&pl.fat[k])
+            if pl.fat[k].neg:
+                pl.negmask |= (<uint64_t>1) << k
+        elif k < pl.gend[1]:                    # a bit: != 0, or == 0 negated
+            if pl.fat[k].tab == 2:
+                pl.negmask |= (<uint64_t>1) << k
+        elif pl.gend[2] <= k < pl.gend[3]:      # a small set: in it, or negated
+            if pl.fat[k].tab:
+                pl.negmask |= (<uint64_t>1) << k
     # the predicates' tables: any of their atoms (or the one atom) by table, all of several by mask
     for k in range(nc):
         if not pl.cfast[k]:
@@ -2228,9 +2241,12 @@ cdef void _make_plan(Plan* pl, const int64_t* pp, const int64_t* condp, Py_ssize
                         if (v >> (j & 7)) & 1:
                             pl.atab[j >> 3][v] |= (<uint64_t>1) << k
         else:
-            pl.all_cond[pl.nall] = k
-            pl.all_mask[pl.nall] = amask
-            pl.nall += 1
+            pl.all_conds |= (<uint64_t>1) << k
+            for j in range(64):
+                if (amask >> j) & 1:
+                    for v in range(256):
+                        if (v >> (j & 7)) & 1:
+                            pl.ftab[j >> 3][v] |= (<uint64_t>1) << k
     pl.nab = (pl.natoms + 7) // 8
     # rules: a condition in the word is a table entry, no condition always holds, the rest one by one
     for k in range(nrules):
@@ -2325,7 +2341,7 @@ cdef int64_t _evaluate(const int64_t[::1] code, const int64_t[::1] pool, const i
     # predicates' truths are then the bits of ``cw`` (table look-ups and mask tests)
     cdef FAtom fat[64]          # by group: constant comparisons, other comparisons, small sets, the rest
     cdef FAtom* fa
-    cdef const Py_ssize_t* gend = plan.gend
+    cdef const Py_ssize_t* gend = &plan.gend[0]
     cdef const int8_t* cfast = plan.cfast
     cdef Py_ssize_t n_memo = plan.n_memo
     cdef uint64_t rok, bits, mult_rules = 0, bonus_rules = 0, mult_offers = 0
@@ -2521,28 +2537,36 @@ cdef int64_t _evaluate(const int64_t[::1] code, const int64_t[::1] pool, const i
             if n_memo:
                 for k in range(ncond if ncond < 64 else 64):
                     fired_cond[k] = -1
-            # atom k is bit k: the groups run from the last atom down, each result shifted in below
+            # atom k is bit k: the groups run from the last atom down, each result shifted in below (the
+            # negated ones are turned round together at the end)
             abits = 0
-            for k in range(gend[3] - 1, gend[2] - 1, -1):
+            for k in range(gend[4] - 1, gend[3] - 1, -1):
                 abits = (abits << 1) | <uint64_t>_atom(fat[k].ptr, pp, facts, cat_amt, sku_amt)
-            for k in range(gend[2] - 1, gend[1] - 1, -1):     # in a list of small numbers
+            for k in range(gend[3] - 1, gend[2] - 1, -1):     # in a list of small numbers
                 fa = &fat[k]
                 ax = fa.pa[0]
-                abits = (abits << 1) | ((((<uint64_t>fa.c >> (ax & 63)) & (<uint64_t>ax < 64))) ^ <uint64_t>fa.tab)
-            for k in range(gend[1] - 1, gend[0] - 1, -1):     # masked, or against a multiple of a fact
+                abits = (abits << 1) | (((<uint64_t>fa.c >> (ax & 63)) & (<uint64_t>ax < 64)))
+            for k in range(gend[2] - 1, gend[1] - 1, -1):     # against a multiple of a fact
                 fa = &fat[k]
                 ax = fa.pa[0] & fa.am
                 ay = <int64_t>(<uint64_t>fa.c * <uint64_t>facts[fa.b])    # as the stack machine's product
                 abits = (abits << 1) | <uint64_t>((fa.tab >> ((ax > ay) - (ax < ay) + 1)) & 1)
+            for k in range(gend[1] - 1, gend[0] - 1, -1):     # a bit of a fact
+                fa = &fat[k]
+                abits = (abits << 1) | <uint64_t>((fa.pa[0] & fa.am) != 0)
             for k in range(gend[0] - 1, -1, -1):              # a fact against a constant: an interval
                 fa = &fat[k]
-                abits = (abits << 1) | ((<uint64_t>(<uint64_t>fa.pa[0] - <uint64_t>fa.lo <= fa.span)) ^ fa.neg)
-            # the predicates' truths: any of their atoms by table, all of two or more by mask
+                abits = (abits << 1) | <uint64_t>(<uint64_t>fa.pa[0] - <uint64_t>fa.lo <= fa.span)
+            abits ^= plan.negmask
+            # the predicates' truths: any of their atoms (or the one) by table; all of several unless
+            # the complement's table names one that fails
             cw = plan.cw_const
+            om = 0
             for k in range(plan.nab):
-                cw |= plan.atab[k][(abits >> (8 * k)) & 0xff]
-            for k in range(plan.nall):
-                cw |= (<uint64_t>((abits & plan.all_mask[k]) == plan.all_mask[k])) << plan.all_cond[k]
+                j = (abits >> (8 * k)) & 0xff
+                cw |= plan.atab[k][j]
+                om |= plan.ftab[k][j ^ 0xff]
+            cw |= plan.all_conds & ~om
             # offers, highest priority first
             offers_mask = 0
             any_fired = False
