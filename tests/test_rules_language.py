@@ -470,6 +470,15 @@ def test_the_kernel_binds_checked_private_copies_of_a_program():
     offers[0, 0] = 7
     with pytest.raises(ValueError, match="offer 0: condition 7"):
         _bound(prog, offers=offers)
+    from loyalty_engine.program import P_BURN_STEP, P_BURN_VALUE, P_RATE_PER
+    params = c.params.copy()
+    params[P_RATE_PER] = 0                                  # the kernel divides by it
+    with pytest.raises(ValueError, match="per.* is 0; it must be at least 1"):
+        _bound(prog, params=params)
+    params = c.params.copy()
+    params[P_BURN_VALUE], params[P_BURN_STEP] = 10, 0
+    with pytest.raises(ValueError, match="step .0. must be at least 1"):
+        _bound(prog, params=params)
     kernel = _bound(prog)
     conds = c.conds.copy()
     kernel2 = _core.Kernel(c.code, c.pool, conds, c.rules, c.offers, c.tiers, c.params)

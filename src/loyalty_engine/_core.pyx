@@ -1794,7 +1794,7 @@ cdef inline int64_t round_div(i128 num, i128 den, int64_t mode) noexcept nogil:
     """num // den (num >= 0, den > 0) rounded: 0 floor, 1 half to even, 2 ceiling."""
     cdef i128 q, r
     cdef int64_t q64, r64
-    if num <= <i128>INT64_MAX and den <= <i128>INT64_MAX:   # the common case: no 128-bit division
+    if <i128>INT64_MIN < num <= <i128>INT64_MAX and den <= <i128>INT64_MAX:   # no 128-bit division
         q64 = <int64_t>num // <int64_t>den
         r64 = <int64_t>num - q64 * <int64_t>den
         q = q64
@@ -1959,6 +1959,12 @@ cdef class Kernel:
             raise ValueError("rules, offers and tiers need %d, %d and %d columns" % (R_W, O_W, T_W))
         if params.shape[0] < P_RFM + 12:
             raise ValueError("params is shorter than the program's parameters")
+        # (the kernel divides by these: a zero would stop the process)
+        if params[P_RATE_POINTS] > 0 and params[P_RATE_PER] < 1:
+            raise ValueError("the earn rate's amount (per) is %d; it must be at least 1" % params[P_RATE_PER])
+        if params[P_BURN_VALUE] != 0 and (params[P_BURN_POINTS] < 1 or params[P_BURN_STEP] < 1):
+            raise ValueError("redemption's points (%d) and step (%d) must be at least 1"
+                             % (params[P_BURN_POINTS], params[P_BURN_STEP]))
         if pool.shape[0] == 0:
             raise ValueError("the pool holds at least one word")
         for k in range(ncond):
