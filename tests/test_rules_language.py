@@ -511,12 +511,12 @@ def test_the_kernel_binds_checked_private_copies_of_a_program():
 
 
 def _one_row_each(kernel: _core.Kernel, members: np.ndarray, noff: int,
-                  hist: np.ndarray | None = None) -> np.ndarray:
+                  hist: np.ndarray | None = None, amounts: list[int] | None = None) -> np.ndarray:
     """Run one purchase for each member, each its own segment, through ``kernel``; returns ``out``."""
     n = len(members)
     rows = np.zeros(n, _core.ROW_DTYPE)
     rows["member"] = np.arange(n)
-    rows["amount"], rows["day"] = 100, 20_000
+    rows["amount"], rows["day"] = amounts if amounts is not None else 100, 20_000
     hist = np.zeros(0, _core.HEV_DTYPE) if hist is None else hist
     hist_off = np.zeros(n + 1, np.int64)
     hist_off[1:] = len(hist)
@@ -582,3 +582,20 @@ def test_the_kernel_agrees_with_the_pure_python_peer(tiers: dict[str, Any]):
     peer = python_evaluate(prog, data, 40)
     assert [tuple(map(int, r)) for r in out[["points", "credit", "tier_after"]].tolist()] == peer
     assert len({t for _, _, t in peer}) >= 3               # the tiers moved: the window mattered
+
+
+@pytest.mark.parametrize("rounding", ["floor", "half_even", "ceil"])
+def test_earned_points_are_rounded_as_exact_fractions_are(rounding: str):
+    """The base rate's points, 3 per 1,000, rounded three ways; the largest amounts need 128 bits."""
+    from fractions import Fraction
+
+    prog = Program.from_dict({"name": "k", "earn": {"points": 3, "per": 1000}, "rounding": rounding})
+    amounts = [1, 166, 167, 500, 1000, 1500, 2500, 3500, 4833, 4834, 999_999, (1 << 62) + 1, (1 << 63) - 1]
+    members = np.zeros(len(amounts), _core.MSTATE_DTYPE)
+    members["referrer"], members["last_day"] = -1, -1
+    out = _one_row_each(_bound(prog), members, 1, amounts=amounts)
+    for a, got in zip(amounts, out["base_points"].tolist(), strict=True):
+        x = Fraction(3 * a, 1000)
+        want = {"floor": x.numerator // x.denominator, "ceil": -(-x.numerator // x.denominator),
+                "half_even": round(x)}[rounding]
+        assert got == want, (a, rounding)

@@ -1793,15 +1793,22 @@ def calendar_check(const int64_t[::1] days):
 cdef inline int64_t round_div(i128 num, i128 den, int64_t mode) noexcept nogil:
     """num // den (num >= 0, den > 0) rounded: 0 floor, 1 half to even, 2 ceiling."""
     cdef i128 q, r
-    cdef int64_t q64, r64
-    if <i128>INT64_MIN < num <= <i128>INT64_MAX and den <= <i128>INT64_MAX:   # no 128-bit division
-        q64 = <int64_t>num // <int64_t>den
-        r64 = <int64_t>num - q64 * <int64_t>den
-        q = q64
-        r = r64
-    else:
-        q = num // den
-        r = num - q * den
+    cdef int64_t q64, r64, d64
+    if <int64_t>(num >> 64) == 0 and <int64_t>num >= 0 and den <= <i128>INT64_MAX:
+        # the common case, 0 <= num < 2^63: 64-bit division and rounding (0 <= r < den, so 2r > den
+        # is r > den - r, which cannot overflow)
+        d64 = <int64_t>den
+        q64 = <int64_t>num // d64
+        r64 = <int64_t>num - q64 * d64
+        if mode == 2:
+            if r64 != 0:
+                q64 += 1
+        elif mode == 1:
+            if r64 > d64 - r64 or (r64 == d64 - r64 and (q64 & 1)):
+                q64 += 1
+        return q64
+    q = num // den
+    r = num - q * den
     if mode == 2:
         if r != 0:
             q += 1
@@ -2016,6 +2023,7 @@ cdef class Kernel:
             raise ValueError("item arrays differ in length")
         cdef Py_ssize_t nm = members.shape[0], ntiers = self.tiers.shape[0]
         cdef int64_t seg, mem, bad = 0
+        cdef Py_ssize_t first, last
         cdef bint tsep = ntiers > 0 and not (self.params[P_TIER_PERIOD] == 0 and self.params[P_TIER_WINDOW] == 365
                                              and self.params[P_TIER_METRIC] != 0)
         # per segment: its member and its rows (then its size); the windows, one cache line a segment
@@ -2036,21 +2044,22 @@ cdef class Kernel:
             for i in range(n):
                 mem = rows[i].member
                 seg = seg_of[i]
-                if mem < 0 or mem >= nm:
+                # (unsigned comparisons: a negative number is out of range too)
+                if <uint64_t>mem >= <uint64_t>nm:
                     raise ValueError("row %d names member %d, beyond the state (%d members)" % (i, mem, nm))
-                if seg < 0 or seg >= nseg:
+                if <uint64_t>seg >= <uint64_t>nseg:
                     raise ValueError("row %d: segment %d is out of range" % (i, seg))
-                if seg_info[2 * seg] == -1:
+                if seg_info[2 * seg] != mem:
+                    if seg_info[2 * seg] != -1:
+                        raise ValueError("row %d: segment %d holds two members" % (i, seg))
                     seg_info[2 * seg] = mem
-                elif seg_info[2 * seg] != mem:
-                    raise ValueError("row %d: segment %d holds two members" % (i, seg))
                 seg_info[2 * seg + 1] += 1
-                if (rows[i].item_start < 0 or rows[i].item_end > item_amount.shape[0]
-                        or rows[i].item_end < rows[i].item_start):
-                    raise ValueError("row %d: items [%d, %d) are out of range"
-                                     % (i, rows[i].item_start, rows[i].item_end))
-                for j in range(rows[i].item_start, rows[i].item_end):
-                    if item_cat[j] < 0 or item_cat[j] >= 64 or item_sku[j] < 0 or item_sku[j] >= 64:
+                first = rows[i].item_start
+                last = rows[i].item_end
+                if first < 0 or last > item_amount.shape[0] or last < first:
+                    raise ValueError("row %d: items [%d, %d) are out of range" % (i, first, last))
+                for j in range(first, last):
+                    if (<uint32_t>item_cat[j] | <uint32_t>item_sku[j]) >= 64:
                         raise ValueError("item %d: category/sku symbol out of range" % j)
             # the members' state, once a segment (every row's member is its segment's)
             for s in range(nseg):
