@@ -1912,6 +1912,9 @@ cdef struct Plan:
     Py_ssize_t natoms
     Py_ssize_t gend[5]              # where each group of ``fat`` ends
     uint64_t negmask                # the atoms whose test is negated (the row's bits are xor'ed with it)
+    int64_t g0_fact[64]             # group 0 (a fact against a constant) by column: the fact, and the
+    int64_t g0_lo[64]               # interval [lo, lo + span] it must lie in
+    uint64_t g0_span[64]
     int8_t cfast[64]                # condition k < 64 is a predicate whose truth is bit k of the row's word
     Py_ssize_t n_memo               # conditions among the first 64 that are not (the stack machine's)
     uint64_t cw_const               # predicates of no atoms that hold (all of nothing)
@@ -2232,6 +2235,9 @@ cdef void _make_plan(Plan* pl, const int64_t* pp, const int64_t* condp, Py_ssize
             _interval(&pl.fat[k])
             if pl.fat[k].neg:
                 pl.negmask |= (<uint64_t>1) << k
+            pl.g0_fact[k] = pl.fat[k].a
+            pl.g0_lo[k] = pl.fat[k].lo
+            pl.g0_span[k] = pl.fat[k].span
         elif k < pl.gend[1]:                    # a bit: != 0, or == 0 negated
             if pl.fat[k].tab == 2:
                 pl.negmask |= (<uint64_t>1) << k
@@ -2357,6 +2363,9 @@ cdef int64_t _evaluate(const int64_t[::1] code, const int64_t[::1] pool, const i
     cdef FAtom fat[64]          # by group: constant comparisons, other comparisons, small sets, the rest
     cdef FAtom* fa
     cdef const Py_ssize_t* gend = &plan.gend[0]
+    cdef const int64_t* g0f = &plan.g0_fact[0]
+    cdef const int64_t* g0lo = &plan.g0_lo[0]
+    cdef const uint64_t* g0sp = &plan.g0_span[0]
     cdef const int8_t* cfast = plan.cfast
     cdef Py_ssize_t n_memo = plan.n_memo
     cdef uint64_t rok, bits, mult_rules = 0, bonus_rules = 0, mult_offers = 0
@@ -2569,9 +2578,14 @@ cdef int64_t _evaluate(const int64_t[::1] code, const int64_t[::1] pool, const i
             for k in range(gend[1] - 1, gend[0] - 1, -1):     # a bit of a fact
                 fa = &fat[k]
                 abits = (abits << 1) | <uint64_t>((fa.pa[0] & fa.am) != 0)
-            for k in range(gend[0] - 1, -1, -1):              # a fact against a constant: an interval
-                fa = &fat[k]
-                abits = (abits << 1) | <uint64_t>(<uint64_t>fa.pa[0] - <uint64_t>fa.lo <= fa.span)
+            k = gend[0] - 1                                   # a fact against a constant: an interval
+            if k & 1 == 0:                                    # (two a step)
+                abits = (abits << 1) | <uint64_t>(<uint64_t>facts[g0f[k]] - <uint64_t>g0lo[k] <= g0sp[k])
+                k -= 1
+            while k > 0:
+                abits = ((abits << 2) | (<uint64_t>(<uint64_t>facts[g0f[k]] - <uint64_t>g0lo[k] <= g0sp[k]) << 1)
+                         | <uint64_t>(<uint64_t>facts[g0f[k - 1]] - <uint64_t>g0lo[k - 1] <= g0sp[k - 1]))
+                k -= 2
             abits ^= plan.negmask
             # the predicates' truths: any of their atoms (or the one) by table; all of several unless
             # the complement's table names one that fails
