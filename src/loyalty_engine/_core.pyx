@@ -1938,6 +1938,8 @@ cdef struct Plan:
     uint64_t offer_limited          # offers with a limit per member, per period or a budget
     uint64_t offer_discount         # discount_percent offers
     bint tiers_rise                 # thresholds never fall: an upgrade walks up from the member's tier
+    bint tier_discount              # some tier has a discount
+    bint tier_cashback              # some tier has cashback
 
 
 cdef class Kernel:
@@ -2305,9 +2307,13 @@ cdef void _make_plan(Plan* pl, const int64_t* pp, const int64_t* condp, Py_ssize
             pl.slow_offer[pl.nslow_off] = k
             pl.nslow_off += 1
     pl.tiers_rise = True
-    for k in range(1, nt):
-        if tp[T_W * k] < tp[T_W * (k - 1)]:
+    for k in range(nt):
+        if k and tp[T_W * k] < tp[T_W * (k - 1)]:
             pl.tiers_rise = False
+        if tp[T_W * k + 2]:
+            pl.tier_discount = True
+        if tp[T_W * k + 3]:
+            pl.tier_cashback = True
 
 
 cdef inline void _interval(FAtom* fa) noexcept nogil:
@@ -2600,8 +2606,8 @@ cdef int64_t _evaluate(const int64_t[::1] code, const int64_t[::1] pool, const i
             offers_mask = 0
             any_fired = False
             disc = 0
-            if nt:
-                disc = mul_bp(amount, tp[4 * (m.tier - 1) + 2]) if m.tier > 0 else 0
+            if plan.tier_discount and m.tier > 0:      # (no tier of the program gives a discount: 0)
+                disc = mul_bp(amount, tp[4 * (m.tier - 1) + 2])
             if plan.offers_by_word:
                 om = plan.offer_always
                 for k in range(plan.ocb):
@@ -2729,7 +2735,7 @@ cdef int64_t _evaluate(const int64_t[::1] code, const int64_t[::1] pool, const i
                     bonus += rp[R_W * k + 4]
             # offers' points and credit (budgets cap what an offer gives)
             credit = 0
-            if nt and m.tier > 0:
+            if plan.tier_cashback and m.tier > 0:
                 credit = mul_bp(paid, tp[4 * (m.tier - 1) + 3])
             bits = <uint64_t>offers_mask
             while bits:
