@@ -447,6 +447,30 @@ def test_a_crafted_condition_table_is_refused_not_followed(pool, cond, message):
                        np.zeros(N, np.int64), z, z)
 
 
+@pytest.mark.parametrize(("code", "message"), [
+    ([2, 99], "variable 99 is out of range"),
+    ([3, 0], "operation 3 at 0 has no operands"),                  # an addition on an empty stack
+    ([15, 0], "operation 15 at 0 has no operand"),
+    ([1, 5, 19, 64], "bit 64 is out of range"),
+    ([1, 5, 18, 9], "a list is outside the pool"),
+    ([1, 0, 16, 100], "a jump at 2 to 100 is out of place"),
+    ([1, 0, 16, 0], "a jump at 2 to 0 is out of place"),          # backwards: a loop
+    ([1, 0, 16, 3, 1, 1], "a jump at 2 to 3 is out of place"),     # into the middle of an instruction
+    ([1, 0, 16, 8, 1, 1, 1, 1], "two ways out of its code with different stacks"),
+    ([77, 0], "unknown operation 77 at 0"),
+    ([1, 0] * 33, "too deep for the machine's stack"),
+    ([1], "not whole instructions")])
+def test_crafted_code_is_refused_not_run(code: list[int], message: str):
+    """The stack machine trusts its code; code that could read or write outside the machine's stack, the
+    facts or the pool, or loop, must be refused before it runs."""
+    z = np.zeros(64, np.int64)
+    with pytest.raises(ValueError, match=message):
+        _core.run_cond(np.asarray(code, np.int64), np.zeros(1, np.int64), np.asarray([[0, len(code), 0, 0, 0]]),
+                       0, np.zeros(N, np.int64), z, z)
+    with pytest.raises(ValueError, match=message):
+        _core.run_expr(np.asarray(code, np.int64), np.zeros(1, np.int64), np.zeros(N, np.int64), z, z)
+
+
 def _bound(prog: Program, **changes: np.ndarray) -> _core.Kernel:
     c = prog.compiled
     tables = {"code": c.code, "pool": c.pool, "conds": c.conds, "rules": c.rules, "offers": c.offers,

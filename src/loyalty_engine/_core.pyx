@@ -1690,6 +1690,9 @@ def run_expr(const int64_t[::1] code, const int64_t[::1] pool, const int64_t[::1
     """Run a whole compiled expression over one facts vector (tests compare it with rules.expr.evaluate)."""
     if facts.shape[0] < N_FACTS or cat_amt.shape[0] < 64 or sku_amt.shape[0] < 64:
         raise ValueError("facts needs %d slots and the amount vectors 64" % N_FACTS)
+    if pool.shape[0] == 0:
+        raise ValueError("the pool holds at least one word")
+    _check_code(code, pool, 0, code.shape[0], 0)
     return vm(&code[0], 0, code.shape[0], &pool[0], &facts[0], &cat_amt[0], &sku_amt[0])
 
 
@@ -2162,6 +2165,7 @@ cdef int _check_cond(const int64_t[::1] code, const int64_t[::1] pool, const int
         raise ValueError("conds must have %d columns, not %d" % (C_NCOL, conds.shape[1]))
     if not (0 <= conds[k, 0] <= conds[k, 1] <= code.shape[0]):
         raise ValueError("condition %d lies outside the code" % k)
+    _check_code(code, pool, conds[k, 0], conds[k, 1], k)
     if conds[k, 2] != 0:
         # (written so that no sum can overflow: a crafted table must not pass by wrapping round)
         if not (conds[k, 2] in (1, 2) and 0 <= conds[k, 3] <= pool.shape[0]
@@ -2169,6 +2173,64 @@ cdef int _check_cond(const int64_t[::1] code, const int64_t[::1] pool, const int
             raise ValueError("condition %d: its predicate lies outside the pool" % k)
         for j in range(conds[k, 4]):
             _check_atom(&pool[0], pool.shape[0], conds[k, 3] + 5 * j, k)
+    return 0
+
+
+cdef int _check_code(const int64_t[::1] code, const int64_t[::1] pool, Py_ssize_t start, Py_ssize_t end,
+                     Py_ssize_t c) except -1:
+    """Refuse code the stack machine could not run safely: an unknown operation, a variable, bit or list
+    out of range, a jump that is not forward onto an instruction of the same code, a stack that would
+    underflow or outgrow the machine's, or two ways into one place with different stack depths."""
+    cdef Py_ssize_t pc, ni = (end - start) // 2, at, npool = pool.shape[0]
+    cdef int64_t op, arg, d = 0
+    cdef int64_t* depth
+    if (end - start) % 2:
+        raise ValueError("condition %d: its code is not whole instructions" % c)
+    depth = <int64_t*>malloc((ni + 1) * sizeof(int64_t))
+    if depth == NULL:
+        raise MemoryError()
+    try:
+        for pc in range(ni + 1):
+            depth[pc] = -1
+        for pc in range(start, end, 2):
+            at = (pc - start) // 2
+            if depth[at] >= 0 and depth[at] != d:
+                raise ValueError("condition %d: two ways into instruction %d with different stacks" % (c, pc))
+            op = code[pc]
+            arg = code[pc + 1]
+            if op == OP_VAR or op == OP_CONST or op == OP_CATAMT or op == OP_SKUAMT:
+                if op == OP_VAR and not (0 <= arg < N_FACTS):
+                    raise ValueError("condition %d: variable %d is out of range" % (c, arg))
+                d += 1
+                if d > STACK:
+                    raise ValueError("condition %d: the expression is too deep for the machine's stack" % c)
+            elif op in (OP_NEG, OP_NOT, OP_ABS, OP_BOOL, OP_BIT, OP_IN, OP_RANGES):
+                if d < 1:
+                    raise ValueError("condition %d: operation %d at %d has no operand" % (c, op, pc))
+                if op == OP_BIT and not (0 <= arg < 64):
+                    raise ValueError("condition %d: bit %d is out of range" % (c, arg))
+                if (op == OP_IN or op == OP_RANGES) and not (
+                        0 <= arg < npool and 0 <= pool[arg] <= (npool - arg - 1) // (1 if op == OP_IN else 2)):
+                    raise ValueError("condition %d: a list is outside the pool" % c)
+            elif op in (OP_ADD, OP_SUB, OP_MUL, OP_DIV, OP_MOD, OP_EQ, OP_NE, OP_LT, OP_LE, OP_GT, OP_GE,
+                        OP_MIN, OP_MAX):
+                if d < 2:
+                    raise ValueError("condition %d: operation %d at %d has no operands" % (c, op, pc))
+                d -= 1
+            elif op == OP_JFALSE or op == OP_JTRUE:
+                if d < 1 or not (pc < arg <= end) or (arg - start) % 2:
+                    raise ValueError("condition %d: a jump at %d to %d is out of place" % (c, pc, arg))
+                at = (arg - start) // 2
+                if depth[at] >= 0 and depth[at] != d:
+                    raise ValueError("condition %d: two ways into instruction %d with different stacks" % (c, arg))
+                depth[at] = d
+                d -= 1
+            else:
+                raise ValueError("condition %d: unknown operation %d at %d" % (c, op, pc))
+        if depth[ni] >= 0 and depth[ni] != d:
+            raise ValueError("condition %d: two ways out of its code with different stacks" % c)
+    finally:
+        free(depth)
     return 0
 
 
