@@ -88,6 +88,23 @@ def test_category_multiplier_applies_to_its_items_only(club):
     assert (r.base_points, r.points_earned) == (300, 400)
 
 
+@pytest.mark.parametrize("when", ['category_amount("toys") >= 50_000',           # a predicate's atom
+                                  'category_amount("toys") * 2 >= 100_000',      # the stack machine
+                                  'sku_amount("kite") + 0 >= 50_000'])
+def test_a_condition_on_the_baskets_amounts_sees_them(tmp_path, when):
+    """The kernel sums a basket's amounts by category and SKU only for a program whose conditions read
+    them (an atom or the stack machine's code): these do."""
+    prog = Program.from_dict({**CLUB, "earn_rules": [{"name": "toys", "when": when, "bonus": 7}]})
+    with Engine.open(tmp_path / "club", program=prog, sync="none") as e:
+        e.enroll("anna", at=T0 - timedelta(days=30))
+        fired = []
+        for k, toys in enumerate([60_000, 40_000, 50_000]):
+            r = e.purchase("anna", amount=toys + 10_000, at=T0 + timedelta(days=k), ref=f"p{k}", items=[
+                Item(sku="kite", category="toys", amount=toys), Item(sku="bread", category="food", amount=10_000)])
+            fired.append(r.rules == ("toys",))
+        assert fired == [True, False, True]
+
+
 def test_retry_with_the_same_ref_changes_nothing(club):
     r = club.purchase("anna", amount=120_000, at=T0, ref="pos1-000123")
     before = club.ledger.balance(points_account(0))

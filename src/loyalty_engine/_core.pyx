@@ -1942,6 +1942,7 @@ cdef struct Plan:
     uint64_t offer_discount         # discount_percent offers
     bint tiers_rise                 # thresholds never fall: an upgrade walks up from the member's tier
     bint tier_discount              # some tier has a discount
+    bint basket_amounts             # some condition reads a category's or SKU's amount in the basket
     bint tier_cashback              # some tier has cashback
 
 
@@ -1994,7 +1995,7 @@ cdef class Kernel:
                 raise ValueError("offer %d: condition %d or effect %d is out of range" % (k, offers[k, 0], offers[k, 2]))
         self.code, self.pool, self.conds, self.rules = code, pool, conds, rules
         self.offers, self.tiers, self.params = offers, tiers, params
-        _make_plan(&self.plan, &pool[0], &conds[0, 0] if ncond else NULL, ncond,
+        _make_plan(&self.plan, &code[0] if code.shape[0] else NULL, &pool[0], &conds[0, 0] if ncond else NULL, ncond,
                    &rules[0, 0] if nrules else NULL, nrules, &offers[0, 0] if noff else NULL, noff,
                    &tiers[0, 0] if nt else NULL, nt)
 
@@ -2252,7 +2253,8 @@ cdef int _check_atom(const int64_t* pp, Py_ssize_t npool, int64_t at, Py_ssize_t
     return 0
 
 
-cdef void _make_plan(Plan* pl, const int64_t* pp, const int64_t* condp, Py_ssize_t ncond, const int64_t* rp,
+cdef void _make_plan(Plan* pl, const int64_t* cp, const int64_t* pp, const int64_t* condp, Py_ssize_t ncond,
+                     const int64_t* rp,
                      Py_ssize_t nrules, const int64_t* ofp, Py_ssize_t noff, const int64_t* tp,
                      Py_ssize_t nt) noexcept nogil:
     """Fill ``pl`` for a checked program (see :c:type:`Plan`)."""
@@ -2264,6 +2266,14 @@ cdef void _make_plan(Plan* pl, const int64_t* pp, const int64_t* condp, Py_ssize
     cdef Py_ssize_t at_bit[64]          # an atom's bit: its place once grouped
     cdef int64_t c
     memset(pl, 0, sizeof(Plan))
+    # a basket's amounts by category and SKU, where some condition reads them (an atom, or the code)
+    for k in range(ncond):
+        for j in range(condp[C_NCOL * k + 4] if condp[C_NCOL * k + 2] else 0):
+            if pp[condp[C_NCOL * k + 3] + 5 * j] == A_CAT or pp[condp[C_NCOL * k + 3] + 5 * j] == A_SKU:
+                pl.basket_amounts = True
+        for j in range(condp[C_NCOL * k + 0], condp[C_NCOL * k + 1], 2):
+            if cp[j] == OP_CATAMT or cp[j] == OP_SKUAMT:
+                pl.basket_amounts = True
     # the atoms of the first predicates that fit in 64 bits, in the order of their conditions
     for k in range(nc):
         na = condp[C_NCOL * k + 4]
@@ -2448,6 +2458,10 @@ cdef int64_t _evaluate(const int64_t[::1] code, const int64_t[::1] pool, const i
     cdef int64_t rate_pts = params[P_RATE_POINTS], rate_per = params[P_RATE_PER], rmode = params[P_ROUNDING]
     cdef int64_t stacking = params[P_STACKING], window = params[P_TIER_WINDOW], review = params[P_REVIEW]
     cdef int64_t tmetric = params[P_TIER_METRIC], horizon = params[P_HORIZON], tperiod = params[P_TIER_PERIOD]
+    # (the parameters a row reads, in locals: a store through the member's state might alias params)
+    cdef int64_t cap_receipt = params[P_CAP_RECEIPT], cap_day = params[P_CAP_DAY], min_basket = params[P_MIN_BASKET]
+    cdef int64_t bday_pts = params[P_BDAY_POINTS], anniv_pts = params[P_ANNIV_POINTS]
+    cdef int64_t ref_referred = params[P_REF_REFERRED], ref_referrer = params[P_REF_REFERRER]
     cdef int64_t tstart
     cdef int64_t p0, p, lo30, lo90, lo365, c30, c90, c365, a30, a90, a365
     cdef int64_t lot = 0, tc = 0, ta = 0, tpts = 0
@@ -2597,7 +2611,7 @@ cdef int64_t _evaluate(const int64_t[::1] code, const int64_t[::1] pool, const i
             facts[F_TIER] = m.tier
             facts[F_POINTS] = m.points
             facts[F_CREDIT] = m.credit
-            if m.birth_md > 0 or params[P_ANNIV_POINTS]:   # the calendar only when a date needs it
+            if m.birth_md > 0 or anniv_pts:   # the calendar only when a date needs it
                 civil_from_days(d, &y, &mo, &dd)
             if m.birth_md > 0:
                 b_next = md_in_year(y, m.birth_md)
@@ -2609,18 +2623,22 @@ cdef int64_t _evaluate(const int64_t[::1] code, const int64_t[::1] pool, const i
             facts[F_MDAYS] = d - m.enroll_day
             facts[F_REFERRED] = m.referred
             # the basket's items: amounts per category and SKU, one line each
-            for j in range(prev_first, prev_last):     # clear what the previous row set
-                cat_amt[item_cat[j]] = 0
-                sku_amt[item_sku[j]] = 0
             first_item = rows[i].item_start
             last_item = rows[i].item_end
             items_total = 0
-            for j in range(first_item, last_item):
-                cat_amt[item_cat[j]] += item_amount[j]
-                sku_amt[item_sku[j]] += item_amount[j]
-                items_total += item_amount[j]
-            prev_first = first_item
-            prev_last = last_item
+            if plan.basket_amounts:                     # some condition reads them
+                for j in range(prev_first, prev_last):  # clear what the previous row set
+                    cat_amt[item_cat[j]] = 0
+                    sku_amt[item_sku[j]] = 0
+                for j in range(first_item, last_item):
+                    cat_amt[item_cat[j]] += item_amount[j]
+                    sku_amt[item_sku[j]] += item_amount[j]
+                    items_total += item_amount[j]
+                prev_first = first_item
+                prev_last = last_item
+            else:
+                for j in range(first_item, last_item):
+                    items_total += item_amount[j]
             if facts_out.shape[0]:
                 for k in range(N_FACTS):
                     facts_out[i, k] = facts[k]
@@ -2749,7 +2767,7 @@ cdef int64_t _evaluate(const int64_t[::1] code, const int64_t[::1] pool, const i
             bonus = 0
             earned = 0
             base = 0
-            if amount >= params[P_MIN_BASKET] and rate_pts > 0 and paid > 0:
+            if amount >= min_basket and rate_pts > 0 and paid > 0:
                 if last_item == first_item:
                     items_total = amount
                 S = 0
@@ -2832,36 +2850,36 @@ cdef int64_t _evaluate(const int64_t[::1] code, const int64_t[::1] pool, const i
                 m.earn_day = <int32_t>d
                 m.earned_today = 0
             q = earned
-            if params[P_CAP_RECEIPT] and q > params[P_CAP_RECEIPT]:
-                q = params[P_CAP_RECEIPT]
-            if params[P_CAP_DAY]:
-                if m.earned_today >= params[P_CAP_DAY]:
+            if cap_receipt and q > cap_receipt:
+                q = cap_receipt
+            if cap_day:
+                if m.earned_today >= cap_day:
                     q = 0
-                elif q > params[P_CAP_DAY] - m.earned_today:
-                    q = params[P_CAP_DAY] - m.earned_today
+                elif q > cap_day - m.earned_today:
+                    q = cap_day - m.earned_today
             out[i].capped = earned - q
             earned = q
             m.earned_today += earned
             # event bonuses: birthday and anniversary (once a year, within N days), referral
             evpts = 0
-            if params[P_BDAY_POINTS] and m.birth_md > 0:
+            if bday_pts and m.birth_md > 0:
                 occ = _occurrence(d, y, m.birth_md, params[P_BDAY_WITHIN], m.bday_year)
                 if occ > 0:
                     m.bday_year = <int32_t>occ
-                    evpts += params[P_BDAY_POINTS]
-            if params[P_ANNIV_POINTS]:
+                    evpts += bday_pts
+            if anniv_pts:
                 civil_from_days(m.enroll_day, &q, &mo, &dd)
                 occ = _occurrence(d, y, mo * 100 + dd, params[P_ANNIV_WITHIN],
                                   m.anniv_year if m.anniv_year > q else q)
                 if occ > 0:
                     m.anniv_year = <int32_t>occ
-                    evpts += params[P_ANNIV_POINTS]
+                    evpts += anniv_pts
             if m.purchases == 0 and m.referred and m.referrer >= 0:
-                evpts += params[P_REF_REFERRED]
-                if params[P_REF_REFERRER]:
-                    out[i].referrer_points = params[P_REF_REFERRER]
+                evpts += ref_referred
+                if ref_referrer:
+                    out[i].referrer_points = ref_referrer
                     out[i].referrer = m.referrer
-                    members[m.referrer].points += params[P_REF_REFERRER]
+                    members[m.referrer].points += ref_referrer
             out[i].event_points = evpts
             out[i].points = earned + evpts
             out[i].credit = credit
