@@ -2011,7 +2011,9 @@ cdef class Kernel:
         order), and the kernel writes the history to keep (the horizon's worth, this batch's purchases
         included) to ``out_hist[out_off[s]:out_off[s+1]]`` (``out_hist`` holds at least len(hist) +
         len(rows) events). ``facts_out`` is (len(rows), N_FACTS) to record every row's facts (for
-        explanations) or (0, N_FACTS). Returns the number of segments.
+        explanations) or (0, N_FACTS). A history event counts 1, 0 or -1 visits and a segment (its history
+        and its rows) holds fewer than 2^31 events: the windows count in 32 bits. Returns the number of
+        segments.
         """
         cdef Py_ssize_t n = rows.shape[0], noff = self.offers.shape[0]
         cdef Py_ssize_t i, j, s
