@@ -90,6 +90,23 @@ def test_category_multiplier_applies_to_its_items_only(club):
     assert (r.base_points, r.points_earned) == (300, 400)
 
 
+@pytest.mark.parametrize("when", ['category_amount("toys") >= 50_000',           # a predicate's atom
+                                  'category_amount("toys") * 2 >= 100_000',      # the stack machine
+                                  'sku_amount("kite") + 0 >= 50_000'])
+def test_a_condition_on_the_baskets_amounts_sees_them(tmp_path, when):
+    """The kernel sums a basket's amounts by category and SKU only for a program whose conditions read
+    them (an atom or the stack machine's code): these do."""
+    prog = Program.from_dict({**CLUB, "earn_rules": [{"name": "toys", "when": when, "bonus": 7}]})
+    with Engine.open(tmp_path / "club", program=prog, sync="none") as e:
+        e.enroll("anna", at=T0 - timedelta(days=30))
+        fired = []
+        for k, toys in enumerate([60_000, 40_000, 50_000]):
+            r = e.purchase("anna", amount=toys + 10_000, at=T0 + timedelta(days=k), ref=f"p{k}", items=[
+                Item(sku="kite", category="toys", amount=toys), Item(sku="bread", category="food", amount=10_000)])
+            fired.append(r.rules == ("toys",))
+        assert fired == [True, False, True]
+
+
 def test_retry_with_the_same_ref_changes_nothing(club):
     r = club.purchase("anna", amount=120_000, at=T0, ref="pos1-000123")
     before = club.ledger.balance(points_account(0))
@@ -425,6 +442,32 @@ def test_predicates_and_the_stack_machine_give_identical_ledgers(tmp_path_factor
                 ra, rb = a.receipt(r["ref"]), b.receipt(r["ref"])
                 assert (ra.points_earned, ra.credit_earned, ra.discount, ra.tier_after, ra.offers, ra.rules) == \
                        (rb.points_earned, rb.credit_earned, rb.discount, rb.tier_after, rb.offers, rb.rules), r
+    finally:
+        a.close()
+        b.close()
+
+
+@settings(max_examples=int(os.environ.get("ENGINE_PROPERTY_EXAMPLES", "60")) // 2, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(programs(), histories())
+def test_offers_in_one_word_and_one_by_one_give_identical_ledgers(tmp_path_factory, prog, history):
+    """Where no offer is exclusive the kernel takes the offers whose conditions hold from the row's
+    condition word and then drops those their limits or budgets stop; an exclusive offer that never
+    fires sends the kernel through its offers one by one in priority order instead: both must post
+    the same."""
+    n_members, births, rows = history
+    prog = {**prog, "offers": [{**o, "exclusive": False} for o in prog["offers"]]}
+    never = {"name": "never", "when": "false", "effect": {"bonus_points": 1}, "priority": 2, "exclusive": True}
+    base = tmp_path_factory.mktemp("club")
+    a, sa = _play(base / "word", prog, n_members, births, rows, batch=True)
+    b, sb = _play(base / "loop", {**prog, "offers": [*prog["offers"], never]}, n_members, births, rows, batch=True)
+    try:
+        assert sa == sb
+        ids = np.array([f(i) for i in range(n_members) for f in (points_account, credit_account)], np.uint64)
+        assert a.ledger.balances(ids).tolist() == b.ledger.balances(ids).tolist()
+        for i in range(n_members):
+            ua, ub = a.member(f"m{i}").offers_used, b.member(f"m{i}").offers_used
+            assert ua == {k: v for k, v in ub.items() if k != "never"} and not ub["never"]
     finally:
         a.close()
         b.close()

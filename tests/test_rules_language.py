@@ -369,8 +369,9 @@ def test_the_kernel_fires_what_the_stack_machine_says(first: str, rest: list[str
     offers = np.zeros((noff, 8), np.int64)
     offers[:, 0] = np.arange(noff)
     offers[:, 3] = 1                                        # one bonus point each, no limits
-    rules = np.zeros((nrules, 5), np.int64)
-    rules[:, 0] = noff + np.arange(nrules)
+    extra = min(noff, 64 - nrules)                          # rules on the first conditions too, from the last
+    rules = np.zeros((nrules + extra, 5), np.int64)
+    rules[:, 0] = np.concatenate([noff + np.arange(nrules), noff - 1 - np.arange(extra)])
     rules[:, 3] = rules[:, 4] = 1                           # basket bonus rules
     params = np.zeros(P_NPARAMS, np.int64)
     params[P_RATE_POINTS] = params[P_RATE_PER] = 1
@@ -422,6 +423,10 @@ def test_the_kernel_fires_what_the_stack_machine_says(first: str, rest: list[str
             got = (fired >> k) & 1 if k < noff else (rfired >> (k - noff)) & 1
             want = _core.run_cond(code_a, pool_a, machine, k, np.ascontiguousarray(fx[i]), ca, sa)
             assert got == want, (srcs[k], i, fx[i].tolist())
+        for r in range(nrules, nrules + extra):
+            k = int(rules[r, 0])
+            want = _core.run_cond(code_a, pool_a, machine, k, np.ascontiguousarray(fx[i]), ca, sa)
+            assert (rfired >> r) & 1 == want, (srcs[k], i, fx[i].tolist())
 
 
 @pytest.mark.parametrize(("pool", "cond", "message"), [
@@ -440,6 +445,30 @@ def test_a_crafted_condition_table_is_refused_not_followed(pool, cond, message):
     with pytest.raises(ValueError, match=message):
         _core.run_cond(np.zeros(0, np.int64), np.asarray(pool, np.int64), np.asarray([cond], np.int64), 0,
                        np.zeros(N, np.int64), z, z)
+
+
+@pytest.mark.parametrize(("code", "message"), [
+    ([2, 99], "variable 99 is out of range"),
+    ([3, 0], "operation 3 at 0 has no operands"),                  # an addition on an empty stack
+    ([15, 0], "operation 15 at 0 has no operand"),
+    ([1, 5, 19, 64], "bit 64 is out of range"),
+    ([1, 5, 18, 9], "a list is outside the pool"),
+    ([1, 0, 16, 100], "a jump at 2 to 100 is out of place"),
+    ([1, 0, 16, 0], "a jump at 2 to 0 is out of place"),          # backwards: a loop
+    ([1, 0, 16, 3, 1, 1], "a jump at 2 to 3 is out of place"),     # into the middle of an instruction
+    ([1, 0, 16, 8, 1, 1, 1, 1], "two ways out of its code with different stacks"),
+    ([77, 0], "unknown operation 77 at 0"),
+    ([1, 0] * 33, "too deep for the machine's stack"),
+    ([1], "not whole instructions")])
+def test_crafted_code_is_refused_not_run(code: list[int], message: str):
+    """The stack machine trusts its code; code that could read or write outside the machine's stack, the
+    facts or the pool, or loop, must be refused before it runs."""
+    z = np.zeros(64, np.int64)
+    with pytest.raises(ValueError, match=message):
+        _core.run_cond(np.asarray(code, np.int64), np.zeros(1, np.int64), np.asarray([[0, len(code), 0, 0, 0]]),
+                       0, np.zeros(N, np.int64), z, z)
+    with pytest.raises(ValueError, match=message):
+        _core.run_expr(np.asarray(code, np.int64), np.zeros(1, np.int64), np.zeros(N, np.int64), z, z)
 
 
 def _bound(prog: Program, **changes: np.ndarray) -> _core.Kernel:
@@ -465,6 +494,15 @@ def test_the_kernel_binds_checked_private_copies_of_a_program():
     offers[0, 0] = 7
     with pytest.raises(ValueError, match="offer 0: condition 7"):
         _bound(prog, offers=offers)
+    from loyalty_engine.program import P_BURN_STEP, P_BURN_VALUE, P_RATE_PER
+    params = c.params.copy()
+    params[P_RATE_PER] = 0                                  # the kernel divides by it
+    with pytest.raises(ValueError, match="per.* is 0; it must be at least 1"):
+        _bound(prog, params=params)
+    params = c.params.copy()
+    params[P_BURN_VALUE], params[P_BURN_STEP] = 10, 0
+    with pytest.raises(ValueError, match="step .0. must be at least 1"):
+        _bound(prog, params=params)
     kernel = _bound(prog)
     conds = c.conds.copy()
     kernel2 = _core.Kernel(c.code, c.pool, conds, c.rules, c.offers, c.tiers, c.params)
@@ -553,3 +591,94 @@ def test_run_bound_evaluates_the_bound_buffers_as_run_does():
     rows_b["member"] = 3                                    # the same checks as run: a member beyond the state
     with pytest.raises(ValueError, match="names member 3, beyond the state"):
         k_bound.run_bound(1, 0, 0)
+
+
+def _one_row_each(kernel: _core.Kernel, members: np.ndarray, noff: int,
+                  hist: np.ndarray | None = None, amounts: list[int] | None = None) -> np.ndarray:
+    """Run one purchase for each member, each its own segment, through ``kernel``; returns ``out``."""
+    n = len(members)
+    rows = np.zeros(n, _core.ROW_DTYPE)
+    rows["member"] = np.arange(n)
+    rows["amount"], rows["day"] = amounts if amounts is not None else 100, 20_000
+    hist = np.zeros(0, _core.HEV_DTYPE) if hist is None else hist
+    hist_off = np.zeros(n + 1, np.int64)
+    hist_off[1:] = len(hist)
+    out = np.zeros(n, _core.OUT_DTYPE)
+    kernel.run(rows, np.arange(n, dtype=np.int64), np.zeros(0, np.int32), np.zeros(0, np.int32),
+               np.zeros(0, np.int64), members, hist_off, hist, np.zeros(n + 1, np.int64),
+               np.zeros(len(hist) + n, _core.HEV_DTYPE), np.zeros((n, max(noff, 1), 3), np.int64),
+               np.zeros(max(noff, 1), np.int64), out, np.zeros((0, N), np.int64))
+    return out
+
+
+def test_a_fact_against_a_constant_holds_as_the_plain_comparison_does_at_the_ends_of_int64():
+    """The kernel tests a fact against a constant as one interval; at the ends of int64 (< the least,
+    > the greatest, <= the greatest) the interval must say what the comparison says."""
+    from loyalty_engine.program import P_NPARAMS
+
+    lo, hi = -(1 << 63), (1 << 63) - 1
+    consts = [lo, lo + 1, -1, 0, 1, hi - 1, hi]
+    atoms = [(op, c) for op in range(6) for c in consts]   # ==, !=, <, <=, >, >=
+    pool = np.asarray([w for op, c in atoms for w in (1, op, VARIABLES["points_balance"].slot, 0, c)], np.int64)
+    conds = np.asarray([[0, 0, 1, 5 * k, 1] for k in range(len(atoms))], np.int64)
+    offers = np.zeros((len(atoms), 8), np.int64)
+    offers[:, 0] = np.arange(len(atoms))                   # one bonus point each, no limits
+    offers[:, 3] = 1
+    kernel = _core.Kernel(np.zeros(0, np.int64), pool, conds, np.zeros((0, 5), np.int64), offers,
+                          np.zeros((0, 4), np.int64), np.zeros(P_NPARAMS, np.int64))
+    members = np.zeros(len(consts), _core.MSTATE_DTYPE)
+    members["referrer"], members["last_day"] = -1, -1
+    members["points"] = consts
+    out = _one_row_each(kernel, members, len(atoms))
+    for i, x in enumerate(consts):
+        fired = int(out[i]["offers_fired"]) & ((1 << 64) - 1)
+        for k, (op, c) in enumerate(atoms):
+            want = [x == c, x != c, x < c, x <= c, x > c, x >= c][op]
+            assert (fired >> k) & 1 == want, (x, op, c)
+
+
+def test_a_history_the_kernel_cannot_count_is_refused():
+    prog = Program.from_dict({"name": "k", "offers": [{"name": "o", "when": "visits_30d > 0",
+                                                       "effect": {"bonus_points": 1}}]})
+    kernel = _bound(prog)
+    members = np.zeros(1, _core.MSTATE_DTYPE)
+    members["referrer"], members["last_day"] = -1, -1
+    hist = np.zeros(1, _core.HEV_DTYPE)
+    hist["day"], hist["visits"], hist["amount"] = 19_990, 1, 50
+    assert _one_row_each(kernel, members.copy(), 1, hist)["offers_fired"][0] == 1
+    hist["visits"] = 2                                      # a purchase is one visit, a refund's fix 0 or -1
+    with pytest.raises(ValueError, match="history event 0 counts 2 visits"):
+        _one_row_each(kernel, members.copy(), 1, hist)
+
+
+@pytest.mark.parametrize("tiers", [{"metric": "spend", "window_days": 365},     # the 365-day window serves
+                                   {"metric": "spend", "window_days": 200},     # a window of its own
+                                   {"metric": "spend", "window_days": 30}])
+def test_the_kernel_agrees_with_the_pure_python_peer(tiers: dict[str, Any]):
+    """The benchmark's program (and its tier window changed) against its pure-Python peer, row by row:
+    the kernel keeps the tier window apart only when it is not the 365-day window."""
+    from loyalty_engine.bench.rules_workload import PROGRAM, kernel_evaluate, make_rows, python_evaluate
+
+    prog = Program.from_dict({**PROGRAM, "tiers": {**PROGRAM["tiers"], **tiers}})
+    data = make_rows(prog, 6_000, 40, seed=3)
+    out = kernel_evaluate(prog, data, 40)
+    peer = python_evaluate(prog, data, 40)
+    assert [tuple(map(int, r)) for r in out[["points", "credit", "tier_after"]].tolist()] == peer
+    assert len({t for _, _, t in peer}) >= 3               # the tiers moved: the window mattered
+
+
+@pytest.mark.parametrize("rounding", ["floor", "half_even", "ceil"])
+def test_earned_points_are_rounded_as_exact_fractions_are(rounding: str):
+    """The base rate's points, 3 per 1,000, rounded three ways; the largest amounts need 128 bits."""
+    from fractions import Fraction
+
+    prog = Program.from_dict({"name": "k", "earn": {"points": 3, "per": 1000}, "rounding": rounding})
+    amounts = [1, 166, 167, 500, 1000, 1500, 2500, 3500, 4833, 4834, 999_999, (1 << 62) + 1, (1 << 63) - 1]
+    members = np.zeros(len(amounts), _core.MSTATE_DTYPE)
+    members["referrer"], members["last_day"] = -1, -1
+    out = _one_row_each(_bound(prog), members, 1, amounts=amounts)
+    for a, got in zip(amounts, out["base_points"].tolist(), strict=True):
+        x = Fraction(3 * a, 1000)
+        want = {"floor": x.numerator // x.denominator, "ceil": -(-x.numerator // x.denominator),
+                "half_even": round(x)}[rounding]
+        assert got == want, (a, rounding)

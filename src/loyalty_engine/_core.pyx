@@ -8,7 +8,7 @@ Python modules; the kernels return counts and status codes.
 """
 
 cimport cython
-from libc.stdint cimport int64_t, uint64_t, int32_t, uint32_t, int16_t, uint16_t, int8_t, uint8_t, INT64_MAX
+from libc.stdint cimport int64_t, uint64_t, int32_t, uint32_t, int16_t, uint16_t, int8_t, uint8_t, INT64_MAX, INT64_MIN
 from libc.stdlib cimport malloc, realloc, free
 from libc.string cimport memcmp, memcpy, memset
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE, PyBUF_WRITABLE
@@ -98,9 +98,11 @@ cdef extern from *:
     """
     #define LE_PREFETCH(p) __builtin_prefetch((const void *)(p))
     #define LE_CTZ(x) __builtin_ctzll(x)
+    #define LE_MUL_OVERFLOW(a, b, r) __builtin_mul_overflow((a), (b), (r))
     """
     void LE_PREFETCH(const void* p) noexcept nogil
     int LE_CTZ(unsigned long long x) noexcept nogil
+    bint LE_MUL_OVERFLOW(int64_t a, int64_t b, int64_t* r) noexcept nogil
 
 cdef packed struct ARec:
     uint64_t id
@@ -1942,6 +1944,9 @@ def run_expr(const int64_t[::1] code, const int64_t[::1] pool, const int64_t[::1
     """Run a whole compiled expression over one facts vector (tests compare it with rules.expr.evaluate)."""
     if facts.shape[0] < N_FACTS or cat_amt.shape[0] < 64 or sku_amt.shape[0] < 64:
         raise ValueError("facts needs %d slots and the amount vectors 64" % N_FACTS)
+    if pool.shape[0] == 0:
+        raise ValueError("the pool holds at least one word")
+    _check_code(code, pool, 0, code.shape[0], 0)
     return vm(&code[0], 0, code.shape[0], &pool[0], &facts[0], &cat_amt[0], &sku_amt[0])
 
 
@@ -2045,15 +2050,22 @@ def calendar_check(const int64_t[::1] days):
 cdef inline int64_t round_div(i128 num, i128 den, int64_t mode) noexcept nogil:
     """num // den (num >= 0, den > 0) rounded: 0 floor, 1 half to even, 2 ceiling."""
     cdef i128 q, r
-    cdef int64_t q64, r64
-    if num <= <i128>INT64_MAX and den <= <i128>INT64_MAX:   # the common case: no 128-bit division
-        q64 = <int64_t>num // <int64_t>den
-        r64 = <int64_t>num - q64 * <int64_t>den
-        q = q64
-        r = r64
-    else:
-        q = num // den
-        r = num - q * den
+    cdef int64_t q64, r64, d64
+    if <int64_t>(num >> 64) == 0 and <int64_t>num >= 0 and den <= <i128>INT64_MAX:
+        # the common case, 0 <= num < 2^63: 64-bit division and rounding (0 <= r < den, so 2r > den
+        # is r > den - r, which cannot overflow)
+        d64 = <int64_t>den
+        q64 = <int64_t>num // d64
+        r64 = <int64_t>num - q64 * d64
+        if mode == 2:
+            if r64 != 0:
+                q64 += 1
+        elif mode == 1:
+            if r64 > d64 - r64 or (r64 == d64 - r64 and (q64 & 1)):
+                q64 += 1
+        return q64
+    q = num // den
+    r = num - q * den
     if mode == 2:
         if r != 0:
             q += 1
@@ -2107,6 +2119,87 @@ def _frozen(a, int ndim):
     return out
 
 
+cdef struct FAtom:
+    int64_t kind        # 1: (facts[a] & am) against c * facts[b] (tab: a truth table over <, ==, >);
+    int64_t a           # 2: 0 <= facts[a] < 64 and bit facts[a] of c, xor tab; 0: the general test of ptr
+    int64_t b
+    int64_t c
+    int64_t am
+    int64_t tab
+    int64_t bit         # the atom's bit in the row's set
+    const int64_t* ptr
+    const int64_t* pa   # &facts[a]
+    int64_t lo          # group 0 (a fact against a constant) as an interval: the atom holds when
+    uint64_t span       # facts[a] - lo <= span (unsigned), xor neg
+    uint64_t neg
+
+
+cdef packed struct Win:
+    # a segment's windows over its history in out_hist (one cache line: the kernel reads and writes one
+    # a row): the history starts at ``base``; its end and the 30/90/365-day windows' first events are
+    # offsets from there, with the windows' visits and spend
+    int64_t a30
+    int64_t a90
+    int64_t a365
+    int64_t base
+    int32_t p
+    int32_t lo30
+    int32_t lo90
+    int32_t lo365
+    int32_t c30
+    int32_t c90
+    int32_t c365
+    int32_t pad
+
+
+cdef packed struct TWin:
+    # the tier window, where it is not the 365-day window (or the metric is points)
+    int64_t ta
+    int64_t tpts
+    int32_t lot
+    int32_t tc
+    int64_t pad
+
+
+cdef struct Plan:
+    # what the kernel derives from a program once, when it is bound: the first 64 atoms of predicate
+    # conditions (tested once a row into the bits of a word, grouped so that each group's loop has no
+    # branch on the kind), and tables that turn those bits into conditions' truths and rules' truths
+    FAtom fat[64]
+    Py_ssize_t natoms
+    Py_ssize_t gend[5]              # where each group of ``fat`` ends
+    uint64_t negmask                # the atoms whose test is negated (the row's bits are xor'ed with it)
+    int64_t g0_fact[64]             # group 0 (a fact against a constant) by column: the fact, and the
+    int64_t g0_lo[64]               # interval [lo, lo + span] it must lie in
+    uint64_t g0_span[64]
+    int8_t cfast[64]                # condition k < 64 is a predicate whose truth is bit k of the row's word
+    Py_ssize_t n_memo               # conditions among the first 64 that are not (the stack machine's)
+    uint64_t cw_const               # predicates of no atoms that hold (all of nothing)
+    Py_ssize_t nab                  # bytes of the atom bits that ``atab`` maps
+    uint64_t atab[8][256]           # byte t of the atom bits -> the predicates one of whose atoms they are
+    uint64_t all_conds              # predicates that need all of two or more atoms: they hold unless
+    uint64_t ftab[8][256]           # byte t of the atom bits' complement -> those one of whose atoms fails
+    Py_ssize_t ncb                  # bytes of the condition word that ``rtab`` maps
+    uint64_t rtab[8][256]           # byte t of the condition word -> the rules whose condition they are
+    uint64_t rule_always            # rules without a condition
+    Py_ssize_t nslow                # rules whose condition is not in the word (tested one by one)
+    int64_t slow_rule[64]
+    # offers, where none is exclusive (else they are tested one by one in priority order): those whose
+    # condition holds by table (``otab``, ``offer_always``) or one by one, less those their limits stop
+    bint offers_by_word
+    Py_ssize_t ocb
+    uint64_t otab[8][256]
+    uint64_t offer_always
+    Py_ssize_t nslow_off
+    int64_t slow_offer[64]
+    uint64_t offer_limited          # offers with a limit per member, per period or a budget
+    uint64_t offer_discount         # discount_percent offers
+    bint tiers_rise                 # thresholds never fall: an upgrade walks up from the member's tier
+    bint tier_discount              # some tier has a discount
+    bint basket_amounts             # some condition reads a category's or SKU's amount in the basket
+    bint tier_cashback              # some tier has cashback
+
+
 cdef class Kernel:
     """A compiled program bound to the kernel once (its tables checked once), to evaluate batches and
     single purchases against member state with :meth:`run` (a call acquires only the per-call arrays)."""
@@ -2117,6 +2210,7 @@ cdef class Kernel:
     cdef const int64_t[:, ::1] offers
     cdef const int64_t[:, ::1] tiers
     cdef const int64_t[::1] params
+    cdef Plan plan
     # the buffers of run_bound (one purchase at a time), bound by bind()
     cdef RowIn[::1] b_rows
     cdef int32_t[::1] b_cat, b_sku
@@ -2145,6 +2239,12 @@ cdef class Kernel:
             raise ValueError("rules, offers and tiers need %d, %d and %d columns" % (R_W, O_W, T_W))
         if params.shape[0] < P_RFM + 12:
             raise ValueError("params is shorter than the program's parameters")
+        # (the kernel divides by these: a zero would stop the process)
+        if params[P_RATE_POINTS] > 0 and params[P_RATE_PER] < 1:
+            raise ValueError("the earn rate's amount (per) is %d; it must be at least 1" % params[P_RATE_PER])
+        if params[P_BURN_VALUE] != 0 and (params[P_BURN_POINTS] < 1 or params[P_BURN_STEP] < 1):
+            raise ValueError("redemption's points (%d) and step (%d) must be at least 1"
+                             % (params[P_BURN_POINTS], params[P_BURN_STEP]))
         if pool.shape[0] == 0:
             raise ValueError("the pool holds at least one word")
         for k in range(ncond):
@@ -2159,6 +2259,9 @@ cdef class Kernel:
                 raise ValueError("offer %d: condition %d or effect %d is out of range" % (k, offers[k, 0], offers[k, 2]))
         self.code, self.pool, self.conds, self.rules = code, pool, conds, rules
         self.offers, self.tiers, self.params = offers, tiers, params
+        _make_plan(&self.plan, &code[0] if code.shape[0] else NULL, &pool[0], &conds[0, 0] if ncond else NULL, ncond,
+                   &rules[0, 0] if nrules else NULL, nrules, &offers[0, 0] if noff else NULL, noff,
+                   &tiers[0, 0] if nt else NULL, nt)
 
     def run(self, const RowIn[::1] rows, const int64_t[::1] seg_of, const int32_t[::1] item_cat,
             const int32_t[::1] item_sku, const int64_t[::1] item_amount, MState[::1] members,
@@ -2172,7 +2275,9 @@ cdef class Kernel:
         order), and the kernel writes the history to keep (the horizon's worth, this batch's purchases
         included) to ``out_hist[out_off[s]:out_off[s+1]]`` (``out_hist`` holds at least len(hist) +
         len(rows) events). ``facts_out`` is (len(rows), N_FACTS) to record every row's facts (for
-        explanations) or (0, N_FACTS). Returns the number of segments.
+        explanations) or (0, N_FACTS). A history event counts 1, 0 or -1 visits and a segment (its history
+        and its rows) holds fewer than 2^31 events: the windows count in 32 bits. Returns the number of
+        segments.
         """
         return self._run(rows, seg_of, item_cat, item_sku, item_amount, members, hist_off, hist, out_off, out_hist,
                          offer_use, budget_used, out, facts_out)
@@ -2230,54 +2335,82 @@ cdef class Kernel:
             raise ValueError("offer_use must be (members, offers, 3) and budget_used (offers,)")
         if out.shape[0] < n:
             raise ValueError("out is shorter than rows")
-        if out_hist.shape[0] < hist.shape[0] + n or hist_off[nseg] > hist.shape[0]:
-            raise ValueError("out_hist must hold len(hist) + len(rows) events")
+        if out_hist.shape[0] < hist.shape[0] + n or hist_off[nseg] > hist.shape[0] or hist_off[0] < 0:
+            raise ValueError("out_hist must hold len(hist) + len(rows) events, and hist_off lie in hist")
         if item_cat.shape[0] < item_amount.shape[0] or item_sku.shape[0] < item_amount.shape[0]:
             raise ValueError("item arrays differ in length")
-        cdef int64_t* W = <int64_t*>malloc((nseg + 1) * 16 * sizeof(int64_t))
-        cdef int64_t* seg_member = <int64_t*>malloc((nseg + 1) * sizeof(int64_t))
-        if W == NULL or seg_member == NULL:
-            free(W)
-            free(seg_member)
+        cdef Py_ssize_t nm = members.shape[0], ntiers = self.tiers.shape[0]
+        cdef int64_t seg, mem, bad = 0
+        cdef Py_ssize_t first, last
+        cdef bint tsep = ntiers > 0 and not (self.params[P_TIER_PERIOD] == 0 and self.params[P_TIER_WINDOW] == 365
+                                             and self.params[P_TIER_METRIC] != 0)
+        # per segment: its member and its rows (then its size); the windows, one cache line a segment
+        cdef int64_t* seg_info = <int64_t*>malloc((nseg + 1) * 2 * sizeof(int64_t))
+        cdef char* wmem = <char*>malloc((nseg + 1) * sizeof(Win) + 64)
+        cdef char* twmem = <char*>malloc((nseg + 1) * sizeof(TWin) + 64) if tsep else NULL
+        if seg_info == NULL or wmem == NULL or (tsep and twmem == NULL):
+            free(seg_info)
+            free(wmem)
+            free(twmem)
             raise MemoryError()
+        cdef Win* win = <Win*>(wmem + ((-<Py_ssize_t>wmem) & 63))
+        cdef TWin* twin = <TWin*>(twmem + ((-<Py_ssize_t>twmem) & 63)) if tsep else NULL
         for s in range(nseg + 1):
-            W[s * 16 + 1] = 0
-            seg_member[s] = -1
+            seg_info[2 * s] = -1
+            seg_info[2 * s + 1] = 0
         try:
             for i in range(n):
-                if rows[i].member < 0 or rows[i].member >= members.shape[0]:
-                    raise ValueError("row %d names member %d, beyond the state (%d members)"
-                                     % (i, rows[i].member, members.shape[0]))
-                mt = members[rows[i].member].tier
-                if mt < 0 or mt > self.tiers.shape[0]:
-                    raise ValueError("row %d: member %d has tier %d; the program has %d"
-                                     % (i, rows[i].member, mt, self.tiers.shape[0]))
-                if members[rows[i].member].referrer >= members.shape[0]:
-                    raise ValueError("row %d: member %d's referrer %d is beyond the state"
-                                     % (i, rows[i].member, members[rows[i].member].referrer))
-                if seg_of[i] < 0 or seg_of[i] >= nseg:
-                    raise ValueError("row %d: segment %d is out of range" % (i, seg_of[i]))
-                if seg_member[seg_of[i]] == -1:
-                    seg_member[seg_of[i]] = rows[i].member
-                elif seg_member[seg_of[i]] != rows[i].member:
-                    raise ValueError("row %d: segment %d holds two members" % (i, seg_of[i]))
-                W[seg_of[i] * 16 + 1] += 1
-                if (rows[i].item_start < 0 or rows[i].item_end > item_amount.shape[0]
-                        or rows[i].item_end < rows[i].item_start):
-                    raise ValueError("row %d: items [%d, %d) are out of range"
-                                     % (i, rows[i].item_start, rows[i].item_end))
-                for j in range(rows[i].item_start, rows[i].item_end):
-                    if item_cat[j] < 0 or item_cat[j] >= 64 or item_sku[j] < 0 or item_sku[j] >= 64:
+                mem = rows[i].member
+                seg = seg_of[i]
+                # (unsigned comparisons: a negative number is out of range too)
+                if <uint64_t>mem >= <uint64_t>nm:
+                    raise ValueError("row %d names member %d, beyond the state (%d members)" % (i, mem, nm))
+                if <uint64_t>seg >= <uint64_t>nseg:
+                    raise ValueError("row %d: segment %d is out of range" % (i, seg))
+                if seg_info[2 * seg] != mem:
+                    if seg_info[2 * seg] != -1:
+                        raise ValueError("row %d: segment %d holds two members" % (i, seg))
+                    seg_info[2 * seg] = mem
+                seg_info[2 * seg + 1] += 1
+                first = rows[i].item_start
+                last = rows[i].item_end
+                if first < 0 or last > item_amount.shape[0] or last < first:
+                    raise ValueError("row %d: items [%d, %d) are out of range" % (i, first, last))
+                for j in range(first, last):
+                    if (<uint32_t>item_cat[j] | <uint32_t>item_sku[j]) >= 64:
                         raise ValueError("item %d: category/sku symbol out of range" % j)
+            # the members' state, once a segment (every row's member is its segment's)
+            for s in range(nseg):
+                mem = seg_info[2 * s]
+                if mem >= 0 and (members[mem].tier < 0 or members[mem].tier > ntiers
+                                 or members[mem].referrer >= nm):
+                    bad = 1
+            if bad:                 # name the first row whose member's state is bad
+                for i in range(n):
+                    mt = members[rows[i].member].tier
+                    if mt < 0 or mt > ntiers:
+                        raise ValueError("row %d: member %d has tier %d; the program has %d"
+                                         % (i, rows[i].member, mt, ntiers))
+                    if members[rows[i].member].referrer >= nm:
+                        raise ValueError("row %d: member %d's referrer %d is beyond the state"
+                                         % (i, rows[i].member, members[rows[i].member].referrer))
             for s in range(nseg):
                 if hist_off[s] > hist_off[s + 1]:
                     raise ValueError("hist_off must not decrease")
+                # (the windows count a segment's events in 32 bits)
+                if hist_off[s + 1] - hist_off[s] + seg_info[2 * s + 1] >= (<int64_t>1 << 31) - 1:
+                    raise ValueError("segment %d holds 2^31 events or more" % s)
+            for j in range(hist_off[0], hist_off[nseg]):
+                if hist[j].visits < -1 or hist[j].visits > 1:
+                    raise ValueError("history event %d counts %d visits (1, 0 or -1)" % (j, hist[j].visits))
             return _evaluate(self.code, self.pool, self.conds, self.rules, self.offers, self.tiers, self.params,
                              rows, seg_of, item_cat, item_sku, item_amount, members, hist_off, hist, out_off,
-                             out_hist, offer_use, budget_used, out, facts_out, W, nseg)
+                             out_hist, offer_use, budget_used, out, facts_out, win, twin, seg_info, nseg,
+                             &self.plan)
         finally:
-            free(W)
-            free(seg_member)
+            free(seg_info)
+            free(wmem)
+            free(twmem)
 
 
 def evaluate(code, pool, conds, rules, offers, tiers, params, rows, seg_of, item_cat, item_sku, item_amount,
@@ -2286,18 +2419,6 @@ def evaluate(code, pool, conds, rules, offers, tiers, params, rows, seg_of, item
     return Kernel(code, pool, conds, rules, offers, tiers, params).run(
         rows, seg_of, item_cat, item_sku, item_amount, members, hist_off, hist, out_off, out_hist, offer_use,
         budget_used, out, facts_out)
-
-
-cdef struct FAtom:
-    int64_t kind        # 1: (facts[a] & am) against c * facts[b] (tab: a truth table over <, ==, >);
-    int64_t a           # 2: 0 <= facts[a] < 64 and bit facts[a] of c, xor tab; 0: the general test of ptr
-    int64_t b
-    int64_t c
-    int64_t am
-    int64_t tab
-    int64_t bit         # the atom's bit in the row's set
-    const int64_t* ptr
-    const int64_t* pa   # &facts[a]
 
 
 cdef inline void _fast_atom(FAtom* fa, const int64_t* at) noexcept nogil:
@@ -2335,10 +2456,15 @@ cdef inline void _fast_atom(FAtom* fa, const int64_t* at) noexcept nogil:
 
 
 cdef inline Py_ssize_t _atom_group(const FAtom* fa) noexcept nogil:
-    """0: a plain fact against a constant; 1: another comparison; 2: a small set; 3: the general test."""
+    """0: a plain fact against a constant; 1: a bit of a fact; 2: another comparison; 3: a small set;
+    4: the general test."""
     if fa.kind == 1:
-        return 0 if fa.b == N_FACTS and fa.am == -1 else 1
-    return 2 if fa.kind == 2 else 3
+        if fa.b == N_FACTS and fa.am == -1:
+            return 0
+        if fa.b == N_FACTS and fa.c == 0 and (fa.tab == 2 or fa.tab == 5):     # (x & am) == 0, != 0
+            return 1
+        return 2
+    return 3 if fa.kind == 2 else 4
 
 
 cdef int _check_cond(const int64_t[::1] code, const int64_t[::1] pool, const int64_t[:, ::1] conds,
@@ -2349,6 +2475,7 @@ cdef int _check_cond(const int64_t[::1] code, const int64_t[::1] pool, const int
         raise ValueError("conds must have %d columns, not %d" % (C_NCOL, conds.shape[1]))
     if not (0 <= conds[k, 0] <= conds[k, 1] <= code.shape[0]):
         raise ValueError("condition %d lies outside the code" % k)
+    _check_code(code, pool, conds[k, 0], conds[k, 1], k)
     if conds[k, 2] != 0:
         # (written so that no sum can overflow: a crafted table must not pass by wrapping round)
         if not (conds[k, 2] in (1, 2) and 0 <= conds[k, 3] <= pool.shape[0]
@@ -2356,6 +2483,64 @@ cdef int _check_cond(const int64_t[::1] code, const int64_t[::1] pool, const int
             raise ValueError("condition %d: its predicate lies outside the pool" % k)
         for j in range(conds[k, 4]):
             _check_atom(&pool[0], pool.shape[0], conds[k, 3] + 5 * j, k)
+    return 0
+
+
+cdef int _check_code(const int64_t[::1] code, const int64_t[::1] pool, Py_ssize_t start, Py_ssize_t end,
+                     Py_ssize_t c) except -1:
+    """Refuse code the stack machine could not run safely: an unknown operation, a variable, bit or list
+    out of range, a jump that is not forward onto an instruction of the same code, a stack that would
+    underflow or outgrow the machine's, or two ways into one place with different stack depths."""
+    cdef Py_ssize_t pc, ni = (end - start) // 2, at, npool = pool.shape[0]
+    cdef int64_t op, arg, d = 0
+    cdef int64_t* depth
+    if (end - start) % 2:
+        raise ValueError("condition %d: its code is not whole instructions" % c)
+    depth = <int64_t*>malloc((ni + 1) * sizeof(int64_t))
+    if depth == NULL:
+        raise MemoryError()
+    try:
+        for pc in range(ni + 1):
+            depth[pc] = -1
+        for pc in range(start, end, 2):
+            at = (pc - start) // 2
+            if depth[at] >= 0 and depth[at] != d:
+                raise ValueError("condition %d: two ways into instruction %d with different stacks" % (c, pc))
+            op = code[pc]
+            arg = code[pc + 1]
+            if op == OP_VAR or op == OP_CONST or op == OP_CATAMT or op == OP_SKUAMT:
+                if op == OP_VAR and not (0 <= arg < N_FACTS):
+                    raise ValueError("condition %d: variable %d is out of range" % (c, arg))
+                d += 1
+                if d > STACK:
+                    raise ValueError("condition %d: the expression is too deep for the machine's stack" % c)
+            elif op in (OP_NEG, OP_NOT, OP_ABS, OP_BOOL, OP_BIT, OP_IN, OP_RANGES):
+                if d < 1:
+                    raise ValueError("condition %d: operation %d at %d has no operand" % (c, op, pc))
+                if op == OP_BIT and not (0 <= arg < 64):
+                    raise ValueError("condition %d: bit %d is out of range" % (c, arg))
+                if (op == OP_IN or op == OP_RANGES) and not (
+                        0 <= arg < npool and 0 <= pool[arg] <= (npool - arg - 1) // (1 if op == OP_IN else 2)):
+                    raise ValueError("condition %d: a list is outside the pool" % c)
+            elif op in (OP_ADD, OP_SUB, OP_MUL, OP_DIV, OP_MOD, OP_EQ, OP_NE, OP_LT, OP_LE, OP_GT, OP_GE,
+                        OP_MIN, OP_MAX):
+                if d < 2:
+                    raise ValueError("condition %d: operation %d at %d has no operands" % (c, op, pc))
+                d -= 1
+            elif op == OP_JFALSE or op == OP_JTRUE:
+                if d < 1 or not (pc < arg <= end) or (arg - start) % 2:
+                    raise ValueError("condition %d: a jump at %d to %d is out of place" % (c, pc, arg))
+                at = (arg - start) // 2
+                if depth[at] >= 0 and depth[at] != d:
+                    raise ValueError("condition %d: two ways into instruction %d with different stacks" % (c, arg))
+                depth[at] = d
+                d -= 1
+            else:
+                raise ValueError("condition %d: unknown operation %d at %d" % (c, op, pc))
+        if depth[ni] >= 0 and depth[ni] != d:
+            raise ValueError("condition %d: two ways out of its code with different stacks" % c)
+    finally:
+        free(depth)
     return 0
 
 
@@ -2377,14 +2562,176 @@ cdef int _check_atom(const int64_t* pp, Py_ssize_t npool, int64_t at, Py_ssize_t
     return 0
 
 
+cdef void _make_plan(Plan* pl, const int64_t* cp, const int64_t* pp, const int64_t* condp, Py_ssize_t ncond,
+                     const int64_t* rp,
+                     Py_ssize_t nrules, const int64_t* ofp, Py_ssize_t noff, const int64_t* tp,
+                     Py_ssize_t nt) noexcept nogil:
+    """Fill ``pl`` for a checked program (see :c:type:`Plan`)."""
+    cdef Py_ssize_t k, j, g, v, na, nc = ncond if ncond < 64 else 64
+    cdef uint64_t amask
+    cdef FAtom tmp_atom
+    cdef Py_ssize_t ng[5]
+    cdef Py_ssize_t first[64]           # a predicate's first atom (in the order of the conditions)
+    cdef Py_ssize_t at_bit[64]          # an atom's bit: its place once grouped
+    cdef int64_t c
+    memset(pl, 0, sizeof(Plan))
+    # a basket's amounts by category and SKU, where some condition reads them (an atom, or the code)
+    for k in range(ncond):
+        for j in range(condp[C_NCOL * k + 4] if condp[C_NCOL * k + 2] else 0):
+            if pp[condp[C_NCOL * k + 3] + 5 * j] == A_CAT or pp[condp[C_NCOL * k + 3] + 5 * j] == A_SKU:
+                pl.basket_amounts = True
+        for j in range(condp[C_NCOL * k + 0], condp[C_NCOL * k + 1], 2):
+            if cp[j] == OP_CATAMT or cp[j] == OP_SKUAMT:
+                pl.basket_amounts = True
+    # the atoms of the first predicates that fit in 64 bits, in the order of their conditions
+    for k in range(nc):
+        na = condp[C_NCOL * k + 4]
+        if (condp[C_NCOL * k + 2] == 1 or condp[C_NCOL * k + 2] == 2) and pl.natoms + na <= 64:
+            first[k] = pl.natoms
+            for j in range(na):
+                _fast_atom(&pl.fat[pl.natoms], pp + condp[C_NCOL * k + 3] + 5 * j)
+                pl.fat[pl.natoms].bit = pl.natoms
+                pl.natoms += 1
+            pl.cfast[k] = <int8_t>condp[C_NCOL * k + 2]
+        else:
+            pl.n_memo += 1
+    # group the atoms (a stable sort by group) so that each group's loop has no branch on the kind;
+    # an atom's bit in the row's word is its place in that order
+    for g in range(5):
+        ng[g] = 0
+    for k in range(pl.natoms):
+        ng[_atom_group(&pl.fat[k])] += 1
+    pl.gend[0] = ng[0]
+    for g in range(1, 5):
+        pl.gend[g] = pl.gend[g - 1] + ng[g]
+    for k in range(1, pl.natoms):       # insertion sort by group keeps the order inside a group
+        tmp_atom = pl.fat[k]
+        j = k - 1
+        while j >= 0 and _atom_group(&pl.fat[j]) > _atom_group(&tmp_atom):
+            pl.fat[j + 1] = pl.fat[j]
+            j -= 1
+        pl.fat[j + 1] = tmp_atom
+    for k in range(pl.natoms):
+        at_bit[pl.fat[k].bit] = k
+        pl.fat[k].bit = k
+        if k < pl.gend[0]:
+            _interval(&pl.fat[k])
+            if pl.fat[k].neg:
+                pl.negmask |= (<uint64_t>1) << k
+            pl.g0_fact[k] = pl.fat[k].a
+            pl.g0_lo[k] = pl.fat[k].lo
+            pl.g0_span[k] = pl.fat[k].span
+        elif k < pl.gend[1]:                    # a bit: != 0, or == 0 negated
+            if pl.fat[k].tab == 2:
+                pl.negmask |= (<uint64_t>1) << k
+        elif pl.gend[2] <= k < pl.gend[3]:      # a small set: in it, or negated
+            if pl.fat[k].tab:
+                pl.negmask |= (<uint64_t>1) << k
+    # the predicates' tables: any of their atoms (or the one atom) by table, all of several by mask
+    for k in range(nc):
+        if not pl.cfast[k]:
+            continue
+        na = condp[C_NCOL * k + 4]
+        amask = 0
+        for j in range(na):
+            amask |= (<uint64_t>1) << at_bit[first[k] + j]
+        if na == 0:
+            if pl.cfast[k] == 1:                # all of no atoms holds; any of none does not
+                pl.cw_const |= (<uint64_t>1) << k
+        elif pl.cfast[k] == 2 or na == 1:
+            for j in range(64):
+                if (amask >> j) & 1:
+                    for v in range(256):
+                        if (v >> (j & 7)) & 1:
+                            pl.atab[j >> 3][v] |= (<uint64_t>1) << k
+        else:
+            pl.all_conds |= (<uint64_t>1) << k
+            for j in range(64):
+                if (amask >> j) & 1:
+                    for v in range(256):
+                        if (v >> (j & 7)) & 1:
+                            pl.ftab[j >> 3][v] |= (<uint64_t>1) << k
+    pl.nab = (pl.natoms + 7) // 8
+    # rules: a condition in the word is a table entry, no condition always holds, the rest one by one
+    for k in range(nrules):
+        c = rp[R_W * k + 0]
+        if c < 0:
+            pl.rule_always |= (<uint64_t>1) << k
+        elif c < 64 and pl.cfast[c]:
+            for v in range(256):
+                if (v >> (c & 7)) & 1:
+                    pl.rtab[c >> 3][v] |= (<uint64_t>1) << k
+            if (c >> 3) + 1 > pl.ncb:
+                pl.ncb = (c >> 3) + 1
+        else:
+            pl.slow_rule[pl.nslow] = k
+            pl.nslow += 1
+    # offers likewise, when none is exclusive (an exclusive one makes their order matter)
+    pl.offers_by_word = True
+    for k in range(noff):
+        if ofp[O_W * k + 1] != 0:
+            pl.offers_by_word = False
+        if ofp[O_W * k + 4] or ofp[O_W * k + 5] or ofp[O_W * k + 7]:
+            pl.offer_limited |= (<uint64_t>1) << k
+        if ofp[O_W * k + 2] == 4:
+            pl.offer_discount |= (<uint64_t>1) << k
+        c = ofp[O_W * k + 0]
+        if c < 0:
+            pl.offer_always |= (<uint64_t>1) << k
+        elif c < 64 and pl.cfast[c]:
+            for v in range(256):
+                if (v >> (c & 7)) & 1:
+                    pl.otab[c >> 3][v] |= (<uint64_t>1) << k
+            if (c >> 3) + 1 > pl.ocb:
+                pl.ocb = (c >> 3) + 1
+        else:
+            pl.slow_offer[pl.nslow_off] = k
+            pl.nslow_off += 1
+    pl.tiers_rise = True
+    for k in range(nt):
+        if k and tp[T_W * k] < tp[T_W * (k - 1)]:
+            pl.tiers_rise = False
+        if tp[T_W * k + 2]:
+            pl.tier_discount = True
+        if tp[T_W * k + 3]:
+            pl.tier_cashback = True
+
+
+cdef inline void _interval(FAtom* fa) noexcept nogil:
+    """A fact against a constant (truth table ``tab`` over <, ==, > of facts[a] and c) as an interval
+    [lo, lo + span] of facts[a], or its complement when ``neg``: every table is one."""
+    cdef int64_t c = fa.c, t = fa.tab
+    fa.neg = 0
+    if t == 2 or t == 5:                        # == c, != c
+        fa.lo = c
+        fa.span = 0
+        fa.neg = t == 5
+    elif t == 3 or t == 7:                      # <= c; anything
+        fa.lo = INT64_MIN
+        fa.span = <uint64_t>c - <uint64_t>INT64_MIN if t == 3 else <uint64_t>0 - 1
+    elif t == 6:                                # >= c
+        fa.lo = c
+        fa.span = <uint64_t>INT64_MAX - <uint64_t>c
+    elif t == 1 and c != INT64_MIN:             # < c
+        fa.lo = INT64_MIN
+        fa.span = <uint64_t>(c - 1) - <uint64_t>INT64_MIN
+    elif t == 4 and c != INT64_MAX:             # > c
+        fa.lo = c + 1
+        fa.span = <uint64_t>INT64_MAX - <uint64_t>(c + 1)
+    else:                                       # nothing (also < the least, > the greatest)
+        fa.lo = INT64_MIN
+        fa.span = <uint64_t>0 - 1
+        fa.neg = 1
+
+
 cdef int64_t _evaluate(const int64_t[::1] code, const int64_t[::1] pool, const int64_t[:, ::1] conds,
                        const int64_t[:, ::1] rules, const int64_t[:, ::1] offers, const int64_t[:, ::1] tiers,
                        const int64_t[::1] params, const RowIn[::1] rows, const int64_t[::1] seg_of,
                        const int32_t[::1] item_cat, const int32_t[::1] item_sku, const int64_t[::1] item_amount,
                        MState[::1] members, const int64_t[::1] hist_off, const HEv[::1] hist,
                        int64_t[::1] out_off, HEv[::1] out_hist, int64_t[:, :, ::1] offer_use,
-                       int64_t[::1] budget_used, RowOut[::1] out, int64_t[:, ::1] facts_out, int64_t* W,
-                       int64_t nseg) noexcept nogil:
+                       int64_t[::1] budget_used, RowOut[::1] out, int64_t[:, ::1] facts_out, Win* win,
+                       TWin* twin, const int64_t* seg_info, int64_t nseg, const Plan* plan) noexcept nogil:
     cdef Py_ssize_t n = rows.shape[0], nrules = rules.shape[0], noff = offers.shape[0]
     cdef Py_ssize_t nt = tiers.shape[0], ncond = conds.shape[0]
     cdef Py_ssize_t i, j, k, s
@@ -2398,31 +2745,35 @@ cdef int64_t _evaluate(const int64_t[::1] code, const int64_t[::1] pool, const i
     cdef Py_ssize_t ou_stride = offer_use.shape[1] * 3 if noff else 0
     cdef int64_t facts[N_FACTS + 1]     # the last slot is 1 (an atom against a constant is c * facts[N_FACTS])
     cdef int64_t cat_amt[64]
-    # the first 64 atoms of predicate conditions, tested once a row into the bits of ``abits``; a
-    # predicate condition is then a mask test (all of its atoms' bits, or any)
+    # the plan's atoms, tested once a row into the bits of ``abits``, with their facts' addresses; the
+    # predicates' truths are then the bits of ``cw`` (table look-ups and mask tests)
     cdef FAtom fat[64]          # by group: constant comparisons, other comparisons, small sets, the rest
     cdef FAtom* fa
-    cdef FAtom tmp_atom
-    cdef Py_ssize_t ng[4]
-    cdef Py_ssize_t gend[4]
-    cdef Py_ssize_t g
+    cdef const Py_ssize_t* gend = &plan.gend[0]
+    cdef const int64_t* g0f = &plan.g0_fact[0]
+    cdef const int64_t* g0lo = &plan.g0_lo[0]
+    cdef const uint64_t* g0sp = &plan.g0_span[0]
+    cdef const int8_t* cfast = plan.cfast
+    cdef Py_ssize_t n_memo = plan.n_memo
     cdef uint64_t rok, bits, mult_rules = 0, bonus_rules = 0, mult_offers = 0
-    cdef Py_ssize_t n_memo = 0
-    cdef uint64_t cmask[64]
-    cdef int8_t cfast[64]
-    cdef Py_ssize_t natoms = 0
-    cdef uint64_t abits, amask
+    cdef uint64_t abits, cw, om
     cdef int64_t ax, ay
     cdef const int64_t* atp
     cdef int64_t sku_amt[64]
     cdef int64_t fired_cond[64]
-    cdef int64_t* ws
+    cdef Win* ws
+    cdef TWin* tw = NULL
     cdef MState* m
     cdef int64_t rate_pts = params[P_RATE_POINTS], rate_per = params[P_RATE_PER], rmode = params[P_ROUNDING]
     cdef int64_t stacking = params[P_STACKING], window = params[P_TIER_WINDOW], review = params[P_REVIEW]
     cdef int64_t tmetric = params[P_TIER_METRIC], horizon = params[P_HORIZON], tperiod = params[P_TIER_PERIOD]
+    # (the parameters a row reads, in locals: a store through the member's state might alias params)
+    cdef int64_t cap_receipt = params[P_CAP_RECEIPT], cap_day = params[P_CAP_DAY], min_basket = params[P_MIN_BASKET]
+    cdef int64_t bday_pts = params[P_BDAY_POINTS], anniv_pts = params[P_ANNIV_POINTS]
+    cdef int64_t ref_referred = params[P_REF_REFERRED], ref_referrer = params[P_REF_REFERRER]
     cdef int64_t tstart
-    cdef int64_t p0, p, lo30, lo90, lo365, lot, c30, c90, c365, a30, a90, a365, tc, ta, tpts
+    cdef int64_t p0, p, lo30, lo90, lo365, c30, c90, c365, a30, a90, a365
+    cdef int64_t lot = 0, tc = 0, ta = 0, tpts = 0
     cdef int64_t d, amount, f, paid, disc, burn_money, earned, base, bonus, evpts, credit, give
     cdef int64_t y, mo, dd, occ, metric, tnew, items_total, q, base_at, b_next
     cdef int32_t saved_tier, saved_review
@@ -2434,8 +2785,10 @@ cdef int64_t _evaluate(const int64_t[::1] code, const int64_t[::1] pool, const i
     for k in range(64):
         cat_amt[k] = 0
         sku_amt[k] = 0
-        cfast[k] = 0
     facts[N_FACTS] = 1
+    for k in range(plan.natoms):
+        fat[k] = plan.fat[k]
+        fat[k].pa = &facts[fat[k].a]
     for k in range(nrules):             # (the caller allows at most 64 rules and 64 offers)
         if rp[R_W * k + 3] == 0:
             mult_rules |= (<uint64_t>1) << k
@@ -2444,84 +2797,68 @@ cdef int64_t _evaluate(const int64_t[::1] code, const int64_t[::1] pool, const i
     for k in range(noff):
         if ofp[O_W * k + 2] == 1:
             mult_offers |= (<uint64_t>1) << k
-    for k in range(ncond if ncond < 64 else 64):
-        if (condp[C_NCOL * k + 2] == 1 or condp[C_NCOL * k + 2] == 2) and natoms + condp[C_NCOL * k + 4] <= 64:
-            amask = 0
-            for j in range(condp[C_NCOL * k + 4]):
-                _fast_atom(&fat[natoms], pp + condp[C_NCOL * k + 3] + 5 * j)
-                fat[natoms].bit = natoms
-                fat[natoms].pa = &facts[fat[natoms].a]
-                amask |= (<uint64_t>1) << natoms
-                natoms += 1
-            cmask[k] = amask
-            cfast[k] = <int8_t>condp[C_NCOL * k + 2]
-    for k in range(ncond if ncond < 64 else 64):
-        if not cfast[k]:
-            n_memo += 1
-    # group the atoms (a stable sort by group) so that each group's loop has no branch on the kind
-    for g in range(4):
-        ng[g] = 0
-    for k in range(natoms):
-        ng[_atom_group(&fat[k])] += 1
-    gend[0] = ng[0]
-    for g in range(1, 4):
-        gend[g] = gend[g - 1] + ng[g]
-    for k in range(1, natoms):          # insertion sort by group keeps the order inside a group
-        tmp_atom = fat[k]
-        j = k - 1
-        while j >= 0 and _atom_group(&fat[j]) > _atom_group(&tmp_atom):
-            fat[j + 1] = fat[j]
-            j -= 1
-        fat[j + 1] = tmp_atom
     # lay the segments out: each gets room for its history and its rows
     base_at = 0
     for s in range(nseg):
-        ws = W + s * 16
-        k = ws[1]                       # rows of this segment (counted by the caller's check)
-        ws[0] = base_at
+        ws = win + s
         p = base_at
+        c365 = a365 = tpts = 0
         for j in range(hist_off[s], hist_off[s + 1]):
             out_hist[p] = hist[j]
+            c365 += hist[j].visits
+            a365 += hist[j].amount
+            tpts += hist[j].points
             p += 1
-        ws[1] = p
-        ws[2] = ws[3] = ws[4] = ws[5] = base_at
-        for j in range(6, 16):
-            ws[j] = 0
-        for j in range(base_at, p):
-            ws[6] += out_hist[j].visits; ws[7] += out_hist[j].visits; ws[8] += out_hist[j].visits
-            ws[12] += out_hist[j].visits
-            ws[9] += out_hist[j].amount; ws[10] += out_hist[j].amount; ws[11] += out_hist[j].amount
-            ws[13] += out_hist[j].amount; ws[14] += out_hist[j].points
-        base_at = p + k
+        ws.base = base_at
+        ws.p = <int32_t>(p - base_at)
+        ws.lo30 = ws.lo90 = ws.lo365 = 0
+        ws.c30 = ws.c90 = ws.c365 = <int32_t>c365
+        ws.a30 = ws.a90 = ws.a365 = a365
+        if twin != NULL:
+            twin[s].lot = 0
+            twin[s].tc = <int32_t>c365
+            twin[s].ta = a365
+            twin[s].tpts = tpts
+        base_at = p + seg_info[2 * s + 1]
+    tpts = 0
     for i in range(n):
         # memory, not arithmetic, is the cost with many members: fetch the state of the member two
-        # prefetch distances ahead, and the history slots its windows point at one distance ahead
+        # prefetch distances ahead (every cache line of its state and offer use), and the history slots
+        # its windows point at one distance ahead
         if i + 2 * PF_ROWS < n:
             j = rows[i + 2 * PF_ROWS].member
-            LE_PREFETCH(W + seg_of[i + 2 * PF_ROWS] * 16)
-            LE_PREFETCH(W + seg_of[i + 2 * PF_ROWS] * 16 + 8)
+            s = seg_of[i + 2 * PF_ROWS]
+            LE_PREFETCH(win + s)
+            if twin != NULL:
+                LE_PREFETCH(twin + s)
             LE_PREFETCH(&members[j])
-            LE_PREFETCH(<char*>&members[j] + 63)
+            LE_PREFETCH(<char*>&members[j] + sizeof(MState) - 1)
             if noff:
-                LE_PREFETCH(&offer_use[j, 0, 0])
-                LE_PREFETCH(<char*>&offer_use[j, 0, 0] + 64)
+                atp = &offer_use[j, 0, 0]
+                LE_PREFETCH(atp)
+                LE_PREFETCH(atp + 8)
+                LE_PREFETCH(atp + ou_stride - 1)
         if i + PF_ROWS < n:
-            ws = W + seg_of[i + PF_ROWS] * 16
-            LE_PREFETCH(&out_hist[ws[1]])
-            if ws[1] > ws[0]:
-                LE_PREFETCH(&out_hist[ws[1] - 1])
-            LE_PREFETCH(&out_hist[ws[2]])
-            LE_PREFETCH(&out_hist[ws[3]])
-            LE_PREFETCH(&out_hist[ws[4]])
-            LE_PREFETCH(&out_hist[ws[5]])
+            ws = win + seg_of[i + PF_ROWS]
+            q = ws.base
+            LE_PREFETCH(&out_hist[q + ws.p])
+            if ws.p > 0:
+                LE_PREFETCH(&out_hist[q + ws.p - 1])
+            LE_PREFETCH(&out_hist[q + ws.lo30])
+            LE_PREFETCH(&out_hist[q + ws.lo90])
+            LE_PREFETCH(&out_hist[q + ws.lo365])
+            if twin != NULL:
+                LE_PREFETCH(&out_hist[q + twin[seg_of[i + PF_ROWS]].lot])
         d = rows[i].day
         m = &members[rows[i].member]
         if noff:
             oup = &offer_use[0, 0, 0] + rows[i].member * ou_stride
-        ws = W + seg_of[i] * 16
-        p0 = ws[0]; p = ws[1]; lo30 = ws[2]; lo90 = ws[3]; lo365 = ws[4]; lot = ws[5]
-        c30 = ws[6]; c90 = ws[7]; c365 = ws[8]; a30 = ws[9]; a90 = ws[10]; a365 = ws[11]
-        tc = ws[12]; ta = ws[13]; tpts = ws[14]
+        ws = win + seg_of[i]
+        p0 = ws.base; p = p0 + ws.p; lo30 = p0 + ws.lo30; lo90 = p0 + ws.lo90; lo365 = p0 + ws.lo365
+        c30 = ws.c30; c90 = ws.c90; c365 = ws.c365; a30 = ws.a30; a90 = ws.a90; a365 = ws.a365
+        if twin != NULL:
+            tw = twin + seg_of[i]
+            lot = p0 + tw.lot; tc = tw.tc; ta = tw.ta; tpts = tw.tpts
         if True:
             memset(&out[i], 0, sizeof(RowOut))
             out[i].tier_before = m.tier
@@ -2537,9 +2874,10 @@ cdef int64_t _evaluate(const int64_t[::1] code, const int64_t[::1] pool, const i
                 c90 -= out_hist[lo90].visits; a90 -= out_hist[lo90].amount; lo90 += 1
             while lo365 < p and out_hist[lo365].day < d - 364:
                 c365 -= out_hist[lo365].visits; a365 -= out_hist[lo365].amount; lo365 += 1
-            tstart = period_start(d, tperiod) if tperiod else d - window + 1
-            while lot < p and out_hist[lot].day < tstart:
-                tc -= out_hist[lot].visits; ta -= out_hist[lot].amount; tpts -= out_hist[lot].points; lot += 1
+            if tw != NULL:      # the tier window, where it is not the 365-day one
+                tstart = period_start(d, tperiod) if tperiod else d - window + 1
+                while lot < p and out_hist[lot].day < tstart:
+                    tc -= out_hist[lot].visits; ta -= out_hist[lot].amount; tpts -= out_hist[lot].points; lot += 1
             # tier review (downgrades happen only at a period end, after the grace days); a refused
             # row changes nothing, so remember what the review may change
             saved_tier = m.tier
@@ -2582,7 +2920,7 @@ cdef int64_t _evaluate(const int64_t[::1] code, const int64_t[::1] pool, const i
             facts[F_TIER] = m.tier
             facts[F_POINTS] = m.points
             facts[F_CREDIT] = m.credit
-            if m.birth_md > 0 or params[P_ANNIV_POINTS]:   # the calendar only when a date needs it
+            if m.birth_md > 0 or anniv_pts:   # the calendar only when a date needs it
                 civil_from_days(d, &y, &mo, &dd)
             if m.birth_md > 0:
                 b_next = md_in_year(y, m.birth_md)
@@ -2594,18 +2932,22 @@ cdef int64_t _evaluate(const int64_t[::1] code, const int64_t[::1] pool, const i
             facts[F_MDAYS] = d - m.enroll_day
             facts[F_REFERRED] = m.referred
             # the basket's items: amounts per category and SKU, one line each
-            for j in range(prev_first, prev_last):     # clear what the previous row set
-                cat_amt[item_cat[j]] = 0
-                sku_amt[item_sku[j]] = 0
             first_item = rows[i].item_start
             last_item = rows[i].item_end
             items_total = 0
-            for j in range(first_item, last_item):
-                cat_amt[item_cat[j]] += item_amount[j]
-                sku_amt[item_sku[j]] += item_amount[j]
-                items_total += item_amount[j]
-            prev_first = first_item
-            prev_last = last_item
+            if plan.basket_amounts:                     # some condition reads them
+                for j in range(prev_first, prev_last):  # clear what the previous row set
+                    cat_amt[item_cat[j]] = 0
+                    sku_amt[item_sku[j]] = 0
+                for j in range(first_item, last_item):
+                    cat_amt[item_cat[j]] += item_amount[j]
+                    sku_amt[item_sku[j]] += item_amount[j]
+                    items_total += item_amount[j]
+                prev_first = first_item
+                prev_last = last_item
+            else:
+                for j in range(first_item, last_item):
+                    items_total += item_amount[j]
             if facts_out.shape[0]:
                 for k in range(N_FACTS):
                     facts_out[i, k] = facts[k]
@@ -2614,33 +2956,71 @@ cdef int64_t _evaluate(const int64_t[::1] code, const int64_t[::1] pool, const i
             if n_memo:
                 for k in range(ncond if ncond < 64 else 64):
                     fired_cond[k] = -1
+            # atom k is bit k: the groups run from the last atom down, each result shifted in below (the
+            # negated ones are turned round together at the end)
             abits = 0
-            for k in range(gend[0]):                  # a fact against a constant
+            for k in range(gend[4] - 1, gend[3] - 1, -1):
+                abits = (abits << 1) | <uint64_t>_atom(fat[k].ptr, pp, facts, cat_amt, sku_amt)
+            for k in range(gend[3] - 1, gend[2] - 1, -1):     # in a list of small numbers
                 fa = &fat[k]
                 ax = fa.pa[0]
-                abits |= <uint64_t>((fa.tab >> ((ax > fa.c) - (ax < fa.c) + 1)) & 1) << fa.bit
-            for k in range(gend[0], gend[1]):         # masked, or against a multiple of a fact
+                abits = (abits << 1) | (((<uint64_t>fa.c >> (ax & 63)) & (<uint64_t>ax < 64)))
+            for k in range(gend[2] - 1, gend[1] - 1, -1):     # against a multiple of a fact
                 fa = &fat[k]
                 ax = fa.pa[0] & fa.am
                 ay = <int64_t>(<uint64_t>fa.c * <uint64_t>facts[fa.b])    # as the stack machine's product
-                abits |= <uint64_t>((fa.tab >> ((ax > ay) - (ax < ay) + 1)) & 1) << fa.bit
-            for k in range(gend[1], gend[2]):         # in a list of small numbers
+                abits = (abits << 1) | <uint64_t>((fa.tab >> ((ax > ay) - (ax < ay) + 1)) & 1)
+            for k in range(gend[1] - 1, gend[0] - 1, -1):     # a bit of a fact
                 fa = &fat[k]
-                ax = fa.pa[0]
-                if 0 <= ax < 64:
-                    abits |= (((<uint64_t>fa.c >> ax) & 1) ^ <uint64_t>fa.tab) << fa.bit
-                else:
-                    abits |= (<uint64_t>fa.tab) << fa.bit
-            for k in range(gend[2], gend[3]):
-                fa = &fat[k]
-                abits |= (<uint64_t>_atom(fa.ptr, pp, facts, cat_amt, sku_amt)) << fa.bit
+                abits = (abits << 1) | <uint64_t>((fa.pa[0] & fa.am) != 0)
+            k = gend[0] - 1                                   # a fact against a constant: an interval
+            if k & 1 == 0:                                    # (two a step)
+                abits = (abits << 1) | <uint64_t>(<uint64_t>facts[g0f[k]] - <uint64_t>g0lo[k] <= g0sp[k])
+                k -= 1
+            while k > 0:
+                abits = ((abits << 2) | (<uint64_t>(<uint64_t>facts[g0f[k]] - <uint64_t>g0lo[k] <= g0sp[k]) << 1)
+                         | <uint64_t>(<uint64_t>facts[g0f[k - 1]] - <uint64_t>g0lo[k - 1] <= g0sp[k - 1]))
+                k -= 2
+            abits ^= plan.negmask
+            # the predicates' truths: any of their atoms (or the one) by table; all of several unless
+            # the complement's table names one that fails
+            cw = plan.cw_const
+            om = 0
+            for k in range(plan.nab):
+                j = (abits >> (8 * k)) & 0xff
+                cw |= plan.atab[k][j]
+                om |= plan.ftab[k][j ^ 0xff]
+            cw |= plan.all_conds & ~om
             # offers, highest priority first
             offers_mask = 0
             any_fired = False
             disc = 0
-            if nt:
-                disc = mul_bp(amount, tp[4 * (m.tier - 1) + 2]) if m.tier > 0 else 0
-            for k in range(noff):
+            if plan.tier_discount and m.tier > 0:      # (no tier of the program gives a discount: 0)
+                disc = mul_bp(amount, tp[4 * (m.tier - 1) + 2])
+            if plan.offers_by_word:
+                om = plan.offer_always
+                for k in range(plan.ocb):
+                    om |= plan.otab[k][(cw >> (8 * k)) & 0xff]
+                for j in range(plan.nslow_off):
+                    k = plan.slow_offer[j]
+                    if _cond(cp, condp, ofp[O_W * k + 0], pp, facts, cat_amt, sku_amt, fired_cond):
+                        om |= (<uint64_t>1) << k
+                bits = om & plan.offer_limited
+                while bits:
+                    k = LE_CTZ(bits)
+                    bits &= bits - 1
+                    if ((ofp[O_W * k + 4] and oup[3 * k + 0] >= ofp[O_W * k + 4])
+                            or (ofp[O_W * k + 5] and oup[3 * k + 1] and d - oup[3 * k + 2] < ofp[O_W * k + 6]
+                                and oup[3 * k + 1] >= ofp[O_W * k + 5])
+                            or (ofp[O_W * k + 7] and budget_used[k] >= ofp[O_W * k + 7])):
+                        om &= ~((<uint64_t>1) << k)
+                offers_mask = <int64_t>om
+                bits = om & plan.offer_discount
+                while bits:
+                    k = LE_CTZ(bits)
+                    bits &= bits - 1
+                    disc += mul_bp(amount, ofp[O_W * k + 3])
+            for k in range(noff if not plan.offers_by_word else 0):
                 excl = ofp[O_W * k + 1] != 0
                 if excl and any_fired:
                     continue
@@ -2653,7 +3033,7 @@ cdef int64_t _evaluate(const int64_t[::1] code, const int64_t[::1] pool, const i
                 if ofp[O_W * k + 7] and budget_used[k] >= ofp[O_W * k + 7]:
                     continue
                 cidx = ofp[O_W * k + 0]
-                if cidx >= 0 and not _cv(cidx, cfast, cmask, abits, cp, condp, pp, facts, cat_amt, sku_amt, fired_cond):
+                if cidx >= 0 and not _cv(cidx, cfast, cw, cp, condp, pp, facts, cat_amt, sku_amt, fired_cond):
                     continue
                 offers_mask |= (<int64_t>1) << k
                 any_fired = True
@@ -2696,16 +3076,18 @@ cdef int64_t _evaluate(const int64_t[::1] code, const int64_t[::1] pool, const i
             bonus = 0
             earned = 0
             base = 0
-            if amount >= params[P_MIN_BASKET] and rate_pts > 0 and paid > 0:
+            if amount >= min_basket and rate_pts > 0 and paid > 0:
                 if last_item == first_item:
                     items_total = amount
                 S = 0
                 base = round_div(<i128>paid * rate_pts, <i128>rate_per, rmode)
                 # the rules whose conditions hold, once a row; multipliers then stack in rule order
-                rok = 0
-                for k in range(nrules):
-                    cidx = rp[R_W * k + 0]
-                    if cidx < 0 or _cv(cidx, cfast, cmask, abits, cp, condp, pp, facts, cat_amt, sku_amt, fired_cond):
+                rok = plan.rule_always
+                for k in range(plan.ncb):
+                    rok |= plan.rtab[k][(cw >> (8 * k)) & 0xff]
+                for j in range(plan.nslow):
+                    k = plan.slow_rule[j]
+                    if _cond(cp, condp, rp[R_W * k + 0], pp, facts, cat_amt, sku_amt, fired_cond):
                         rok |= (<uint64_t>1) << k
                 for j in range(first_item, last_item if last_item > first_item else first_item + 1):
                     f = BP
@@ -2742,7 +3124,7 @@ cdef int64_t _evaluate(const int64_t[::1] code, const int64_t[::1] pool, const i
                     bonus += rp[R_W * k + 4]
             # offers' points and credit (budgets cap what an offer gives)
             credit = 0
-            if nt and m.tier > 0:
+            if plan.tier_cashback and m.tier > 0:
                 credit = mul_bp(paid, tp[4 * (m.tier - 1) + 3])
             bits = <uint64_t>offers_mask
             while bits:
@@ -2777,36 +3159,36 @@ cdef int64_t _evaluate(const int64_t[::1] code, const int64_t[::1] pool, const i
                 m.earn_day = <int32_t>d
                 m.earned_today = 0
             q = earned
-            if params[P_CAP_RECEIPT] and q > params[P_CAP_RECEIPT]:
-                q = params[P_CAP_RECEIPT]
-            if params[P_CAP_DAY]:
-                if m.earned_today >= params[P_CAP_DAY]:
+            if cap_receipt and q > cap_receipt:
+                q = cap_receipt
+            if cap_day:
+                if m.earned_today >= cap_day:
                     q = 0
-                elif q > params[P_CAP_DAY] - m.earned_today:
-                    q = params[P_CAP_DAY] - m.earned_today
+                elif q > cap_day - m.earned_today:
+                    q = cap_day - m.earned_today
             out[i].capped = earned - q
             earned = q
             m.earned_today += earned
             # event bonuses: birthday and anniversary (once a year, within N days), referral
             evpts = 0
-            if params[P_BDAY_POINTS] and m.birth_md > 0:
+            if bday_pts and m.birth_md > 0:
                 occ = _occurrence(d, y, m.birth_md, params[P_BDAY_WITHIN], m.bday_year)
                 if occ > 0:
                     m.bday_year = <int32_t>occ
-                    evpts += params[P_BDAY_POINTS]
-            if params[P_ANNIV_POINTS]:
+                    evpts += bday_pts
+            if anniv_pts:
                 civil_from_days(m.enroll_day, &q, &mo, &dd)
                 occ = _occurrence(d, y, mo * 100 + dd, params[P_ANNIV_WITHIN],
                                   m.anniv_year if m.anniv_year > q else q)
                 if occ > 0:
                     m.anniv_year = <int32_t>occ
-                    evpts += params[P_ANNIV_POINTS]
+                    evpts += anniv_pts
             if m.purchases == 0 and m.referred and m.referrer >= 0:
-                evpts += params[P_REF_REFERRED]
-                if params[P_REF_REFERRER]:
-                    out[i].referrer_points = params[P_REF_REFERRER]
+                evpts += ref_referred
+                if ref_referrer:
+                    out[i].referrer_points = ref_referrer
                     out[i].referrer = m.referrer
-                    members[m.referrer].points += params[P_REF_REFERRER]
+                    members[m.referrer].points += ref_referrer
             out[i].event_points = evpts
             out[i].points = earned + evpts
             out[i].credit = credit
@@ -2825,20 +3207,30 @@ cdef int64_t _evaluate(const int64_t[::1] code, const int64_t[::1] pool, const i
             c30 += 1; c90 += 1; c365 += 1; tc += 1
             a30 += amount; a90 += amount; a365 += amount; ta += amount; tpts += earned + evpts
             if nt:
-                tnew = tier_for(tp, nt, metric_of(tmetric, tc, ta, tpts, 0, &params[P_RFM]))
-                if tnew > m.tier:
-                    m.tier = <int32_t>tnew
+                if tw != NULL:
+                    metric = metric_of(tmetric, tc, ta, tpts, 0, &params[P_RFM])
+                else:           # the 365-day window, and the metric is not points
+                    metric = metric_of(tmetric, c365, a365, 0, 0, &params[P_RFM])
+                if plan.tiers_rise:     # the tiers the member has not reached, from the next one up
+                    while m.tier < nt and tp[T_W * m.tier] <= metric:
+                        m.tier += 1
+                else:
+                    tnew = tier_for(tp, nt, metric)
+                    if tnew > m.tier:
+                        m.tier = <int32_t>tnew
             out[i].tier_after = m.tier
-            ws[1] = p; ws[2] = lo30; ws[3] = lo90; ws[4] = lo365; ws[5] = lot
-            ws[6] = c30; ws[7] = c90; ws[8] = c365; ws[9] = a30; ws[10] = a90; ws[11] = a365
-            ws[12] = tc; ws[13] = ta; ws[14] = tpts
+            ws.p = <int32_t>(p - p0); ws.lo30 = <int32_t>(lo30 - p0); ws.lo90 = <int32_t>(lo90 - p0)
+            ws.lo365 = <int32_t>(lo365 - p0)
+            ws.c30 = <int32_t>c30; ws.c90 = <int32_t>c90; ws.c365 = <int32_t>c365
+            ws.a30 = a30; ws.a90 = a90; ws.a365 = a365
+            if tw != NULL:
+                tw.lot = <int32_t>(lot - p0); tw.tc = <int32_t>tc; tw.ta = ta; tw.tpts = tpts
     # keep each segment's horizon and pack the segments together
     out_off[0] = 0
     base_at = 0
     for s in range(nseg):
-        ws = W + s * 16
-        p0 = ws[0]
-        p = ws[1]
+        p0 = win[s].base
+        p = p0 + win[s].p
         j = p0
         if p > p0:
             q = out_hist[p - 1].day - horizon + 1
@@ -2854,8 +3246,9 @@ cdef int64_t _evaluate(const int64_t[::1] code, const int64_t[::1] pool, const i
 
 cdef inline int64_t mul_bp(int64_t a, int64_t b) noexcept nogil:
     """a * b / BP, truncated, exact for any int64 operands (128-bit only when the product needs it)."""
-    if a == <int32_t>a and b == <int32_t>b:
-        return (a * b) // BP
+    cdef int64_t r
+    if not LE_MUL_OVERFLOW(a, b, &r):
+        return r // BP
     return <int64_t>((<i128>a * b) // BP)
 
 
@@ -2919,15 +3312,13 @@ cdef inline bint _atom(const int64_t* at, const int64_t* pp, const int64_t* fact
     return x >= y
 
 
-cdef inline bint _cv(int64_t c, const int8_t* cfast, const uint64_t* cmask, uint64_t abits, const int64_t* cp,
-                     const int64_t* condp, const int64_t* pp, const int64_t* facts, const int64_t* cat_amt,
-                     const int64_t* sku_amt, int64_t* memo) noexcept nogil:
-    """Condition ``c``'s truth: a mask test of the row's atom bits for a predicate among the first 64
+cdef inline bint _cv(int64_t c, const int8_t* cfast, uint64_t cw, const int64_t* cp, const int64_t* condp,
+                     const int64_t* pp, const int64_t* facts, const int64_t* cat_amt, const int64_t* sku_amt,
+                     int64_t* memo) noexcept nogil:
+    """Condition ``c``'s truth: bit c of the row's condition word for a predicate among the first 64
     conditions, else :func:`_cond`."""
     if c < 64 and cfast[c]:
-        if cfast[c] == 1:
-            return (abits & cmask[c]) == cmask[c]
-        return (abits & cmask[c]) != 0
+        return (cw >> c) & 1
     return _cond(cp, condp, c, pp, facts, cat_amt, sku_amt, memo)
 
 
