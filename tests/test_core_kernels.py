@@ -51,9 +51,8 @@ def test_runs_merge_to_the_sorted_index(entries: list[list[tuple[int, int]]]) ->
     ra, rl = reference(built)
     assert np.array_equal(a, ra) and np.array_equal(lc, rl)
     if built:                   # all the entries' records sorted at once: the same run
-        locs = np.concatenate([(np.uint64(seq) << np.uint64(24)) | np.arange(len(r), dtype=np.uint64)
-                               for seq, r in built])
-        at = _core.index_run_at(np.concatenate([r for _, r in built]), locs)
+        at = _core.index_run_entries(np.concatenate([r for _, r in built]), [seq for seq, _ in built],
+                                     [len(r) for _, r in built])
         assert np.array_equal(at, _core.merge_runs(runs)) if len(runs) > 1 else np.array_equal(at, runs[0])
 
 

@@ -1488,30 +1488,36 @@ def index_run(recs, uint64_t seq):
         PyBuffer_Release(&rb)
 
 
-def index_run_at(recs, const uint64_t[::1] locs):
-    """The stored index run of several journal entries' records at once: ``recs`` (RECORD_DTYPE) and
-    each record's location (its entry's sequence << 24 | its position in the entry), in journal order.
-    The same run as merging each entry's :func:`index_run` (the sort is stable)."""
+def index_run_entries(recs, list seqs, list counts):
+    """The stored index run of several journal entries at once: ``recs`` (RECORD_DTYPE) holds their
+    records in journal order, ``counts[k]`` of them entry ``seqs[k]``'s. The same run as merging each
+    entry's :func:`index_run` (the sort is stable)."""
     cdef Py_buffer rb
-    cdef Py_ssize_t i, n, m
+    cdef Py_ssize_t i, n, m, k, pos = 0, c
+    cdef uint64_t base
     _check_records(recs, "recs")
+    if len(seqs) != len(counts):
+        raise ValueError("index_run_entries: %d entries, %d counts" % (len(seqs), len(counts)))
     PyObject_GetBuffer(recs, &rb, PyBUF_SIMPLE)
     cdef const TRec* r = <const TRec*>rb.buf
     cdef uint64_t* scratch = NULL
     try:
         n = rb.len // sizeof(TRec)
-        if locs.shape[0] != n:
-            raise ValueError("index_run_at: %d records, %d locations" % (n, locs.shape[0]))
+        if sum(counts) != n or any(c < 0 or c >= (1 << 24) for c in counts):
+            raise ValueError("index_run_entries: the counts do not add up to the %d records" % n)
         m = 2 * n
         scratch = <uint64_t*>malloc((4 * m + 1) * sizeof(uint64_t))
         if scratch == NULL:
             raise MemoryError("index run: no memory")
-        with nogil:
-            for i in range(n):
-                scratch[2 * i] = r[i].debit
-                scratch[2 * i + 1] = r[i].credit
-                scratch[m + 2 * i] = locs[i]
-                scratch[m + 2 * i + 1] = locs[i]
+        for k in range(len(seqs)):
+            base = (<uint64_t>seqs[k]) << 24
+            c = counts[k]
+            for i in range(c):
+                scratch[2 * pos] = r[pos].debit
+                scratch[2 * pos + 1] = r[pos].credit
+                scratch[m + 2 * pos] = base | <uint64_t>i
+                scratch[m + 2 * pos + 1] = base | <uint64_t>i
+                pos += 1
         return _sorted_run(scratch, scratch + m, scratch + 2 * m, scratch + 3 * m, m)
     finally:
         free(scratch)
@@ -3945,6 +3951,12 @@ cdef class OnePurchase:
         if self.nbudget and self.nkeep:
             memcpy(&self.budget[0], self.keep_budget, self.nbudget * sizeof(int64_t))
         self.nkeep = 0
+
+    def referrer(self, int64_t idx):
+        """Member ``idx``'s referrer (-1: none)."""
+        if idx < 0 or idx >= self.members.shape[0]:
+            raise ValueError("member %d is beyond the state" % idx)
+        return self.members[idx].referrer
 
     def budget_changed(self):
         """Whether the evaluated purchase changed the budgets (against what :meth:`evaluate` kept)."""

@@ -1050,12 +1050,13 @@ class Engine:
                                                points_account(o[_O_REFERRER]) if o[_O_REFERRER_POINTS] else 0),
                                  RECORD_DTYPE)
             results = ledger._post_in(txn, recs)
-            _raise_on(results, f"purchase {ref!r}")
+            if results.tobytes().count(0) != len(results):
+                _raise_on(results, f"purchase {ref!r}")
             txn.put(rkey, _RECEIPT_HEAD.pack(idx, at_us, amount, 0, 0, 0, 0, 0) + raw_out, db=db)
             name = self._member_names[idx]
             self._row_events(txn, ref, name, at_us, o)
             txn.put(b"M" + idx.to_bytes(8, "big"), one.member_record(idx, name.encode(), h), db=db)
-            referrer = int(self._members[idx]["referrer"])
+            referrer = one.referrer(idx)
             if 0 <= referrer != idx:
                 self._put_member(txn, referrer)
             if one.budget_changed():            # (the stored budgets are the ones before the purchase)

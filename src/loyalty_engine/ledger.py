@@ -1117,7 +1117,7 @@ def _index_tail(txn: lmdb.Transaction, jdb: Any, rdb: Any, idb: Any, indexed: in
                 last: np.ndarray) -> None:
     """Index journal entries ``indexed + 1 .. seq`` as one level-0 run (``last``: the records of
     entry ``seq``, at hand), then merge levels."""
-    recs, seqs = [], []
+    raw, seqs, counts = [], [], []
     cur = txn.cursor(db=jdb)
     if seq > indexed + 1 and cur.set_range(u64be(indexed + 1)):
         for key, value in cur:
@@ -1125,18 +1125,14 @@ def _index_tail(txn: lmdb.Transaction, jdb: Any, rdb: Any, idb: Any, indexed: in
             if s >= seq:
                 break
             if value[0] == KIND_TRANSFERS:
-                recs.append(_records(txn, rdb, s, value))
+                r = _records(txn, rdb, s, value)
+                raw.append(r.tobytes())
                 seqs.append(s)
-    recs.append(last)
-    seqs.append(seq)
-    # one sort over the entries' records in journal order (the run merging each entry's would be)
-    counts = np.array([len(r) for r in recs], np.int64)
-    starts = np.repeat(np.cumsum(counts) - counts, counts)
-    locs = (np.repeat(np.array(seqs, np.uint64) << np.uint64(24), counts)
-            | (np.arange(int(counts.sum()), dtype=np.int64) - starts).astype(np.uint64))
-    # (joined as bytes: NumPy's concatenate of small structured arrays costs ~13 us an array)
-    joined = np.frombuffer(b"".join([r.tobytes() for r in recs]), RECORD_DTYPE) if len(recs) > 1 else last
-    run = _core.index_run_at(joined, locs)
+                counts.append(len(r))
+    # one sort over the entries' records in journal order (the run merging each entry's would be), the
+    # records joined as bytes (NumPy's concatenate of small structured arrays costs ~13 us an array)
+    joined = np.frombuffer(b"".join([*raw, last.tobytes()]), RECORD_DTYPE) if raw else last
+    run = _core.index_run_entries(joined, [*seqs, seq], [*counts, len(last)])
     _put_run(txn, idb, _run_key(0, indexed + 1, seq), run)
     txn.put(INDEXED_KEY, u64be(seq), db=idb)
     _compact_levels(txn, idb)
