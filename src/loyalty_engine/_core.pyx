@@ -2568,6 +2568,25 @@ cdef int _check_atom(const int64_t* pp, Py_ssize_t npool, int64_t at, Py_ssize_t
     return 0
 
 
+cdef void _place(uint64_t (*tab)[256], Py_ssize_t* nbytes, uint64_t* always, int64_t* slow, Py_ssize_t* nslow,
+                 const int8_t* cfast, int64_t c, Py_ssize_t k) noexcept nogil:
+    """Place item ``k`` (a rule or an offer) by its condition ``c``: none (-1) always holds; a bit of the
+    condition word goes into the word's table ``tab`` (byte of the word -> the items it holds), widening
+    ``nbytes``; any other is tested one by one (appended to ``slow``)."""
+    cdef Py_ssize_t v
+    if c < 0:
+        always[0] |= (<uint64_t>1) << k
+    elif c < 64 and cfast[c]:
+        for v in range(256):
+            if (v >> (c & 7)) & 1:
+                tab[c >> 3][v] |= (<uint64_t>1) << k
+        if (c >> 3) + 1 > nbytes[0]:
+            nbytes[0] = (c >> 3) + 1
+    else:
+        slow[nslow[0]] = k
+        nslow[0] += 1
+
+
 cdef void _make_plan(Plan* pl, const int64_t* cp, const int64_t* pp, const int64_t* condp, Py_ssize_t ncond,
                      const int64_t* rp,
                      Py_ssize_t nrules, const int64_t* ofp, Py_ssize_t noff, const int64_t* tp,
@@ -2660,18 +2679,7 @@ cdef void _make_plan(Plan* pl, const int64_t* cp, const int64_t* pp, const int64
     pl.nab = (pl.natoms + 7) // 8
     # rules: a condition in the word is a table entry, no condition always holds, the rest one by one
     for k in range(nrules):
-        c = rp[R_W * k + 0]
-        if c < 0:
-            pl.rule_always |= (<uint64_t>1) << k
-        elif c < 64 and pl.cfast[c]:
-            for v in range(256):
-                if (v >> (c & 7)) & 1:
-                    pl.rtab[c >> 3][v] |= (<uint64_t>1) << k
-            if (c >> 3) + 1 > pl.ncb:
-                pl.ncb = (c >> 3) + 1
-        else:
-            pl.slow_rule[pl.nslow] = k
-            pl.nslow += 1
+        _place(pl.rtab, &pl.ncb, &pl.rule_always, pl.slow_rule, &pl.nslow, pl.cfast, rp[R_W * k + 0], k)
     # offers likewise, when none is exclusive (an exclusive one makes their order matter)
     pl.offers_by_word = True
     for k in range(noff):
@@ -2681,18 +2689,7 @@ cdef void _make_plan(Plan* pl, const int64_t* cp, const int64_t* pp, const int64
             pl.offer_limited |= (<uint64_t>1) << k
         if ofp[O_W * k + 2] == 4:
             pl.offer_discount |= (<uint64_t>1) << k
-        c = ofp[O_W * k + 0]
-        if c < 0:
-            pl.offer_always |= (<uint64_t>1) << k
-        elif c < 64 and pl.cfast[c]:
-            for v in range(256):
-                if (v >> (c & 7)) & 1:
-                    pl.otab[c >> 3][v] |= (<uint64_t>1) << k
-            if (c >> 3) + 1 > pl.ocb:
-                pl.ocb = (c >> 3) + 1
-        else:
-            pl.slow_offer[pl.nslow_off] = k
-            pl.nslow_off += 1
+        _place(pl.otab, &pl.ocb, &pl.offer_always, pl.slow_offer, &pl.nslow_off, pl.cfast, ofp[O_W * k + 0], k)
     pl.tiers_rise = True
     for k in range(nt):
         if k and tp[T_W * k] < tp[T_W * (k - 1)]:
