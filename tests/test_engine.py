@@ -991,5 +991,66 @@ def test_the_member_table_a_purchase_bound_is_freed_when_it_grows(tmp_path):
         e.enroll_batch([f"n{i}" for i in range(5_000)], at=T0)
         gc.collect()
         assert old() is None and e._onep.bound is None     # no buffer of the kernel holds it
+        with pytest.raises(ValueError, match="bind"):
+            e._onep.budget_changed()                        # released: it refuses, not reads freed memory
         e.purchase("anna", amount=100_000, at=T0 + timedelta(hours=2), ref="p2")
         assert e._onep.bound[4] is e._members and e.member("anna").purchases == 2
+        before = _memory(e)
+        e._onep.restore()                                   # the purchase committed: nothing is kept to undo
+        assert _memory(e) == before
+
+
+def test_a_quote_or_a_refusal_keeps_the_balances_it_read_from_the_ledger(tmp_path):
+    """A quote reads the member's balances from the ledger into memory and restores the rest; the balances
+    stay (expire() compares memory with the ledger: a stale balance sent a second expiry event)."""
+    path = tmp_path / "c"
+    with Engine.open(path, program=Program.from_dict(CLUB), sync="none") as e:
+        e.enroll("anna", at=T0)
+        e.expire(T0 + timedelta(days=400))              # the sign-up bonus expires: memory says 0 now
+    with Engine.open(path, program=Program.from_dict(CLUB), sync="none") as e:
+        assert int(e._members[0]["points"]) == 20       # reloaded from the member's stored record
+        e.quote("anna", amount=1_000, at=T0 + timedelta(days=401))
+        assert int(e._members[0]["points"]) == 0        # the ledger's balance, read by the quote
+        with pytest.raises(InsufficientBalanceError):
+            e.purchase("anna", amount=1_000, at=T0 + timedelta(days=401), ref="r", redeem_points=10)
+        assert int(e._members[0]["points"]) == 0
+
+
+def test_a_failed_purchase_rolls_memory_back_even_after_another_commit_on_the_ledger(tmp_path, monkeypatch):
+    """Whether a failed purchase committed is judged inside its transaction: a commit of the same ledger
+    handle just before it (another thread posting directly) must not make memory keep the failed one."""
+    with Engine.open(tmp_path / "c", program=Program.from_dict(CLUB), sync="none") as e:
+        e.enroll("anna", at=T0)
+        e.purchase("anna", amount=100_000, at=T0 + timedelta(hours=1), ref="p1")
+        before = _memory(e)
+        write = e.ledger._write
+
+        def after_another_commit(fn, records=0):
+            write(lambda txn: None)                     # someone else's commit on this handle comes first
+            return write(fn, records)
+
+        monkeypatch.setattr(e.ledger, "_write", after_another_commit)
+        monkeypatch.setattr(e, "_row_events", lambda *a, **k: (_ for _ in ()).throw(OSError("disk")))
+        with pytest.raises(OSError):
+            e.purchase("anna", amount=100_000, at=T0 + timedelta(hours=2), ref="p2")
+        assert _memory(e) == before and e.member("anna").purchases == 1
+
+
+def test_one_purchase_refuses_calls_out_of_turn():
+    """OnePurchase's methods refuse to run before bind() or after release() (they would read freed or
+    missing buffers), and a committed purchase is forgotten: restore() then changes nothing."""
+    from loyalty_engine import _core
+
+    one = _core.OnePurchase()
+    for call in (one.results, one.new_history, one.budget_changed, lambda: one.referrer(0),
+                 lambda: one.member_record(0, b"", b"")):
+        with pytest.raises(ValueError, match="bind"):
+            call()
+    one.restore()                                       # nothing kept: nothing happens
+
+
+def test_a_purchase_retry_with_a_refunds_ref_is_refused(club):
+    club.purchase("anna", amount=200_000, at=T0, ref="p1")
+    club.refund("p1", amount=2_000, at=T0 + timedelta(hours=1), ref="rf1")
+    with pytest.raises(ValidationError, match="'rf1' was already used for a refund"):
+        club.purchase("anna", amount=2_000, at=T0 + timedelta(hours=2), ref="rf1")

@@ -3865,6 +3865,7 @@ cdef class OnePurchase:
              offer_use, budget_used, out, facts_out, Py_ssize_t noff):
         """Bind ``kernel`` to these buffers (:meth:`Kernel.bind`) and keep them; ``noff`` is the number of
         offers whose use a member's record stores."""
+        self.nkeep = 0                  # (nothing kept from an earlier binding is restored into new arrays)
         kernel.bind(rows, item_cat, item_sku, item_amount, members, hist_off, hist, out_off, out_hist, offer_use,
                     budget_used, out, facts_out)
         self.rows, self.members, self.hist, self.out_hist, self.out_off = rows, members, hist, out_hist, out_off
@@ -3893,8 +3894,16 @@ cdef class OnePurchase:
         self.rows = self.members = self.hist = self.out_hist = self.out_off = None
         self.use = self.budget = self.out = self.facts = None
         self.kernel = None
-        self.nkeep = 0
+        self.nkeep = self.nbudget = self.use_row = self.noff = 0
         self.bound = None
+
+    cdef _check_bound(self):
+        if self.kernel is None:
+            raise ValueError("OnePurchase needs bind() first")
+
+    def forget(self):
+        """Drop what :meth:`evaluate` kept (its purchase committed: nothing is to be restored)."""
+        self.nkeep = 0
 
     cdef void _keep(self, int64_t idx) noexcept:
         cdef int k = self.nkeep
@@ -3908,8 +3917,8 @@ cdef class OnePurchase:
         """Keep what the purchase may change, set the member's balances, put ``row`` (ROW's fields as a
         tuple; its items already in the bound item buffers) and ``hist`` (the member's history) in place
         and run the kernel. Returns the row's status (0: evaluated; :meth:`restore` undoes it either way)."""
-        if self.kernel is None:
-            raise ValueError("OnePurchase needs bind() first")
+        self.nkeep = 0
+        self._check_bound()
         if len(row) != 16:
             raise ValueError("a row has 16 fields, not %d" % len(row))
         cdef int64_t idx = row[0], ref
@@ -3918,15 +3927,15 @@ cdef class OnePurchase:
             raise ValueError("member %d is beyond the state (%d members)" % (idx, self.members.shape[0]))
         if size % sizeof(HEv) or nh >= self.hist.shape[0] or nh >= self.out_hist.shape[0]:
             raise ValueError("a history of %d bytes does not fit the bound buffers" % size)
-        self.nkeep = 0
+        # the balances first: they are the ledger's, and stay when the rest is restored
+        self.members[idx].points = points
+        self.members[idx].credit = credit
         self._keep(idx)
         ref = self.members[idx].referrer
         if 0 <= ref < self.members.shape[0] and ref != idx:
             self._keep(ref)
         if self.nbudget:
             memcpy(self.keep_budget, &self.budget[0], self.nbudget * sizeof(int64_t))
-        self.members[idx].points = points
-        self.members[idx].credit = credit
         cdef RowIn* r = &self.rows[0]
         r.member, r.amount, r.quantity, r.redeem, r.cats, r.skus = row[0], row[1], row[2], row[3], row[4], row[5]
         r.day, r.hour, r.weekday, r.month, r.dom = row[6], row[7], row[8], row[9], row[10]
@@ -3951,16 +3960,19 @@ cdef class OnePurchase:
 
     def referrer(self, int64_t idx):
         """Member ``idx``'s referrer (-1: none)."""
+        self._check_bound()
         if idx < 0 or idx >= self.members.shape[0]:
             raise ValueError("member %d is beyond the state" % idx)
         return self.members[idx].referrer
 
     def budget_changed(self):
         """Whether the evaluated purchase changed the budgets (against what :meth:`evaluate` kept)."""
+        self._check_bound()
         return self.nbudget > 0 and memcmp(&self.budget[0], self.keep_budget, self.nbudget * sizeof(int64_t)) != 0
 
     def results(self):
         """The evaluated row's result and facts, as the bytes of OUT_DTYPE then N_FACTS int64."""
+        self._check_bound()
         cdef bytes b = PyBytes_FromStringAndSize(NULL, sizeof(RowOut) + N_FACTS * sizeof(int64_t))
         cdef char* p = PyBytes_AS_STRING(b)
         memcpy(p, &self.out[0], sizeof(RowOut))
@@ -3969,6 +3981,7 @@ cdef class OnePurchase:
 
     def new_history(self):
         """The member's history after the evaluated row, as bytes."""
+        self._check_bound()
         cdef int64_t lo = self.out_off[0], hi = self.out_off[1]
         if not 0 <= lo <= hi <= self.out_hist.shape[0]:
             raise ValueError("the kernel's history offsets are out of range")
@@ -4027,6 +4040,7 @@ cdef class OnePurchase:
     def member_record(self, int64_t idx, bytes name, bytes hist):
         """Member ``idx``'s stored record: the name (2-byte length), the state, the offer use (4-byte
         length; empty when never used) and ``hist`` (the member's history)."""
+        self._check_bound()
         if idx < 0 or idx >= self.members.shape[0]:
             raise ValueError("member %d is beyond the state" % idx)
         cdef Py_ssize_t nn = len(name), nu = self.noff * 3 * sizeof(int64_t), nhb = len(hist), j

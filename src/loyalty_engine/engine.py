@@ -556,6 +556,8 @@ class Engine:
         commits = self.ledger.commits
 
         def attempt(txn: lmdb.Transaction, results: Any) -> Any:
+            nonlocal commits
+            commits = self.ledger.commits       # (under the ledger's lock: no other commit comes in between)
             self._event_seq = seq0
             return extra(txn, results)
 
@@ -1027,6 +1029,8 @@ class Engine:
                 hist[idx] = h
 
         def fn(txn: lmdb.Transaction) -> Any:
+            nonlocal commits
+            commits = ledger.commits            # (under the ledger's lock: no other commit comes in between)
             self._event_seq = seq0
             if kept:                            # tried again (the map grew): from the state before the try
                 undo()
@@ -1071,9 +1075,13 @@ class Engine:
                     undo()
                 self._event_seq = seq0
             raise
+        one.forget()                            # committed (or nothing to commit): nothing is to be restored
         if type(got) is int:
             self._refuse(member, ref, amount, redeem, got)
         if type(got) is not tuple:              # the receipt of an earlier call with this ref
+            if int(got["kind"]) != 0:
+                raise ValidationError(f"ref {ref!r} was already used for a refund, a redemption or a survey bonus, "
+                                      f"not a purchase")
             if got["member"] != idx or got["amount"] != amount:
                 raise ValidationError(f"ref {ref!r} was already used for another purchase "
                                       f"({self._member_names[int(got['member'])]}, amount {int(got['amount'])})")
