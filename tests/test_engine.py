@@ -1054,3 +1054,16 @@ def test_a_purchase_retry_with_a_refunds_ref_is_refused(club):
     club.refund("p1", amount=2_000, at=T0 + timedelta(hours=1), ref="rf1")
     with pytest.raises(ValidationError, match="'rf1' was already used for a refund"):
         club.purchase("anna", amount=2_000, at=T0 + timedelta(hours=2), ref="rf1")
+
+
+def test_expiry_after_reopening_reports_each_expiry_once(tmp_path):
+    """expire() reports the points each member lost; after reopening, memory holds the balances of the
+    members' stored records (older than an expiry since), so it must compare with the ledger's."""
+    path = tmp_path / "c"
+    with Engine.open(path, program=Program.from_dict(CLUB), sync="none") as e:
+        e.enroll("anna", at=T0)
+        e.expire(T0 + timedelta(days=400))
+    with Engine.open(path, program=Program.from_dict(CLUB), sync="none") as e:
+        e.expire(T0 + timedelta(days=402))
+        expiries = [ev.data["delta"] for ev in e.events() if ev.data.get("reason") == "expiry"]
+        assert expiries == [-20]

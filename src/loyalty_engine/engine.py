@@ -1563,12 +1563,15 @@ class Engine:
         of expiry transfers."""
         at_us = to_micros(at, "at")
         with self._lock:
-            n = self.ledger.expire(at_us, sink=EXPIRED_POINTS)
             count = len(self._member_names)
+            ids = np.arange(count, dtype=np.int64)
+            # the balances before, from the ledger (memory can be older: a member's stored record is
+            # rewritten at its next purchase, not by an expiry, and is what reopening loads)
+            self._refresh_points(ids)
+            before = self._members["points"][:count].copy()
+            n = self.ledger.expire(at_us, sink=EXPIRED_POINTS)
             if count == 0:
                 return n
-            ids = np.arange(count, dtype=np.int64)
-            before = self._members["points"][:count].copy()
             self._refresh_points(ids)
             after = self._members["points"][:count]
             changed = np.flatnonzero(after != before)
