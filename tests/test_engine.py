@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 from datetime import UTC, date, datetime, timedelta
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import numpy as np
@@ -389,9 +390,31 @@ def _play(path, prog_dict, n_members, births, rows, batch: bool):
     return e, statuses
 
 
-@settings(max_examples=int(os.environ.get("ENGINE_PROPERTY_EXAMPLES", "60")), deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(programs(), histories())
+def _assert_same_balances(a: Engine, b: Engine, n_members: int) -> None:
+    """Every member's points and credit accounts hold the same in both engines' ledgers."""
+    ids = np.array([f(i) for i in range(n_members) for f in (points_account, credit_account)], np.uint64)
+    assert a.ledger.balances(ids).tolist() == b.ledger.balances(ids).tolist()
+
+
+def _assert_same_receipts(a: Engine, b: Engine, rows: list[dict], statuses: list, fields: tuple[str, ...]) -> None:
+    """The receipts of the rows that were applied (status 0) agree in ``fields``."""
+    for r, ok in zip(rows, statuses, strict=True):
+        if ok == 0:
+            ra, rb = a.receipt(r["ref"]), b.receipt(r["ref"])
+            assert [getattr(ra, f) for f in fields] == [getattr(rb, f) for f in fields], r
+
+
+def _over_programs_and_histories(share: int = 1) -> Any:
+    """The property tests' Hypothesis setup: random programs and histories, ENGINE_PROPERTY_EXAMPLES
+    examples (60 unless set) divided by ``share``."""
+    def wrap(test: Any) -> Any:
+        return settings(max_examples=int(os.environ.get("ENGINE_PROPERTY_EXAMPLES", "60")) // share, deadline=None,
+                        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])(
+            given(programs(), histories())(test))
+    return wrap
+
+
+@_over_programs_and_histories()
 def test_single_and_batch_paths_give_identical_ledgers(tmp_path_factory, prog, history):
     n_members, births, rows = history
     base = tmp_path_factory.mktemp("club")
@@ -399,15 +422,9 @@ def test_single_and_batch_paths_give_identical_ledgers(tmp_path_factory, prog, h
     b, sb = _play(base / "batch", prog, n_members, births, rows, batch=True)
     try:
         assert [s == 0 for s in sa] == [s == 0 for s in sb]
-        ids = np.array([f(i) for i in range(n_members) for f in (points_account, credit_account)], np.uint64)
-        ba, bb = a.ledger.balances(ids), b.ledger.balances(ids)
-        assert ba.tolist() == bb.tolist()
-        for r, ok in zip(rows, sa, strict=True):
-            if ok == 0:
-                ra, rb = a.receipt(r["ref"]), b.receipt(r["ref"])
-                assert (ra.points_earned, ra.credit_earned, ra.discount, ra.points_redeemed, ra.tier_after,
-                        ra.offers, ra.rules) == (rb.points_earned, rb.credit_earned, rb.discount,
-                                                 rb.points_redeemed, rb.tier_after, rb.offers, rb.rules), r
+        _assert_same_balances(a, b, n_members)
+        _assert_same_receipts(a, b, rows, sa, ("points_earned", "credit_earned", "discount", "points_redeemed",
+                                               "tier_after", "offers", "rules"))
         for i in range(n_members):
             ma, mb = a.member(f"m{i}"), b.member(f"m{i}")
             assert (ma.tier, ma.points, ma.credit, ma.purchases, ma.offers_used) == \
@@ -418,9 +435,7 @@ def test_single_and_batch_paths_give_identical_ledgers(tmp_path_factory, prog, h
         b.close()
 
 
-@settings(max_examples=int(os.environ.get("ENGINE_PROPERTY_EXAMPLES", "60")) // 2, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(programs(), histories())
+@_over_programs_and_histories(2)
 def test_predicates_and_the_stack_machine_give_identical_ledgers(tmp_path_factory, monkeypatch, prog, history):
     """The kernel tests most conditions atom by atom; with every condition on the stack machine instead
     (predicates turned off when the program compiles) a batch must post the same."""
@@ -434,22 +449,16 @@ def test_predicates_and_the_stack_machine_give_identical_ledgers(tmp_path_factor
         b, sb = _play(base / "machine", prog, n_members, births, rows, batch=True)
         assert not b.program.compiled.conds[:, 2].any()
     try:
-        ids = np.array([f(i) for i in range(n_members) for f in (points_account, credit_account)], np.uint64)
-        assert a.ledger.balances(ids).tolist() == b.ledger.balances(ids).tolist()
+        _assert_same_balances(a, b, n_members)
         assert sa == sb
-        for r, ok in zip(rows, sa, strict=True):
-            if ok == 0:
-                ra, rb = a.receipt(r["ref"]), b.receipt(r["ref"])
-                assert (ra.points_earned, ra.credit_earned, ra.discount, ra.tier_after, ra.offers, ra.rules) == \
-                       (rb.points_earned, rb.credit_earned, rb.discount, rb.tier_after, rb.offers, rb.rules), r
+        _assert_same_receipts(a, b, rows, sa, ("points_earned", "credit_earned", "discount", "tier_after", "offers",
+                                               "rules"))
     finally:
         a.close()
         b.close()
 
 
-@settings(max_examples=int(os.environ.get("ENGINE_PROPERTY_EXAMPLES", "60")) // 2, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(programs(), histories())
+@_over_programs_and_histories(2)
 def test_offers_in_one_word_and_one_by_one_give_identical_ledgers(tmp_path_factory, prog, history):
     """Where no offer is exclusive the kernel takes the offers whose conditions hold from the row's
     condition word and then drops those their limits or budgets stop; an exclusive offer that never
@@ -463,8 +472,7 @@ def test_offers_in_one_word_and_one_by_one_give_identical_ledgers(tmp_path_facto
     b, sb = _play(base / "loop", {**prog, "offers": [*prog["offers"], never]}, n_members, births, rows, batch=True)
     try:
         assert sa == sb
-        ids = np.array([f(i) for i in range(n_members) for f in (points_account, credit_account)], np.uint64)
-        assert a.ledger.balances(ids).tolist() == b.ledger.balances(ids).tolist()
+        _assert_same_balances(a, b, n_members)
         for i in range(n_members):
             ua, ub = a.member(f"m{i}").offers_used, b.member(f"m{i}").offers_used
             assert ua == {k: v for k, v in ub.items() if k != "never"} and not ub["never"]
@@ -943,7 +951,7 @@ def test_one_purchase_stores_the_member_record_and_results_the_engine_would():
 
 def test_one_purchase_packs_the_chain_of_transfers_the_engine_describes():
     """OnePurchase.transfers packs a purchase's chain in C from the kernel's result; it must be the records
-    Engine._purchase_transfers builds, zero amounts and a referrer's bonus included."""
+    Engine._transfers builds from the chain's parts, zero amounts and a referrer's bonus included."""
     from loyalty_engine import _core
     from loyalty_engine.engine import _OUT_STRUCT, ISSUE_CREDIT, ISSUE_POINTS, N_FACTS, OUT, REDEEMED_POINTS, _ref_id
     from loyalty_engine.types import RECORD_DTYPE, Code
@@ -970,7 +978,13 @@ def test_one_purchase_packs_the_chain_of_transfers_the_engine_describes():
         out["referrer"] = rng.integers(0, 3) if out["referrer_points"][0] else -1
         o = _OUT_STRUCT.unpack_from(out.tobytes())
         ref = f"pos-{k}"
-        want = e._purchase_transfers(ref, 1, o, at, 20_000)
+        parts = [(points_account(1), REDEEMED_POINTS, int(out["redeemed"][0]), POINTS, Code.REDEEM),
+                 (ISSUE_POINTS, points_account(1), int(out["points"][0]), POINTS, Code.EARN),
+                 (ISSUE_CREDIT, credit_account(1), int(out["credit"][0]), CREDIT, Code.CREDIT)]
+        if out["referrer_points"][0]:
+            parts.append((ISSUE_POINTS, points_account(int(out["referrer"][0])), int(out["referrer_points"][0]), POINTS,
+                          Code.BONUS))
+        want = e._transfers(parts, ref, at, e._expiry_one(at, 20_000))
         lo, hi = _ref_id(ref, 0)
         got = one.transfers(lo & ~0xFF, hi, at, e._expiry_one(at, 20_000), points_account(1), credit_account(1),
                             points_account(int(out["referrer"][0])) if out["referrer_points"][0] else 0)

@@ -373,7 +373,7 @@ class Engine:
         # one purchase's kernel buffers, bound to the kernel once (used under the lock, read out before the
         # next purchase); _bind_one makes them and binds them again when the state's arrays are replaced
         self._one: dict[str, np.ndarray] = {}
-        self._onep = _core.OnePurchase()         # (its chain of transfers is _purchase_transfers', tested)
+        self._onep = _core.OnePurchase()         # (its chain of transfers: docs/rules.md, tested)
         self._onep.set_chain(REDEEMED_POINTS, ISSUE_POINTS, ISSUE_CREDIT, POINTS, CREDIT, Code.REDEEM, Code.EARN,
                              Code.CREDIT, Code.BONUS)
         self._kernel = _core.Kernel(cp.code, cp.pool, cp.conds, cp.rules, cp.offers, cp.tiers, cp.params)
@@ -1107,16 +1107,6 @@ class Engine:
             else:
                 self._hist[k] = h
         self._budget[:] = np.frombuffer(budget, self._budget.dtype)
-
-    def _purchase_transfers(self, ref: str, idx: int, o: tuple[int, ...], at_us: int, day: int) -> np.ndarray:
-        """The transfers of one purchase row's results ``o`` (OUT's fields as a tuple)."""
-        exp = self._expiry_one(at_us, day)
-        parts = [(points_account(idx), REDEEMED_POINTS, o[_O_REDEEMED], POINTS, Code.REDEEM),
-                 (ISSUE_POINTS, points_account(idx), o[_O_POINTS], POINTS, Code.EARN),
-                 (ISSUE_CREDIT, credit_account(idx), o[_O_CREDIT], CREDIT, Code.CREDIT)]
-        if o[_O_REFERRER_POINTS]:
-            parts.append((ISSUE_POINTS, points_account(o[_O_REFERRER]), o[_O_REFERRER_POINTS], POINTS, Code.BONUS))
-        return self._transfers(parts, ref, at_us, exp)
 
     def _commit_rows(self, txn: lmdb.Transaction, refs: Sequence[str], recs: np.ndarray,
                      touched: Sequence[int], events: bool = True) -> None:
