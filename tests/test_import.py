@@ -558,6 +558,82 @@ def test_an_error_after_a_chunk_committed_keeps_the_chunk(tmp_path: Path) -> Non
         assert eng.members == members and balances(eng) == clean
 
 
+def member_state(eng: Engine) -> tuple[Any, ...]:
+    """All of the engine's members' state in memory: names, state, offer usage and histories."""
+    n = eng.members
+    return (list(eng._member_names[:n]), eng._members[:n].tobytes(), eng._offer_use[:n].tobytes(),
+            {k: v for k, v in eng._hist.items() if v})
+
+
+def store_counts(eng: Engine) -> tuple[int, int]:
+    """(members' records, entries of the member log) in the engine's store."""
+    with eng.ledger._st().begin() as txn:
+        cur = txn.cursor(db=eng.ledger._ext_db())
+        records = 0
+        if cur.set_range(b"M"):
+            for key in cur.iternext(values=False):
+                if bytes(key[:1]) != b"M":
+                    break
+                records += 1
+        return records, txn.stat(eng._mlog())["entries"]
+
+
+def test_an_import_appends_members_to_the_log_and_its_last_chunk_writes_their_records(tmp_path: Path) -> None:
+    """A chunk that changes most members would rewrite most pages of their records: the chunks append
+    the records to the member log instead, and the last chunk writes them and empties the log in its
+    transaction. Reopening gives the memory's state."""
+    prog = Program.from_toml(CLUB)
+    t = history(5_000, 2_000)
+    seen = []
+    with Engine.open(tmp_path / "club", program=prog, sync="none") as eng:
+        real = eng.ledger._entries_with
+
+        def counted(entries: Any, extra: Any) -> Any:
+            out = real(entries, extra)
+            seen.append(store_counts(eng))
+            return out
+
+        eng.ledger._entries_with = counted
+        eng.import_sales(t, columns=MAP, chunk_rows=1_000)
+        members, state = eng.members, member_state(eng)
+    assert len(seen) == 5
+    # no records while the import runs (every member is new); the log grows a chunk at a time
+    assert [r for r, _ in seen[:4]] == [0] * 4
+    assert all(0 < a < b for (_, a), (_, b) in zip(seen[:3], seen[1:4], strict=True))
+    assert seen[4] == (members, 0)
+    with Engine.open(tmp_path / "club", program=prog, sync="none") as eng:
+        assert member_state(eng) == state
+        assert store_counts(eng) == (members, 0)
+
+
+def test_an_import_stopped_before_it_settled_its_log_is_settled_by_the_next_open(tmp_path: Path) -> None:
+    """A process killed during an import leaves the member log with the committed chunks' records: the
+    next open applies it over the records (the newest record of each member last) and settles it, and
+    the import then resumes to the clean run's ledger and members."""
+    prog = Program.from_toml(CLUB)
+    t = history(5_000, 2_000)
+    first = history(500, 300, seed=8)          # members with records before the import
+    with Engine.open(tmp_path / "clean", program=prog, sync="none") as eng:
+        eng.import_sales(first, columns=MAP, chunk_rows=1_000, import_id="y")
+        eng.import_sales(t, columns=MAP, chunk_rows=1_000, import_id="x")
+        clean, clean_state = balances(eng), member_state(eng)
+    with Engine.open(tmp_path / "club", program=prog, sync="none") as eng:
+        eng.import_sales(first, columns=MAP, chunk_rows=1_000, import_id="y")
+        eng._settle_member_log = lambda: None       # the process dies before it settles the log
+        import_failing_at_commit(eng, t, 4, import_id="x")
+        state = member_state(eng)
+        records, logged = store_counts(eng)
+        assert logged > 0 and records < eng.members
+    with Engine.open(tmp_path / "club", program=prog, sync="none") as eng:
+        assert member_state(eng) == state
+        assert store_counts(eng) == (eng.members, 0)
+        eng.import_sales(t, columns=MAP, chunk_rows=1_000, import_id="x", resume=True)
+    with Engine.open(tmp_path / "club", program=prog, sync="none") as eng:
+        assert balances(eng) == clean
+        assert member_state(eng) == clean_state
+        assert eng.ledger.verify().ok
+
+
 def test_the_id_table_in_memory_does_not_grow_with_the_rows_imported(tmp_path: Path) -> None:
     """The ids of an import's transfers are kept as runs (a few per chunk), not one table entry each:
     importing 2.5 times the rows (the same members) leaves the writer's id table as it was, and a
@@ -641,7 +717,7 @@ def test_sigkill_at_random_moments_then_resume_gives_the_clean_ledger(tmp_path: 
     pq.write_table(t, src, row_group_size=3_000)
     with Engine.open(tmp_path / "clean", program=prog, sync="none") as eng:
         clean_rep = eng.import_sales(src, columns=MAP, chunk_rows=1_000, quarantine=tmp_path / "clean_q.parquet")
-        clean, clean_lots = balances(eng), lots_by_expiry(eng)
+        clean, clean_lots, clean_state = balances(eng), lots_by_expiry(eng), member_state(eng)
     path = tmp_path / "killed"
     q = tmp_path / "q.parquet"
     script = CHILD.format(cols=MAP)
@@ -681,6 +757,7 @@ def test_sigkill_at_random_moments_then_resume_gives_the_clean_ledger(tmp_path: 
     with Engine.open(path, program=prog, sync="none") as eng:
         assert balances(eng) == clean
         assert lots_by_expiry(eng) == clean_lots
+        assert member_state(eng) == clean_state
         assert eng.ledger.verify().ok
         again = eng.import_sales(src, columns=MAP, chunk_rows=1_000)
         assert again.already_imported

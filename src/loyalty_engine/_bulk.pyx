@@ -54,14 +54,20 @@ cdef Py_ssize_t _bytes_value(dict table, long long key, PyObject** found) except
     return PyBytes_GET_SIZE(<object>found[0])
 
 def member_records(const int64_t[::1] idx, list names, const uint8_t[:, ::1] state, const uint8_t[:, ::1] use,
-                   const uint8_t[::1] used, dict hist):
+                   const uint8_t[::1] used, dict hist, int64_t log_seq=-1):
     """The member store's ``(key, value)`` pairs of the members ``idx`` (in that order).
 
     Key: ``b"M"`` + the index (8 bytes, big-endian). Value: the name's UTF-8 length (2 bytes, little-
     endian), the name (``names[i]``), the state (row ``k`` of ``state``: the MSTATE record of
     ``idx[k]``), the offer usage's length (4 bytes, little-endian) and the usage (row ``k`` of ``use``)
-    when ``used[k]`` (else length 0 and nothing), then the history (``hist.get(i, b"")``)."""
+    when ``used[k]`` (else length 0 and nothing), then the history (``hist.get(i, b"")``).
+
+    With ``log_seq >= 0``, the member log's pairs instead: key ``log_seq + k`` (8 bytes, big-endian),
+    value the index (8 bytes, little-endian) and then the record's value."""
     cdef Py_ssize_t n = idx.shape[0], k, ssize = state.shape[1], usize = use.shape[1], nlen, hlen, vlen
+    cdef Py_ssize_t head = 8 if log_seq >= 0 else 0
+    cdef int j
+    cdef bytes key
     cdef Py_ssize_t nnames = PyList_GET_SIZE(names)
     cdef int64_t i
     cdef object name, value, h
@@ -86,9 +92,13 @@ def member_records(const int64_t[::1] idx, list names, const uint8_t[:, ::1] sta
         hlen = _bytes_value(hist, i, &hp)
         if hlen:
             h = <object>hp
-        vlen = 2 + nlen + ssize + 4 + (usize if used[k] else 0) + hlen
+        vlen = head + 2 + nlen + ssize + 4 + (usize if used[k] else 0) + hlen
         value = PyBytes_FromStringAndSize(NULL, vlen)
         p = PyBytes_AS_STRING(value)
+        if head:
+            for j in range(8):
+                p[j] = <char>((<uint64_t>i >> (8 * j)) & 0xFF)
+            p += 8
         p[0] = <char>(nlen & 0xFF)
         p[1] = <char>(nlen >> 8)
         memcpy(p + 2, nptr, nlen)
@@ -109,7 +119,12 @@ def member_records(const int64_t[::1] idx, list names, const uint8_t[:, ::1] sta
             p += 4
         if hlen:
             memcpy(p, PyBytes_AS_STRING(h), hlen)
-        out.append((_key(b"M", <uint64_t>i), value))
+        if head:
+            key = PyBytes_FromStringAndSize(NULL, 8)
+            _be64(PyBytes_AS_STRING(key), <uint64_t>(log_seq + k))
+            out.append((key, value))
+        else:
+            out.append((_key(b"M", <uint64_t>i), value))
     return out
 
 

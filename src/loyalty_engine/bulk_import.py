@@ -638,14 +638,27 @@ class _Importer:
         self._open_quarantine(resumed_from)
         self.progress.update(resumed_from, self.stats["rejected"], force=True)
         cols = [f for f in FIELDS if f in self.mapping]
+        eng = self.engine
+        # the chunks append their members' records to the engine's member log; the last chunk (or the
+        # end) writes them to the records (Engine._log_members)
+        eng._begin_member_log()
         try:
             if resumed_from and "ref" in self.mapping:
                 self._replay_refs(resumed_from, cols)
             for chunk in self._stream(cols, skip=resumed_from):
                 self._chunk(chunk, cp)
+            eng._settle_member_log()
             cp["complete"] = True
             cp["finished"] = time.time()
             self._save_checkpoint(cp)
+        except BaseException:
+            # the memory holds what committed: settle the log from it (if that fails too, the next
+            # open of the engine settles it from the store)
+            try:
+                eng._settle_member_log()
+            except Exception:       # (the error that stopped the import is the one to raise)
+                pass
+            raise
         finally:
             self.progress.close()
             self._close_quarantine(cp.get("complete", False))
@@ -930,6 +943,7 @@ class _Importer:
 
         eng = self.engine
         head = list(enrolling[2]) if enrolling is not None else []
+        last = self.total is not None and int(cp["rows_done"]) >= self.total
         parts = [(KIND_TRANSFERS, recs[start: start + ENTRY_TRANSFERS])
                  for start in range(0, max(len(recs), 1), ENTRY_TRANSFERS)]
 
@@ -947,13 +961,18 @@ class _Importer:
                 eng._enroll_check(all_results)
                 eng._put_names(txn, first, names)
             db = eng.ledger._ext_db()
-            eng._put_members(txn, touched)
+            if last:        # the last chunk writes its members and the log's to their records
+                eng._settle_members(txn, touched)
+            else:
+                eng._put_members(txn, touched)
             eng._put_budget(txn)
             if receipts:
                 txn.cursor(db=db).putmulti(receipts)
             txn.put(self._checkpoint_key(), json.dumps(cp).encode(), db=db)
 
         eng._entries_with([*head, *parts], extra)
+        if last:
+            eng._member_log_settled()
 
     def _stats_into(self, cp: dict[str, Any]) -> None:
         cp["stats"] = dict(self.stats)

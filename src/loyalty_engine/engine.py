@@ -13,6 +13,7 @@ import json
 import os
 import struct
 import threading
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC as UTC_TZ
@@ -393,6 +394,11 @@ class Engine:
         self._expiry_cache: dict[tuple[int, int], int] = {}
         self._code_key: Any = None
         self._codes: Any = None
+        # the member log (see _log_members): while it is active, members' records are appended to it
+        # instead of rewritten in place; it is settled into the records at the end of an import
+        self._mlog_db: Any = None
+        self._mlog_active = False
+        self._mlog_seen = np.zeros(0, np.bool_)     # members with a record in the log
 
     @property
     def program(self) -> Program:
@@ -437,6 +443,7 @@ class Engine:
             Account(id=ISSUE_CREDIT, asset=CREDIT), Account(id=SPENT_CREDIT, asset=CREDIT),
             Account(id=CLAWBACK_CREDIT, asset=CREDIT)])
         del flag
+        self._mlog()
         db = self.ledger._ext_db()
         names = [o.name for o in self.program.offers]
         with self.ledger._ext_begin() as txn:
@@ -451,6 +458,7 @@ class Engine:
                     if not bytes(key[:1]) == b"M":
                         break
                     self._load_member(int.from_bytes(bytes(key[1:9]), "big"), bytes(value))
+            logged = self._load_member_log(txn)
             raw = txn.get(b"B", db=db)
             if raw is not None:
                 saved = json.loads(bytes(raw))
@@ -463,6 +471,8 @@ class Engine:
             found = cur.prev() if cur.set_range(b"F") else cur.last()      # the last key before "F"
             if found and bytes(cur.key())[:1] == b"E":
                 self._event_seq = max(self._event_seq, int.from_bytes(bytes(cur.key())[1:9], "big"))
+        if logged:      # an import stopped before it settled its log: settle it now
+            self._settle_member_log()
         changed = len(self._use_map) != len(names) or bool((self._use_map != np.arange(len(names))).any())
         if changed or raw_o is None:
             # (re)write every member's usage in this program's order, and the names, in one transaction
@@ -520,10 +530,126 @@ class Engine:
         self._names[name] = idx
 
     def _put_member(self, txn: lmdb.Transaction, idx: int) -> None:
+        if self._mlog_active:
+            self._log_members(txn, np.array([idx], np.int64))
+            return
         txn.put(b"M" + idx.to_bytes(8, "big"), self._member_value(idx), db=self.ledger._ext_db())
+
+    # -- the member log ----------------------------------------------------------------------------------
+    # A chunk of an import changes most members; rewriting their records in the store's B-tree dirties
+    # nearly every page of it, every chunk. While an import runs, the records go to the end of a log
+    # instead (a database of its own, keys in write order: appends), and the import settles the log once
+    # at its end: the members it names are written to their records and the log is emptied, in one
+    # transaction. Opening an engine whose log is not empty (an import was killed) applies the log over
+    # the records, in order, and settles it. Nothing else writes records while the log is active.
+    def _mlog(self) -> Any:
+        if self._mlog_db is None:
+            st = self.ledger._st()
+            db = st.dbs.get(b"mlog")
+            if db is None:      # (a handle is valid once the transaction that opened it committed)
+                with st.lock:
+                    txn = st.begin(write=True)
+                    try:
+                        db = st.env.open_db(b"mlog", txn=txn)
+                        txn.commit()
+                    except BaseException:
+                        txn.abort()
+                        raise
+                st.dbs[b"mlog"] = db
+            self._mlog_db = db
+        return self._mlog_db
+
+    def _load_member_log(self, txn: lmdb.Transaction) -> bool:
+        """Apply the member log's records over those loaded (in the log's order: the last one of a member
+        is its newest). True if the log holds any."""
+        cur = txn.cursor(db=self._mlog())
+        if not cur.first():
+            return False
+        seen = array("q")
+        for _key, value in cur:
+            v = bytes(value)
+            idx = int.from_bytes(v[:8], "little")
+            self._grow(idx + 1)
+            self._offer_use[idx] = 0        # (a record without usage or history has none)
+            self._hist.pop(idx, None)
+            self._load_member(idx, v[8:])
+            seen.append(idx)
+        self._mlog_active = True
+        self._mlog_mark(np.frombuffer(seen, np.int64))
+        return True
+
+    def _mlog_mark(self, idx: np.ndarray) -> None:
+        if len(idx) and int(idx.max()) >= len(self._mlog_seen):
+            grown = np.zeros(max(int(idx.max()) + 1, 2 * len(self._mlog_seen)), np.bool_)
+            grown[: len(self._mlog_seen)] = self._mlog_seen
+            self._mlog_seen = grown
+        self._mlog_seen[idx] = True
+
+    def _begin_member_log(self) -> None:
+        """From now on members' records go to the log (until :meth:`_settle_member_log`)."""
+        self._mlog()
+        self._mlog_active = True
+
+    def _log_members(self, txn: lmdb.Transaction, idx: Any) -> None:
+        """Append the records of members ``idx`` to the log (the same bytes as their records, after the
+        member's index: 8 bytes, little-endian)."""
+        idx = np.asarray(idx, np.int64)
+        idx = _small_unique(idx[idx >= 0], len(self._member_names))[0]
+        if len(idx) == 0:
+            return
+        db = self._mlog()
+        cur = txn.cursor(db=db)
+        seq = int.from_bytes(bytes(cur.key()), "big") + 1 if cur.last() else 0
+        noff = len(self.program.offers)
+        for start in range(0, len(idx), PUT_BATCH):
+            part = idx[start: start + PUT_BATCH]
+            state = self._members.view(np.uint8).reshape(-1, MSTATE.itemsize)[part]
+            use = np.ascontiguousarray(self._offer_use[part, :noff]).reshape(len(part), noff * 3)
+            used = use.any(axis=1).view(np.uint8) if noff else np.zeros(len(part), np.uint8)
+            cur.putmulti(_bulk.member_records(part, self._member_names, state, use.view(np.uint8), used,
+                                              self._hist, seq + start), append=True)
+        self._mlog_mark(idx)
+
+    def _log_record(self, txn: lmdb.Transaction, idx: int, record: bytes) -> None:
+        """Append one member's record (built by the caller) to the log."""
+        cur = txn.cursor(db=self._mlog())
+        seq = int.from_bytes(bytes(cur.key()), "big") + 1 if cur.last() else 0
+        cur.put(seq.to_bytes(8, "big"), idx.to_bytes(8, "little") + record, append=True)
+        self._mlog_mark(np.array([idx], np.int64))
+
+    def _settle_members(self, txn: lmdb.Transaction, idx: Any) -> None:
+        """Inside ``txn``: write the records of ``idx`` and of every member the log names, and empty the
+        log. The caller calls :meth:`_member_log_settled` once ``txn`` committed."""
+        logged = np.flatnonzero(self._mlog_seen)
+        if idx is not None and len(idx):
+            logged = np.concatenate([logged, np.asarray(idx, np.int64)])
+        active, self._mlog_active = self._mlog_active, False
+        try:
+            self._put_members(txn, logged)
+        finally:
+            self._mlog_active = active
+        txn.drop(self._mlog(), delete=False)
+
+    def _member_log_settled(self) -> None:
+        self._mlog_active = False
+        self._mlog_seen = np.zeros(0, np.bool_)
+
+    def _settle_member_log(self) -> None:
+        """Settle the log in a transaction of its own (nothing else changes)."""
+        if not self._mlog_active and not self._mlog_seen.any():
+            return
+
+        def extra(txn: lmdb.Transaction, results: np.ndarray) -> None:
+            self._settle_members(txn, None)
+
+        self._post_with(np.zeros(0, RECORD_DTYPE), extra)
+        self._member_log_settled()
 
     def _put_members(self, txn: lmdb.Transaction, idx: Any) -> None:
         """Store many members' records at once (the same bytes as :meth:`_member_value`), in key order."""
+        if self._mlog_active:
+            self._log_members(txn, idx)
+            return
         if isinstance(idx, list) and len(idx) <= 2:      # one purchase: the member (and a referrer)
             for i in sorted({int(i) for i in idx if i >= 0}):
                 self._put_member(txn, i)
@@ -1059,7 +1185,11 @@ class Engine:
             txn.put(rkey, _RECEIPT_HEAD.pack(idx, at_us, amount, 0, 0, 0, 0, 0) + raw_out, db=db)
             name = self._member_names[idx]
             self._row_events(txn, ref, name, at_us, o)
-            txn.put(b"M" + idx.to_bytes(8, "big"), one.member_record(idx, name.encode(), h), db=db)
+            record = one.member_record(idx, name.encode(), h)
+            if self._mlog_active:
+                self._log_record(txn, idx, record)
+            else:
+                txn.put(b"M" + idx.to_bytes(8, "big"), record, db=db)
             referrer = one.referrer(idx)
             if 0 <= referrer != idx:
                 self._put_member(txn, referrer)
