@@ -53,79 +53,138 @@ cdef Py_ssize_t _bytes_value(dict table, long long key, PyObject** found) except
         raise TypeError(f"the value of {key} is {type(<object>found[0]).__name__}, not bytes")
     return PyBytes_GET_SIZE(<object>found[0])
 
+
+cdef struct _Rec:
+    # one member's record as member_records writes it: its name and history, and where its state and
+    # usage rows are
+    const char* name
+    Py_ssize_t nlen
+    PyObject* hist
+    Py_ssize_t hlen
+    Py_ssize_t size         # the value's length
+
+
+cdef int _record_of(_Rec* r, int64_t i, Py_ssize_t k, list names, Py_ssize_t ssize, Py_ssize_t usize,
+                    const uint8_t[::1] used, dict hist) except -1:
+    cdef Py_ssize_t nnames = PyList_GET_SIZE(names)
+    cdef object name
+    if i < 0 or i >= nnames:
+        raise ValueError(f"idx[{k}]={i} is not a member index (0..{nnames - 1})")
+    name = <object>PyList_GET_ITEM(names, i)
+    if not PyUnicode_Check(name):
+        raise TypeError(f"names[{i}] is {type(name).__name__}, not str")
+    r.name = PyUnicode_AsUTF8AndSize(name, &r.nlen)
+    if r.nlen > 0xFFFF:
+        raise ValueError(f"names[{i}] is {r.nlen} bytes long, more than a 2-byte length holds")
+    r.hlen = _bytes_value(hist, i, &r.hist)
+    r.size = 2 + r.nlen + ssize + 4 + (usize if used[k] else 0) + r.hlen
+    return 0
+
+
+cdef char* _write_record(char* p, const _Rec* r, Py_ssize_t k, const uint8_t[:, ::1] state,
+                         const uint8_t[:, ::1] use, const uint8_t[::1] used) noexcept:
+    cdef Py_ssize_t ssize = state.shape[1], usize = use.shape[1]
+    p[0] = <char>(r.nlen & 0xFF)
+    p[1] = <char>(r.nlen >> 8)
+    memcpy(p + 2, r.name, r.nlen)
+    p += 2 + r.nlen
+    if ssize:
+        memcpy(p, &state[k, 0], ssize)
+    p += ssize
+    if used[k]:
+        p[0] = <char>(usize & 0xFF)
+        p[1] = <char>((usize >> 8) & 0xFF)
+        p[2] = <char>((usize >> 16) & 0xFF)
+        p[3] = <char>((usize >> 24) & 0xFF)
+        if usize:
+            memcpy(p + 4, &use[k, 0], usize)
+        p += 4 + usize
+    else:
+        p[0] = p[1] = p[2] = p[3] = 0
+        p += 4
+    if r.hlen:
+        memcpy(p, PyBytes_AS_STRING(<object>r.hist), r.hlen)
+    return p + r.hlen
+
+
+cdef _check_rows(Py_ssize_t n, const uint8_t[:, ::1] state, const uint8_t[:, ::1] use, const uint8_t[::1] used):
+    if state.shape[0] != n or use.shape[0] != n or used.shape[0] != n:
+        raise ValueError(f"state, use and used need one row per member ({n}), not {state.shape[0]}, "
+                         f"{use.shape[0]}, {used.shape[0]}")
+
+
 def member_records(const int64_t[::1] idx, list names, const uint8_t[:, ::1] state, const uint8_t[:, ::1] use,
-                   const uint8_t[::1] used, dict hist, int64_t log_seq=-1):
+                   const uint8_t[::1] used, dict hist):
     """The member store's ``(key, value)`` pairs of the members ``idx`` (in that order).
 
     Key: ``b"M"`` + the index (8 bytes, big-endian). Value: the name's UTF-8 length (2 bytes, little-
     endian), the name (``names[i]``), the state (row ``k`` of ``state``: the MSTATE record of
     ``idx[k]``), the offer usage's length (4 bytes, little-endian) and the usage (row ``k`` of ``use``)
-    when ``used[k]`` (else length 0 and nothing), then the history (``hist.get(i, b"")``).
-
-    With ``log_seq >= 0``, the member log's pairs instead: key ``log_seq + k`` (8 bytes, big-endian),
-    value the index (8 bytes, little-endian) and then the record's value."""
-    cdef Py_ssize_t n = idx.shape[0], k, ssize = state.shape[1], usize = use.shape[1], nlen, hlen, vlen
-    cdef Py_ssize_t head = 8 if log_seq >= 0 else 0
-    cdef int j
-    cdef bytes key
-    cdef Py_ssize_t nnames = PyList_GET_SIZE(names)
-    cdef int64_t i
-    cdef object name, value, h
-    cdef PyObject* hp
-    cdef const char* nptr
-    cdef char* p
-    cdef list out
-    if state.shape[0] != n or use.shape[0] != n or used.shape[0] != n:
-        raise ValueError(f"state, use and used need one row per member ({n}), not {state.shape[0]}, "
-                         f"{use.shape[0]}, {used.shape[0]}")
-    out = []
+    when ``used[k]`` (else length 0 and nothing), then the history (``hist.get(i, b"")``)."""
+    cdef Py_ssize_t n = idx.shape[0], k
+    cdef _Rec r
+    cdef object value
+    cdef list out = []
+    _check_rows(n, state, use, used)
     for k in range(n):
-        i = idx[k]
-        if i < 0 or i >= nnames:
-            raise ValueError(f"idx[{k}]={i} is not a member index (0..{nnames - 1})")
-        name = <object>PyList_GET_ITEM(names, i)
-        if not PyUnicode_Check(name):
-            raise TypeError(f"names[{i}] is {type(name).__name__}, not str")
-        nptr = PyUnicode_AsUTF8AndSize(name, &nlen)
-        if nlen > 0xFFFF:
-            raise ValueError(f"names[{i}] is {nlen} bytes long, more than a 2-byte length holds")
-        hlen = _bytes_value(hist, i, &hp)
-        if hlen:
-            h = <object>hp
-        vlen = head + 2 + nlen + ssize + 4 + (usize if used[k] else 0) + hlen
-        value = PyBytes_FromStringAndSize(NULL, vlen)
-        p = PyBytes_AS_STRING(value)
-        if head:
-            for j in range(8):
-                p[j] = <char>((<uint64_t>i >> (8 * j)) & 0xFF)
-            p += 8
-        p[0] = <char>(nlen & 0xFF)
-        p[1] = <char>(nlen >> 8)
-        memcpy(p + 2, nptr, nlen)
-        p += 2 + nlen
-        if ssize:
-            memcpy(p, &state[k, 0], ssize)
-        p += ssize
-        if used[k]:
-            p[0] = <char>(usize & 0xFF)
-            p[1] = <char>((usize >> 8) & 0xFF)
-            p[2] = <char>((usize >> 16) & 0xFF)
-            p[3] = <char>((usize >> 24) & 0xFF)
-            if usize:
-                memcpy(p + 4, &use[k, 0], usize)
-            p += 4 + usize
-        else:
-            p[0] = p[1] = p[2] = p[3] = 0
-            p += 4
-        if hlen:
-            memcpy(p, PyBytes_AS_STRING(h), hlen)
-        if head:
-            key = PyBytes_FromStringAndSize(NULL, 8)
-            _be64(PyBytes_AS_STRING(key), <uint64_t>(log_seq + k))
-            out.append((key, value))
-        else:
-            out.append((_key(b"M", <uint64_t>i), value))
+        _record_of(&r, idx[k], k, names, state.shape[1], use.shape[1], used, hist)
+        value = PyBytes_FromStringAndSize(NULL, r.size)
+        _write_record(PyBytes_AS_STRING(value), &r, k, state, use, used)
+        out.append((_key(b"M", <uint64_t>idx[k]), value))
     return out
+
+
+def member_log(const int64_t[::1] idx, list names, const uint8_t[:, ::1] state, const uint8_t[:, ::1] use,
+               const uint8_t[::1] used, dict hist, uint64_t seq, Py_ssize_t blob):
+    """The member log's ``(key, value)`` pairs for the members ``idx`` (in that order): the records of
+    :func:`member_records`, packed into values of about ``blob`` bytes (one record may make a value
+    longer). Keys: ``seq``, ``seq + 1``, ... (8 bytes, big-endian). A value is a run of entries, each
+    the member's index (8 bytes, little-endian), the record's length (4 bytes, little-endian) and the
+    record."""
+    cdef Py_ssize_t n = idx.shape[0], k = 0, first, size, j
+    cdef _Rec* recs
+    cdef list out = []
+    cdef object value, key
+    cdef char* p
+    cdef uint64_t i
+    _check_rows(n, state, use, used)
+    if blob < 1:
+        raise ValueError(f"blob must be at least 1 byte, not {blob}")
+    recs = <_Rec*>malloc(max(n, 1) * sizeof(_Rec))
+    if recs == NULL:
+        raise MemoryError()
+    try:
+        for k in range(n):
+            _record_of(&recs[k], idx[k], k, names, state.shape[1], use.shape[1], used, hist)
+            if recs[k].size > 0xFFFFFFFF:
+                raise ValueError(f"the record of member {idx[k]} is longer than 4 GiB")
+        k = 0
+        while k < n:
+            first = k
+            size = 0
+            while k < n and (k == first or size + 12 + recs[k].size <= blob):
+                size += 12 + recs[k].size
+                k += 1
+            value = PyBytes_FromStringAndSize(NULL, size)
+            p = PyBytes_AS_STRING(value)
+            for j in range(first, k):
+                i = <uint64_t>idx[j]
+                _le(p, i, 8)
+                _le(p + 8, <uint64_t>recs[j].size, 4)
+                p = _write_record(p + 12, &recs[j], j, state, use, used)
+            key = PyBytes_FromStringAndSize(NULL, 8)
+            _be64(PyBytes_AS_STRING(key), seq)
+            seq += 1
+            out.append((key, value))
+    finally:
+        free(recs)
+    return out
+
+
+cdef inline void _le(char* p, uint64_t v, int n) noexcept nogil:
+    cdef int j
+    for j in range(n):
+        p[j] = <char>((v >> (8 * j)) & 0xFF)
 
 
 def name_records(list names, int64_t first):

@@ -124,6 +124,8 @@ FACT_NAMES = tuple(sorted(VARIABLES, key=lambda k: VARIABLES[k].slot))
 CHUNK_ROWS = 200_000
 #: Members whose store records are built and written at a time (their bytes are a list while written).
 PUT_BATCH = 65_536
+#: Bytes of members' records the member log packs into one value (see Engine._log_members).
+MLOG_VALUE = 1 << 16
 
 
 class RowStatus(IntEnum):
@@ -568,12 +570,18 @@ class Engine:
         seen = array("q")
         for _key, value in cur:
             v = bytes(value)
-            idx = int.from_bytes(v[:8], "little")
-            self._grow(idx + 1)
-            self._offer_use[idx] = 0        # (a record without usage or history has none)
-            self._hist.pop(idx, None)
-            self._load_member(idx, v[8:])
-            seen.append(idx)
+            p = 0
+            while p < len(v):       # entries: index (8 bytes), length (4), record (_bulk.member_log)
+                idx = int.from_bytes(v[p: p + 8], "little")
+                end = p + 12 + int.from_bytes(v[p + 8: p + 12], "little")
+                if end > len(v):
+                    raise StorageError(f"the member log's entry {bytes(_key).hex()} is cut short at byte {p}")
+                self._grow(idx + 1)
+                self._offer_use[idx] = 0        # (a record without usage or history has none)
+                self._hist.pop(idx, None)
+                self._load_member(idx, v[p + 12: end])
+                seen.append(idx)
+                p = end
         self._mlog_active = True
         self._mlog_mark(np.frombuffer(seen, np.int64))
         return True
@@ -591,8 +599,8 @@ class Engine:
         self._mlog_active = True
 
     def _log_members(self, txn: lmdb.Transaction, idx: Any) -> None:
-        """Append the records of members ``idx`` to the log (the same bytes as their records, after the
-        member's index: 8 bytes, little-endian)."""
+        """Append the records of members ``idx`` to the log (the same bytes as their records, many to a
+        value: ``_bulk.member_log``)."""
         idx = np.asarray(idx, np.int64)
         idx = _small_unique(idx[idx >= 0], len(self._member_names))[0]
         if len(idx) == 0:
@@ -606,15 +614,18 @@ class Engine:
             state = self._members.view(np.uint8).reshape(-1, MSTATE.itemsize)[part]
             use = np.ascontiguousarray(self._offer_use[part, :noff]).reshape(len(part), noff * 3)
             used = use.any(axis=1).view(np.uint8) if noff else np.zeros(len(part), np.uint8)
-            cur.putmulti(_bulk.member_records(part, self._member_names, state, use.view(np.uint8), used,
-                                              self._hist, seq + start), append=True)
+            pairs = _bulk.member_log(part, self._member_names, state, use.view(np.uint8), used, self._hist,
+                                     seq, MLOG_VALUE)
+            cur.putmulti(pairs, append=True)
+            seq += len(pairs)
         self._mlog_mark(idx)
 
     def _log_record(self, txn: lmdb.Transaction, idx: int, record: bytes) -> None:
         """Append one member's record (built by the caller) to the log."""
         cur = txn.cursor(db=self._mlog())
         seq = int.from_bytes(bytes(cur.key()), "big") + 1 if cur.last() else 0
-        cur.put(seq.to_bytes(8, "big"), idx.to_bytes(8, "little") + record, append=True)
+        cur.put(seq.to_bytes(8, "big"), idx.to_bytes(8, "little") + len(record).to_bytes(4, "little") + record,
+                append=True)
         self._mlog_mark(np.array([idx], np.int64))
 
     def _settle_members(self, txn: lmdb.Transaction, idx: Any) -> None:
