@@ -634,6 +634,30 @@ def test_an_import_stopped_before_it_settled_its_log_is_settled_by_the_next_open
         assert eng.ledger.verify().ok
 
 
+def test_a_log_left_behind_is_settled_in_the_order_of_a_changed_programs_offers(tmp_path: Path) -> None:
+    """Reopening with a program whose offers are in another order rewrites every member's usage in the
+    new order together with the new order's names; a member log left by a stopped import is settled in
+    that same transaction, so usage is read back right by every later open."""
+    import tomllib
+
+    spec = tomllib.loads(CLUB.read_text())
+    prog = Program.from_dict(spec)
+    flipped = Program.from_dict({**spec, "offers": list(reversed(spec["offers"]))})
+    t = history(5_000, 2_000)
+    with Engine.open(tmp_path / "club", program=prog, sync="none") as eng:
+        eng._settle_member_log = lambda: None       # the process dies before it settles the log
+        import_failing_at_commit(eng, t, 4, import_id="x")
+        use = {(name, o.name): eng._offer_use[i, k].tolist() for name, i in eng._names.items()
+               for k, o in enumerate(prog.offers)}
+        assert sum(u[0] for u in use.values()) > 0 and store_counts(eng)[1] > 0
+    assert [o.name for o in flipped.offers] != [o.name for o in prog.offers]
+    for _ in range(2):
+        with Engine.open(tmp_path / "club", program=flipped, sync="none") as eng:
+            assert store_counts(eng) == (eng.members, 0)
+            assert {(name, o.name): eng._offer_use[i, k].tolist() for name, i in eng._names.items()
+                    for k, o in enumerate(flipped.offers)} == use
+
+
 def test_the_id_table_in_memory_does_not_grow_with_the_rows_imported(tmp_path: Path) -> None:
     """The ids of an import's transfers are kept as runs (a few per chunk), not one table entry each:
     importing 2.5 times the rows (the same members) leaves the writer's id table as it was, and a

@@ -473,17 +473,22 @@ class Engine:
             found = cur.prev() if cur.set_range(b"F") else cur.last()      # the last key before "F"
             if found and bytes(cur.key())[:1] == b"E":
                 self._event_seq = max(self._event_seq, int.from_bytes(bytes(cur.key())[1:9], "big"))
-        if logged:      # an import stopped before it settled its log: settle it now
-            self._settle_member_log()
         changed = len(self._use_map) != len(names) or bool((self._use_map != np.arange(len(names))).any())
-        if changed or raw_o is None:
-            # (re)write every member's usage in this program's order, and the names, in one transaction
+        if changed or raw_o is None or logged:
+            # (re)write every member's usage in this program's order, and the names, in one transaction;
+            # an import stopped before it settled its member log: settle it in the same one (memory holds
+            # the usage in this program's order, which the names say from this transaction on)
             def extra(txn: lmdb.Transaction, results: np.ndarray) -> None:
-                if changed:
-                    self._put_members(txn, np.arange(len(self._member_names), dtype=np.int64))
+                everyone = np.arange(len(self._member_names), dtype=np.int64)
+                if logged:
+                    self._settle_members(txn, everyone if changed else None)
+                elif changed:
+                    self._put_members(txn, everyone)
                 txn.put(b"O", json.dumps(names).encode(), db=self.ledger._ext_db())
 
             self._post_with(np.zeros(0, RECORD_DTYPE), extra)
+            if logged:
+                self._member_log_settled()
         self._use_map = None
 
     def _grow(self, n: int) -> None:
@@ -647,7 +652,8 @@ class Engine:
 
     def _settle_member_log(self) -> None:
         """Settle the log in a transaction of its own (nothing else changes)."""
-        if not self._mlog_active and not self._mlog_seen.any():
+        if not self._mlog_seen.any():       # (everything logged is marked): nothing to write
+            self._member_log_settled()
             return
 
         def extra(txn: lmdb.Transaction, results: np.ndarray) -> None:
