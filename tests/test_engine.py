@@ -232,6 +232,86 @@ def test_expiry_removes_points_and_queues_events(club):
     assert any(e.kind == "points_changed" and e.data.get("reason") == "expiry" for e in club.events())
 
 
+def _expiry_club(path):
+    """A club where expire(T0 + 400 days) expires anna's sign-up bonus and bahram's points, and sends anna
+    a birthday notice (her birthday is three days later)."""
+    e = Engine.open(path, program=Program.from_dict(CLUB), sync="none")
+    e.enroll("anna", at=T0, birth_date=date(1990, 2, 12))
+    e.enroll("bahram", at=T0)
+    e.purchase("bahram", amount=100_000, at=T0 + timedelta(hours=1), ref="p1")
+    return e
+
+
+def _points(e):
+    return [e.ledger.balance(points_account(i)).available for i in range(e.members)]
+
+
+def test_an_expiry_whose_events_fail_commits_nothing_and_the_next_one_does_it_all_once(tmp_path, monkeypatch):
+    """expire() is one transaction: the expiry transfers, their points_changed events and the birthday
+    notices commit together. An error while writing the events leaves the ledger, the balances and the
+    outbox as they were; the next expire() then expires and reports everything, once, numbered on."""
+    from click.testing import CliRunner
+
+    from loyalty_engine.cli import main
+
+    at = T0 + timedelta(days=400)
+    path = tmp_path / "c"
+    with _expiry_club(path) as e:
+        events0, head0, points0 = e.events(), e.ledger.head, _points(e)
+        put = e._put_event
+
+        def failing(txn, kind, *a, **k):
+            if kind == "birthday_soon":
+                raise OSError("disk full")
+            put(txn, kind, *a, **k)
+
+        monkeypatch.setattr(e, "_put_event", failing)
+        with pytest.raises(OSError, match="disk full"):
+            e.expire(at)
+        monkeypatch.undo()
+        assert e.events() == events0 and e.ledger.head == head0 and _points(e) == points0 == [20, 120]
+        assert e.ledger.verify().ok and e.member("anna").points == 20
+        assert e.expire(at) == 2
+        new = e.events()[len(events0):]
+        assert [(ev.kind, ev.member, ev.data.get("delta")) for ev in new] == [
+            ("points_changed", "anna", -20), ("points_changed", "bahram", -120), ("birthday_soon", "anna", None)]
+        assert [ev.seq for ev in e.events()] == list(range(1, len(events0) + 4))
+        assert _points(e) == [0, 0] and e.member("bahram").points == 0
+        assert e.expire(at) == 0 and e.events()[len(events0):] == new     # nothing left to expire or notify
+    with Engine.open(path, program=Program.from_dict(CLUB), sync="none") as e:
+        assert e.events()[len(events0):] == new and e.expire(at + timedelta(days=1)) == 0
+        assert e.events()[len(events0):] == new
+    result = CliRunner().invoke(main, ["verify", str(path)])
+    assert result.exit_code == 0 and ": ok;" in result.output
+
+
+def test_an_expiry_retried_after_the_map_grew_writes_its_events_once(tmp_path, monkeypatch):
+    """The ledger retries a write that filled the LMDB map after growing it: expire()'s events and notices
+    are then written by the second attempt only, numbered as if the first never ran."""
+    import lmdb
+
+    at = T0 + timedelta(days=400)
+    with _expiry_club(tmp_path / "c") as e:
+        events0 = e.events()
+        put = e._put_event
+        calls = []
+
+        def full_once(txn, kind, *a, **k):
+            calls.append(kind)
+            put(txn, kind, *a, **k)
+            if len(calls) == 2:
+                raise lmdb.MapFullError("map full")
+
+        monkeypatch.setattr(e, "_put_event", full_once)
+        assert e.expire(at) == 2
+        assert calls == ["points_changed", "points_changed", "points_changed", "points_changed", "birthday_soon"]
+        new = e.events()[len(events0):]
+        assert [(ev.seq, ev.kind, ev.member) for ev in new] == [
+            (len(events0) + 1, "points_changed", "anna"), (len(events0) + 2, "points_changed", "bahram"),
+            (len(events0) + 3, "birthday_soon", "anna")]
+        assert _points(e) == [0, 0] and e.ledger.verify().ok
+
+
 def test_state_survives_reopening(tmp_path):
     prog = Program.from_dict(CLUB)
     with Engine.open(tmp_path / "c", program=prog, sync="none") as e:
