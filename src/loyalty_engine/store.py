@@ -22,6 +22,8 @@ __all__ = ["Store", "open_store", "u64be", "from_u64be"]
 FORMAT = b"loyalty_engine ledger 2"
 DEFAULT_MAP_SIZE = 1 << 30
 DB_NAMES = (b"meta", b"journal", b"records", b"snapshot", b"index", b"ext")
+#: LMDB's MDB_WRITEMAP, the same for every writer of every mode (readonly opens never write through the map).
+WRITEMAP = False
 
 
 def u64be(n: int) -> bytes:
@@ -117,8 +119,11 @@ def open_store(path: str | os.PathLike[str], *, mode: str, create: bool, readonl
                 max_dbs=len(DB_NAMES) + 2,
                 sync=mode != "none",
                 metasync=mode == "full",
-                # without syncs, writing through the map saves a write() per dirty page per commit
-                writemap=mode == "none" and not readonly,
+                # the same for every open, whatever the mode: LMDB says processes with and without
+                # MDB_WRITEMAP on one environment do not cooperate (it can defeat durability), and a host at
+                # sync="none" beside an operator's import at sync="full" is one environment (docs/ledger.md,
+                # durability: why without)
+                writemap=WRITEMAP,
                 readonly=readonly,
                 max_readers=1024,
                 max_spare_txns=4,
