@@ -1161,3 +1161,97 @@ def test_expiry_after_reopening_reports_each_expiry_once(tmp_path):
         e.expire(T0 + timedelta(days=402))
         expiries = [ev.data["delta"] for ev in e.events() if ev.data.get("reason") == "expiry"]
         assert expiries == [-20]
+
+
+# -- one process, one engine ------------------------------------------------------------------------------
+
+def test_a_second_engine_on_the_same_directory_is_refused_until_the_first_closes(tmp_path):
+    """An engine keeps members' state in memory and writes it through: a second engine on the same directory
+    would work from stale memory, so Engine.open refuses it while the first is open (in this process, whatever
+    its sync mode), and opens it once the first is closed. Plain ledger handles stay allowed."""
+    from loyalty_engine import Ledger
+    from loyalty_engine.errors import StorageError
+
+    path = tmp_path / "c"
+    prog = Program.from_dict(CLUB)
+    first = Engine.open(path, program=prog, sync="none")
+    first.enroll("anna", at=T0)
+    for sync in ("none", "full"):
+        with pytest.raises(StorageError, match=r"already open in an Engine \(this process holds engine.lock\)") as e:
+            Engine.open(path, program=prog, sync=sync)
+        assert repr(os.path.realpath(path)) in str(e.value)
+    with Ledger.open(path, sync="none") as reader:                  # a plain ledger handle: allowed
+        assert reader.balance(points_account(0)).available == 20
+    assert (path / "engine.lock").read_text().strip() == str(os.getpid())
+    first.enroll("bahram", at=T0)                                   # the first engine is unharmed
+    first.close()
+    first.close()                                                   # (again: nothing happens)
+    with Engine.open(path, program=prog, sync="full") as second:
+        assert second.members == 2
+
+
+def test_an_engine_open_that_fails_half_way_releases_the_directory(tmp_path, monkeypatch):
+    from loyalty_engine.errors import StorageError
+
+    path = tmp_path / "c"
+    prog = Program.from_dict(CLUB)
+    monkeypatch.setattr(Engine, "_setup", lambda self: (_ for _ in ()).throw(StorageError("disk")))
+    with pytest.raises(StorageError, match="disk"):
+        Engine.open(path, program=prog, sync="none")               # a new directory: locked after creating it
+    with pytest.raises(StorageError, match="disk"):
+        Engine.open(path, program=prog, sync="none")               # it exists now: locked before the ledger
+    monkeypatch.undo()
+    with Engine.open(path, program=prog, sync="none") as e:
+        e.enroll("anna", at=T0)
+
+
+def test_an_engine_open_in_another_process_is_refused_while_this_one_holds_the_directory(tmp_path):
+    import subprocess
+    import sys
+
+    path = tmp_path / "c"
+    script = ("import sys\nfrom loyalty_engine.engine import Engine\nfrom loyalty_engine.program import Program\n"
+              "from loyalty_engine.errors import StorageError\n"
+              "try:\n    Engine.open(sys.argv[1], program=Program.from_dict({'name': 'x'}), sync='none').close()\n"
+              "except StorageError as e:\n    print(e)\n    sys.exit(3)\nprint('OPENED')\n")
+    env = {**os.environ, "PYTHONPATH": os.path.join(os.path.dirname(os.path.dirname(__file__)), "src")}
+
+    def other() -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, env=env,
+                              timeout=120)
+
+    with Engine.open(path, program=Program.from_dict(CLUB), sync="none") as e:
+        e.enroll("anna", at=T0)
+        got = other()
+        assert got.returncode == 3, got.stderr
+        assert f"process {os.getpid()} holds engine.lock" in got.stdout and os.path.realpath(path) in got.stdout
+        assert e.member("anna").points == 20
+    got = other()
+    assert got.returncode == 0 and "OPENED" in got.stdout, got.stderr
+
+
+def test_an_engine_killed_by_sigkill_leaves_its_directory_free(tmp_path):
+    """The kernel drops the lock of a process that dies: an import killed with SIGKILL resumes in the next
+    process without anyone removing engine.lock."""
+    import signal
+    import subprocess
+    import sys
+
+    from loyalty_engine.errors import StorageError
+
+    path = tmp_path / "c"
+    script = ("import sys, time\nfrom loyalty_engine.engine import Engine\nfrom loyalty_engine.program import Program\n"
+              "e = Engine.open(sys.argv[1], program=Program.from_dict({'name': 'x'}), sync='none')\n"
+              "e.enroll('anna', at=0)\nprint('HELD', flush=True)\ntime.sleep(120)\n")
+    env = {**os.environ, "PYTHONPATH": os.path.join(os.path.dirname(os.path.dirname(__file__)), "src")}
+    child = subprocess.Popen([sys.executable, "-c", script, str(path)], stdout=subprocess.PIPE, env=env)
+    try:
+        assert child.stdout is not None and child.stdout.readline() == b"HELD\n"
+        with pytest.raises(StorageError, match=f"process {child.pid} holds engine.lock"):
+            Engine.open(path, program=Program.from_dict({"name": "x"}), sync="none")
+    finally:
+        child.send_signal(signal.SIGKILL)
+        assert child.wait() == -signal.SIGKILL
+        child.stdout.close()
+    with Engine.open(path, program=Program.from_dict({"name": "x"}), sync="none") as e:
+        assert e.members == 1 and e.member("anna").points == 0

@@ -30,6 +30,7 @@ from .errors import ConfigError, InsufficientBalanceError, NotFoundError, Storag
 from .ledger import KIND_ACCOUNTS, KIND_TRANSFERS, Ledger, _account_records
 from .program import Program
 from .rules.expr import EPOCH_ORDINAL, VARIABLES
+from .store import EngineLock
 from .types import (
     RECORD_DTYPE,
     Account,
@@ -393,6 +394,7 @@ class Engine:
         self._expiry_cache: dict[tuple[int, int], int] = {}
         self._code_key: Any = None
         self._codes: Any = None
+        self._owner: EngineLock | None = None     # the directory's engine lock (Engine.open takes it)
 
     @property
     def program(self) -> Program:
@@ -410,14 +412,25 @@ class Engine:
         if not isinstance(program, Program):
             raise ConfigError(f"program must be a Program (Program.from_toml / from_dict), "
                               f"not {type(program).__name__}")
-        ledger = Ledger.open(path, sync=sync, map_size=map_size)
+        # one process, one engine: the lock is taken before the ledger is opened when the directory exists
+        # (else right after the ledger created it), and held until close(); a failure releases it
+        lock = EngineLock(path) if os.path.isdir(path) else None
         try:
-            eng = cls(ledger, program)
-            eng._code_key = code_key
-            eng._setup()
+            ledger = Ledger.open(path, sync=sync, map_size=map_size)
+            try:
+                if lock is None:
+                    lock = EngineLock(ledger.path)
+                eng = cls(ledger, program)
+                eng._code_key = code_key
+                eng._setup()
+            except BaseException:
+                ledger.close()
+                raise
         except BaseException:
-            ledger.close()
+            if lock is not None:
+                lock.release()
             raise
+        eng._owner = lock
         return eng
 
     def __enter__(self) -> Engine:
@@ -427,7 +440,12 @@ class Engine:
         self.close()
 
     def close(self) -> None:
-        self.ledger.close()
+        """Close the ledger and release the engine's directory (its ``engine.lock``)."""
+        try:
+            self.ledger.close()
+        finally:
+            if self._owner is not None:
+                self._owner.release()
 
     def _setup(self) -> None:
         flag = AccountFlags.DEBITS_MUST_NOT_EXCEED_CREDITS
