@@ -6,6 +6,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import re
+import time
 import xml.etree.ElementTree as ET
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -25,7 +26,7 @@ from loyalty_engine.codes import (
     pretty,
 )
 from loyalty_engine.engine import Engine, points_account
-from loyalty_engine.errors import CodeError, ValidationError
+from loyalty_engine.errors import CodeError, StorageError, ValidationError
 from loyalty_engine.ff1 import FF1
 from loyalty_engine.program import Program
 
@@ -408,7 +409,17 @@ def test_shapes_survive_reopening_and_pack_codes_keep_their_form(tmp_path):
 
 
 def _redeem_in_child(path: str, code: str, out: mp.Queue) -> None:  # type: ignore[type-arg]
-    with Engine.open(path, program=Program.from_dict({"name": "shop"}), sync="none", code_key=KEY) as e:
+    # one process, one engine: while the other child's engine holds the club, Engine.open is refused; wait
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            e = Engine.open(path, program=Program.from_dict({"name": "shop"}), sync="none", code_key=KEY)
+            break
+        except StorageError as exc:
+            if "already open in an Engine" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+    with e:
         try:
             e.codes.redeem("anna", code, at=NOW)
             out.put("ok")

@@ -232,6 +232,86 @@ def test_expiry_removes_points_and_queues_events(club):
     assert any(e.kind == "points_changed" and e.data.get("reason") == "expiry" for e in club.events())
 
 
+def _expiry_club(path):
+    """A club where expire(T0 + 400 days) expires anna's sign-up bonus and bahram's points, and sends anna
+    a birthday notice (her birthday is three days later)."""
+    e = Engine.open(path, program=Program.from_dict(CLUB), sync="none")
+    e.enroll("anna", at=T0, birth_date=date(1990, 2, 12))
+    e.enroll("bahram", at=T0)
+    e.purchase("bahram", amount=100_000, at=T0 + timedelta(hours=1), ref="p1")
+    return e
+
+
+def _points(e):
+    return [e.ledger.balance(points_account(i)).available for i in range(e.members)]
+
+
+def test_an_expiry_whose_events_fail_commits_nothing_and_the_next_one_does_it_all_once(tmp_path, monkeypatch):
+    """expire() is one transaction: the expiry transfers, their points_changed events and the birthday
+    notices commit together. An error while writing the events leaves the ledger, the balances and the
+    outbox as they were; the next expire() then expires and reports everything, once, numbered on."""
+    from click.testing import CliRunner
+
+    from loyalty_engine.cli import main
+
+    at = T0 + timedelta(days=400)
+    path = tmp_path / "c"
+    with _expiry_club(path) as e:
+        events0, head0, points0 = e.events(), e.ledger.head, _points(e)
+        put = e._put_event
+
+        def failing(txn, kind, *a, **k):
+            if kind == "birthday_soon":
+                raise OSError("disk full")
+            put(txn, kind, *a, **k)
+
+        monkeypatch.setattr(e, "_put_event", failing)
+        with pytest.raises(OSError, match="disk full"):
+            e.expire(at)
+        monkeypatch.undo()
+        assert e.events() == events0 and e.ledger.head == head0 and _points(e) == points0 == [20, 120]
+        assert e.ledger.verify().ok and e.member("anna").points == 20
+        assert e.expire(at) == 2
+        new = e.events()[len(events0):]
+        assert [(ev.kind, ev.member, ev.data.get("delta")) for ev in new] == [
+            ("points_changed", "anna", -20), ("points_changed", "bahram", -120), ("birthday_soon", "anna", None)]
+        assert [ev.seq for ev in e.events()] == list(range(1, len(events0) + 4))
+        assert _points(e) == [0, 0] and e.member("bahram").points == 0
+        assert e.expire(at) == 0 and e.events()[len(events0):] == new     # nothing left to expire or notify
+    with Engine.open(path, program=Program.from_dict(CLUB), sync="none") as e:
+        assert e.events()[len(events0):] == new and e.expire(at + timedelta(days=1)) == 0
+        assert e.events()[len(events0):] == new
+    result = CliRunner().invoke(main, ["verify", str(path)])
+    assert result.exit_code == 0 and ": ok;" in result.output
+
+
+def test_an_expiry_retried_after_the_map_grew_writes_its_events_once(tmp_path, monkeypatch):
+    """The ledger retries a write that filled the LMDB map after growing it: expire()'s events and notices
+    are then written by the second attempt only, numbered as if the first never ran."""
+    import lmdb
+
+    at = T0 + timedelta(days=400)
+    with _expiry_club(tmp_path / "c") as e:
+        events0 = e.events()
+        put = e._put_event
+        calls = []
+
+        def full_once(txn, kind, *a, **k):
+            calls.append(kind)
+            put(txn, kind, *a, **k)
+            if len(calls) == 2:
+                raise lmdb.MapFullError("map full")
+
+        monkeypatch.setattr(e, "_put_event", full_once)
+        assert e.expire(at) == 2
+        assert calls == ["points_changed", "points_changed", "points_changed", "points_changed", "birthday_soon"]
+        new = e.events()[len(events0):]
+        assert [(ev.seq, ev.kind, ev.member) for ev in new] == [
+            (len(events0) + 1, "points_changed", "anna"), (len(events0) + 2, "points_changed", "bahram"),
+            (len(events0) + 3, "birthday_soon", "anna")]
+        assert _points(e) == [0, 0] and e.ledger.verify().ok
+
+
 def test_state_survives_reopening(tmp_path):
     prog = Program.from_dict(CLUB)
     with Engine.open(tmp_path / "c", program=prog, sync="none") as e:
@@ -1081,3 +1161,97 @@ def test_expiry_after_reopening_reports_each_expiry_once(tmp_path):
         e.expire(T0 + timedelta(days=402))
         expiries = [ev.data["delta"] for ev in e.events() if ev.data.get("reason") == "expiry"]
         assert expiries == [-20]
+
+
+# -- one process, one engine ------------------------------------------------------------------------------
+
+def test_a_second_engine_on_the_same_directory_is_refused_until_the_first_closes(tmp_path):
+    """An engine keeps members' state in memory and writes it through: a second engine on the same directory
+    would work from stale memory, so Engine.open refuses it while the first is open (in this process, whatever
+    its sync mode), and opens it once the first is closed. Plain ledger handles stay allowed."""
+    from loyalty_engine import Ledger
+    from loyalty_engine.errors import StorageError
+
+    path = tmp_path / "c"
+    prog = Program.from_dict(CLUB)
+    first = Engine.open(path, program=prog, sync="none")
+    first.enroll("anna", at=T0)
+    for sync in ("none", "full"):
+        with pytest.raises(StorageError, match=r"already open in an Engine \(this process holds engine.lock\)") as e:
+            Engine.open(path, program=prog, sync=sync)
+        assert repr(os.path.realpath(path)) in str(e.value)
+    with Ledger.open(path, sync="none") as reader:                  # a plain ledger handle: allowed
+        assert reader.balance(points_account(0)).available == 20
+    assert (path / "engine.lock").read_text().strip() == str(os.getpid())
+    first.enroll("bahram", at=T0)                                   # the first engine is unharmed
+    first.close()
+    first.close()                                                   # (again: nothing happens)
+    with Engine.open(path, program=prog, sync="full") as second:
+        assert second.members == 2
+
+
+def test_an_engine_open_that_fails_half_way_releases_the_directory(tmp_path, monkeypatch):
+    from loyalty_engine.errors import StorageError
+
+    path = tmp_path / "c"
+    prog = Program.from_dict(CLUB)
+    monkeypatch.setattr(Engine, "_setup", lambda self: (_ for _ in ()).throw(StorageError("disk")))
+    with pytest.raises(StorageError, match="disk"):
+        Engine.open(path, program=prog, sync="none")               # a new directory: locked after creating it
+    with pytest.raises(StorageError, match="disk"):
+        Engine.open(path, program=prog, sync="none")               # it exists now: locked before the ledger
+    monkeypatch.undo()
+    with Engine.open(path, program=prog, sync="none") as e:
+        e.enroll("anna", at=T0)
+
+
+def test_an_engine_open_in_another_process_is_refused_while_this_one_holds_the_directory(tmp_path):
+    import subprocess
+    import sys
+
+    path = tmp_path / "c"
+    script = ("import sys\nfrom loyalty_engine.engine import Engine\nfrom loyalty_engine.program import Program\n"
+              "from loyalty_engine.errors import StorageError\n"
+              "try:\n    Engine.open(sys.argv[1], program=Program.from_dict({'name': 'x'}), sync='none').close()\n"
+              "except StorageError as e:\n    print(e)\n    sys.exit(3)\nprint('OPENED')\n")
+    env = {**os.environ, "PYTHONPATH": os.path.join(os.path.dirname(os.path.dirname(__file__)), "src")}
+
+    def other() -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, env=env,
+                              timeout=120)
+
+    with Engine.open(path, program=Program.from_dict(CLUB), sync="none") as e:
+        e.enroll("anna", at=T0)
+        got = other()
+        assert got.returncode == 3, got.stderr
+        assert f"process {os.getpid()} holds engine.lock" in got.stdout and os.path.realpath(path) in got.stdout
+        assert e.member("anna").points == 20
+    got = other()
+    assert got.returncode == 0 and "OPENED" in got.stdout, got.stderr
+
+
+def test_an_engine_killed_by_sigkill_leaves_its_directory_free(tmp_path):
+    """The kernel drops the lock of a process that dies: an import killed with SIGKILL resumes in the next
+    process without anyone removing engine.lock."""
+    import signal
+    import subprocess
+    import sys
+
+    from loyalty_engine.errors import StorageError
+
+    path = tmp_path / "c"
+    script = ("import sys, time\nfrom loyalty_engine.engine import Engine\nfrom loyalty_engine.program import Program\n"
+              "e = Engine.open(sys.argv[1], program=Program.from_dict({'name': 'x'}), sync='none')\n"
+              "e.enroll('anna', at=0)\nprint('HELD', flush=True)\ntime.sleep(120)\n")
+    env = {**os.environ, "PYTHONPATH": os.path.join(os.path.dirname(os.path.dirname(__file__)), "src")}
+    child = subprocess.Popen([sys.executable, "-c", script, str(path)], stdout=subprocess.PIPE, env=env)
+    try:
+        assert child.stdout is not None and child.stdout.readline() == b"HELD\n"
+        with pytest.raises(StorageError, match=f"process {child.pid} holds engine.lock"):
+            Engine.open(path, program=Program.from_dict({"name": "x"}), sync="none")
+    finally:
+        child.send_signal(signal.SIGKILL)
+        assert child.wait() == -signal.SIGKILL
+        child.stdout.close()
+    with Engine.open(path, program=Program.from_dict({"name": "x"}), sync="none") as e:
+        assert e.members == 1 and e.member("anna").points == 0

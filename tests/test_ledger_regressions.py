@@ -217,3 +217,37 @@ def test_the_map_grows_before_a_write_that_could_fill_it(tmp_path: Path, monkeyp
         assert ledger._st().env.info()["map_size"] >= 4 * start
         assert ledger.balance(2).credits_posted == 12_000
     assert resets["n"] == 0
+
+
+def test_every_writer_opens_lmdb_with_the_same_writemap_whatever_its_sync(tmp_path: Path) -> None:
+    """LMDB: processes with and without MDB_WRITEMAP on one environment do not cooperate (it can defeat
+    durability). A host at sync="none" and an operator's import at sync="full" open the same ledger, so every
+    writable open uses the same flag (once: writemap only at sync="none"); readonly opens still work."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "l"
+    flags = {}
+    for i, sync in enumerate(("none", "group", "full")):
+        with Ledger.open(path, sync=sync) as ledger:
+            f = ledger._st().env.flags()
+            flags[sync] = (f["writemap"], f["sync"], f["metasync"])
+            ledger.create_accounts([Account(id=2 * i + 1, asset=0), Account(id=2 * i + 2, asset=0)])
+            assert ledger.post([Transfer(id=i + 1, debit=2 * i + 1, credit=2 * i + 2, amount=5, at=AT)]) == [
+                TransferResult.OK]
+    assert flags == {"none": (False, False, False), "group": (False, True, False), "full": (False, True, True)}
+    with Ledger.open(path, create=False, readonly=True) as reader:
+        f = reader._st().env.flags()
+        assert f["readonly"] and not f["writemap"] and reader.verify().ok and reader.balance(6).credits_posted == 5
+    # a readonly reader in another process while this one writes, at each mode
+    script = ("import sys\nfrom loyalty_engine import Ledger\n"
+              "with Ledger.open(sys.argv[1], create=False, readonly=True) as r:\n"
+              "    print(r.balance(6).credits_posted, r._st().env.flags()['writemap'], r.verify().ok)\n")
+    env = {**__import__("os").environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent / "src")}
+    for k, sync in enumerate(("none", "full")):
+        with Ledger.open(path, sync=sync) as ledger:
+            ledger.post([Transfer(id=10 + k, debit=5, credit=6, amount=1, at=AT)])
+            got = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True,
+                                 env=env, timeout=120)
+            assert got.returncode == 0, got.stderr
+            assert got.stdout.split() == [str(6 + k), "False", "True"]

@@ -31,6 +31,7 @@ from .errors import ConfigError, InsufficientBalanceError, NotFoundError, Storag
 from .ledger import KIND_ACCOUNTS, KIND_TRANSFERS, Ledger, _account_records
 from .program import Program
 from .rules.expr import EPOCH_ORDINAL, VARIABLES
+from .store import EngineLock
 from .types import (
     RECORD_DTYPE,
     Account,
@@ -401,6 +402,7 @@ class Engine:
         self._mlog_db: Any = None
         self._mlog_active = False
         self._mlog_seen = np.zeros(0, np.bool_)     # members with a record in the log
+        self._owner: EngineLock | None = None     # the directory's engine lock (Engine.open takes it)
 
     @property
     def program(self) -> Program:
@@ -418,14 +420,25 @@ class Engine:
         if not isinstance(program, Program):
             raise ConfigError(f"program must be a Program (Program.from_toml / from_dict), "
                               f"not {type(program).__name__}")
-        ledger = Ledger.open(path, sync=sync, map_size=map_size)
+        # one process, one engine: the lock is taken before the ledger is opened when the directory exists
+        # (else right after the ledger created it), and held until close(); a failure releases it
+        lock = EngineLock(path) if os.path.isdir(path) else None
         try:
-            eng = cls(ledger, program)
-            eng._code_key = code_key
-            eng._setup()
+            ledger = Ledger.open(path, sync=sync, map_size=map_size)
+            try:
+                if lock is None:
+                    lock = EngineLock(ledger.path)
+                eng = cls(ledger, program)
+                eng._code_key = code_key
+                eng._setup()
+            except BaseException:
+                ledger.close()
+                raise
         except BaseException:
-            ledger.close()
+            if lock is not None:
+                lock.release()
             raise
+        eng._owner = lock
         return eng
 
     def __enter__(self) -> Engine:
@@ -435,7 +448,12 @@ class Engine:
         self.close()
 
     def close(self) -> None:
-        self.ledger.close()
+        """Close the ledger and release the engine's directory (its ``engine.lock``)."""
+        try:
+            self.ledger.close()
+        finally:
+            if self._owner is not None:
+                self._owner.release()
 
     def _setup(self) -> None:
         flag = AccountFlags.DEBITS_MUST_NOT_EXCEED_CREDITS
@@ -1697,21 +1715,16 @@ class Engine:
     def expire(self, at: datetime | int) -> int:
         """Expire points whose lots ended by ``at``, and queue ``birthday_soon`` events for members whose
         birthday is within the program's birthday window (once a year). Run it daily. Returns the number
-        of expiry transfers."""
+        of expiry transfers.
+
+        One write transaction: the expiry transfers, their ``points_changed`` events and the birthday
+        notices (with the members' records) commit together or not at all."""
         at_us = to_micros(at, "at")
         with self._lock:
             count = len(self._member_names)
-            ids = np.arange(count, dtype=np.int64)
-            # the balances before, from the ledger (memory can be older: a member's stored record is
-            # rewritten at its next purchase, not by an expiry, and is what reopening loads)
-            self._refresh_points(ids)
-            before = self._members["points"][:count].copy()
-            n = self.ledger.expire(at_us, sink=EXPIRED_POINTS)
             if count == 0:
-                return n
-            self._refresh_points(ids)
-            after = self._members["points"][:count]
-            changed = np.flatnonzero(after != before)
+                return self.ledger.expire(at_us, sink=EXPIRED_POINTS)
+            ids = np.arange(count, dtype=np.int64)
             day = self._day_of(at_us)
             soon: list[tuple[int, int]] = []
             p = self.program
@@ -1729,21 +1742,53 @@ class Engine:
                         if 0 <= gap <= p.birthday_within and int(self._members[i]["notice_year"]) < y:
                             soon.append((int(i), y))
                             break
-            if not len(changed) and not soon:
-                return n
+            notified = np.array([i for i, _ in soon], np.int64)
+            saved = self._members[notified].copy()
 
-            def extra(txn: lmdb.Transaction, results: np.ndarray) -> None:
-                for i in changed:
+            def extra(txn: lmdb.Transaction, records: np.ndarray) -> None:
+                # (may run twice: a write that filled the map is retried; _numbered numbers it afresh)
+                delta = self._expired_points(records, count)
+                for i in np.flatnonzero(delta):
                     self._put_event(txn, "points_changed", self._member_names[i], at_us,
-                                    delta=int(after[i] - before[i]), reason="expiry")
+                                    delta=int(delta[i]), reason="expiry")
+                if not soon:
+                    return
+                avail = self.ledger._available_in(txn, np.concatenate([points_account(notified),
+                                                                       credit_account(notified)]))
+                self._members["points"][notified] = avail[: len(notified)]
+                self._members["credit"][notified] = avail[len(notified):]
                 for i, y in soon:
                     self._members[i]["notice_year"] = y
                     self._put_member(txn, i)
                     self._put_event(txn, "birthday_soon", self._member_names[i], at_us,
                                     points=p.birthday_bonus, within_days=p.birthday_within)
 
-            self._post_with(np.zeros(0, RECORD_DTYPE), extra)
+            commits = self.ledger.commits
+            try:
+                n = self._numbered(lambda a, fn: self.ledger.expire(a, sink=EXPIRED_POINTS, extra=fn), at_us,
+                                   extra)
+            except BaseException:
+                if self.ledger.commits == commits:      # nothing committed: the notices are still to send
+                    self._members[notified] = saved
+                raise
+            self._refresh_points(ids)
             return n
+
+    @staticmethod
+    def _expired_points(records: np.ndarray, count: int) -> np.ndarray:
+        """Each member's change of available points (int64, one per member number below ``count``) made by
+        the ledger's expiry ``records``: an expiry debits the member's points account, the release of a
+        hold the account held gives the amount back."""
+        delta = np.zeros(count, np.int64)
+        if len(records) == 0:
+            return delta
+        debit = records["debit"]
+        mine = ((debit >= MEMBER_BASE) & ((debit - MEMBER_BASE) % 2 == 0)
+                & ((debit - MEMBER_BASE) // 2 < count) & (records["asset"] == POINTS))
+        sign = np.where(records["flags"] & TransferFlags.VOID_PENDING, 1, -1)
+        idx = ((debit[mine] - MEMBER_BASE) // 2).astype(np.int64)
+        np.add.at(delta, idx, sign[mine] * records["amount"][mine])
+        return delta
 
     def events(self, after: int = 0, limit: int = 1000) -> list[Event]:
         """Undelivered events with a sequence number above ``after``, oldest first."""

@@ -593,9 +593,14 @@ class Ledger:
     def _ext_begin(self) -> lmdb.Transaction:
         return self._st().begin()
 
-    def expire(self, at: datetime | int, sink: int, code: int = Code.EXPIRE) -> int:
+    def expire(self, at: datetime | int, sink: int, code: int = Code.EXPIRE, *, extra: Any = None) -> int:
         """Expire what remains of every lot that ended by ``at`` (accounts of the sink's asset) into
-        ``sink``, and release every hold whose time-out ended by ``at``. Returns transfers written."""
+        ``sink``, and release every hold whose time-out ended by ``at``. Returns transfers written.
+
+        ``extra(txn, records)``, if given, runs in the same write transaction after the expiry records
+        (RECORD_DTYPE, as journaled; empty when nothing expired) are appended, as :meth:`_post_with`'s
+        ``extra``: what it stores commits with the expiry or not at all, and it raising aborts both. It
+        may run more than once (a write that filled the map is retried after the map grows)."""
         at_us = to_micros(at, "at")
         sink = _checked_int(sink, "sink", 1, (1 << 64) - 1)
         code = _checked_int(int(code), "code", 0, 0xFFFF)
@@ -610,7 +615,10 @@ class Ledger:
                 raise ValidationError(f"sink account {sink} is closed or may not receive credits "
                                       f"(flags {AccountFlags(int(row[1]))!r})")
             recs = self._state.expiry_records(at_us, sink, code)
+            count = 0
             if len(recs) == 0:
+                if extra is not None:
+                    extra(txn, recs)
                 return
             seq = self._seq + 1
             recs["id_hi"] = SYSTEM_ID_HI
@@ -627,6 +635,8 @@ class Ledger:
                                       f"inconsistent: run 'loyalty-engine verify'")
             self._append(txn, KIND_TRANSFERS, out)
             count = k
+            if extra is not None:
+                extra(txn, out)
 
         self._write(run)
         return count
@@ -677,6 +687,16 @@ class Ledger:
         with self._lock:
             self._read()
             self._state.balances_into(arr, vals, found)
+        return vals[:, 4].copy()
+
+    def _available_in(self, txn: lmdb.Transaction, ids: np.ndarray) -> np.ndarray:
+        """:meth:`_available` inside a :meth:`_write` callback's ``txn``: the state as of that
+        transaction, what it applied so far included (:meth:`_available` would read the last commit)."""
+        del txn                             # (the state under the write lock is the transaction's)
+        arr = np.ascontiguousarray(ids, np.uint64)
+        vals = np.empty((len(arr), 5), np.int64)
+        found = np.empty(len(arr), np.uint8)
+        self._state.balances_into(arr, vals, found)
         return vals[:, 4].copy()
 
     def lots(self, account_id: int) -> list[tuple[int, int]]:

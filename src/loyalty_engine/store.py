@@ -6,10 +6,13 @@ it through a small registry.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import mmap
 import os
 import struct
 import threading
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,11 +20,15 @@ import lmdb
 
 from .errors import StorageError
 
-__all__ = ["Store", "open_store", "u64be", "from_u64be"]
+__all__ = ["Store", "open_store", "u64be", "from_u64be", "EngineLock", "ENGINE_LOCK"]
 
 FORMAT = b"loyalty_engine ledger 2"
 DEFAULT_MAP_SIZE = 1 << 30
 DB_NAMES = (b"meta", b"journal", b"records", b"snapshot", b"index", b"ext")
+#: LMDB's MDB_WRITEMAP, the same for every writer of every mode (readonly opens never write through the map).
+WRITEMAP = False
+#: The file in an engine's directory that the open engine holds locked (flock), with its PID inside.
+ENGINE_LOCK = "engine.lock"
 
 
 def u64be(n: int) -> bytes:
@@ -117,8 +124,11 @@ def open_store(path: str | os.PathLike[str], *, mode: str, create: bool, readonl
                 max_dbs=len(DB_NAMES) + 2,
                 sync=mode != "none",
                 metasync=mode == "full",
-                # without syncs, writing through the map saves a write() per dirty page per commit
-                writemap=mode == "none" and not readonly,
+                # the same for every open, whatever the mode: LMDB says processes with and without
+                # MDB_WRITEMAP on one environment do not cooperate (it can defeat durability), and a host at
+                # sync="none" beside an operator's import at sync="full" is one environment (docs/ledger.md,
+                # durability: why without)
+                writemap=WRITEMAP,
                 readonly=readonly,
                 max_readers=1024,
                 max_spare_txns=4,
@@ -175,3 +185,48 @@ def _open_hint(real: str, writable: bool) -> mmap.mmap | None:
         return None
     finally:
         os.close(fd)
+
+
+class EngineLock:
+    """An exclusive ``flock`` on ``engine.lock`` in an engine's directory, held while the engine is open:
+    an engine keeps its members' state in memory and writes it through, so a second one on the same
+    directory (in this process or another) would work from stale memory. The lock file holds the
+    holder's PID. The kernel drops the lock when the holder closes it or dies (a SIGKILL included);
+    an engine dropped without :meth:`release` releases it when it is garbage-collected."""
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        real = os.path.realpath(os.fspath(directory))
+        self.path = os.path.join(real, ENGINE_LOCK)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            raise StorageError(f"cannot open the engine lock {self.path!r}: {e}") from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            try:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            except OSError:
+                holder = ""
+            os.close(fd)
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise StorageError(f"cannot lock the engine lock {self.path!r}: {e}") from e
+            who = ("this process" if holder == str(os.getpid())
+                   else f"process {holder}" if holder.isdigit() else "another process")
+            raise StorageError(f"the club at {real!r} is already open in an Engine ({who} holds "
+                               f"{ENGINE_LOCK}); one process, one engine: close that engine first (the ledger "
+                               f"can still be read: Ledger.open(path, readonly=True))") from e
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError:
+            pass                            # the PID is a courtesy for the message; the lock is what counts
+        self._close = weakref.finalize(self, os.close, fd)
+
+    @property
+    def held(self) -> bool:
+        return self._close.alive
+
+    def release(self) -> None:
+        """Drop the lock (closing the file releases it); again does nothing."""
+        self._close()
