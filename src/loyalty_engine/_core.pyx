@@ -96,11 +96,25 @@ cdef packed struct IdRun:
 
 cdef extern from *:
     """
+    #include <stdlib.h>
+    #include <sys/mman.h>
+    /* memory the kernel reads at random (a batch's windows): on transparent huge pages when it is big,
+       where the system has them; free() releases it */
+    static void* le_random_alloc(size_t n) {
+        void* p = NULL;
+        if (n < ((size_t)4 << 20)) return malloc(n);
+        if (posix_memalign(&p, (size_t)2 << 20, n) != 0) return NULL;
+    #ifdef MADV_HUGEPAGE
+        madvise(p, n, MADV_HUGEPAGE);
+    #endif
+        return p;
+    }
     #define LE_PREFETCH(p) __builtin_prefetch((const void *)(p))
     #define LE_CTZ(x) __builtin_ctzll(x)
     #define LE_MUL_OVERFLOW(a, b, r) __builtin_mul_overflow((a), (b), (r))
     """
     void LE_PREFETCH(const void* p) noexcept nogil
+    void* le_random_alloc(size_t n) noexcept nogil
     int LE_CTZ(unsigned long long x) noexcept nogil
     bint LE_MUL_OVERFLOW(int64_t a, int64_t b, int64_t* r) noexcept nogil
 
@@ -2352,8 +2366,8 @@ cdef class Kernel:
                                              and self.params[P_TIER_METRIC] != 0)
         # per segment: its member and its rows (then its size); the windows, one cache line a segment
         cdef int64_t* seg_info = <int64_t*>malloc((nseg + 1) * 2 * sizeof(int64_t))
-        cdef char* wmem = <char*>malloc((nseg + 1) * sizeof(Win) + 64)
-        cdef char* twmem = <char*>malloc((nseg + 1) * sizeof(TWin) + 64) if tsep else NULL
+        cdef char* wmem = <char*>le_random_alloc((nseg + 1) * sizeof(Win) + 64)
+        cdef char* twmem = <char*>le_random_alloc((nseg + 1) * sizeof(TWin) + 64) if tsep else NULL
         if seg_info == NULL or wmem == NULL or (tsep and twmem == NULL):
             free(seg_info)
             free(wmem)

@@ -80,7 +80,7 @@ def make_rows(prog: Program, n: int, members: int, seed: int = 7) -> dict[str, n
 def kernel_buffers(n: int) -> tuple[np.ndarray, np.ndarray]:
     """Output buffers for ``n`` rows (the kept history and the per-row results), touched once, so that a
     caller streaming batches through the kernel allocates them once, as the import does per chunk."""
-    out_hist = np.zeros(n, _core.HEV_DTYPE)
+    out_hist = _memory.huge(n, _core.HEV_DTYPE)        # (as the engine's batches: written at random)
     out = np.zeros(n, _core.OUT_DTYPE)
     out_hist.view(np.uint8)[::4096] = 0
     out.view(np.uint8)[::4096] = 0
@@ -89,9 +89,10 @@ def kernel_buffers(n: int) -> tuple[np.ndarray, np.ndarray]:
 
 def kernel_evaluate(prog: Program, data: dict[str, np.ndarray], members: int,
                     buffers: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
-    """Evaluate every row with the compiled kernel, state in memory (fresh members), with NumPy's
-    allocations as the engine's batch paths make them (small pages: ``_memory.small_pages``). With
-    ``buffers`` (from :func:`kernel_buffers`, at least as long as the rows) the outputs go there."""
+    """Evaluate every row with the compiled kernel, state in memory (fresh members), with the
+    allocations as the engine's batch paths make them: small pages for NumPy's (``_memory.small_pages``),
+    huge pages for the members' state and the histories (``_memory.huge``). With ``buffers`` (from
+    :func:`kernel_buffers`, at least as long as the rows) the outputs go there."""
     with _memory.small_pages():
         return _kernel_evaluate(prog, data, members, buffers)
 
@@ -100,14 +101,14 @@ def _kernel_evaluate(prog: Program, data: dict[str, np.ndarray], members: int,
                      buffers: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray:
     c = prog.compiled
     rows = data["rows"]
-    state = np.zeros(members, _core.MSTATE_DTYPE)
+    state = _memory.huge(members, _core.MSTATE_DTYPE)     # (as the engine keeps its members' state)
     state["tier"] = 1
     state["last_day"] = -1
     state["earn_day"] = -1
     state["referrer"] = -1
     state["review_day"] = 1 << 30
     noff = max(len(prog.offers), 1)
-    use = np.zeros((members, noff, 3), np.int64)
+    use = _memory.huge((members, noff, 3), np.int64)
     hist_off = np.zeros(members + 1, np.int64)
     out_off = np.zeros(members + 1, np.int64)
     out_hist, out = buffers if buffers is not None else kernel_buffers(len(rows))
