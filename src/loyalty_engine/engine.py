@@ -542,6 +542,35 @@ class Engine:
             cur.putmulti(_bulk.member_records(part, self._member_names, state, use.view(np.uint8), used,
                                               self._hist))
 
+    def _members_frozen(self, idx: np.ndarray) -> tuple[Any, ...]:
+        """What :meth:`_put_members` would store for ``idx`` (int64) and :meth:`_put_budget` for the
+        budget, copied now, for :meth:`_put_frozen` to store later while memory moves on (a bulk import
+        commits one chunk in another thread while it evaluates the next). The names are not copied:
+        they are only appended to while the engine's lock is held, and a member's name never changes."""
+        idx = idx[idx >= 0]
+        idx = _small_unique(idx, len(self._member_names))[0]
+        noff = len(self.program.offers)
+        state = self._members.view(np.uint8).reshape(-1, MSTATE.itemsize)[idx]
+        use = np.ascontiguousarray(self._offer_use[idx, :noff]).reshape(len(idx), noff * 3)
+        used = use.any(axis=1).view(np.uint8) if noff else np.zeros(len(idx), np.uint8)
+        hist = dict(self._hist)         # (its values are bytes: the chunks after this one replace them)
+        budget = (json.dumps({o.name: int(self._budget[i]) for i, o in enumerate(self.program.offers)}).encode()
+                  if noff else None)
+        return idx, state, use, used, hist, budget
+
+    def _put_frozen(self, txn: lmdb.Transaction, frozen: tuple[Any, ...]) -> None:
+        """Store what :meth:`_members_frozen` copied (the same bytes as :meth:`_put_members` and
+        :meth:`_put_budget` then), in key order; reads no other state of the engine but the names."""
+        idx, state, use, used, hist, budget = frozen
+        db = self.ledger._ext_db()
+        cur = txn.cursor(db=db)
+        for start in range(0, len(idx), PUT_BATCH):     # the pairs of one part at a time: bounded memory
+            end = start + PUT_BATCH
+            cur.putmulti(_bulk.member_records(idx[start: end], self._member_names, state[start: end],
+                                              use[start: end].view(np.uint8), used[start: end], hist))
+        if budget is not None:
+            txn.put(b"B", budget, db=db)
+
     def _post_with(self, recs: np.ndarray, extra: Any) -> Any:
         """:meth:`Ledger._post_with`, with the outbox numbered exactly: an attempt that does not commit
         (a retry after the map grew, or a failure) gives back the event numbers it took."""
