@@ -19,6 +19,12 @@ See docs/import.md. The steps of one chunk:
    engine's memory as it was before the chunk);
 8. the chunk's returns, each a refund (idempotent by its ref), and the checkpoint marks them done.
 
+Step 7 runs in a writer thread while this thread reads, checks and evaluates the next chunk (steps 1
+to 6); the next chunk's transaction starts once this one committed. The next chunk takes its members'
+balances from the ledger's state as the transaction in flight applied it; a chunk with returns waits
+for the commit before step 8 (and before its own returns look for their originals). When a commit
+fails, both chunks are taken out of memory, the later one first.
+
 A re-run of the same source finds its checkpoint: a finished import posts nothing; a stopped one
 continues with ``resume=True`` from the first chunk that did not commit.
 """
