@@ -1131,7 +1131,7 @@ class _Importer:
         rows, icat, isku, iamt = _purchase_rows(
             midx[sales], amount[sales], qty[sales], local, sy["branch"], sy["channel"],
             sy["category"] if has_items else None, sy["sku"] if has_items else None,
-            into=eng._batch_buffer("rows", k, ROW, zero=True))
+            into=eng._batch_buffer("rows", k, ROW))     # (every byte written)
         self._refresh_points(involved if enrolling is None else involved[involved < enrolling[0]])
         o = eng._evaluate(rows, icat, isku, iamt, reuse=True)   # valid until the next chunk
         return o, o["status"].astype(np.int32), local["day"]

@@ -1669,14 +1669,33 @@ class Engine:
             return int(self._post_with(np.zeros(0, RECORD_DTYPE), extra))
 
 
+#: the byte offsets of ROW's fields for _bulk.purchase_rows (its order), and the record's size
+_ROW_LAYOUT = np.array([ROW.fields[f][1] for f in ("member", "amount", "quantity", "redeem", "cats", "skus", "day",
+                                                     "hour", "weekday", "month", "dom", "branch", "channel",
+                                                     "item_start", "item_end")] + [ROW.itemsize], np.int64)
+
+
 def _purchase_rows(member: np.ndarray, amount: np.ndarray, qty: np.ndarray, local: dict[str, np.ndarray],
                    branch: np.ndarray, channel: np.ndarray, cat: np.ndarray | None, sku: np.ndarray | None,
                    redeem: np.ndarray | None = None, into: np.ndarray | None = None
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The kernel's rows (and item arrays: one item per row when ``cat``/``sku`` are given) of a batch
     of purchases; ``local`` holds day, hour, weekday, month and dom in the program's timezone. ``into``
-    is a zeroed ROW array of the batch's length to fill (else one is allocated)."""
+    is a ROW array of the batch's length to fill (else one is allocated): without ``redeem`` every byte
+    of it is written in one pass (``_bulk.purchase_rows``), with ``redeem`` it must be zeroed."""
     n = len(member)
+    if into is not None and redeem is None:     # (the import's chunks: one pass, every byte written)
+        i64, i32 = np.int64, np.int32
+        no_items = np.zeros(0, i32)
+        _bulk.purchase_rows(into.view(np.uint8).reshape(n, ROW.itemsize), _ROW_LAYOUT,
+                            *(np.ascontiguousarray(a, i64) for a in (member, amount, qty)),
+                            *(np.ascontiguousarray(local[k], i64) for k in ("day", "hour", "weekday", "month", "dom")),
+                            np.ascontiguousarray(branch, i32), np.ascontiguousarray(channel, i32),
+                            no_items if cat is None or sku is None else np.ascontiguousarray(cat, i32),
+                            no_items if cat is None or sku is None else np.ascontiguousarray(sku, i32))
+        if cat is None or sku is None:
+            return into, np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, np.int64)
+        return into, cat, sku, np.array(amount, np.int64)
     rows = np.zeros(n, ROW) if into is None else into
     rows["member"], rows["amount"], rows["quantity"] = member, amount, qty
     if redeem is not None:
