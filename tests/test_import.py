@@ -461,6 +461,26 @@ def test_a_failed_commit_while_the_next_chunk_is_evaluated_takes_both_out_of_mem
         assert eng.ledger.verify().ok
 
 
+def test_chunks_evaluated_while_the_one_before_commits_leave_the_memory_of_one_chunk_at_a_time(
+        tmp_path: Path) -> None:
+    """Chunk k + 1 takes its members' balances from the ledger's state as chunk k's transaction applied
+    it (k not committed yet): the members' state, histories and records are those of importing the
+    chunks one import each (each one committed before the next begins), and so are the balances."""
+    prog = Program.from_toml(CLUB)
+    t = history(4_000, 600, seed=12)              # the same members in every chunk
+    with Engine.open(tmp_path / "apart", program=prog, sync="none") as eng:
+        for k in range(4):
+            eng.import_sales(t.slice(1_000 * k, 1_000), columns=MAP, chunk_rows=1_000, import_id=f"p{k}")
+        apart, apart_balances = _memory(eng), balances(eng)
+    with Engine.open(tmp_path / "apart", program=prog, sync="none") as eng:
+        assert _memory(eng) == apart                                  # (what the records hold)
+    with Engine.open(tmp_path / "piped", program=prog, sync="none") as eng:
+        eng.import_sales(t, columns=MAP, chunk_rows=1_000, import_id="p")
+        assert _memory(eng) == apart and balances(eng) == apart_balances
+    with Engine.open(tmp_path / "piped", program=prog, sync="none") as eng:
+        assert _memory(eng) == apart
+
+
 def test_a_failure_of_a_chunk_while_the_one_before_commits_keeps_that_one(tmp_path: Path, monkeypatch) -> None:
     """Chunk k + 1 fails (here: building its transfers) while chunk k commits in the writer thread: k
     commits and stays in memory, k + 1 is taken out; memory is as a reopen has it, and a resume gives
