@@ -194,3 +194,35 @@ def test_a_full_name_table_is_refused_and_searched_once_round():
     assert bulk.index_lookup(slot_hash, slot_value, np.array([7], np.uint64), offsets, data,
                               ["a", "b", "c", "d"], out) == 1
     assert out.tolist() == [-1]
+
+
+@pytest.mark.parametrize("items", [True, False])
+def test_purchase_rows_in_one_pass_are_the_rows_numpy_builds(items: bool) -> None:
+    """_bulk.purchase_rows (the import's rows, into a buffer full of garbage) gives the bytes the NumPy
+    assignments give into a zeroed buffer: ids outside 0..63 have no bit, values are cut to 32 bits."""
+    from loyalty_engine.engine import ROW, _purchase_rows
+
+    rng = np.random.default_rng(8)
+    n = 5_000
+    member, amount, qty = rng.integers(0, 10**6, n), rng.integers(1, 10**9, n), rng.integers(0, 5, n)
+    local = {k: rng.integers(-5, 40_000, n) for k in ("day", "hour", "weekday", "month", "dom")}
+    local["day"][:3] = [1 << 33, -(1 << 33) - 7, (1 << 31) + 5]        # cut to 32 bits as NumPy does
+    branch, channel = rng.integers(0, 9, n).astype(np.int32), rng.integers(0, 9, n).astype(np.int32)
+    cat, sku = rng.integers(-3, 70, n).astype(np.int32), rng.integers(0, 64, n).astype(np.int32)
+    cat[:4] = [63, 64, -1, 0]
+    want = np.zeros(n, ROW)
+    w = _purchase_rows(member, amount, qty, local, branch, channel, cat if items else None, sku if items else None,
+                       redeem=np.zeros(n, np.int64), into=want)
+    garbage = np.frombuffer(rng.bytes(n * ROW.itemsize), ROW).copy()
+    got = _purchase_rows(member, amount, qty, local, branch, channel, cat if items else None,
+                         sku if items else None, into=garbage)
+    assert got[0] is garbage and got[0].tobytes() == w[0].tobytes()
+    for a, b in zip(got[1:], w[1:], strict=True):
+        assert a.dtype == b.dtype and a.tolist() == b.tolist()
+    with pytest.raises(ValueError, match="not one a row"):
+        bulk.purchase_rows(garbage.view(np.uint8).reshape(n, -1), np.array([0] * 15 + [ROW.itemsize]), member[:-1],
+                           amount, qty, *(local[k] for k in ("day", "hour", "weekday", "month", "dom")), branch,
+                           channel, cat, sku)
+    with pytest.raises(ValueError, match="layout"):
+        bulk.purchase_rows(garbage.view(np.uint8).reshape(n, -1), np.array([0] * 15 + [7]), member, amount, qty,
+                           *(local[k] for k in ("day", "hour", "weekday", "month", "dom")), branch, channel, cat, sku)

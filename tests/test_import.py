@@ -395,6 +395,126 @@ def test_a_failed_chunk_leaves_neither_its_enrolments_nor_its_evaluation_behind(
         assert eng.ledger.verify().ok
 
 
+def _memory(eng: Engine) -> tuple[Any, ...]:
+    """The engine's memory of its members: names, state, offer use, budget spent and histories."""
+    n = eng.members
+    return (dict(eng._names), list(eng._member_names[:n]), eng._members[:n].tobytes(), eng._offer_use[:n].tobytes(),
+            eng._budget.tobytes(), {k: v for k, v in eng._hist.items() if v})
+
+
+def test_a_failed_commit_while_the_next_chunk_is_evaluated_takes_both_out_of_memory(tmp_path: Path) -> None:
+    """Chunk k commits in the writer thread while chunk k + 1 is evaluated. When k's commit fails after
+    k + 1 was evaluated (k + 1 enrolled members and changed members k had changed too), the engine's
+    memory is as a fresh reopen has it (both chunks taken back, the later one first), and a resume
+    gives the clean ledger."""
+    import threading
+
+    prog = Program.from_toml(CLUB)
+    t = history(3_000, 2_000)
+    with Engine.open(tmp_path / "clean", program=prog, sync="none") as eng:
+        eng.import_sales(t, columns=MAP, chunk_rows=1_000, import_id="x")
+        clean = balances(eng)
+    with Engine.open(tmp_path / "club", program=prog, sync="none") as eng:
+        evaluated = {"n": 0}
+        third = threading.Event()
+        real_eval = eng._evaluate
+
+        def counting_eval(*a: Any, **kw: Any) -> Any:
+            out = real_eval(*a, **kw)
+            evaluated["n"] += 1
+            if evaluated["n"] == 3:
+                third.set()
+            return out
+
+        real = eng.ledger._entries_with
+        calls = {"n": 0, "overlapped": None}
+
+        def failing(entries: Any, extra: Any) -> Any:
+            calls["n"] += 1
+            if calls["n"] != 2:
+                return real(entries, extra)
+
+            def late_failure(txn: Any, results: Any) -> Any:
+                extra(txn, results)                     # the chunk's whole transaction, but for its commit
+                calls["overlapped"] = third.wait(20)    # (without the writer thread: never, the same thread)
+                raise OSError("disk full")
+
+            return real(entries, late_failure)
+
+        eng._evaluate = counting_eval
+        eng.ledger._entries_with = failing
+        before = None
+        try:
+            with pytest.raises(OSError, match="disk full"):
+                eng.import_sales(t, columns=MAP, chunk_rows=1_000, import_id="x")
+        finally:
+            eng.ledger._entries_with = real
+            del eng._evaluate
+        assert calls["overlapped"] is True and calls["n"] == 2     # chunk 3 was evaluated, never committed
+        before = _memory(eng)
+        members = eng.members
+    with Engine.open(tmp_path / "club", program=prog, sync="none") as eng:
+        assert eng.members == members
+        assert _memory(eng) == before
+        eng.import_sales(t, columns=MAP, chunk_rows=1_000, import_id="x", resume=True)
+        assert balances(eng) == clean
+        assert eng.ledger.verify().ok
+
+
+def test_chunks_evaluated_while_the_one_before_commits_leave_the_memory_of_one_chunk_at_a_time(
+        tmp_path: Path) -> None:
+    """Chunk k + 1 takes its members' balances from the ledger's state as chunk k's transaction applied
+    it (k not committed yet): the members' state, histories and records are those of importing the
+    chunks one import each (each one committed before the next begins), and so are the balances."""
+    prog = Program.from_toml(CLUB)
+    t = history(4_000, 600, seed=12)              # the same members in every chunk
+    with Engine.open(tmp_path / "apart", program=prog, sync="none") as eng:
+        for k in range(4):
+            eng.import_sales(t.slice(1_000 * k, 1_000), columns=MAP, chunk_rows=1_000, import_id=f"p{k}")
+        apart, apart_balances = _memory(eng), balances(eng)
+    with Engine.open(tmp_path / "apart", program=prog, sync="none") as eng:
+        assert _memory(eng) == apart                                  # (what the records hold)
+    with Engine.open(tmp_path / "piped", program=prog, sync="none") as eng:
+        eng.import_sales(t, columns=MAP, chunk_rows=1_000, import_id="p")
+        assert _memory(eng) == apart and balances(eng) == apart_balances
+    with Engine.open(tmp_path / "piped", program=prog, sync="none") as eng:
+        assert _memory(eng) == apart
+
+
+def test_a_failure_of_a_chunk_while_the_one_before_commits_keeps_that_one(tmp_path: Path, monkeypatch) -> None:
+    """Chunk k + 1 fails (here: building its transfers) while chunk k commits in the writer thread: k
+    commits and stays in memory, k + 1 is taken out; memory is as a reopen has it, and a resume gives
+    the clean ledger."""
+    import loyalty_engine.bulk_import as bulk
+
+    prog = Program.from_toml(CLUB)
+    t = history(3_000, 2_000)
+    with Engine.open(tmp_path / "clean", program=prog, sync="none") as eng:
+        eng.import_sales(t, columns=MAP, chunk_rows=1_000, import_id="x")
+        clean = balances(eng)
+    real = bulk._Importer._transfers
+    calls = {"n": 0}
+
+    def failing(self: Any, *a: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise MemoryError("no room for chunk 3's transfers")
+        return real(self, *a)
+
+    monkeypatch.setattr(bulk._Importer, "_transfers", failing)
+    with Engine.open(tmp_path / "club", program=prog, sync="none") as eng:
+        with pytest.raises(MemoryError):
+            eng.import_sales(t, columns=MAP, chunk_rows=1_000, import_id="x")
+        before, members = _memory(eng), eng.members
+    monkeypatch.setattr(bulk._Importer, "_transfers", real)
+    with Engine.open(tmp_path / "club", program=prog, sync="none") as eng:
+        assert eng.members == members and _memory(eng) == before
+        rep = eng.import_sales(t, columns=MAP, chunk_rows=1_000, import_id="x", resume=True)
+        assert rep.resumed_from_row == 2_000                 # chunk 2 committed
+        assert balances(eng) == clean
+        assert eng.ledger.verify().ok
+
+
 def test_resume_rebuilds_the_duplicate_refs_as_the_clean_run_had_them(tmp_path: Path) -> None:
     """Refs are compared trimmed, and a row refused before the duplicate check (a zero amount here)
     leaves its ref free: a resumed import must judge later rows as a clean one does."""

@@ -6,6 +6,7 @@ import numpy.typing as npt
 _I64 = npt.NDArray[np.int64]
 _U8 = npt.NDArray[np.uint8]
 _U64 = npt.NDArray[np.uint64]
+_I32 = npt.NDArray[np.int32]
 
 def member_records(idx: _I64, names: list[str], state: _U8, use: _U8, used: _U8,
                    hist: dict[int, bytes]) -> list[tuple[bytes, bytes]]: ...
@@ -18,3 +19,5 @@ def scatter_bytes(table: dict[int, bytes], keys: _I64, offsets: _I64, data: _U8)
 def index_insert(slot_hash: _U64, slot_value: _I64, hashes: _U64, values: _I64) -> None: ...
 def index_lookup(slot_hash: _U64, slot_value: _I64, hashes: _U64, offsets: _I64, data: _U8, names: list[str],
                  out: _I64) -> int: ...
+def purchase_rows(out: _U8, layout: _I64, member: _I64, amount: _I64, quantity: _I64, day: _I64, hour: _I64,
+                  weekday: _I64, month: _I64, dom: _I64, branch: _I32, channel: _I32, cat: _I32, sku: _I32) -> None: ...

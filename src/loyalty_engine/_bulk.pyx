@@ -17,9 +17,9 @@ from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
 from cpython.long cimport PyLong_FromLongLong
 from cpython.object cimport PyObject
 from cpython.unicode cimport PyUnicode_Check, PyUnicode_DecodeUTF8
-from libc.stdint cimport int64_t, uint8_t, uint64_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint64_t
 from libc.stdlib cimport free, malloc
-from libc.string cimport memcmp, memcpy
+from libc.string cimport memcmp, memcpy, memset
 
 
 cdef extern from "Python.h":
@@ -366,3 +366,69 @@ def index_lookup(const uint64_t[::1] slot_hash, const int64_t[::1] slot_value, c
         if out[j] < 0:
             missing += 1
     return missing
+
+
+cdef inline void _put64(uint8_t* p, int64_t v) noexcept nogil:
+    memcpy(p, &v, 8)
+
+
+cdef inline void _put32(uint8_t* p, int64_t v) noexcept nogil:
+    cdef int32_t w = <int32_t>v
+    memcpy(p, &w, 4)
+
+
+def purchase_rows(uint8_t[:, ::1] out, const int64_t[::1] layout, const int64_t[::1] member,
+                  const int64_t[::1] amount, const int64_t[::1] quantity, const int64_t[::1] day,
+                  const int64_t[::1] hour, const int64_t[::1] weekday, const int64_t[::1] month,
+                  const int64_t[::1] dom, const int32_t[::1] branch, const int32_t[::1] channel,
+                  const int32_t[::1] cat, const int32_t[::1] sku):
+    """The rule kernel's rows of a batch of purchases, in one pass over ``out`` (the rows' bytes, one row
+    of ``out`` a purchase; every byte is written, the ones no field covers with 0), the GIL released.
+
+    ``layout`` is the record's byte offset of each field, in the order member, amount, quantity,
+    redeem, cats, skus (8 bytes each), day, hour, weekday, month, dom, branch, channel, item_start,
+    item_end (4 bytes each, the values cut to 32 bits as NumPy's assignment does), then the record's
+    size. redeem is 0. With ``cat`` and ``sku`` (one item a row) cats and skus are ``1 << id`` (0 for an
+    id outside 0..63, as NumPy's shift) and row i's item is item i; without them (both empty), all 0."""
+    cdef Py_ssize_t n = out.shape[0], i, f
+    cdef Py_ssize_t size = out.shape[1]
+    cdef bint items = cat.shape[0] != 0 or sku.shape[0] != 0
+    cdef int64_t o[15]
+    cdef uint8_t* p
+    cdef int64_t c, k
+    if layout.shape[0] != 16 or layout[15] != size:
+        raise ValueError(f"layout holds 15 field offsets and the record's size ({size}), not {layout.shape[0]} "
+                         f"values ending in {layout[layout.shape[0] - 1] if layout.shape[0] else None}")
+    for f in range(15):
+        if layout[f] < 0 or layout[f] + (8 if f < 6 else 4) > size:
+            raise ValueError(f"layout[{f}]={layout[f]} does not fit a {size}-byte record")
+        o[f] = layout[f]
+    for name, arr in (("member", member), ("amount", amount), ("quantity", quantity), ("day", day),
+                      ("hour", hour), ("weekday", weekday), ("month", month), ("dom", dom)):
+        if arr.shape[0] != n:
+            raise ValueError(f"{name} holds {arr.shape[0]} values, not one a row ({n})")
+    if branch.shape[0] != n or channel.shape[0] != n:
+        raise ValueError(f"branch and channel need one value a row ({n}), not {branch.shape[0]}, {channel.shape[0]}")
+    if items and (cat.shape[0] != n or sku.shape[0] != n):
+        raise ValueError(f"cat and sku need one value a row ({n}) or none, not {cat.shape[0]}, {sku.shape[0]}")
+    with nogil:
+        for i in range(n):
+            p = &out[i, 0]
+            memset(p, 0, size)
+            _put64(p + o[0], member[i])
+            _put64(p + o[1], amount[i])
+            _put64(p + o[2], quantity[i])
+            if items:
+                c = cat[i]
+                k = sku[i]
+                _put64(p + o[4], (<int64_t>1 << c) if <uint64_t>c < 64 else 0)
+                _put64(p + o[5], (<int64_t>1 << k) if <uint64_t>k < 64 else 0)
+                _put32(p + o[13], i)
+                _put32(p + o[14], i + 1)
+            _put32(p + o[6], day[i])
+            _put32(p + o[7], hour[i])
+            _put32(p + o[8], weekday[i])
+            _put32(p + o[9], month[i])
+            _put32(p + o[10], dom[i])
+            _put32(p + o[11], branch[i])
+            _put32(p + o[12], channel[i])

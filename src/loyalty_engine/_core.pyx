@@ -2220,6 +2220,10 @@ cdef struct Plan:
     bint tier_cashback              # some tier has cashback
 
 
+# a batch of at least this many rows is evaluated with the GIL released (Kernel._run)
+DEF NOGIL_ROWS = 1024
+
+
 cdef class Kernel:
     """A compiled program bound to the kernel once (its tables checked once), to evaluate batches and
     single purchases against member state with :meth:`run` (a call acquires only the per-call arrays)."""
@@ -2360,7 +2364,7 @@ cdef class Kernel:
         if item_cat.shape[0] < item_amount.shape[0] or item_sku.shape[0] < item_amount.shape[0]:
             raise ValueError("item arrays differ in length")
         cdef Py_ssize_t nm = members.shape[0], ntiers = self.tiers.shape[0]
-        cdef int64_t seg, mem, bad = 0
+        cdef int64_t seg, mem, bad = 0, done
         cdef Py_ssize_t first, last
         cdef bint tsep = ntiers > 0 and not (self.params[P_TIER_PERIOD] == 0 and self.params[P_TIER_WINDOW] == 365
                                              and self.params[P_TIER_METRIC] != 0)
@@ -2423,10 +2427,17 @@ cdef class Kernel:
             for j in range(hist_off[0], hist_off[nseg]):
                 if hist[j].visits < -1 or hist[j].visits > 1:
                     raise ValueError("history event %d counts %d visits (1, 0 or -1)" % (j, hist[j].visits))
-            return _evaluate(self.code, self.pool, self.conds, self.rules, self.offers, self.tiers, self.params,
-                             rows, seg_of, item_cat, item_sku, item_amount, members, hist_off, hist, out_off,
-                             out_hist, offer_use, budget_used, out, facts_out, win, twin, seg_info, nseg,
-                             &self.plan)
+            if n < NOGIL_ROWS:      # (one purchase: releasing the GIL would cost more than it gives)
+                return _evaluate(self.code, self.pool, self.conds, self.rules, self.offers, self.tiers, self.params,
+                                 rows, seg_of, item_cat, item_sku, item_amount, members, hist_off, hist, out_off,
+                                 out_hist, offer_use, budget_used, out, facts_out, win, twin, seg_info, nseg,
+                                 &self.plan)
+            with nogil:             # a batch: other threads (a bulk import's writer) run meanwhile
+                done = _evaluate(self.code, self.pool, self.conds, self.rules, self.offers, self.tiers, self.params,
+                                 rows, seg_of, item_cat, item_sku, item_amount, members, hist_off, hist, out_off,
+                                 out_hist, offer_use, budget_used, out, facts_out, win, twin, seg_info, nseg,
+                                 &self.plan)
+            return done
         finally:
             free(seg_info)
             free(wmem)

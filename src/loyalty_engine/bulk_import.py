@@ -19,6 +19,12 @@ See docs/import.md. The steps of one chunk:
    engine's memory as it was before the chunk);
 8. the chunk's returns, each a refund (idempotent by its ref), and the checkpoint marks them done.
 
+Step 7 runs in a writer thread while this thread reads, checks and evaluates the next chunk (steps 1
+to 6); the next chunk's transaction starts once this one committed. The next chunk takes its members'
+balances from the ledger's state as the transaction in flight applied it; a chunk with returns waits
+for the commit before step 8 (and before its own returns look for their originals). When a commit
+fails, both chunks are taken out of memory, the later one first.
+
 A re-run of the same source finds its checkpoint: a finished import posts nothing; a stopped one
 continues with ``resume=True`` from the first chunk that did not commit.
 """
@@ -27,8 +33,10 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -431,6 +439,24 @@ class _Chunk:
     malformed: list[tuple[int, Malformed]]
 
 
+@dataclass
+class _Job:
+    """A chunk's transaction, committing in the importer's writer thread while the next chunk is read,
+    checked and evaluated. ``undo`` and ``enrolling`` take the chunk back out of the engine's memory if
+    it does not commit; ``state`` is the ledger's state once the transaction applied the chunk's
+    entries (``applied`` is set then, or when the job ends without getting that far)."""
+
+    undo: list[tuple[np.ndarray, tuple[Any, ...]]]
+    enrolling: tuple[int, list[str], list[tuple[int, np.ndarray]]] | None
+    commits: int                     # the ledger's commits before it: it committed when they differ
+    rows_done: int
+    rejected: int
+    pending: list[list[Any]]
+    applied: threading.Event = field(default_factory=threading.Event)
+    state: Any = None
+    future: Future[None] | None = None
+
+
 class _Importer:
     def __init__(self, engine: Engine, source: Any, *, columns: dict[str, str] | None, quarantine: Any,
                  progress: bool | None, resume: bool, enroll: bool, scale: int | None, tz: str | None,
@@ -476,6 +502,8 @@ class _Importer:
         self.writer: Any = None
         self._index: tuple[np.ndarray, np.ndarray] | None = None    # see _member_index
         self._indexed = 0
+        self._writer: ThreadPoolExecutor | None = None   # commits chunk k while chunk k + 1 is evaluated
+        self._inflight: _Job | None = None
 
     def _member_index(self) -> tuple[np.ndarray, np.ndarray]:
         """A hash table of the members' names (their 64-bit hash -> index; see ``_bulk.index_lookup``),
@@ -642,11 +670,17 @@ class _Importer:
         # the chunks append their members' records to the engine's member log; the last chunk (or the
         # end) writes them to the records (Engine._log_members)
         eng._begin_member_log()
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loyalty-import-commit")
         try:
             if resumed_from and "ref" in self.mapping:
                 self._replay_refs(resumed_from, cols)
-            for chunk in self._stream(cols, skip=resumed_from):
-                self._chunk(chunk, cp)
+            try:
+                for chunk in self._stream(cols, skip=resumed_from):
+                    self._chunk(chunk, cp)
+                self._finish_job(cp)           # the last chunk's commit, and its returns
+            except BaseException:
+                self._abort_inflight()         # (a chunk in flight that fails is taken out of memory)
+                raise
             eng._settle_member_log()
             cp["complete"] = True
             cp["finished"] = time.time()
@@ -660,6 +694,9 @@ class _Importer:
                 pass
             raise
         finally:
+            self._abort_inflight()
+            self._writer.shutdown(wait=True)
+            self._writer = None
             self.progress.close()
             self._close_quarantine(cp.get("complete", False))
             self.engine._batch_buffers.clear()     # the chunks' buffers are not kept past the import
@@ -825,32 +862,102 @@ class _Importer:
                 midx = row_members()
         mark(~is_ret & (midx < 0), R_UNKNOWN_MEMBER)
         undo: list[tuple[np.ndarray, tuple[Any, ...]]] = []
-        commits = eng.ledger.commits
         try:
-            pending = self._post(ch, cp, reason, midx, at, amount, qty, is_ret, refs, ref_hash, originals,
-                                 enrolling, undo)
-        except BaseException:       # the engine's memory as it was before the chunk, unless it committed
-            if eng.ledger.commits != commits:
-                raise
-            for involved, saved in undo:
-                eng._members[involved], eng._offer_use[involved], eng._budget, eng._hist = saved
-            if enrolling is not None:
-                eng._enroll_undo(enrolling[0])
+            job = self._post(ch, cp, reason, midx, at, amount, qty, is_ret, refs, ref_hash, originals,
+                             enrolling, undo)
+        except BaseException:
+            # the chunk did not get to commit: the engine's memory as it was before it, and as it was
+            # before the chunk in flight too if that one did not commit (in this order: the later first)
+            self._restore(undo, enrolling)
+            self._abort_inflight()
             raise
-        if pending:
-            self._refunds(pending)
+        if job.pending:     # returns are refunds of what committed: before the next chunk is evaluated
+            self._finish_job(cp)
+
+    def _restore(self, undo: list[tuple[np.ndarray, tuple[Any, ...]]],
+                 enrolling: tuple[int, list[str], list[tuple[int, np.ndarray]]] | None) -> None:
+        """Take a chunk that did not commit out of the engine's memory (``undo``: what its members,
+        offer use, budget and histories were before it)."""
+        eng = self.engine
+        for involved, saved in reversed(undo):
+            eng._members[involved], eng._offer_use[involved], eng._budget, eng._hist = saved
+        if enrolling is not None:
+            eng._enroll_undo(enrolling[0])
+
+    def _settle(self) -> _Job | None:
+        """Wait for the chunk in flight to commit (its error is raised here, the chunk left in flight
+        for :meth:`_abort_inflight` to take back); returns it."""
+        job = self._inflight
+        if job is None:
+            return None
+        assert job.future is not None
+        job.future.result()
+        self._inflight = None
+        self.progress.update(job.rows_done, job.rejected)
+        return job
+
+    def _finish_job(self, cp: dict[str, Any]) -> None:
+        """The chunk in flight committed, then its returns (refunds) and the checkpoint that says so."""
+        job = self._settle()
+        if job is not None and job.pending:
+            self._refunds(job.pending)
             cp["pending_refunds"] = []
             self._stats_into(cp)
             self._save_checkpoint(cp)
-        self.progress.update(cp["rows_done"], self.stats["rejected"])
+
+    def _abort_inflight(self) -> None:
+        """After an error: wait for the chunk in flight to end, and take it out of memory unless it
+        committed."""
+        job = self._inflight
+        if job is None:
+            return
+        self._inflight = None
+        assert job.future is not None
+        interrupted: BaseException | None = None
+        while not job.future.done():
+            try:
+                job.future.exception()        # waits (the transaction cannot be stopped half-way)
+            except BaseException as e:        # noqa: BLE001 - an interrupt: the commit ends first
+                interrupted = e
+        if self.engine.ledger.commits == job.commits:
+            self._restore(job.undo, job.enrolling)
+        if interrupted is not None:
+            raise interrupted
+
+    def _refresh_points(self, idx: np.ndarray) -> None:
+        """:meth:`Engine._refresh_points`, also while the chunk before commits: then from the ledger's
+        state once that chunk's transaction applied its entries, the balances it commits (if it does
+        not, this chunk is taken back with it)."""
+        eng = self.engine
+        job = self._inflight
+        if job is not None:
+            job.applied.wait()
+            if job.state is None:       # it ended before applying its entries: its error is raised here
+                self._settle()
+        job = self._inflight
+        if job is None:
+            eng._refresh_points(idx)
+            return
+        from .engine import credit_account, points_account
+
+        idx = idx[idx >= 0]
+        if len(idx) == 0:
+            return
+        ids = np.ascontiguousarray(np.concatenate([points_account(idx), credit_account(idx)]), np.uint64)
+        vals = np.empty((len(ids), 5), np.int64)
+        found = np.empty(len(ids), np.uint8)
+        job.state.balances_into(ids, vals, found)       # (reads only; the writer thread no longer changes it)
+        eng._members["points"][idx] = vals[: len(idx), 4]
+        eng._members["credit"][idx] = vals[len(idx):, 4]
 
     def _post(self, ch: _Chunk, cp: dict[str, Any], reason: np.ndarray, midx: np.ndarray, at: np.ndarray,
               amount: np.ndarray, qty: np.ndarray, is_ret: np.ndarray, refs: pa.Array | None, ref_hash: np.ndarray,
               originals: pa.Array | None, enrolling: tuple[int, list[str], list[tuple[int, np.ndarray]]] | None,
-              undo: list[tuple[np.ndarray, tuple[Any, ...]]]) -> list[list[Any]]:
+              undo: list[tuple[np.ndarray, tuple[Any, ...]]]) -> _Job:
         """Steps 4 to 7 of a chunk whose rows are checked and whose members are known (``enrolling``:
         the ones this chunk enrolls, not committed yet): the kernel, the returns, the quarantine, the
-        commit. Appends to ``undo`` what to restore if it fails; returns the refunds to make."""
+        commit (started in the writer thread once the chunk before committed). Appends to ``undo`` what
+        to restore if it fails; returns its job (its refunds to make once it committed)."""
         from .engine import _small_unique
 
         eng = self.engine
@@ -887,6 +994,7 @@ class _Importer:
             for k, r in zip(want_rec, posted_refs, strict=True):
                 self.remaining[r] = [int(amount[posted[k]]), int(midx[posted[k]]), int(at[posted[k]])]
         if len(ret_rows):
+            self._settle()      # (their originals may be read from the ledger: the chunk before committed)
             ret_rows = ret_rows[np.argsort(at[ret_rows], kind="stable")]
             orig_list = originals.take(pa.array(ret_rows)).to_pylist() if originals is not None else []
             ref_list = refs.take(pa.array(ret_rows)).to_pylist() if refs is not None else \
@@ -931,14 +1039,18 @@ class _Importer:
         cp["chunks"] = int(cp["chunks"]) + 1
         cp["pending_refunds"] = pending
         self._stats_into(cp)
-        self._commit(recs, touched, receipts, cp, enrolling)
-        return pending
+        return self._commit(recs, touched, receipts, cp, enrolling, undo)
 
     def _commit(self, recs: np.ndarray, touched: np.ndarray, receipts: list[tuple[bytes, bytes]],
-                cp: dict[str, Any], enrolling: tuple[int, list[str], list[tuple[int, np.ndarray]]] | None) -> None:
+                cp: dict[str, Any], enrolling: tuple[int, list[str], list[tuple[int, np.ndarray]]] | None,
+                undo: list[tuple[np.ndarray, tuple[Any, ...]]]) -> _Job:
         """The chunk's one transaction: the enrolled members' accounts and bonuses (journal entries of
         their own, as enroll_batch writes them), the transfers (an entry per 8 M), the members' records,
-        the budget, the receipts and the checkpoint. All of it commits together or none of it does."""
+        the budget, the receipts and the checkpoint. All of it commits together or none of it does.
+
+        It runs in the writer thread once the chunk before committed (LMDB writes, page writes and the
+        fsync release the GIL), while this thread goes on with the next chunk: what it stores is copied
+        here (the members' records, the budget, the checkpoint), as the next chunk changes memory."""
         from .ledger import KIND_TRANSFERS
 
         eng = self.engine
@@ -946,15 +1058,21 @@ class _Importer:
         last = self.total is not None and int(cp["rows_done"]) >= self.total
         parts = [(KIND_TRANSFERS, recs[start: start + ENTRY_TRANSFERS])
                  for start in range(0, max(len(recs), 1), ENTRY_TRANSFERS)]
+        frozen = eng._members_frozen(np.asarray(touched, np.int64))
+        cp_value = json.dumps(cp).encode()
+        chunk_no = cp["chunks"]
+        key = self._checkpoint_key()
 
         def extra(txn: lmdb.Transaction, all_results: list[np.ndarray]) -> None:
+            job.state = eng.ledger._state      # the balances with this chunk's entries: the next chunk's
+            job.applied.set()
             done = 0
             for results in all_results[len(head):]:
                 bad_r = np.flatnonzero((results != 0) & (results != 3))
                 if len(bad_r):
                     from .types import TransferResult
                     raise StorageError(f"import: the ledger refused transfer {done + int(bad_r[0])} of chunk "
-                                       f"{cp['chunks']}: {TransferResult(int(results[bad_r[0]])).name}")
+                                       f"{chunk_no}: {TransferResult(int(results[bad_r[0]])).name}")
                 done += len(results)
             if enrolling is not None:
                 first, names, _ = enrolling
@@ -962,17 +1080,30 @@ class _Importer:
                 eng._put_names(txn, first, names)
             db = eng.ledger._ext_db()
             if last:        # the last chunk writes its members and the log's to their records
-                eng._settle_members(txn, touched)
+                eng._settle_members(txn, frozen[0])
+                eng._put_budget(txn)
             else:
-                eng._put_members(txn, touched)
-            eng._put_budget(txn)
+                eng._put_frozen(txn, frozen)
             if receipts:
                 txn.cursor(db=db).putmulti(receipts)
-            txn.put(self._checkpoint_key(), json.dumps(cp).encode(), db=db)
+            txn.put(key, cp_value, db=db)
 
-        eng._entries_with([*head, *parts], extra)
-        if last:
-            eng._member_log_settled()
+        def work() -> None:
+            try:
+                # (not Engine._entries_with: an import writes no events, so there are no numbers to give back)
+                eng.ledger._entries_with([*head, *parts], extra)
+                if last:        # (the memory does not move while the last chunk commits: nothing follows)
+                    eng._member_log_settled()
+            finally:
+                job.applied.set()
+
+        self._settle()          # the chunk before committed (or its error is raised here)
+        job = _Job(undo=undo, enrolling=enrolling, commits=eng.ledger.commits, rows_done=int(cp["rows_done"]),
+                   rejected=int(self.stats["rejected"]), pending=list(cp["pending_refunds"]))
+        assert self._writer is not None
+        job.future = self._writer.submit(work)
+        self._inflight = job
+        return job
 
     def _stats_into(self, cp: dict[str, Any]) -> None:
         cp["stats"] = dict(self.stats)
@@ -1020,8 +1151,8 @@ class _Importer:
         rows, icat, isku, iamt = _purchase_rows(
             midx[sales], amount[sales], qty[sales], local, sy["branch"], sy["channel"],
             sy["category"] if has_items else None, sy["sku"] if has_items else None,
-            into=eng._batch_buffer("rows", k, ROW, zero=True))
-        eng._refresh_points(involved if enrolling is None else involved[involved < enrolling[0]])
+            into=eng._batch_buffer("rows", k, ROW))     # (every byte written)
+        self._refresh_points(involved if enrolling is None else involved[involved < enrolling[0]])
         o = eng._evaluate(rows, icat, isku, iamt, reuse=True)   # valid until the next chunk
         return o, o["status"].astype(np.int32), local["day"]
 

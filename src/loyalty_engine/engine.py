@@ -629,19 +629,26 @@ class Engine:
         idx = _small_unique(idx[idx >= 0], len(self._member_names))[0]
         if len(idx) == 0:
             return
-        db = self._mlog()
-        cur = txn.cursor(db=db)
-        seq = int.from_bytes(bytes(cur.key()), "big") + 1 if cur.last() else 0
-        noff = len(self.program.offers)
         for start in range(0, len(idx), PUT_BATCH):
             part = idx[start: start + PUT_BATCH]
-            state = self._members.view(np.uint8).reshape(-1, MSTATE.itemsize)[part]
-            use = np.ascontiguousarray(self._offer_use[part, :noff]).reshape(len(part), noff * 3)
-            used = use.any(axis=1).view(np.uint8) if noff else np.zeros(len(part), np.uint8)
-            pairs = _bulk.member_log(part, self._member_names, state, use.view(np.uint8), used, self._hist,
-                                     seq, MLOG_VALUE)
-            cur.putmulti(pairs, append=True)
-            seq += len(pairs)
+            self._append_log(txn, part, *self._record_rows(part), self._hist)
+
+    def _record_rows(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The rows of the members ``idx`` that their records hold: state (MSTATE bytes), offer usage
+        (int64, in this program's order) and whether any usage is stored (uint8)."""
+        noff = len(self.program.offers)
+        state = self._members.view(np.uint8).reshape(-1, MSTATE.itemsize)[idx]
+        use = np.ascontiguousarray(self._offer_use[idx, :noff]).reshape(len(idx), noff * 3)
+        used = use.any(axis=1).view(np.uint8) if noff else np.zeros(len(idx), np.uint8)
+        return state, use, used
+
+    def _append_log(self, txn: lmdb.Transaction, idx: np.ndarray, state: np.ndarray, use: np.ndarray,
+                    used: np.ndarray, hist: dict[int, bytes]) -> None:
+        """Append the records of ``idx`` (rows of :meth:`_record_rows`) to the end of the log."""
+        cur = txn.cursor(db=self._mlog())
+        seq = int.from_bytes(bytes(cur.key()), "big") + 1 if cur.last() else 0
+        cur.putmulti(_bulk.member_log(idx, self._member_names, state, use.view(np.uint8), used, hist, seq,
+                                      MLOG_VALUE), append=True)
         self._mlog_mark(idx)
 
     def _log_record(self, txn: lmdb.Transaction, idx: int, record: bytes) -> None:
@@ -694,15 +701,42 @@ class Engine:
         idx = _small_unique(idx[idx >= 0], len(self._member_names))[0]
         if len(idx) == 0:
             return
-        noff = len(self.program.offers)
         cur = txn.cursor(db=self.ledger._ext_db())
         for start in range(0, len(idx), PUT_BATCH):     # the pairs of one part at a time: bounded memory
             part = idx[start: start + PUT_BATCH]
-            state = self._members.view(np.uint8).reshape(-1, MSTATE.itemsize)[part]
-            use = np.ascontiguousarray(self._offer_use[part, :noff]).reshape(len(part), noff * 3)
-            used = use.any(axis=1).view(np.uint8) if noff else np.zeros(len(part), np.uint8)
+            state, use, used = self._record_rows(part)
             cur.putmulti(_bulk.member_records(part, self._member_names, state, use.view(np.uint8), used,
                                               self._hist))
+
+    def _members_frozen(self, idx: np.ndarray) -> tuple[Any, ...]:
+        """What :meth:`_put_members` would store for ``idx`` (int64) and :meth:`_put_budget` for the
+        budget, copied now, for :meth:`_put_frozen` to store later while memory moves on (a bulk import
+        commits one chunk in another thread while it evaluates the next). The names are not copied:
+        they are only appended to while the engine's lock is held, and a member's name never changes."""
+        idx = idx[idx >= 0]
+        idx = _small_unique(idx, len(self._member_names))[0]
+        noff = len(self.program.offers)
+        state, use, used = self._record_rows(idx)
+        hist = dict(self._hist)         # (its values are bytes: the chunks after this one replace them)
+        budget = (json.dumps({o.name: int(self._budget[i]) for i, o in enumerate(self.program.offers)}).encode()
+                  if noff else None)
+        return idx, state, use, used, hist, budget
+
+    def _put_frozen(self, txn: lmdb.Transaction, frozen: tuple[Any, ...]) -> None:
+        """Store what :meth:`_members_frozen` copied (the same bytes as :meth:`_put_members` and
+        :meth:`_put_budget` then), in key order; reads no other state of the engine but the names."""
+        idx, state, use, used, hist, budget = frozen
+        db = self.ledger._ext_db()
+        cur = txn.cursor(db=db)
+        for start in range(0, len(idx), PUT_BATCH):     # the pairs of one part at a time: bounded memory
+            end = start + PUT_BATCH
+            if self._mlog_active:       # (an import's chunks: to the member log)
+                self._append_log(txn, idx[start: end], state[start: end], use[start: end], used[start: end], hist)
+                continue
+            cur.putmulti(_bulk.member_records(idx[start: end], self._member_names, state[start: end],
+                                              use[start: end].view(np.uint8), used[start: end], hist))
+        if budget is not None:
+            txn.put(b"B", budget, db=db)
 
     def _post_with(self, recs: np.ndarray, extra: Any) -> Any:
         """:meth:`Ledger._post_with`, with the outbox numbered exactly: an attempt that does not commit
@@ -1835,14 +1869,33 @@ class Engine:
             return int(self._post_with(np.zeros(0, RECORD_DTYPE), extra))
 
 
+#: the byte offsets of ROW's fields for _bulk.purchase_rows (its order), and the record's size
+_ROW_LAYOUT = np.array([ROW.fields[f][1] for f in ("member", "amount", "quantity", "redeem", "cats", "skus", "day",
+                                                     "hour", "weekday", "month", "dom", "branch", "channel",
+                                                     "item_start", "item_end")] + [ROW.itemsize], np.int64)
+
+
 def _purchase_rows(member: np.ndarray, amount: np.ndarray, qty: np.ndarray, local: dict[str, np.ndarray],
                    branch: np.ndarray, channel: np.ndarray, cat: np.ndarray | None, sku: np.ndarray | None,
                    redeem: np.ndarray | None = None, into: np.ndarray | None = None
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The kernel's rows (and item arrays: one item per row when ``cat``/``sku`` are given) of a batch
     of purchases; ``local`` holds day, hour, weekday, month and dom in the program's timezone. ``into``
-    is a zeroed ROW array of the batch's length to fill (else one is allocated)."""
+    is a ROW array of the batch's length to fill (else one is allocated): without ``redeem`` every byte
+    of it is written in one pass (``_bulk.purchase_rows``), with ``redeem`` it must be zeroed."""
     n = len(member)
+    if into is not None and redeem is None:     # (the import's chunks: one pass, every byte written)
+        i64, i32 = np.int64, np.int32
+        no_items = np.zeros(0, i32)
+        _bulk.purchase_rows(into.view(np.uint8).reshape(n, ROW.itemsize), _ROW_LAYOUT,
+                            *(np.ascontiguousarray(a, i64) for a in (member, amount, qty)),
+                            *(np.ascontiguousarray(local[k], i64) for k in ("day", "hour", "weekday", "month", "dom")),
+                            np.ascontiguousarray(branch, i32), np.ascontiguousarray(channel, i32),
+                            no_items if cat is None or sku is None else np.ascontiguousarray(cat, i32),
+                            no_items if cat is None or sku is None else np.ascontiguousarray(sku, i32))
+        if cat is None or sku is None:
+            return into, np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, np.int64)
+        return into, cat, sku, np.array(amount, np.int64)
     rows = np.zeros(n, ROW) if into is None else into
     rows["member"], rows["amount"], rows["quantity"] = member, amount, qty
     if redeem is not None:
