@@ -64,42 +64,6 @@ def test_member_records_are_the_bytes_of_the_one_member_path(noff: int) -> None:
     assert got == _member_records_reference(idx, names, members, use, hist)
 
 
-@pytest.mark.parametrize("blob", [1, 200, 1 << 16])
-def test_member_log_packs_the_records_in_order_into_values_of_about_blob_bytes(blob: int) -> None:
-    rng = np.random.default_rng(6)
-    n, noff = 300, 2
-    names = [f"m{i}" if i % 5 else f"ç{i}—名" for i in range(n)]
-    members = np.zeros(n, MSTATE)
-    members.view(np.uint8)[:] = rng.integers(0, 256, n * MSTATE.itemsize)
-    use = np.zeros((n, noff * 3), np.int64)
-    hit = rng.random(n) < 0.4
-    use[hit] = rng.integers(0, 1 << 40, (int(hit.sum()), noff * 3))
-    hist = {i: rng.integers(0, 256, HEV.itemsize * int(rng.integers(0, 5)), dtype=np.uint8).tobytes()
-            for i in range(n) if i % 4}
-    idx = rng.permutation(n)[:200].astype(np.int64)        # (any order: the log keeps it)
-    args = (idx, names, members[idx].view(np.uint8).reshape(len(idx), -1),
-            np.ascontiguousarray(use[idx]).view(np.uint8).reshape(len(idx), -1),
-            use[idx].any(axis=1).view(np.uint8), hist)
-    got = bulk.member_log(*args, 41, blob)
-    assert [k for k, _ in got] == [(41 + j).to_bytes(8, "big") for j in range(len(got))]
-    entries = []
-    for _, v in got:
-        p, count = 0, 0
-        while p < len(v):
-            size = int.from_bytes(v[p + 8: p + 12], "little")
-            entries.append((int.from_bytes(v[p: p + 8], "little"), v[p + 12: p + 12 + size]))
-            p += 12 + size
-            count += 1
-        assert p == len(v) and (len(v) <= blob or count == 1)
-    ref = _member_records_reference(idx, names, members, use, hist)
-    assert entries == [(int.from_bytes(k[1:], "big"), v) for k, v in ref]
-    # one record a value when none fits two; all of them in one when they fit
-    assert len(got) == {1: len(idx), 200: len(got), 1 << 16: 1}[blob]
-    assert blob != 200 or 1 < len(got) < len(idx)
-    with pytest.raises(ValueError, match="at least 1 byte"):
-        bulk.member_log(*args, 0, 0)
-
-
 def test_member_records_refuse_what_is_not_a_member() -> None:
     state = np.zeros((1, MSTATE.itemsize), np.uint8)
     use = np.zeros((1, 0), np.uint8)

@@ -134,59 +134,6 @@ def member_records(const int64_t[::1] idx, list names, const uint8_t[:, ::1] sta
     return out
 
 
-def member_log(const int64_t[::1] idx, list names, const uint8_t[:, ::1] state, const uint8_t[:, ::1] use,
-               const uint8_t[::1] used, dict hist, uint64_t seq, Py_ssize_t blob):
-    """The member log's ``(key, value)`` pairs for the members ``idx`` (in that order): the records of
-    :func:`member_records`, packed into values of about ``blob`` bytes (one record may make a value
-    longer). Keys: ``seq``, ``seq + 1``, ... (8 bytes, big-endian). A value is a run of entries, each
-    the member's index (8 bytes, little-endian), the record's length (4 bytes, little-endian) and the
-    record."""
-    cdef Py_ssize_t n = idx.shape[0], k = 0, first, size, j
-    cdef _Rec* recs
-    cdef list out = []
-    cdef object value, key
-    cdef char* p
-    cdef uint64_t i
-    _check_rows(n, state, use, used)
-    if blob < 1:
-        raise ValueError(f"blob must be at least 1 byte, not {blob}")
-    recs = <_Rec*>malloc(max(n, 1) * sizeof(_Rec))
-    if recs == NULL:
-        raise MemoryError()
-    try:
-        for k in range(n):
-            _record_of(&recs[k], idx[k], k, names, state.shape[1], use.shape[1], used, hist)
-            if recs[k].size > 0xFFFFFFFF:
-                raise ValueError(f"the record of member {idx[k]} is longer than 4 GiB")
-        k = 0
-        while k < n:
-            first = k
-            size = 0
-            while k < n and (k == first or size + 12 + recs[k].size <= blob):
-                size += 12 + recs[k].size
-                k += 1
-            value = PyBytes_FromStringAndSize(NULL, size)
-            p = PyBytes_AS_STRING(value)
-            for j in range(first, k):
-                i = <uint64_t>idx[j]
-                _le(p, i, 8)
-                _le(p + 8, <uint64_t>recs[j].size, 4)
-                p = _write_record(p + 12, &recs[j], j, state, use, used)
-            key = PyBytes_FromStringAndSize(NULL, 8)
-            _be64(PyBytes_AS_STRING(key), seq)
-            seq += 1
-            out.append((key, value))
-    finally:
-        free(recs)
-    return out
-
-
-cdef inline void _le(char* p, uint64_t v, int n) noexcept nogil:
-    cdef int j
-    for j in range(n):
-        p[j] = <char>((v >> (8 * j)) & 0xFF)
-
-
 def name_records(list names, int64_t first):
     """The name index's ``(key, value)`` pairs: ``b"N"`` + the UTF-8 of ``names[k]``, and ``first + k``
     (8 bytes, big-endian)."""

@@ -666,10 +666,6 @@ class _Importer:
         self._open_quarantine(resumed_from)
         self.progress.update(resumed_from, self.stats["rejected"], force=True)
         cols = [f for f in FIELDS if f in self.mapping]
-        eng = self.engine
-        # the chunks append their members' records to the engine's member log; the last chunk (or the
-        # end) writes them to the records (Engine._log_members)
-        eng._begin_member_log()
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loyalty-import-commit")
         try:
             if resumed_from and "ref" in self.mapping:
@@ -681,18 +677,9 @@ class _Importer:
             except BaseException:
                 self._abort_inflight()         # (a chunk in flight that fails is taken out of memory)
                 raise
-            eng._settle_member_log()
             cp["complete"] = True
             cp["finished"] = time.time()
             self._save_checkpoint(cp)
-        except BaseException:
-            # the memory holds what committed: settle the log from it (if that fails too, the next
-            # open of the engine settles it from the store)
-            try:
-                eng._settle_member_log()
-            except Exception:       # (the error that stopped the import is the one to raise)
-                pass
-            raise
         finally:
             self._abort_inflight()
             self._writer.shutdown(wait=True)
@@ -1055,7 +1042,6 @@ class _Importer:
 
         eng = self.engine
         head = list(enrolling[2]) if enrolling is not None else []
-        last = self.total is not None and int(cp["rows_done"]) >= self.total
         parts = [(KIND_TRANSFERS, recs[start: start + ENTRY_TRANSFERS])
                  for start in range(0, max(len(recs), 1), ENTRY_TRANSFERS)]
         frozen = eng._members_frozen(np.asarray(touched, np.int64))
@@ -1079,11 +1065,7 @@ class _Importer:
                 eng._enroll_check(all_results)
                 eng._put_names(txn, first, names)
             db = eng.ledger._ext_db()
-            if last:        # the last chunk writes its members and the log's to their records
-                eng._settle_members(txn, frozen[0])
-                eng._put_budget(txn)
-            else:
-                eng._put_frozen(txn, frozen)
+            eng._put_frozen(txn, frozen)
             if receipts:
                 txn.cursor(db=db).putmulti(receipts)
             txn.put(key, cp_value, db=db)
@@ -1092,8 +1074,6 @@ class _Importer:
             try:
                 # (not Engine._entries_with: an import writes no events, so there are no numbers to give back)
                 eng.ledger._entries_with([*head, *parts], extra)
-                if last:        # (the memory does not move while the last chunk commits: nothing follows)
-                    eng._member_log_settled()
             finally:
                 job.applied.set()
 

@@ -13,7 +13,6 @@ import json
 import os
 import struct
 import threading
-from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC as UTC_TZ
@@ -125,8 +124,6 @@ FACT_NAMES = tuple(sorted(VARIABLES, key=lambda k: VARIABLES[k].slot))
 CHUNK_ROWS = 200_000
 #: Members whose store records are built and written at a time (their bytes are a list while written).
 PUT_BATCH = 65_536
-#: Bytes of members' records the member log packs into one value (see Engine._log_members).
-MLOG_VALUE = 1 << 16
 
 
 class RowStatus(IntEnum):
@@ -397,11 +394,6 @@ class Engine:
         self._expiry_cache: dict[tuple[int, int], int] = {}
         self._code_key: Any = None
         self._codes: Any = None
-        # the member log (see _log_members): while it is active, members' records are appended to it
-        # instead of rewritten in place; it is settled into the records at the end of an import
-        self._mlog_db: Any = None
-        self._mlog_active = False
-        self._mlog_seen = np.zeros(0, np.bool_)     # members with a record in the log
         self._owner: EngineLock | None = None     # the directory's engine lock (Engine.open takes it)
 
     @property
@@ -463,7 +455,6 @@ class Engine:
             Account(id=ISSUE_CREDIT, asset=CREDIT), Account(id=SPENT_CREDIT, asset=CREDIT),
             Account(id=CLAWBACK_CREDIT, asset=CREDIT)])
         del flag
-        self._mlog()
         db = self.ledger._ext_db()
         names = [o.name for o in self.program.offers]
         with self.ledger._ext_begin() as txn:
@@ -478,7 +469,6 @@ class Engine:
                     if not bytes(key[:1]) == b"M":
                         break
                     self._load_member(int.from_bytes(bytes(key[1:9]), "big"), bytes(value))
-            logged = self._load_member_log(txn)
             raw = txn.get(b"B", db=db)
             if raw is not None:
                 saved = json.loads(bytes(raw))
@@ -492,21 +482,14 @@ class Engine:
             if found and bytes(cur.key())[:1] == b"E":
                 self._event_seq = max(self._event_seq, int.from_bytes(bytes(cur.key())[1:9], "big"))
         changed = len(self._use_map) != len(names) or bool((self._use_map != np.arange(len(names))).any())
-        if changed or raw_o is None or logged:
-            # (re)write every member's usage in this program's order, and the names, in one transaction;
-            # an import stopped before it settled its member log: settle it in the same one (memory holds
-            # the usage in this program's order, which the names say from this transaction on)
+        if changed or raw_o is None:
+            # (re)write every member's usage in this program's order, and the names, in one transaction
             def extra(txn: lmdb.Transaction, results: np.ndarray) -> None:
-                everyone = np.arange(len(self._member_names), dtype=np.int64)
-                if logged:
-                    self._settle_members(txn, everyone if changed else None)
-                elif changed:
-                    self._put_members(txn, everyone)
+                if changed:
+                    self._put_members(txn, np.arange(len(self._member_names), dtype=np.int64))
                 txn.put(b"O", json.dumps(names).encode(), db=self.ledger._ext_db())
 
             self._post_with(np.zeros(0, RECORD_DTYPE), extra)
-            if logged:
-                self._member_log_settled()
         self._use_map = None
 
     def _grow(self, n: int) -> None:
@@ -556,82 +539,7 @@ class Engine:
         self._names[name] = idx
 
     def _put_member(self, txn: lmdb.Transaction, idx: int) -> None:
-        if self._mlog_active:
-            self._log_members(txn, np.array([idx], np.int64))
-            return
         txn.put(b"M" + idx.to_bytes(8, "big"), self._member_value(idx), db=self.ledger._ext_db())
-
-    # -- the member log ----------------------------------------------------------------------------------
-    # A chunk of an import changes most members; rewriting their records in the store's B-tree dirties
-    # nearly every page of it, every chunk. While an import runs, the records go to the end of a log
-    # instead (a database of its own, keys in write order: appends), and the import settles the log once
-    # at its end: the members it names are written to their records and the log is emptied, in one
-    # transaction. Opening an engine whose log is not empty (an import was killed) applies the log over
-    # the records, in order, and settles it. Nothing else writes records while the log is active.
-    def _mlog(self) -> Any:
-        if self._mlog_db is None:
-            st = self.ledger._st()
-            db = st.dbs.get(b"mlog")
-            if db is None:      # (a handle is valid once the transaction that opened it committed)
-                with st.lock:
-                    txn = st.begin(write=True)
-                    try:
-                        db = st.env.open_db(b"mlog", txn=txn)
-                        txn.commit()
-                    except BaseException:
-                        txn.abort()
-                        raise
-                st.dbs[b"mlog"] = db
-            self._mlog_db = db
-        return self._mlog_db
-
-    def _load_member_log(self, txn: lmdb.Transaction) -> bool:
-        """Apply the member log's records over those loaded (in the log's order: the last one of a member
-        is its newest). True if the log holds any."""
-        cur = txn.cursor(db=self._mlog())
-        if not cur.first():
-            return False
-        seen = array("q")
-        for _key, value in cur:
-            v = bytes(value)
-            p = 0
-            while p < len(v):       # entries: index (8 bytes), length (4), record (_bulk.member_log)
-                idx = int.from_bytes(v[p: p + 8], "little")
-                end = p + 12 + int.from_bytes(v[p + 8: p + 12], "little")
-                if end > len(v):
-                    raise StorageError(f"the member log's entry {bytes(_key).hex()} is cut short at byte {p}")
-                self._grow(idx + 1)
-                self._offer_use[idx] = 0        # (a record without usage or history has none)
-                self._hist.pop(idx, None)
-                self._load_member(idx, v[p + 12: end])
-                seen.append(idx)
-                p = end
-        self._mlog_active = True
-        self._mlog_mark(np.frombuffer(seen, np.int64))
-        return True
-
-    def _mlog_mark(self, idx: np.ndarray) -> None:
-        if len(idx) and int(idx.max()) >= len(self._mlog_seen):
-            grown = np.zeros(max(int(idx.max()) + 1, 2 * len(self._mlog_seen)), np.bool_)
-            grown[: len(self._mlog_seen)] = self._mlog_seen
-            self._mlog_seen = grown
-        self._mlog_seen[idx] = True
-
-    def _begin_member_log(self) -> None:
-        """From now on members' records go to the log (until :meth:`_settle_member_log`)."""
-        self._mlog()
-        self._mlog_active = True
-
-    def _log_members(self, txn: lmdb.Transaction, idx: Any) -> None:
-        """Append the records of members ``idx`` to the log (the same bytes as their records, many to a
-        value: ``_bulk.member_log``)."""
-        idx = np.asarray(idx, np.int64)
-        idx = _small_unique(idx[idx >= 0], len(self._member_names))[0]
-        if len(idx) == 0:
-            return
-        for start in range(0, len(idx), PUT_BATCH):
-            part = idx[start: start + PUT_BATCH]
-            self._append_log(txn, part, *self._record_rows(part), self._hist)
 
     def _record_rows(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The rows of the members ``idx`` that their records hold: state (MSTATE bytes), offer usage
@@ -642,57 +550,8 @@ class Engine:
         used = use.any(axis=1).view(np.uint8) if noff else np.zeros(len(idx), np.uint8)
         return state, use, used
 
-    def _append_log(self, txn: lmdb.Transaction, idx: np.ndarray, state: np.ndarray, use: np.ndarray,
-                    used: np.ndarray, hist: dict[int, bytes]) -> None:
-        """Append the records of ``idx`` (rows of :meth:`_record_rows`) to the end of the log."""
-        cur = txn.cursor(db=self._mlog())
-        seq = int.from_bytes(bytes(cur.key()), "big") + 1 if cur.last() else 0
-        cur.putmulti(_bulk.member_log(idx, self._member_names, state, use.view(np.uint8), used, hist, seq,
-                                      MLOG_VALUE), append=True)
-        self._mlog_mark(idx)
-
-    def _log_record(self, txn: lmdb.Transaction, idx: int, record: bytes) -> None:
-        """Append one member's record (built by the caller) to the log."""
-        cur = txn.cursor(db=self._mlog())
-        seq = int.from_bytes(bytes(cur.key()), "big") + 1 if cur.last() else 0
-        cur.put(seq.to_bytes(8, "big"), idx.to_bytes(8, "little") + len(record).to_bytes(4, "little") + record,
-                append=True)
-        self._mlog_mark(np.array([idx], np.int64))
-
-    def _settle_members(self, txn: lmdb.Transaction, idx: Any) -> None:
-        """Inside ``txn``: write the records of ``idx`` and of every member the log names, and empty the
-        log. The caller calls :meth:`_member_log_settled` once ``txn`` committed."""
-        logged = np.flatnonzero(self._mlog_seen)
-        if idx is not None and len(idx):
-            logged = np.concatenate([logged, np.asarray(idx, np.int64)])
-        active, self._mlog_active = self._mlog_active, False
-        try:
-            self._put_members(txn, logged)
-        finally:
-            self._mlog_active = active
-        txn.drop(self._mlog(), delete=False)
-
-    def _member_log_settled(self) -> None:
-        self._mlog_active = False
-        self._mlog_seen = np.zeros(0, np.bool_)
-
-    def _settle_member_log(self) -> None:
-        """Settle the log in a transaction of its own (nothing else changes)."""
-        if not self._mlog_seen.any():       # (everything logged is marked): nothing to write
-            self._member_log_settled()
-            return
-
-        def extra(txn: lmdb.Transaction, results: np.ndarray) -> None:
-            self._settle_members(txn, None)
-
-        self._post_with(np.zeros(0, RECORD_DTYPE), extra)
-        self._member_log_settled()
-
     def _put_members(self, txn: lmdb.Transaction, idx: Any) -> None:
         """Store many members' records at once (the same bytes as :meth:`_member_value`), in key order."""
-        if self._mlog_active:
-            self._log_members(txn, idx)
-            return
         if isinstance(idx, list) and len(idx) <= 2:      # one purchase: the member (and a referrer)
             for i in sorted({int(i) for i in idx if i >= 0}):
                 self._put_member(txn, i)
@@ -730,9 +589,6 @@ class Engine:
         cur = txn.cursor(db=db)
         for start in range(0, len(idx), PUT_BATCH):     # the pairs of one part at a time: bounded memory
             end = start + PUT_BATCH
-            if self._mlog_active:       # (an import's chunks: to the member log)
-                self._append_log(txn, idx[start: end], state[start: end], use[start: end], used[start: end], hist)
-                continue
             cur.putmulti(_bulk.member_records(idx[start: end], self._member_names, state[start: end],
                                               use[start: end].view(np.uint8), used[start: end], hist))
         if budget is not None:
@@ -1257,11 +1113,7 @@ class Engine:
             txn.put(rkey, _RECEIPT_HEAD.pack(idx, at_us, amount, 0, 0, 0, 0, 0) + raw_out, db=db)
             name = self._member_names[idx]
             self._row_events(txn, ref, name, at_us, o)
-            record = one.member_record(idx, name.encode(), h)
-            if self._mlog_active:
-                self._log_record(txn, idx, record)
-            else:
-                txn.put(b"M" + idx.to_bytes(8, "big"), record, db=db)
+            txn.put(b"M" + idx.to_bytes(8, "big"), one.member_record(idx, name.encode(), h), db=db)
             referrer = one.referrer(idx)
             if 0 <= referrer != idx:
                 self._put_member(txn, referrer)
