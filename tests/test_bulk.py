@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 
 import loyalty_engine._bulk as bulk
@@ -190,3 +191,32 @@ def test_purchase_rows_in_one_pass_are_the_rows_numpy_builds(items: bool) -> Non
     with pytest.raises(ValueError, match="layout"):
         bulk.purchase_rows(garbage.view(np.uint8).reshape(n, -1), np.array([0] * 15 + [7]), member, amount, qty,
                            *(local[k] for k in ("day", "hour", "weekday", "month", "dom")), branch, channel, cat, sku)
+
+
+@pytest.mark.parametrize("kind", ["int64", "uint64", "int32"])
+def test_encode_ids_is_dictionary_encode_in_first_seen_order(kind: str) -> None:
+    rng = np.random.default_rng(8)
+    n = 5_000
+    raw = rng.integers(0, 700, n)
+    if kind == "uint64":
+        values = (raw.astype(np.uint64) + np.uint64(1 << 63)) * np.uint64(3)     # above 2^63 too
+    elif kind == "int64":
+        values = (raw - 350) * (1 << 40)                                        # negative, low bits equal
+    else:
+        values = raw.astype(np.int32)
+    nulls = rng.random(n) < 0.05
+    arr = pa.array(values, mask=nulls).slice(7)                                 # an offset too
+    want = pc.dictionary_encode(arr)
+    cap = 1 << 14
+    keys, slots = np.empty(cap, np.int64), np.empty(cap, np.int32)
+    wide = np.ascontiguousarray(arr.fill_null(0).to_numpy().astype(np.uint64 if kind == "uint64" else np.int64))
+    valid = arr.is_valid().to_numpy(zero_copy_only=False).view(np.uint8).copy()
+    codes, uniques = np.empty(len(arr), np.int64), np.empty(len(arr), np.int64)
+    for _ in range(2):                          # the table is reused: every slot is cleared first
+        nu = bulk.encode_ids(wide.view(np.int64), valid, keys, slots, codes, uniques)
+        assert codes.tolist() == want.indices.fill_null(-1).to_numpy(zero_copy_only=False).tolist()
+        assert uniques[:nu].view(wide.dtype).tolist() == want.dictionary.to_pylist()
+    nu = bulk.encode_ids(wide.view(np.int64), np.zeros(0, np.uint8), keys, slots, codes, uniques)
+    assert nu == len(set(wide.tolist())) and (codes >= 0).all()
+    with pytest.raises(ValueError, match="power-of-two"):
+        bulk.encode_ids(wide.view(np.int64), valid, keys[:100], slots[:100], codes, uniques)

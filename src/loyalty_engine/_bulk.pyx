@@ -379,3 +379,59 @@ def purchase_rows(uint8_t[:, ::1] out, const int64_t[::1] layout, const int64_t[
             _put32(p + o[10], dom[i])
             _put32(p + o[11], branch[i])
             _put32(p + o[12], channel[i])
+
+
+cdef extern from *:
+    """
+    #define LE_BULK_PREFETCH(p) __builtin_prefetch((const void *)(p))
+    """
+    void LE_BULK_PREFETCH(const void* p) noexcept nogil
+
+
+cdef inline uint64_t _mix(uint64_t x) noexcept nogil:
+    # a 64-bit finaliser (xor-shift-multiply): spreads ids that differ in their low bits over the table
+    x ^= x >> 33
+    x *= <uint64_t>0xff51afd7ed558ccd
+    x ^= x >> 33
+    x *= <uint64_t>0xc4ceb9fe1a85ec53
+    x ^= x >> 33
+    return x
+
+
+def encode_ids(const int64_t[::1] values, const uint8_t[::1] valid, int64_t[::1] keys, int32_t[::1] slot_code,
+               int64_t[::1] codes, int64_t[::1] uniques):
+    """Dictionary-encode 64-bit ids in the order they first appear (as Arrow's ``dictionary_encode``):
+    ``codes[i]`` is the place in ``uniques`` of ``values[i]``, or -1 where ``valid`` (when not empty) is
+    0. ``keys`` and ``slot_code`` are the hash table, of one power-of-two length at least twice the
+    values: scratch that the caller may keep from call to call (every slot is cleared here). Returns
+    the number of uniques."""
+    cdef Py_ssize_t n = values.shape[0], cap = keys.shape[0], i, nu = 0
+    cdef uint64_t mask = <uint64_t>cap - 1, h
+    cdef int64_t v
+    cdef bint check = valid.shape[0] != 0
+    if cap == 0 or (cap & (cap - 1)) or slot_code.shape[0] != cap or cap < 2 * n:
+        raise ValueError(f"keys and slot_code must have one power-of-two length of at least {2 * n}, "
+                         f"not {keys.shape[0]} and {slot_code.shape[0]}")
+    if codes.shape[0] < n or uniques.shape[0] < n or (check and valid.shape[0] < n):
+        raise ValueError(f"codes, uniques (and valid, when given) must hold {n} values")
+    with nogil:
+        memset(&slot_code[0], 0xFF, cap * sizeof(int32_t))
+        for i in range(n):
+            if i + 16 < n:      # (the table is far bigger than the caches: fetch a slot ahead)
+                h = _mix(<uint64_t>values[i + 16]) & mask
+                LE_BULK_PREFETCH(&slot_code[h])
+                LE_BULK_PREFETCH(&keys[h])
+            if check and not valid[i]:
+                codes[i] = -1
+                continue
+            v = values[i]
+            h = _mix(<uint64_t>v) & mask
+            while slot_code[h] >= 0 and keys[h] != v:
+                h = (h + 1) & mask
+            if slot_code[h] < 0:
+                keys[h] = v
+                slot_code[h] = <int32_t>nu
+                uniques[nu] = v
+                nu += 1
+            codes[i] = slot_code[h]
+    return nu

@@ -502,6 +502,7 @@ class _Importer:
         self.writer: Any = None
         self._index: tuple[np.ndarray, np.ndarray] | None = None    # see _member_index
         self._indexed = 0
+        self._id_keys, self._id_slots = np.zeros(0, np.int64), np.zeros(0, np.int32)   # _encode_ids' table
         self._writer: ThreadPoolExecutor | None = None   # commits chunk k while chunk k + 1 is evaluated
         self._inflight: _Job | None = None
 
@@ -757,8 +758,7 @@ class _Importer:
         raw_member = col("member")
         if pa.types.is_integer(raw_member.type):
             # the names are the numbers' text: encode the numbers, and cast only the distinct ones
-            mem_dict = pc.dictionary_encode(raw_member)
-            mem_dict = pa.DictionaryArray.from_arrays(mem_dict.indices, _strings(mem_dict.dictionary))
+            mem_dict = self._encode_ids(raw_member)
             mark(pc.is_null(raw_member).to_numpy(zero_copy_only=False), R_MEMBER_NULL)
         else:
             member = _strings(raw_member)
@@ -793,6 +793,25 @@ class _Importer:
             mark(_blank(refs), R_REF_NULL)
             ref_hash = hash_strings(refs)
         return reason, raw_member, mem_dict, at, amount, is_ret, qty, refs, ref_hash
+
+    def _encode_ids(self, ids: pa.Array) -> pa.DictionaryArray:
+        """``pc.dictionary_encode`` of integer member ids, with the distinct ones as text (the same
+        dictionary, in the same order), by ``_bulk.encode_ids`` in a hash table kept from chunk to chunk:
+        Arrow's grows a fresh table every chunk, and first touches of fresh memory are dear here."""
+        n = len(ids)
+        wide = ids.type if ids.type.bit_width == 64 else pa.int64()
+        values = np.frombuffer(ids.cast(wide).buffers()[1], np.uint64 if pa.types.is_unsigned_integer(wide)
+                               else np.int64, n, (ids.offset if wide == ids.type else 0) * 8)
+        valid = (ids.is_valid().to_numpy(zero_copy_only=False).view(np.uint8) if ids.null_count
+                 else np.zeros(0, np.uint8))
+        cap = 1 << max(4, (2 * n - 1).bit_length())
+        if len(self._id_keys) < cap:
+            self._id_keys, self._id_slots = np.empty(cap, np.int64), np.empty(cap, np.int32)
+        codes, uniques = np.empty(n, np.int64), np.empty(n, np.int64)
+        nu = _bulk.encode_ids(values.view(np.int64), valid, self._id_keys[:cap], self._id_slots[:cap], codes,
+                              uniques)
+        distinct = pa.array(uniques[:nu].view(values.dtype))
+        return pa.DictionaryArray.from_arrays(pa.array(codes, mask=codes < 0), _strings(distinct))
 
     def _chunk(self, ch: _Chunk, cp: dict[str, Any]) -> None:
         eng = self.engine
