@@ -61,6 +61,13 @@ def balances(engine: Engine) -> dict[str, tuple[int, int, str]]:
     return out
 
 
+def clean_balances(tmp_path: Path, prog: Program, source: Any) -> dict[str, tuple[int, int, str]]:
+    """The balances of one clean import of ``source`` (chunks of 1,000, import id "x") in a club of its own."""
+    with Engine.open(tmp_path / "clean", program=prog, sync="none") as eng:
+        eng.import_sales(source, columns=MAP, chunk_rows=1_000, import_id="x")
+        return balances(eng)
+
+
 def lots_by_expiry(engine: Engine) -> dict[tuple[str, int], int]:
     out: dict[tuple[str, int], int] = defaultdict(int)
     for name, idx in engine._names.items():
@@ -376,9 +383,7 @@ def test_a_failed_chunk_leaves_neither_its_enrolments_nor_its_evaluation_behind(
     the clean ledger."""
     prog = Program.from_toml(CLUB)
     t = history(3_000, 2_000)
-    with Engine.open(tmp_path / "clean", program=prog, sync="none") as eng:
-        eng.import_sales(t, columns=MAP, chunk_rows=1_000, import_id="x")
-        clean = balances(eng)
+    clean = clean_balances(tmp_path, prog, t)
     with Engine.open(tmp_path / "club", program=prog, sync="none") as eng:
         def enrolls(entries: Any) -> None:
             assert entries[0][1].dtype != entries[-1][1].dtype      # the chunk enrolls members
@@ -411,9 +416,7 @@ def test_a_failed_commit_while_the_next_chunk_is_evaluated_takes_both_out_of_mem
 
     prog = Program.from_toml(CLUB)
     t = history(3_000, 2_000)
-    with Engine.open(tmp_path / "clean", program=prog, sync="none") as eng:
-        eng.import_sales(t, columns=MAP, chunk_rows=1_000, import_id="x")
-        clean = balances(eng)
+    clean = clean_balances(tmp_path, prog, t)
     with Engine.open(tmp_path / "club", program=prog, sync="none") as eng:
         evaluated = {"n": 0}
         third = threading.Event()
@@ -489,9 +492,7 @@ def test_a_failure_of_a_chunk_while_the_one_before_commits_keeps_that_one(tmp_pa
 
     prog = Program.from_toml(CLUB)
     t = history(3_000, 2_000)
-    with Engine.open(tmp_path / "clean", program=prog, sync="none") as eng:
-        eng.import_sales(t, columns=MAP, chunk_rows=1_000, import_id="x")
-        clean = balances(eng)
+    clean = clean_balances(tmp_path, prog, t)
     real = bulk._Importer._transfers
     calls = {"n": 0}
 
@@ -730,9 +731,7 @@ def test_a_chunk_of_many_journal_entries_commits_or_fails_whole(tmp_path: Path, 
 
     prog = Program.from_toml(CLUB)
     t = history(3_000, 2_000)
-    with Engine.open(tmp_path / "clean", program=prog, sync="none") as eng:
-        eng.import_sales(t, columns=MAP, chunk_rows=1_000, import_id="x")
-        clean = balances(eng)
+    clean = clean_balances(tmp_path, prog, t)
     monkeypatch.setattr(bulk, "ENTRY_TRANSFERS", 300)
     with Engine.open(tmp_path / "club", program=prog, sync="none") as eng:
         def many_parts(entries: Any) -> None:

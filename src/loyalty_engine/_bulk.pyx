@@ -18,6 +18,7 @@ from cpython.long cimport PyLong_FromLongLong
 from cpython.object cimport PyObject
 from cpython.unicode cimport PyUnicode_Check, PyUnicode_DecodeUTF8
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint64_t
+from loyalty_engine._mix cimport mix64
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcmp, memcpy, memset
 
@@ -388,16 +389,6 @@ cdef extern from *:
     void LE_BULK_PREFETCH(const void* p) noexcept nogil
 
 
-cdef inline uint64_t _mix(uint64_t x) noexcept nogil:
-    # a 64-bit finaliser (xor-shift-multiply): spreads ids that differ in their low bits over the table
-    x ^= x >> 33
-    x *= <uint64_t>0xff51afd7ed558ccd
-    x ^= x >> 33
-    x *= <uint64_t>0xc4ceb9fe1a85ec53
-    x ^= x >> 33
-    return x
-
-
 def encode_ids(const int64_t[::1] values, const uint8_t[::1] valid, int64_t[::1] keys, int32_t[::1] slot_code,
                int64_t[::1] codes, int64_t[::1] uniques):
     """Dictionary-encode 64-bit ids in the order they first appear (as Arrow's ``dictionary_encode``):
@@ -418,14 +409,14 @@ def encode_ids(const int64_t[::1] values, const uint8_t[::1] valid, int64_t[::1]
         memset(&slot_code[0], 0xFF, cap * sizeof(int32_t))
         for i in range(n):
             if i + 16 < n:      # (the table is far bigger than the caches: fetch a slot ahead)
-                h = _mix(<uint64_t>values[i + 16]) & mask
+                h = mix64(<uint64_t>values[i + 16]) & mask
                 LE_BULK_PREFETCH(&slot_code[h])
                 LE_BULK_PREFETCH(&keys[h])
             if check and not valid[i]:
                 codes[i] = -1
                 continue
             v = values[i]
-            h = _mix(<uint64_t>v) & mask
+            h = mix64(<uint64_t>v) & mask
             while slot_code[h] >= 0 and keys[h] != v:
                 h = (h + 1) & mask
             if slot_code[h] < 0:

@@ -9,6 +9,7 @@ Python modules; the kernels return counts and status codes.
 
 cimport cython
 from libc.stdint cimport int64_t, uint64_t, int32_t, uint32_t, int16_t, uint16_t, int8_t, uint8_t, INT64_MAX, INT64_MIN
+from loyalty_engine._mix cimport mix64
 from libc.stdlib cimport malloc, realloc, free
 from libc.string cimport memcmp, memcpy, memset
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE, PyBUF_WRITABLE
@@ -195,14 +196,6 @@ cdef inline int _check_records(object arr, str name) except -1:
     return 0
 
 
-cdef inline uint64_t mix64(uint64_t x) noexcept nogil:
-    # splitmix64 finaliser: a good spread for open addressing and fingerprints
-    x ^= x >> 30
-    x *= <uint64_t>0xbf58476d1ce4e5b9
-    x ^= x >> 27
-    x *= <uint64_t>0x94d049bb133111eb
-    x ^= x >> 31
-    return x
 
 
 cdef inline uint64_t hash128(uint64_t lo, uint64_t hi) noexcept nogil:
