@@ -682,3 +682,40 @@ def test_earned_points_are_rounded_as_exact_fractions_are(rounding: str):
         want = {"floor": x.numerator // x.denominator, "ceil": -(-x.numerator // x.denominator),
                 "half_even": round(x)}[rounding]
         assert got == want, (a, rounding)
+
+
+def _run_workload(kernel: Any, prog: Any, data: dict[str, np.ndarray], members: int) -> tuple[np.ndarray, ...]:
+    """One run of the rules workload's rows (fresh members) through ``kernel``: results and state."""
+    rows = data["rows"]
+    state = np.zeros(members, _core.MSTATE_DTYPE)
+    state["tier"], state["last_day"], state["earn_day"], state["referrer"] = 1, -1, -1, -1
+    state["review_day"] = 1 << 30
+    noff = max(len(prog.offers), 1)
+    use = np.zeros((members, noff, 3), np.int64)
+    out_hist, out = np.zeros(len(rows), _core.HEV_DTYPE), np.zeros(len(rows), _core.OUT_DTYPE)
+    out_off = np.zeros(members + 1, np.int64)
+    kernel.run(rows, rows["member"].astype(np.int64), data["cat"], data["sku"], data["amount"], state,
+               np.zeros(members + 1, np.int64), np.zeros(0, _core.HEV_DTYPE), out_off, out_hist, use,
+               np.zeros(noff, np.int64), out, np.zeros((0, len(VARIABLES)), np.int64))
+    return out, state, use, out_hist[: out_off[-1]], out_off
+
+
+def test_the_kernel_keeps_its_scratch_between_runs_and_gives_the_same_results() -> None:
+    """run() keeps its scratch (segments, windows) from call to call: a smaller batch after a bigger one,
+    and a bigger one after that, give what a fresh kernel gives."""
+    from loyalty_engine.bench.rules_workload import make_rows, program
+
+    prog = program()
+    c = prog.compiled
+
+    def kernel() -> Any:
+        return _core.Kernel(c.code, c.pool, c.conds, c.rules, c.offers, c.tiers, c.params)
+
+    kept = kernel()
+    for n, members, seed in ((6_000, 1_500, 1), (2_000, 300, 2), (9_000, 2_500, 3)):
+        data = make_rows(prog, n, members, seed=seed)
+        got, want = _run_workload(kept, prog, data, members), _run_workload(kernel(), prog, data, members)
+        assert all(np.array_equal(a, b) for a, b in zip(got, want, strict=True)), (n, members)
+    kept.release_scratch()
+    got = _run_workload(kept, prog, data, members)
+    assert all(np.array_equal(a, b) for a, b in zip(got, want, strict=True))

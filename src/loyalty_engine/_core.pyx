@@ -2238,6 +2238,11 @@ cdef class Kernel:
     cdef RowOut[::1] b_out
     cdef int64_t[:, ::1] b_facts
     cdef public object bound
+    # run()'s scratch (segments' members and sizes, windows, tier windows), kept from call to call: a
+    # bulk import's chunks need tens of MB of it each, and fresh memory's first touch is dear
+    cdef void* scratch[3]
+    cdef size_t scratch_cap[3]
+    cdef bint running
 
     def __init__(self, code, pool, conds, rules, offers, tiers, params):
         # private, read-only copies: a caller changing its arrays later cannot get past the checks
@@ -2312,6 +2317,32 @@ cdef class Kernel:
         self.bound = (rows, item_cat, item_sku, item_amount, members, hist_off, hist, out_off, out_hist, offer_use,
                       budget_used, out, facts_out)
 
+    def __dealloc__(self):
+        cdef int k
+        for k in range(3):
+            free(self.scratch[k])
+
+    def release_scratch(self):
+        """Free run()'s scratch memory (it is kept between calls; a later call allocates it again)."""
+        cdef int k
+        if self.running:
+            raise RuntimeError("the kernel is running")
+        for k in range(3):
+            free(self.scratch[k])
+            self.scratch[k] = NULL
+            self.scratch_cap[k] = 0
+
+    cdef void* _room(self, int k, size_t n, bint random) noexcept:
+        """Scratch ``k`` of at least ``n`` bytes (NULL if memory ran out)."""
+        if self.scratch_cap[k] < n:
+            free(self.scratch[k])
+            self.scratch_cap[k] = 0
+            n = n + n // 4          # (room to grow: the next batch is often a little bigger)
+            self.scratch[k] = le_random_alloc(n) if random else malloc(n)
+            if self.scratch[k] != NULL:
+                self.scratch_cap[k] = n
+        return self.scratch[k]
+
     def release(self):
         """Drop the buffers :meth:`bind` bound (so that arrays the caller replaced can be freed)."""
         self.b_rows = self.b_cat = self.b_sku = self.b_amt = self.b_members = self.b_hist_off = None
@@ -2362,19 +2393,20 @@ cdef class Kernel:
         cdef bint tsep = ntiers > 0 and not (self.params[P_TIER_PERIOD] == 0 and self.params[P_TIER_WINDOW] == 365
                                              and self.params[P_TIER_METRIC] != 0)
         # per segment: its member and its rows (then its size); the windows, one cache line a segment
-        cdef int64_t* seg_info = <int64_t*>malloc((nseg + 1) * 2 * sizeof(int64_t))
-        cdef char* wmem = <char*>le_random_alloc((nseg + 1) * sizeof(Win) + 64)
-        cdef char* twmem = <char*>le_random_alloc((nseg + 1) * sizeof(TWin) + 64) if tsep else NULL
+        if self.running:        # (the scratch is the kernel's: one run at a time)
+            raise RuntimeError("Kernel.run was called while it runs (from another thread?): one run at a time")
+        cdef int64_t* seg_info = <int64_t*>self._room(0, (nseg + 1) * 2 * sizeof(int64_t), False)
+        cdef char* wmem = <char*>self._room(1, (nseg + 1) * sizeof(Win) + 64, True)
+        cdef char* twmem = <char*>self._room(2, (nseg + 1) * sizeof(TWin) + 64, True) if tsep else NULL
         if seg_info == NULL or wmem == NULL or (tsep and twmem == NULL):
-            free(seg_info)
-            free(wmem)
-            free(twmem)
+            self.release_scratch()
             raise MemoryError()
         cdef Win* win = <Win*>(wmem + ((-<Py_ssize_t>wmem) & 63))
         cdef TWin* twin = <TWin*>(twmem + ((-<Py_ssize_t>twmem) & 63)) if tsep else NULL
         for s in range(nseg + 1):
             seg_info[2 * s] = -1
             seg_info[2 * s + 1] = 0
+        self.running = True
         try:
             for i in range(n):
                 mem = rows[i].member
@@ -2432,9 +2464,7 @@ cdef class Kernel:
                                  &self.plan)
             return done
         finally:
-            free(seg_info)
-            free(wmem)
-            free(twmem)
+            self.running = False
 
 
 def evaluate(code, pool, conds, rules, offers, tiers, params, rows, seg_of, item_cat, item_sku, item_amount,

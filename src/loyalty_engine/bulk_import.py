@@ -688,6 +688,7 @@ class _Importer:
             self.progress.close()
             self._close_quarantine(cp.get("complete", False))
             self.engine._batch_buffers.clear()     # the chunks' buffers are not kept past the import
+            self.engine._kernel.release_scratch()   # (nor the kernel's)
             self.seen.close()
         return self._report(t0, cp, already=False, resumed_from=resumed_from)
 
