@@ -77,46 +77,91 @@ def make_rows(prog: Program, n: int, members: int, seed: int = 7) -> dict[str, n
     return {"rows": rows, "cat": cat, "sku": np.zeros(n, np.int32), "amount": rows["amount"].copy()}
 
 
-def kernel_buffers(n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Output buffers for ``n`` rows (the kept history and the per-row results), touched once, so that a
-    caller streaming batches through the kernel allocates them once, as the import does per chunk."""
-    out_hist = _memory.huge(n, _core.HEV_DTYPE)        # (as the engine's batches: written at random)
-    out = np.zeros(n, _core.OUT_DTYPE)
-    out_hist.view(np.uint8)[::4096] = 0
-    out.view(np.uint8)[::4096] = 0
-    return out_hist, out
+class KernelBuffers:
+    """What the engine keeps from one batch to the next (see Engine._evaluate): the output buffers, and,
+    made by the first :func:`kernel_evaluate` that uses them, its kernel and the members' state and usage
+    arrays (reset to fresh members by each call), so that a run measures evaluation, not the first touch
+    of fresh memory (dear on these virtual machines: up to half of a 2 M-row run)."""
+
+    def __init__(self, n: int) -> None:
+        self.out_hist = _memory.huge(n, _core.HEV_DTYPE)        # (as the engine's batches: written at random)
+        self.out = np.zeros(n, _core.OUT_DTYPE)
+        self.out_hist.view(np.uint8)[::4096] = 0
+        self.out.view(np.uint8)[::4096] = 0
+        self.seg_of = np.zeros(n, np.int64)
+        self.kernel: Any = None
+        self.program: Program | None = None
+        self.state: np.ndarray | None = None
+        self.use: np.ndarray | None = None
+        self.offsets: tuple[np.ndarray, np.ndarray] | None = None
+
+    def members(self, prog: Program, members: int) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The kept kernel, state (fresh members), usage (zero) and history offsets for ``members``."""
+        noff = max(len(prog.offers), 1)
+        if self.program is not prog:
+            c = prog.compiled
+            self.kernel = _core.Kernel(c.code, c.pool, c.conds, c.rules, c.offers, c.tiers, c.params)
+            self.program = prog
+        if self.state is None or self.use is None or len(self.state) != members or self.use.shape[1] != noff:
+            self.state = _memory.huge(members, _core.MSTATE_DTYPE)
+            self.use = _memory.huge((members, noff, 3), np.int64)
+            self.offsets = (np.zeros(members + 1, np.int64), np.zeros(members + 1, np.int64))
+        assert self.offsets is not None
+        _fresh(self.state)
+        self.use.fill(0)
+        return self.kernel, self.state, self.use, self.offsets[0], self.offsets[1]
 
 
-def kernel_evaluate(prog: Program, data: dict[str, np.ndarray], members: int,
-                    buffers: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
-    """Evaluate every row with the compiled kernel, state in memory (fresh members), with the
-    allocations as the engine's batch paths make them: small pages for NumPy's (``_memory.small_pages``),
-    huge pages for the members' state and the histories (``_memory.huge``). With ``buffers`` (from
-    :func:`kernel_buffers`, at least as long as the rows) the outputs go there."""
-    with _memory.small_pages():
-        return _kernel_evaluate(prog, data, members, buffers)
+def kernel_buffers(n: int) -> KernelBuffers:
+    """Buffers for ``n`` rows (the kept history and the per-row results, touched once), kept by a caller
+    streaming batches through the kernel, as the import keeps its chunks' and the engine its kernel and
+    members' state."""
+    return KernelBuffers(n)
 
 
-def _kernel_evaluate(prog: Program, data: dict[str, np.ndarray], members: int,
-                     buffers: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray:
-    c = prog.compiled
-    rows = data["rows"]
-    state = _memory.huge(members, _core.MSTATE_DTYPE)     # (as the engine keeps its members' state)
+def _fresh(state: np.ndarray) -> None:
+    """Members as enrolled, none with a purchase yet."""
+    state.view(np.uint8).fill(0)
     state["tier"] = 1
     state["last_day"] = -1
     state["earn_day"] = -1
     state["referrer"] = -1
     state["review_day"] = 1 << 30
+
+
+def kernel_evaluate(prog: Program, data: dict[str, np.ndarray], members: int,
+                    buffers: KernelBuffers | None = None) -> np.ndarray:
+    """Evaluate every row with the compiled kernel, state in memory (fresh members), with the
+    allocations as the engine's batch paths make them: small pages for NumPy's (``_memory.small_pages``),
+    huge pages for the members' state and the histories (``_memory.huge``). With ``buffers`` (from
+    :func:`kernel_buffers`, at least as long as the rows) the outputs go there, and the kernel and the
+    members' arrays are the ones kept there, as an engine keeps them."""
+    with _memory.small_pages():
+        return _kernel_evaluate(prog, data, members, buffers)
+
+
+def _kernel_evaluate(prog: Program, data: dict[str, np.ndarray], members: int,
+                     buffers: KernelBuffers | None) -> np.ndarray:
+    rows = data["rows"]
+    n = len(rows)
     noff = max(len(prog.offers), 1)
-    use = _memory.huge((members, noff, 3), np.int64)
-    hist_off = np.zeros(members + 1, np.int64)
-    out_off = np.zeros(members + 1, np.int64)
-    out_hist, out = buffers if buffers is not None else kernel_buffers(len(rows))
-    out_hist, out = out_hist[:len(rows)], out[:len(rows)]
-    _core.evaluate(c.code, c.pool, c.conds, c.rules, c.offers, c.tiers, c.params, rows,
-                   rows["member"].astype(np.int64), data["cat"], data["sku"], data["amount"], state, hist_off,
-                   np.zeros(0, _core.HEV_DTYPE), out_off, out_hist, use, np.zeros(noff, np.int64), out,
-                   np.zeros((0, len(VARIABLES)), np.int64))
+    if buffers is None:
+        c = prog.compiled
+        kernel = _core.Kernel(c.code, c.pool, c.conds, c.rules, c.offers, c.tiers, c.params)
+        state = _memory.huge(members, _core.MSTATE_DTYPE)     # (as the engine keeps its members' state)
+        _fresh(state)
+        use = _memory.huge((members, noff, 3), np.int64)
+        hist_off, out_off = np.zeros(members + 1, np.int64), np.zeros(members + 1, np.int64)
+        buffers = kernel_buffers(n)
+        seg_of = rows["member"].astype(np.int64)
+    else:
+        kernel, state, use, hist_off, out_off = buffers.members(prog, members)
+        seg_of = buffers.seg_of[:n]
+        np.copyto(seg_of, rows["member"])
+    out_hist, out = buffers.out_hist[:n], buffers.out[:n]
+    kernel.run(rows, seg_of, data["cat"], data["sku"], data["amount"], state, hist_off,
+               np.zeros(0, _core.HEV_DTYPE), out_off, out_hist, use, np.zeros(noff, np.int64), out,
+               np.zeros((0, len(VARIABLES)), np.int64))
     return out
 
 
