@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -407,6 +408,97 @@ def _memory(eng: Engine) -> tuple[Any, ...]:
             eng._budget.tobytes(), {k: v for k, v in eng._hist.items() if v})
 
 
+class _InterruptedSubmit(ThreadPoolExecutor):
+    """A writer pool whose second hand-over is interrupted (a Ctrl-C) after the work was queued: the work
+    runs and commits."""
+
+    calls = 0
+
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+        f = super().submit(fn, *args, **kwargs)
+        type(self).calls += 1
+        if type(self).calls == 2:
+            raise KeyboardInterrupt
+        return f
+
+
+def test_an_interrupt_while_a_chunk_is_handed_to_the_writer_keeps_what_commits(tmp_path: Path, monkeypatch) -> None:
+    """A Ctrl-C inside the hand-over of chunk 2 to the writer, after the work was queued: chunk 2 commits,
+    so it stays in memory (memory equals a reopen's), and a resume in the same engine gives the clean
+    run's ledger and members."""
+    import loyalty_engine.bulk_import as bulk
+
+    prog = Program.from_toml(CLUB)
+    t = history(3_000, 50)
+    with Engine.open(tmp_path / "clean", program=prog, sync="none") as eng:
+        eng.import_sales(t, columns=MAP, chunk_rows=1_000, import_id="x")
+        clean, clean_memory = balances(eng), _memory(eng)
+    _InterruptedSubmit.calls = 0
+    monkeypatch.setattr(bulk, "ThreadPoolExecutor", _InterruptedSubmit)
+    with Engine.open(tmp_path / "club", program=prog, sync="none") as eng:
+        with pytest.raises(KeyboardInterrupt):
+            eng.import_sales(t, columns=MAP, chunk_rows=1_000, import_id="x")
+        interrupted = _memory(eng)
+    with Engine.open(tmp_path / "club", program=prog, sync="none") as eng:
+        assert _memory(eng) == interrupted
+        monkeypatch.setattr(bulk, "ThreadPoolExecutor", ThreadPoolExecutor)
+        rep = eng.import_sales(t, columns=MAP, chunk_rows=1_000, import_id="x", resume=True)
+        assert rep.resumed_from_row == 2_000
+        assert balances(eng) == clean and _memory(eng) == clean_memory
+
+
+def test_a_second_interrupt_while_waiting_for_the_writer_still_takes_a_failed_chunk_out(tmp_path: Path,
+                                                                                        monkeypatch) -> None:
+    """Ctrl-C twice: the first stops chunk 3 while chunk 2 commits, the second lands while the import
+    waits for that commit, which then fails. Chunk 2 is still taken out of memory: memory equals a
+    reopen's."""
+    import loyalty_engine.bulk_import as bulk
+
+    prog = Program.from_toml(CLUB)
+    t = history(3_000, 2_000)
+    state = {"armed": False, "commits": 0, "transfers": 0}
+    real_wait, real_transfers = bulk.wait, bulk._Importer._transfers
+
+    def wait(*args: Any, **kwargs: Any) -> Any:
+        if state["armed"]:
+            state["armed"] = False
+            raise KeyboardInterrupt("second Ctrl-C")
+        return real_wait(*args, **kwargs)
+
+    def transfers(self: Any, *args: Any) -> Any:
+        state["transfers"] += 1
+        if state["transfers"] == 3:
+            state["armed"] = True
+            raise KeyboardInterrupt("first Ctrl-C")
+        return real_transfers(self, *args)
+
+    monkeypatch.setattr(bulk, "wait", wait)
+    monkeypatch.setattr(bulk._Importer, "_transfers", transfers)
+    with Engine.open(tmp_path / "club", program=prog, sync="none") as eng:
+        real = eng.ledger._entries_with
+
+        def failing(entries: Any, extra: Any) -> Any:
+            state["commits"] += 1
+            if state["commits"] != 2:
+                return real(entries, extra)
+
+            def slow_failure(txn: Any, results: Any) -> None:
+                extra(txn, results)
+                time.sleep(0.3)             # (the second Ctrl-C comes while this commit is under way)
+                raise OSError("disk full")
+
+            return real(entries, slow_failure)
+
+        eng.ledger._entries_with = failing
+        with pytest.raises(KeyboardInterrupt):
+            eng.import_sales(t, columns=MAP, chunk_rows=1_000, import_id="x")
+        eng.ledger._entries_with = real
+        assert not state["armed"]                   # (the second one came)
+        interrupted = _memory(eng)
+    with Engine.open(tmp_path / "club", program=prog, sync="none") as eng:
+        assert _memory(eng) == interrupted
+
+
 def test_a_failed_commit_while_the_next_chunk_is_evaluated_takes_both_out_of_memory(tmp_path: Path) -> None:
     """Chunk k commits in the writer thread while chunk k + 1 is evaluated. When k's commit fails after
     k + 1 was evaluated (k + 1 enrolled members and changed members k had changed too), the engine's
@@ -679,13 +771,6 @@ def test_an_error_after_a_chunk_committed_keeps_the_chunk(tmp_path: Path) -> Non
         assert eng.members == members and balances(eng) == clean
 
 
-def member_state(eng: Engine) -> tuple[Any, ...]:
-    """All of the engine's members' state in memory: names, state, offer usage and histories."""
-    n = eng.members
-    return (list(eng._member_names[:n]), eng._members[:n].tobytes(), eng._offer_use[:n].tobytes(),
-            {k: v for k, v in eng._hist.items() if v})
-
-
 def test_the_id_table_in_memory_does_not_grow_with_the_rows_imported(tmp_path: Path) -> None:
     """The ids of an import's transfers are kept as runs (a few per chunk), not one table entry each:
     importing 2.5 times the rows (the same members) leaves the writer's id table as it was, and a
@@ -767,7 +852,7 @@ def test_sigkill_at_random_moments_then_resume_gives_the_clean_ledger(tmp_path: 
     pq.write_table(t, src, row_group_size=3_000)
     with Engine.open(tmp_path / "clean", program=prog, sync="none") as eng:
         clean_rep = eng.import_sales(src, columns=MAP, chunk_rows=1_000, quarantine=tmp_path / "clean_q.parquet")
-        clean, clean_lots, clean_state = balances(eng), lots_by_expiry(eng), member_state(eng)
+        clean, clean_lots, clean_state = balances(eng), lots_by_expiry(eng), _memory(eng)
     path = tmp_path / "killed"
     q = tmp_path / "q.parquet"
     script = CHILD.format(cols=MAP)
@@ -807,7 +892,7 @@ def test_sigkill_at_random_moments_then_resume_gives_the_clean_ledger(tmp_path: 
     with Engine.open(path, program=prog, sync="none") as eng:
         assert balances(eng) == clean
         assert lots_by_expiry(eng) == clean_lots
-        assert member_state(eng) == clean_state
+        assert _memory(eng) == clean_state
         assert eng.ledger.verify().ok
         again = eng.import_sales(src, columns=MAP, chunk_rows=1_000)
         assert again.already_imported

@@ -36,7 +36,7 @@ import os
 import threading
 import time
 from collections import Counter
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -873,10 +873,16 @@ class _Importer:
             job = self._post(ch, cp, reason, midx, at, amount, qty, is_ret, refs, ref_hash, originals,
                              enrolling, undo)
         except BaseException:
-            # the chunk did not get to commit: the engine's memory as it was before it, and as it was
-            # before the chunk in flight too if that one did not commit (in this order: the later first)
-            self._restore(undo, enrolling)
-            self._abort_inflight()
+            job = self._inflight
+            if job is not None and job.undo is undo:
+                # the chunk was handed to the writer (an interrupt came after): it may commit yet, so
+                # wait for it and take it out only if it did not (the chunk before it had committed)
+                self._abort_inflight()
+            else:
+                # the chunk did not get to commit: the engine's memory as it was before it, and as it was
+                # before the chunk in flight too if that one did not commit (in this order: the later first)
+                self._restore(undo, enrolling)
+                self._abort_inflight()
             raise
         if job.pending:     # returns are refunds of what committed: before the next chunk is evaluated
             self._finish_job(cp)
@@ -914,20 +920,27 @@ class _Importer:
 
     def _abort_inflight(self) -> None:
         """After an error: wait for the chunk in flight to end, and take it out of memory unless it
-        committed."""
+        committed. The job stays the one in flight until that is done, so an interrupt meanwhile (a
+        second Ctrl-C) neither loses it nor stops the wait."""
         job = self._inflight
         if job is None:
             return
-        self._inflight = None
-        assert job.future is not None
         interrupted: BaseException | None = None
-        while not job.future.done():
+        while True:
             try:
-                job.future.exception()        # waits (the transaction cannot be stopped half-way)
+                if job.future is None:
+                    # the hand-over itself was interrupted: the work may be queued; shutting the writer
+                    # down waits for whatever is
+                    if self._writer is not None:
+                        self._writer.shutdown(wait=True)
+                else:
+                    wait([job.future])        # (the transaction cannot be stopped half-way)
+                break
             except BaseException as e:        # noqa: BLE001 - an interrupt: the commit ends first
                 interrupted = e
         if self.engine.ledger.commits == job.commits:
             self._restore(job.undo, job.enrolling)
+        self._inflight = None
         if interrupted is not None:
             raise interrupted
 
@@ -1101,8 +1114,8 @@ class _Importer:
         job = _Job(undo=undo, enrolling=enrolling, commits=eng.ledger.commits, rows_done=int(cp["rows_done"]),
                    rejected=int(self.stats["rejected"]), pending=list(cp["pending_refunds"]))
         assert self._writer is not None
+        self._inflight = job            # (before the hand-over: an interrupt inside submit() still finds it)
         job.future = self._writer.submit(work)
-        self._inflight = job
         return job
 
     def _stats_into(self, cp: dict[str, Any]) -> None:
