@@ -1255,3 +1255,24 @@ def test_an_engine_killed_by_sigkill_leaves_its_directory_free(tmp_path):
         child.stdout.close()
     with Engine.open(path, program=Program.from_dict({"name": "x"}), sync="none") as e:
         assert e.members == 1 and e.member("anna").points == 0
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork() here")
+def test_a_forked_child_does_not_keep_the_engine_locked(tmp_path):
+    """A host that forks a worker while its engine is open (multiprocessing's fork start method) can
+    close and reopen the engine while the worker lives: the child lets go of its copy of the lock."""
+    import time
+
+    path = tmp_path / "c"
+    prog = Program.from_dict({"name": "x"})
+    eng = Engine.open(path, program=prog, sync="none")
+    pid = os.fork()
+    if pid == 0:                                    # the worker: it does not use the engine
+        time.sleep(2)
+        os._exit(0)
+    try:
+        eng.close()
+        with Engine.open(path, program=prog, sync="none") as again:
+            assert again.members == 0
+    finally:
+        os.waitpid(pid, 0)

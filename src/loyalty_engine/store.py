@@ -221,12 +221,37 @@ class EngineLock:
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         except OSError:
             pass                            # the PID is a courtesy for the message; the lock is what counts
+        self._fd = fd
         self._close = weakref.finalize(self, os.close, fd)
+        _LOCKS.add(self)
 
     @property
     def held(self) -> bool:
         return self._close.alive
 
+    def _forget_in_child(self) -> None:
+        """In a child made by fork(): close its copy of the file without unlocking it (the lock is the
+        parent's; an unlock would drop it for the parent too), so that the child does not keep the engine
+        locked after the parent closes it or dies."""
+        if self._close.detach() is not None:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+
     def release(self) -> None:
         """Drop the lock (closing the file releases it); again does nothing."""
         self._close()
+
+
+#: The engine locks this process holds (a child made by fork() lets go of its copies of them).
+_LOCKS: weakref.WeakSet[EngineLock] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for lock in list(_LOCKS):
+        lock._forget_in_child()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
