@@ -499,6 +499,31 @@ def test_a_second_interrupt_while_waiting_for_the_writer_still_takes_a_failed_ch
         assert _memory(eng) == interrupted
 
 
+def test_an_interrupt_right_after_a_chunk_enrolls_its_new_members_forgets_them(tmp_path: Path, monkeypatch) -> None:
+    """A Ctrl-C just after chunk 2 enrolled its new members in memory (before its evaluation): they are
+    forgotten again, and memory equals a reopen's."""
+    prog = Program.from_toml(CLUB)
+    t = history(3_000, 2_000)
+    real = Engine._enroll_prepare
+    calls = {"n": 0}
+
+    def enroll_then_interrupt(self: Engine, *args: Any) -> Any:
+        out = real(self, *args)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return out
+
+    monkeypatch.setattr(Engine, "_enroll_prepare", enroll_then_interrupt)
+    with Engine.open(tmp_path / "club", program=prog, sync="none") as eng:
+        with pytest.raises(KeyboardInterrupt):
+            eng.import_sales(t, columns=MAP, chunk_rows=1_000, import_id="x")
+        interrupted = _memory(eng)
+    monkeypatch.setattr(Engine, "_enroll_prepare", real)
+    with Engine.open(tmp_path / "club", program=prog, sync="none") as eng:
+        assert calls["n"] == 2 and _memory(eng) == interrupted
+
+
 def test_a_failed_commit_while_the_next_chunk_is_evaluated_takes_both_out_of_memory(tmp_path: Path) -> None:
     """Chunk k commits in the writer thread while chunk k + 1 is evaluated. When k's commit fails after
     k + 1 was evaluated (k + 1 enrolled members and changed members k had changed too), the engine's

@@ -852,24 +852,26 @@ class _Importer:
 
         midx = row_members()
         enrolling: tuple[int, list[str], list[tuple[int, np.ndarray]]] | None = None
-        unknown = good & ~is_ret & (midx < 0)
-        if unknown.any():
-            if not self.enroll:
-                mark(unknown, R_UNKNOWN_MEMBER)
-            else:
-                # the dictionary's names are distinct, unknown, and checked above (not blank, at most 200 bytes)
-                first_at = np.full(len(uidx), np.iinfo(np.int64).max, np.int64)
-                np.minimum.at(first_at, codes[unknown], at[unknown])
-                new_codes = np.flatnonzero(first_at < np.iinfo(np.int64).max)
-                # they are members in memory now; their accounts and records commit with the chunk
-                names_new = _bulk.take_strings(off, data, new_codes)
-                first, entries = eng._enroll_prepare(names_new, first_at[new_codes])
-                enrolling = (first, names_new, entries)
-                uidx[new_codes] = np.arange(first, first + len(new_codes), dtype=np.int64)
-                midx = row_members()
-        mark(~is_ret & (midx < 0), R_UNKNOWN_MEMBER)
         undo: list[tuple[np.ndarray, tuple[Any, ...]]] = []
+        first_new = len(eng._member_names)      # (what this chunk enrolls starts here: undone from here)
         try:
+            unknown = good & ~is_ret & (midx < 0)
+            if unknown.any():
+                if not self.enroll:
+                    mark(unknown, R_UNKNOWN_MEMBER)
+                else:
+                    # the dictionary's names are distinct, unknown, and checked above (not blank, at most 200
+                    # bytes)
+                    first_at = np.full(len(uidx), np.iinfo(np.int64).max, np.int64)
+                    np.minimum.at(first_at, codes[unknown], at[unknown])
+                    new_codes = np.flatnonzero(first_at < np.iinfo(np.int64).max)
+                    # they are members in memory now; their accounts and records commit with the chunk
+                    names_new = _bulk.take_strings(off, data, new_codes)
+                    first, entries = eng._enroll_prepare(names_new, first_at[new_codes])
+                    enrolling = (first, names_new, entries)
+                    uidx[new_codes] = np.arange(first, first + len(new_codes), dtype=np.int64)
+                    midx = row_members()
+            mark(~is_ret & (midx < 0), R_UNKNOWN_MEMBER)
             job = self._post(ch, cp, reason, midx, at, amount, qty, is_ret, refs, ref_hash, originals,
                              enrolling, undo)
         except BaseException:
@@ -879,9 +881,11 @@ class _Importer:
                 # wait for it and take it out only if it did not (the chunk before it had committed)
                 self._abort_inflight()
             else:
-                # the chunk did not get to commit: the engine's memory as it was before it, and as it was
-                # before the chunk in flight too if that one did not commit (in this order: the later first)
-                self._restore(undo, enrolling)
+                # the chunk did not get to commit: the engine's memory as it was before it (its enrolments
+                # too, even one interrupted half way), and as it was before the chunk in flight too if that
+                # one did not commit (in this order: the later first)
+                self._restore(undo, None)
+                eng._enroll_undo(first_new)
                 self._abort_inflight()
             raise
         if job.pending:     # returns are refunds of what committed: before the next chunk is evaluated
