@@ -1266,13 +1266,18 @@ def test_a_forked_child_does_not_keep_the_engine_locked(tmp_path):
     path = tmp_path / "c"
     prog = Program.from_dict({"name": "x"})
     eng = Engine.open(path, program=prog, sync="none")
+    started, ready = os.pipe()
     pid = os.fork()
     if pid == 0:                                    # the worker: it does not use the engine
+        os.write(ready, b"1")                       # (the fork handlers ran before this line)
         time.sleep(2)
         os._exit(0)
     try:
+        assert os.read(started, 1) == b"1"          # the child runs: it has let go of its copy
         eng.close()
         with Engine.open(path, program=prog, sync="none") as again:
             assert again.members == 0
     finally:
         os.waitpid(pid, 0)
+        os.close(started)
+        os.close(ready)

@@ -58,34 +58,3 @@ def test_the_command_line_keeps_freed_memory_where_the_c_library_is_glibc() -> N
     if platform.libc_ver()[0] == "glibc":
         assert took
 
-
-def _vm_flags(addr: int) -> list[str]:
-    """The VmFlags of the mapping of this process that holds ``addr`` (Linux's /proc/self/smaps)."""
-    inside = False
-    with open("/proc/self/smaps") as f:
-        for line in f:
-            head = line.split()[0]
-            if "-" in head and not head.endswith(":"):
-                lo, hi = (int(x, 16) for x in head.split("-"))
-                inside = lo <= addr < hi
-            elif inside and head == "VmFlags:":
-                return line.split()[1:]
-    raise AssertionError(f"no mapping holds {addr:#x}")
-
-
-@pytest.mark.skipif(not hasattr(__import__("mmap"), "MADV_HUGEPAGE"), reason="no MADV_HUGEPAGE here")
-def test_huge_arrays_are_zeroed_aligned_private_and_advised_even_inside_small_pages() -> None:
-    import numpy as np
-
-    with _memory.small_pages():
-        a = _memory.huge((300_000, 5, 3), np.int64)          # 36 MB
-    assert a.shape == (300_000, 5, 3) and a.dtype == np.int64 and a.flags.c_contiguous and a.flags.writeable
-    assert not a.any()
-    assert a.ctypes.data % (2 << 20) == 0                     # huge pages need 2 MB alignment
-    flags = _vm_flags(a.ctypes.data)
-    assert "hg" in flags                                      # madvise(MADV_HUGEPAGE)
-    assert "sh" not in flags                                  # private: shared memory gets no huge pages
-    a[-1, -1, -1] = 7
-    assert int(a.sum()) == 7
-    small = _memory.huge(1000, np.int64)                      # below the threshold: NumPy's own
-    assert small.shape == (1000,) and not small.any() and small.base is None

@@ -97,25 +97,11 @@ cdef packed struct IdRun:
 
 cdef extern from *:
     """
-    #include <stdlib.h>
-    #include <sys/mman.h>
-    /* memory the kernel reads at random (a batch's windows): on transparent huge pages when it is big,
-       where the system has them; free() releases it */
-    static void* le_random_alloc(size_t n) {
-        void* p = NULL;
-        if (n < ((size_t)4 << 20)) return malloc(n);
-        if (posix_memalign(&p, (size_t)2 << 20, n) != 0) return NULL;
-    #ifdef MADV_HUGEPAGE
-        madvise(p, n, MADV_HUGEPAGE);
-    #endif
-        return p;
-    }
     #define LE_PREFETCH(p) __builtin_prefetch((const void *)(p))
     #define LE_CTZ(x) __builtin_ctzll(x)
     #define LE_MUL_OVERFLOW(a, b, r) __builtin_mul_overflow((a), (b), (r))
     """
     void LE_PREFETCH(const void* p) noexcept nogil
-    void* le_random_alloc(size_t n) noexcept nogil
     int LE_CTZ(unsigned long long x) noexcept nogil
     bint LE_MUL_OVERFLOW(int64_t a, int64_t b, int64_t* r) noexcept nogil
 
@@ -256,14 +242,11 @@ def _zeros_aligned(Py_ssize_t n, dtype, Py_ssize_t align=64):
     dt = np.dtype(dtype)
     cdef Py_ssize_t size = n * dt.itemsize
     if size >= HUGE_TABLE:
-        # big tables are probed at random: ask for 2 MiB pages (fewer TLB misses and page faults);
-        # anonymous maps are zeroed and page-aligned
-        m = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # shared maps get no THP
-        if hasattr(mmap, "MADV_HUGEPAGE"):
-            try:
-                m.madvise(mmap.MADV_HUGEPAGE)
-            except OSError:
-                pass
+        # big tables: an anonymous map (zeroed, page-aligned). Not advised onto huge pages: on this
+        # project's virtual machines the first touch of fresh huge pages cost 1.4 s for 128 MB (74 ms with
+        # small pages), and a 1 M-row import into a new club ran 131-135 k rows/s with the advice against
+        # 172-270 k without (durable batches over 1 M members did not get slower without it)
+        m = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         return np.frombuffer(m, dtype=dt, count=n)
     raw = np.zeros(size + align, dtype=np.uint8)
     cdef Py_ssize_t off = (-raw.ctypes.data) % align
@@ -2332,13 +2315,13 @@ cdef class Kernel:
             self.scratch[k] = NULL
             self.scratch_cap[k] = 0
 
-    cdef void* _room(self, int k, size_t n, bint random) noexcept:
+    cdef void* _room(self, int k, size_t n) noexcept:
         """Scratch ``k`` of at least ``n`` bytes (NULL if memory ran out)."""
         if self.scratch_cap[k] < n:
             free(self.scratch[k])
             self.scratch_cap[k] = 0
             n = n + n // 4          # (room to grow: the next batch is often a little bigger)
-            self.scratch[k] = le_random_alloc(n) if random else malloc(n)
+            self.scratch[k] = malloc(n)
             if self.scratch[k] != NULL:
                 self.scratch_cap[k] = n
         return self.scratch[k]
@@ -2395,9 +2378,9 @@ cdef class Kernel:
         # per segment: its member and its rows (then its size); the windows, one cache line a segment
         if self.running:        # (the scratch is the kernel's: one run at a time)
             raise RuntimeError("Kernel.run was called while it runs (from another thread?): one run at a time")
-        cdef int64_t* seg_info = <int64_t*>self._room(0, (nseg + 1) * 2 * sizeof(int64_t), False)
-        cdef char* wmem = <char*>self._room(1, (nseg + 1) * sizeof(Win) + 64, True)
-        cdef char* twmem = <char*>self._room(2, (nseg + 1) * sizeof(TWin) + 64, True) if tsep else NULL
+        cdef int64_t* seg_info = <int64_t*>self._room(0, (nseg + 1) * 2 * sizeof(int64_t))
+        cdef char* wmem = <char*>self._room(1, (nseg + 1) * sizeof(Win) + 64)
+        cdef char* twmem = <char*>self._room(2, (nseg + 1) * sizeof(TWin) + 64) if tsep else NULL
         if seg_info == NULL or wmem == NULL or (tsep and twmem == NULL):
             self.release_scratch()
             raise MemoryError()

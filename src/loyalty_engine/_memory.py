@@ -38,37 +38,6 @@ def empty(shape: int | tuple[int, ...], dtype: Any) -> np.ndarray:
     return np.frombuffer(buf, dt, count).reshape(shape)
 
 
-#: Arrays read at random at least this big go on huge pages (:func:`huge`).
-HUGE_THRESHOLD = 4 << 20
-_HUGE_PAGE = 2 << 20
-
-
-def huge(shape: int | tuple[int, ...], dtype: Any) -> np.ndarray:
-    """A zeroed C-contiguous array on transparent huge pages where the kernel gives them (an anonymous
-    mapping aligned to 2 MB with ``madvise(MADV_HUGEPAGE)``, whatever :func:`small_pages` says), for
-    arrays that live long and are read at random: the members' state and usage, the kernel's histories.
-    With 4 KB pages each row of the rule kernel missed the TLB on several of them (about 10% of the
-    kernel's time with 200,000 members). The first touch costs more than with small pages (the kernel
-    may compact memory to find 2 MB), once for the array's life. Small arrays come from NumPy."""
-    dt = np.dtype(dtype)
-    count = int(np.prod(shape))
-    nbytes = count * dt.itemsize
-    if nbytes < HUGE_THRESHOLD:
-        return np.zeros(shape, dt)
-    # (private: huge pages are for private anonymous memory; a shared mapping, mmap's default, gets none)
-    buf = mmap.mmap(-1, nbytes + _HUGE_PAGE, flags=mmap.MAP_PRIVATE | getattr(mmap, "MAP_ANONYMOUS", 0x20))
-    view = np.frombuffer(buf, np.uint8)
-    skip = (-view.ctypes.data) % _HUGE_PAGE
-    advice = getattr(mmap, "MADV_HUGEPAGE", None)
-    if advice is not None:
-        try:
-            buf.madvise(advice, skip, nbytes - (nbytes % _HUGE_PAGE))
-        except (OSError, ValueError):
-            pass                    # (no THP here: small pages, as NumPy's advice would give)
-    del view
-    return np.frombuffer(buf, dt, count, skip).reshape(shape)
-
-
 _advice_lock = threading.Lock()
 _advice_depth = 0
 _advice_saved = True

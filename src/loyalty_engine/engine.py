@@ -496,11 +496,10 @@ class Engine:
         if n <= len(self._members):
             return
         cap = max(n, 2 * len(self._members))
-        # (huge pages once they are big: the kernel reads a member's state and usage at random)
-        m = _memory.huge(cap, MSTATE)
+        m = np.zeros(cap, MSTATE)
         m[: len(self._members)] = self._members
         self._members = m
-        u = _memory.huge((cap, *self._offer_use.shape[1:]), np.int64)
+        u = np.zeros((cap, *self._offer_use.shape[1:]), np.int64)
         u[: len(self._offer_use)] = self._offer_use
         self._offer_use = u
         self._onep.release()    # the old arrays are free to go (the next purchase binds the new ones)
@@ -1006,7 +1005,7 @@ class Engine:
         hist = np.frombuffer(_bulk.gather_bytes(self._hist, seg_members, hist_off), HEV)
         hist_off //= isz
         if reuse:       # (the kernel writes every row of out and every event it keeps before reading it)
-            out_hist = self._batch_buffer("out_hist", len(hist) + len(rows), HEV, huge=True)
+            out_hist = self._batch_buffer("out_hist", len(hist) + len(rows), HEV)
             out = self._batch_buffer("out", len(rows), OUT)
         else:
             out_hist = np.zeros(len(hist) + len(rows), HEV)
@@ -1017,14 +1016,12 @@ class Engine:
         _bulk.scatter_bytes(self._hist, seg_members, out_off * isz, out_hist.view(np.uint8))
         return out
 
-    def _batch_buffer(self, name: str, n: int, dtype: np.dtype[Any], zero: bool = False,
-                      huge: bool = False) -> np.ndarray:
-        """``n`` items of the engine's reusable batch buffer ``name`` (grown by a quarter when short; on
-        huge pages with ``huge``, for one the kernel writes at random)."""
+    def _batch_buffer(self, name: str, n: int, dtype: np.dtype[Any], zero: bool = False) -> np.ndarray:
+        """``n`` items of the engine's reusable batch buffer ``name`` (grown by a quarter when short)."""
         buf = self._batch_buffers.get(name)
         if buf is None or len(buf) < n or buf.dtype != dtype:
-            size = max(n, int(1.25 * len(buf)) if buf is not None else n)
-            buf = self._batch_buffers[name] = (_memory.huge if huge else _memory.empty)(size, dtype)
+            buf = self._batch_buffers[name] = _memory.empty(max(n, int(1.25 * len(buf)) if buf is not None else n),
+                                                            dtype)
         view = buf[:n]
         if zero:
             view.fill(0) if dtype.names is None else view.view(np.uint8).fill(0)

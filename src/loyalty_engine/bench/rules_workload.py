@@ -84,7 +84,7 @@ class KernelBuffers:
     of fresh memory (dear on these virtual machines: up to half of a 2 M-row run)."""
 
     def __init__(self, n: int) -> None:
-        self.out_hist = _memory.huge(n, _core.HEV_DTYPE)        # (as the engine's batches: written at random)
+        self.out_hist = np.zeros(n, _core.HEV_DTYPE)
         self.out = np.zeros(n, _core.OUT_DTYPE)
         self.out_hist.view(np.uint8)[::4096] = 0
         self.out.view(np.uint8)[::4096] = 0
@@ -103,8 +103,8 @@ class KernelBuffers:
             self.kernel = _core.Kernel(c.code, c.pool, c.conds, c.rules, c.offers, c.tiers, c.params)
             self.program = prog
         if self.state is None or self.use is None or len(self.state) != members or self.use.shape[1] != noff:
-            self.state = _memory.huge(members, _core.MSTATE_DTYPE)
-            self.use = _memory.huge((members, noff, 3), np.int64)
+            self.state = np.zeros(members, _core.MSTATE_DTYPE)
+            self.use = np.zeros((members, noff, 3), np.int64)
             self.offsets = (np.zeros(members + 1, np.int64), np.zeros(members + 1, np.int64))
         assert self.offsets is not None
         _fresh(self.state)
@@ -131,11 +131,10 @@ def _fresh(state: np.ndarray) -> None:
 
 def kernel_evaluate(prog: Program, data: dict[str, np.ndarray], members: int,
                     buffers: KernelBuffers | None = None) -> np.ndarray:
-    """Evaluate every row with the compiled kernel, state in memory (fresh members), with the
-    allocations as the engine's batch paths make them: small pages for NumPy's (``_memory.small_pages``),
-    huge pages for the members' state and the histories (``_memory.huge``). With ``buffers`` (from
-    :func:`kernel_buffers`, at least as long as the rows) the outputs go there, and the kernel and the
-    members' arrays are the ones kept there, as an engine keeps them."""
+    """Evaluate every row with the compiled kernel, state in memory (fresh members), with NumPy's
+    allocations as the engine's batch paths make them (small pages: ``_memory.small_pages``). With
+    ``buffers`` (from :func:`kernel_buffers`, at least as long as the rows) the outputs go there, and the
+    kernel and the members' arrays are the ones kept there, as an engine keeps them."""
     with _memory.small_pages():
         return _kernel_evaluate(prog, data, members, buffers)
 
@@ -148,9 +147,9 @@ def _kernel_evaluate(prog: Program, data: dict[str, np.ndarray], members: int,
     if buffers is None:
         c = prog.compiled
         kernel = _core.Kernel(c.code, c.pool, c.conds, c.rules, c.offers, c.tiers, c.params)
-        state = _memory.huge(members, _core.MSTATE_DTYPE)     # (as the engine keeps its members' state)
+        state = np.zeros(members, _core.MSTATE_DTYPE)
         _fresh(state)
-        use = _memory.huge((members, noff, 3), np.int64)
+        use = np.zeros((members, noff, 3), np.int64)
         hist_off, out_off = np.zeros(members + 1, np.int64), np.zeros(members + 1, np.int64)
         buffers = kernel_buffers(n)
         seg_of = rows["member"].astype(np.int64)
