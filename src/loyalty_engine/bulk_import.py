@@ -962,17 +962,10 @@ class _Importer:
         if job is None:
             eng._refresh_points(idx)
             return
-        from .engine import credit_account, points_account
+        from .ledger import available_in_state
 
-        idx = idx[idx >= 0]
-        if len(idx) == 0:
-            return
-        ids = np.ascontiguousarray(np.concatenate([points_account(idx), credit_account(idx)]), np.uint64)
-        vals = np.empty((len(ids), 5), np.int64)
-        found = np.empty(len(ids), np.uint8)
-        job.state.balances_into(ids, vals, found)       # (reads only; the writer thread no longer changes it)
-        eng._members["points"][idx] = vals[: len(idx), 4]
-        eng._members["credit"][idx] = vals[len(idx):, 4]
+        state = job.state               # (reads only; the writer thread no longer changes it)
+        eng._refresh_points(idx, lambda ids: available_in_state(state, ids))
 
     def _post(self, ch: _Chunk, cp: dict[str, Any], reason: np.ndarray, midx: np.ndarray, at: np.ndarray,
               amount: np.ndarray, qty: np.ndarray, is_ret: np.ndarray, refs: pa.Array | None, ref_hash: np.ndarray,

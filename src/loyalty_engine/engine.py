@@ -573,12 +573,9 @@ class Engine:
         they are only appended to while the engine's lock is held, and a member's name never changes."""
         idx = idx[idx >= 0]
         idx = _small_unique(idx, len(self._member_names))[0]
-        noff = len(self.program.offers)
         state, use, used = self._record_rows(idx)
         hist = dict(self._hist)         # (its values are bytes: the chunks after this one replace them)
-        budget = (json.dumps({o.name: int(self._budget[i]) for i, o in enumerate(self.program.offers)}).encode()
-                  if noff else None)
-        return idx, state, use, used, hist, budget
+        return idx, state, use, used, hist, self._budget_value()
 
     def _put_frozen(self, txn: lmdb.Transaction, frozen: tuple[Any, ...]) -> None:
         """Store what :meth:`_members_frozen` copied (the same bytes as :meth:`_put_members` and
@@ -626,10 +623,16 @@ class Engine:
         # page fewer for every durable commit that records an event)
         txn.put(b"E" + self._event_seq.to_bytes(8, "big"), body, db=self.ledger._ext_db())
 
+    def _budget_value(self) -> bytes | None:
+        """The stored form of the offers' budgets spent (None when the program has no offers)."""
+        if not len(self.program.offers):
+            return None
+        return json.dumps({o.name: int(self._budget[i]) for i, o in enumerate(self.program.offers)}).encode()
+
     def _put_budget(self, txn: lmdb.Transaction) -> None:
-        if len(self.program.offers):
-            body = {o.name: int(self._budget[i]) for i, o in enumerate(self.program.offers)}
-            txn.put(b"B", json.dumps(body).encode(), db=self.ledger._ext_db())
+        value = self._budget_value()
+        if value is not None:
+            txn.put(b"B", value, db=self.ledger._ext_db())
 
     # -- time --------------------------------------------------------------------------------------------
     def _local_fields(self, at_us: np.ndarray) -> dict[str, np.ndarray]:
@@ -1329,12 +1332,13 @@ class Engine:
                                 resume=resume, enroll=enroll, scale=scale, tz=tz, time_format=time_format,
                                 delimiter=delimiter, format=format, chunk_rows=chunk_rows, import_id=import_id)
 
-    def _refresh_points(self, idx: np.ndarray) -> None:
-        """Take members' available points and credit from the ledger (the truth)."""
+    def _refresh_points(self, idx: np.ndarray, available: Any = None) -> None:
+        """Take members' available points and credit from the ledger (the truth): by ``available(ids)``
+        when given (the state as of a transaction), else as of the last commit."""
         idx = idx[idx >= 0]
         if len(idx) == 0:
             return
-        avail = self.ledger._available(np.concatenate([points_account(idx), credit_account(idx)]))
+        avail = (available or self.ledger._available)(np.concatenate([points_account(idx), credit_account(idx)]))
         self._members["points"][idx] = avail[: len(idx)]
         self._members["credit"][idx] = avail[len(idx):]
 
@@ -1639,10 +1643,7 @@ class Engine:
                                     delta=int(delta[i]), reason="expiry")
                 if not soon:
                     return
-                avail = self.ledger._available_in(txn, np.concatenate([points_account(notified),
-                                                                       credit_account(notified)]))
-                self._members["points"][notified] = avail[: len(notified)]
-                self._members["credit"][notified] = avail[len(notified):]
+                self._refresh_points(notified, lambda ids: self.ledger._available_in(txn, ids))
                 for i, y in soon:
                     self._members[i]["notice_year"] = y
                     self._put_member(txn, i)

@@ -102,6 +102,16 @@ def _entry_hash_parts(header: bytes | memoryview, parts: list[Any]) -> bytes:
     return h.digest()
 
 
+
+def available_in_state(state: Any, ids: np.ndarray) -> np.ndarray:
+    """The available balance of each of ``ids`` (0 for an unknown id) in a ledger ``State`` (the caller
+    sees to it that nothing changes the state meanwhile)."""
+    arr = np.ascontiguousarray(ids, np.uint64)
+    vals = np.empty((len(arr), 5), np.int64)
+    found = np.empty(len(arr), np.uint8)
+    state.balances_into(arr, vals, found)
+    return vals[:, 4].copy()
+
 class Ledger:
     """A points ledger in an LMDB directory. Open with :meth:`Ledger.open`; use as a context manager.
 
@@ -681,23 +691,15 @@ class Ledger:
     def _available(self, ids: np.ndarray) -> np.ndarray:
         """The available balance of each of ``ids`` (uint64; 0 for an unknown id): the ``available``
         column of :meth:`balances` without the other columns (the engine's batches ask for millions)."""
-        arr = np.ascontiguousarray(ids, np.uint64)
-        vals = np.empty((len(arr), 5), np.int64)
-        found = np.empty(len(arr), np.uint8)
         with self._lock:
             self._read()
-            self._state.balances_into(arr, vals, found)
-        return vals[:, 4].copy()
+            return available_in_state(self._state, ids)
 
     def _available_in(self, txn: lmdb.Transaction, ids: np.ndarray) -> np.ndarray:
         """:meth:`_available` inside a :meth:`_write` callback's ``txn``: the state as of that
         transaction, what it applied so far included (:meth:`_available` would read the last commit)."""
         del txn                             # (the state under the write lock is the transaction's)
-        arr = np.ascontiguousarray(ids, np.uint64)
-        vals = np.empty((len(arr), 5), np.int64)
-        found = np.empty(len(arr), np.uint8)
-        self._state.balances_into(arr, vals, found)
-        return vals[:, 4].copy()
+        return available_in_state(self._state, ids)
 
     def lots(self, account_id: int) -> list[tuple[int, int]]:
         """The account's lots as (expires_at µs, remaining), soonest first."""
