@@ -6,9 +6,11 @@ import os
 import shutil
 import subprocess
 import sys
+from importlib.machinery import EXTENSION_SUFFIXES
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 import loyalty_engine
 from loyalty_engine.datasets import load_cdnow, parse_cdnow
@@ -35,6 +37,52 @@ def test_import_without_the_compiled_core_says_how_to_build(tmp_path: Path) -> N
     assert "BuildError" in proc.stderr
     assert "pip install -e ." in proc.stderr
     assert "no pure-Python fallback" in proc.stderr
+
+
+COMPILED_PY = ("engine", "ledger", "store", "types")     # setup.py's PY_MODULES
+
+
+def _compiled_build() -> bool:
+    return os.environ.get("LOYALTY_ENGINE_PURE_PYTHON", "") in ("", "0")
+
+
+def test_the_engine_and_the_ledger_run_compiled() -> None:
+    """setup.py compiles the Python modules a purchase runs through, and lists their source hashes."""
+    if not _compiled_build():
+        pytest.skip("built with LOYALTY_ENGINE_PURE_PYTHON=1")
+    import importlib
+
+    listing = (SRC / "_compiled.txt").read_text().split()
+    assert listing[::2] == list(COMPILED_PY)
+    for name in COMPILED_PY:
+        module = importlib.import_module(f"loyalty_engine.{name}")
+        assert module.__file__ is not None
+        assert any(module.__file__.endswith(s) for s in EXTENSION_SUFFIXES), module.__file__
+
+
+def _import_copy(tmp_path: Path, edit: str | None) -> subprocess.CompletedProcess[str]:
+    copy = tmp_path / "loyalty_engine"
+    shutil.copytree(SRC, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    if edit is not None:
+        with open(copy / f"{edit}.py", "a") as f:
+            f.write("\n# an edit after the build\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    return subprocess.run([sys.executable, "-c", "import loyalty_engine.engine; print(loyalty_engine.engine.__file__)"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True)
+
+
+def test_a_module_edited_after_the_build_is_refused(tmp_path: Path) -> None:
+    """A compiled module whose .py changed since the build would run the old code: import says to rebuild."""
+    if not _compiled_build():
+        pytest.skip("built with LOYALTY_ENGINE_PURE_PYTHON=1")
+    same = _import_copy(tmp_path / "same", None)
+    assert same.returncode == 0, same.stderr
+    assert str(tmp_path / "same") in same.stdout
+    edited = _import_copy(tmp_path / "edited", "ledger")
+    assert edited.returncode != 0
+    assert "BuildError" in edited.stderr
+    assert "ledger.py changed after it was compiled" in edited.stderr
+    assert "pip install -e ." in edited.stderr
 
 
 def test_errors_inherit_the_builtins_they_resemble() -> None:

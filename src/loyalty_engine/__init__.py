@@ -13,6 +13,35 @@ except ImportError as _e:  # pragma: no cover - exercised by a subprocess test
         "there is no pure-Python fallback."
     ) from _e
 
+
+def _refuse_stale_modules() -> None:
+    """Python imports a compiled module before its ``.py``: a module whose source changed after the
+    build (``_compiled.txt`` has the hashes the build compiled) would run the old code. Refuse it."""
+    import hashlib
+    from importlib.machinery import EXTENSION_SUFFIXES
+    from pathlib import Path
+
+    here = Path(__file__).parent
+    try:
+        listing = (here / "_compiled.txt").read_text().split()
+    except FileNotFoundError:       # (a build that compiled no Python module, or a source tree never built)
+        return
+    for name, digest in zip(listing[::2], listing[1::2], strict=True):
+        source = here / f"{name}.py"
+        if not source.exists() or not any((here / f"{name}{s}").exists() for s in EXTENSION_SUFFIXES):
+            continue
+        if hashlib.blake2b(source.read_bytes(), digest_size=16).hexdigest() != digest:
+            from .errors import BuildError
+
+            raise BuildError(
+                f"{source} changed after it was compiled, and Python would run the compiled old version. "
+                "Build again with:  pip install -e .   (or LOYALTY_ENGINE_PURE_PYTHON=1 pip install -e . "
+                "to run the Python modules uncompiled)"
+            )
+
+
+_refuse_stale_modules()
+
 from .errors import (
     BuildError,
     CodeError,

@@ -1439,7 +1439,7 @@ class Engine:
                 # refunded one on, as the kernel ranks at a purchase (its window or period, recency 0)
                 h = np.frombuffer(self._hist[idx], HEV)
                 days = sorted(set(h["day"][(h["visits"] > 0) & (h["day"] >= day)].tolist()))
-                new = max([int(o["tier_before"]), *(self._tier_at_purchase(idx, d) for d in days)])
+                new = max([int(o["tier_before"])] + [self._tier_at_purchase(idx, d) for d in days])
                 if new < tier_before:
                     st["tier"] = new
             rec["refunded"] += amount
