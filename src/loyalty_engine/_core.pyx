@@ -12,6 +12,7 @@ from libc.stdint cimport int64_t, uint64_t, int32_t, uint32_t, int16_t, uint16_t
 from loyalty_engine._mix cimport mix64
 from libc.stdlib cimport malloc, realloc, free
 from libc.string cimport memcmp, memcpy, memset
+from cpython.exc cimport PyErr_CheckSignals
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE, PyBUF_WRITABLE
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE, PyBytes_Check
 
@@ -3814,6 +3815,15 @@ def codes_finish(const uint64_t[::1] serial, uint8_t[::1] status, const int32_t[
 
 # ---------------------------------------------------------------------------------------------------
 # Bulk import: hashing of string columns (refs, member names) without a Python object per row
+
+def check_interrupt():
+    """Run the signal handlers that are due: a pending Ctrl-C raises KeyboardInterrupt here.
+
+    The interpreter checks for signals between bytecodes. Compiled code has no bytecodes, and the
+    engine's and the ledger's modules are compiled. So their loops that may run long call this once
+    an iteration (over journal entries) or once every few thousand (over members)."""
+    PyErr_CheckSignals()
+
 
 cdef inline uint64_t _mix64(uint64_t h) noexcept nogil:
     # the splitmix64 finaliser: every input bit reaches every output bit

@@ -465,7 +465,9 @@ class Engine:
             self._use_map = np.array([names.index(x) if x in names else -1 for x in stored], np.int64)
             cur = txn.cursor(db=db)
             if cur.set_range(b"M"):
-                for key, value in cur:
+                for k, (key, value) in enumerate(cur):
+                    if not k & 0xFFF:
+                        _core.check_interrupt()
                     if not bytes(key[:1]) == b"M":
                         break
                     self._load_member(int.from_bytes(bytes(key[1:9]), "big"), bytes(value))

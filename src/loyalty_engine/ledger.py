@@ -242,6 +242,7 @@ class Ledger:
         if not cur.set_key(u64be(self._seq + 1)):
             raise CorruptionError(f"journal entry {self._seq + 1} is missing (head is {head})")
         for key, value in cur:
+            _core.check_interrupt()
             seq = from_u64be(key)
             if seq > head:
                 break
@@ -278,6 +279,7 @@ class Ledger:
         jdb = st.dbs[b"journal"]
         entries = []
         for key, value in txn.cursor(db=jdb):
+            _core.check_interrupt()
             if from_u64be(key) > self._seq:
                 break
             if value[0] == KIND_TRANSFERS:
@@ -285,6 +287,7 @@ class Ledger:
         state.enable_ids(0)
         rdb = st.dbs[b"records"]
         for seq, value in entries:
+            _core.check_interrupt()
             state.add_ids(_records(txn, rdb, seq, value), seq)
         state.entry_seq = self._seq + 1
 
@@ -729,6 +732,7 @@ class Ledger:
             rdb = st.dbs[b"records"]
             if account is None:
                 for key, value in txn.cursor(db=jdb):
+                    _core.check_interrupt()
                     if value[0] == KIND_TRANSFERS:
                         recs = _records(txn, rdb, from_u64be(key), value)
                         sel = np.flatnonzero((recs["at"] >= lo) & (recs["at"] < hi))
@@ -767,6 +771,7 @@ class Ledger:
         try:
             with st.begin() as txn:
                 for key, value in txn.cursor(db=st.dbs[b"journal"]):
+                    _core.check_interrupt()
                     if value[0] != KIND_TRANSFERS:
                         continue
                     recs = np.array(_records(txn, st.dbs[b"records"], from_u64be(key), value))
@@ -801,6 +806,7 @@ class Ledger:
                 problems.append(str(e))
             derived_runs: list[tuple[int, np.ndarray]] = []
             for key, value in txn.cursor(db=st.dbs[b"journal"]):
+                _core.check_interrupt()
                 seq = from_u64be(key)
                 batches += 1
                 if seq != expected:
