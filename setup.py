@@ -5,12 +5,14 @@ Two kinds of extension modules are built:
 - the core, ``_core.pyx`` and ``_bulk.pyx``: typed Cython, the ledger's state and the rule kernel;
 - the engine's and the ledger's plain Python modules (``PY_MODULES``), compiled as they are by Cython:
   the same source and behaviour, without the interpreter's cost per line (one purchase takes about a
-  quarter less time). ``LOYALTY_ENGINE_PURE_PYTHON=1 pip install -e .`` leaves them uncompiled, to step
+  fifth less time). ``LOYALTY_ENGINE_PURE_PYTHON=1 pip install -e .`` leaves them uncompiled, to step
   through them in a debugger.
 
 Python imports a compiled module before its ``.py``, so a ``.py`` edited after the build would be
-ignored. The build writes each compiled module's source hash to ``_compiled.txt``; importing
-``loyalty_engine`` refuses a compiled module whose source changed since (it says to build again).
+ignored. The build writes each compiled module's source hash, taken before Cython reads the source, to
+``_compiled.txt``; importing ``loyalty_engine`` refuses a compiled module whose source changed since,
+and a compiled module that the listing does not name (it says to build again). A build removes the
+compiled copies of modules it no longer compiles.
 """
 
 import hashlib
@@ -51,24 +53,49 @@ def source_hash(path: Path) -> str:
     return hashlib.blake2b(path.read_bytes(), digest_size=16).hexdigest()
 
 
+def read_listing(path: Path) -> dict[str, str]:
+    try:
+        words = path.read_text().split()
+    except FileNotFoundError:
+        return {}
+    return dict(zip(words[::2], words[1::2])) if len(words) % 2 == 0 else {}
+
+
+def compiled_copies(folder: Path, name: str) -> list[Path]:
+    return [*folder.glob(f"{name}.*.so"), *folder.glob(f"{name}.*.pyd")]
+
+
 compiled_py = () if pure else PY_MODULES
-if pure:        # a compiled module left from an earlier build would shadow its .py
-    for name in PY_MODULES:
-        for stale in [*PACKAGE.glob(f"{name}.*.so"), *PACKAGE.glob(f"{name}.*.pyd"), PACKAGE / f"{name}.c"]:
-            stale.unlink(missing_ok=True)
+# The sources as Cython is about to read them: an edit during the build shows as a stale module.
+hashes = {name: source_hash(PACKAGE / f"{name}.py") for name in compiled_py}
+# Cython skips a module whose .c is newer than its .py; a .py put back with an old time (tar, rsync,
+# cp -p) would keep its old .c. So a module whose source is not the one last compiled is generated again.
+last = read_listing(PACKAGE / LISTING)
+for name in compiled_py:
+    if last.get(name) != hashes[name]:
+        (PACKAGE / f"{name}.c").unlink(missing_ok=True)
 
 
 class BuildExt(build_ext):
-    """build_ext that lists the compiled Python modules' source hashes once they are built, beside the
-    package in the build and, for an editable install, in the source tree."""
+    """build_ext that, once the modules are built, removes the compiled copies of the package's Python
+    modules that this build does not compile (so none shadows its .py) and lists the compiled ones'
+    source hashes: in the build, and in the source tree when the modules are put there (editable or
+    in-place builds)."""
 
     def run(self) -> None:
         super().run()
-        text = "".join(f"{name} {source_hash(PACKAGE / f'{name}.py')}\n" for name in compiled_py)
-        targets = {PACKAGE / LISTING, Path(self.build_lib) / "loyalty_engine" / LISTING}
-        for target in targets:
-            if target.parent.is_dir():
-                target.write_text(text)
+        folders = [Path(self.build_lib) / "loyalty_engine"]
+        if self.inplace or getattr(self, "editable_mode", False):
+            folders.append(PACKAGE)
+        text = "".join(f"{name} {hashes[name]}\n" for name in compiled_py)
+        for folder in folders:
+            if not folder.is_dir():
+                continue
+            for source in PACKAGE.glob("*.py"):
+                if source.stem not in compiled_py:
+                    for stale in compiled_copies(folder, source.stem):
+                        stale.unlink()
+            (folder / LISTING).write_text(text)
 
 
 core = [Extension("loyalty_engine._core", ["src/loyalty_engine/_core.pyx"], extra_compile_args=["-O3"]),
@@ -76,6 +103,8 @@ core = [Extension("loyalty_engine._core", ["src/loyalty_engine/_core.pyx"], extr
 # (-O2 without debug symbols: the generated C is calls into the C API; -O3 -g doubles its compile time)
 plain = [Extension(f"loyalty_engine.{name}", [f"src/loyalty_engine/{name}.py"], extra_compile_args=["-O2", "-g0"])
          for name in compiled_py]
+# (Tracebacks through them name "src/loyalty_engine/engine.py" and so on: Cython embeds the path as
+# given, relative to this folder; their source lines show when Python runs from a checkout's root.)
 
 setup(
     ext_modules=cythonize(core, compiler_directives=directives)

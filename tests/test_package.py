@@ -60,12 +60,14 @@ def test_the_engine_and_the_ledger_run_compiled() -> None:
         assert any(module.__file__.endswith(s) for s in EXTENSION_SUFFIXES), module.__file__
 
 
-def _import_copy(tmp_path: Path, edit: str | None) -> subprocess.CompletedProcess[str]:
+def _import_copy(tmp_path: Path, edit: str | None, listing: str | None = None) -> subprocess.CompletedProcess[str]:
     copy = tmp_path / "loyalty_engine"
     shutil.copytree(SRC, copy, ignore=shutil.ignore_patterns("__pycache__"))
     if edit is not None:
         with open(copy / f"{edit}.py", "a") as f:
             f.write("\n# an edit after the build\n")
+    if listing is not None:
+        (copy / "_compiled.txt").write_text(listing)
     env = {**os.environ, "PYTHONPATH": str(tmp_path)}
     return subprocess.run([sys.executable, "-c", "import loyalty_engine.engine; print(loyalty_engine.engine.__file__)"],
                           cwd=tmp_path, env=env, capture_output=True, text=True)
@@ -83,6 +85,20 @@ def test_a_module_edited_after_the_build_is_refused(tmp_path: Path) -> None:
     assert "BuildError" in edited.stderr
     assert "ledger.py changed after it was compiled" in edited.stderr
     assert "pip install -e ." in edited.stderr
+
+
+def test_a_compiled_module_the_build_did_not_list_is_refused(tmp_path: Path) -> None:
+    """A compiled copy left by an earlier build (a module no longer compiled), or a damaged listing."""
+    if not _compiled_build():
+        pytest.skip("built with LOYALTY_ENGINE_PURE_PYTHON=1")
+    lines = (SRC / "_compiled.txt").read_text().splitlines()
+    unlisted = _import_copy(tmp_path / "unlisted", None, "\n".join(x for x in lines if not x.startswith("store ")))
+    assert unlisted.returncode != 0
+    assert "BuildError" in unlisted.stderr
+    assert "store.py has a compiled copy that the last build did not make" in unlisted.stderr
+    damaged = _import_copy(tmp_path / "damaged", None, "\n".join(lines) + "\nengine")
+    assert damaged.returncode != 0
+    assert "BuildError" in damaged.stderr and "_compiled.txt is damaged" in damaged.stderr
 
 
 def test_errors_inherit_the_builtins_they_resemble() -> None:

@@ -3816,13 +3816,15 @@ def codes_finish(const uint64_t[::1] serial, uint8_t[::1] status, const int32_t[
 # ---------------------------------------------------------------------------------------------------
 # Bulk import: hashing of string columns (refs, member names) without a Python object per row
 
-def check_interrupt():
-    """Run the signal handlers that are due: a pending Ctrl-C raises KeyboardInterrupt here.
-
-    The interpreter checks for signals between bytecodes. Compiled code has no bytecodes, and the
-    engine's and the ledger's modules are compiled. So their loops that may run long call this once
-    an iteration (over journal entries) or once every few thousand (over members)."""
+def pause_point():
+    """What the interpreter does between bytecodes, for the long loops of the compiled engine and
+    ledger modules (compiled code has no bytecodes): run the signal handlers that are due, so that a
+    Ctrl-C raises KeyboardInterrupt here, and hand the GIL to a thread that has been waiting for it
+    (releasing it lets CPython's switch happen). Those loops call it once an iteration (over journal
+    entries) or once every few thousand (over members and rows)."""
     PyErr_CheckSignals()
+    with nogil:
+        pass
 
 
 cdef inline uint64_t _mix64(uint64_t h) noexcept nogil:

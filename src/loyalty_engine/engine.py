@@ -467,7 +467,7 @@ class Engine:
             if cur.set_range(b"M"):
                 for k, (key, value) in enumerate(cur):
                     if not k & 0xFFF:
-                        _core.check_interrupt()
+                        _core.pause_point()
                     if not bytes(key[:1]) == b"M":
                         break
                     self._load_member(int.from_bytes(bytes(key[1:9]), "big"), bytes(value))
@@ -798,12 +798,16 @@ class Engine:
         if len(ats) != len(names):
             raise ValidationError(f"enroll_batch: {len(names)} members but {len(ats)} times")
         for i, m in enumerate(names):
+            if not i & 0xFFF:
+                _core.pause_point()
             if not isinstance(m, str) or not m or len(m.encode()) > 200:
                 raise ValidationError(f"enroll_batch: members[{i}] must be a non-empty string of at most 200 "
                                       f"bytes, not {m!r}")
         with self._lock:
             new: dict[str, int] = {}
-            for m, a in zip(names, ats, strict=True):
+            for i, (m, a) in enumerate(zip(names, ats, strict=True)):
+                if not i & 0xFFF:
+                    _core.pause_point()
                 if m not in self._names and m not in new:
                     new[m] = a
             if not new:
@@ -826,6 +830,8 @@ class Engine:
                 self._put_names(txn, first, names_new)
                 if events:
                     for k, m in enumerate(names_new):
+                        if not k & 0xFFF:
+                            _core.pause_point()
                         self._put_event(txn, "welcome", m, int(at_arr[k]), points=bonus)
 
             try:
@@ -1169,7 +1175,9 @@ class Engine:
         """Store receipts, members and events of committed purchase rows (inside the ledger's txn)."""
         db = self.ledger._ext_db()
         put = txn.put
-        for ref, rec in zip(refs, recs, strict=True):
+        for k, (ref, rec) in enumerate(zip(refs, recs, strict=True)):
+            if not k & 0xFFF:
+                _core.pause_point()
             put(b"R" + ref.encode(), rec.tobytes(), db=db)
             if events:
                 self._row_events(txn, ref, self._member_names[int(rec["member"])], int(rec["at"]), rec["out"].item())
@@ -1623,7 +1631,9 @@ class Engine:
             if p.birthday_bonus:
                 md = self._members["birth_md"][:count].astype(np.int64)
                 today = date.fromordinal(day + EPOCH_ORDINAL)
-                for i in np.flatnonzero(md > 0):
+                for k, i in enumerate(np.flatnonzero(md > 0).tolist()):
+                    if not k & 0xFFF:
+                        _core.pause_point()
                     m, dd = divmod(int(md[i]), 100)
                     for y in (today.year, today.year + 1):
                         try:
@@ -1640,13 +1650,17 @@ class Engine:
             def extra(txn: lmdb.Transaction, records: np.ndarray) -> None:
                 # (may run twice: a write that filled the map is retried; _numbered numbers it afresh)
                 delta = self._expired_points(records, count)
-                for i in np.flatnonzero(delta):
+                for k, i in enumerate(np.flatnonzero(delta).tolist()):
+                    if not k & 0xFFF:
+                        _core.pause_point()
                     self._put_event(txn, "points_changed", self._member_names[i], at_us,
                                     delta=int(delta[i]), reason="expiry")
                 if not soon:
                     return
                 self._refresh_points(notified, lambda ids: self.ledger._available_in(txn, ids))
-                for i, y in soon:
+                for k, (i, y) in enumerate(soon):
+                    if not k & 0xFFF:
+                        _core.pause_point()
                     self._members[i]["notice_year"] = y
                     self._put_member(txn, i)
                     self._put_event(txn, "birthday_soon", self._member_names[i], at_us,

@@ -61,3 +61,20 @@ class CorruptionError(StorageError):
 
 class BuildError(LoyaltyError, ImportError):
     """The compiled core is missing: the package was not built."""
+
+
+def warn_caller(message: str, category: type[Warning]) -> None:
+    """``warnings.warn`` attributed to the first frame outside loyalty_engine: the host's call.
+
+    The engine's and the ledger's modules are compiled, and compiled functions have no frames. So a
+    fixed ``stacklevel`` points at a different place compiled and interpreted. This module is never
+    compiled; it counts the frames that are the package's own."""
+    import sys
+    import warnings
+
+    frame = sys._getframe(1)
+    level = 2
+    while frame.f_back is not None and str(frame.f_globals.get("__name__", "")).split(".")[0] == "loyalty_engine":
+        frame = frame.f_back
+        level += 1
+    warnings.warn(message, category, stacklevel=level)

@@ -12,7 +12,6 @@ import os
 import struct
 import threading
 import time
-import warnings
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
@@ -24,7 +23,7 @@ import pyarrow as pa
 
 from . import _core
 from .batch import normalize_accounts, normalize_batch, normalize_transfers
-from .errors import CorruptionError, LedgerClosedError, NotFoundError, StorageError, ValidationError
+from .errors import CorruptionError, LedgerClosedError, NotFoundError, StorageError, ValidationError, warn_caller
 from .store import Store, from_u64be, open_store, release_store, u64be
 from .types import (
     ACCOUNT_RECORD_DTYPE,
@@ -242,7 +241,7 @@ class Ledger:
         if not cur.set_key(u64be(self._seq + 1)):
             raise CorruptionError(f"journal entry {self._seq + 1} is missing (head is {head})")
         for key, value in cur:
-            _core.check_interrupt()
+            _core.pause_point()
             seq = from_u64be(key)
             if seq > head:
                 break
@@ -279,7 +278,7 @@ class Ledger:
         jdb = st.dbs[b"journal"]
         entries = []
         for key, value in txn.cursor(db=jdb):
-            _core.check_interrupt()
+            _core.pause_point()
             if from_u64be(key) > self._seq:
                 break
             if value[0] == KIND_TRANSFERS:
@@ -287,7 +286,7 @@ class Ledger:
         state.enable_ids(0)
         rdb = st.dbs[b"records"]
         for seq, value in entries:
-            _core.check_interrupt()
+            _core.pause_point()
             state.add_ids(_records(txn, rdb, seq, value), seq)
         state.entry_seq = self._seq + 1
 
@@ -433,9 +432,8 @@ class Ledger:
         except lmdb.MapFullError:
             st.grow()  # housekeeping retries after a later commit
         except Exception as exc:    # the write committed: a snapshot that failed is retried after a later one
-            warnings.warn(f"the ledger's snapshot after a commit failed ({type(exc).__name__}: {exc}); the "
-                          f"commit stands, and the snapshot is tried again after a later commit",
-                          RuntimeWarning, stacklevel=3)
+            warn_caller(f"the ledger's snapshot after a commit failed ({type(exc).__name__}: {exc}); the "
+                        f"commit stands, and the snapshot is tried again after a later commit", RuntimeWarning)
 
     def _write_snapshot(self) -> None:
         st = self._st()
@@ -732,7 +730,7 @@ class Ledger:
             rdb = st.dbs[b"records"]
             if account is None:
                 for key, value in txn.cursor(db=jdb):
-                    _core.check_interrupt()
+                    _core.pause_point()
                     if value[0] == KIND_TRANSFERS:
                         recs = _records(txn, rdb, from_u64be(key), value)
                         sel = np.flatnonzero((recs["at"] >= lo) & (recs["at"] < hi))
@@ -771,7 +769,7 @@ class Ledger:
         try:
             with st.begin() as txn:
                 for key, value in txn.cursor(db=st.dbs[b"journal"]):
-                    _core.check_interrupt()
+                    _core.pause_point()
                     if value[0] != KIND_TRANSFERS:
                         continue
                     recs = np.array(_records(txn, st.dbs[b"records"], from_u64be(key), value))
@@ -806,7 +804,7 @@ class Ledger:
                 problems.append(str(e))
             derived_runs: list[tuple[int, np.ndarray]] = []
             for key, value in txn.cursor(db=st.dbs[b"journal"]):
-                _core.check_interrupt()
+                _core.pause_point()
                 seq = from_u64be(key)
                 batches += 1
                 if seq != expected:
