@@ -10,9 +10,9 @@ Two kinds of extension modules are built:
 
 Python imports a compiled module before its ``.py``, so a ``.py`` edited after the build would be
 ignored. The build writes each compiled module's source hash, taken before Cython reads the source, to
-``_compiled.txt``; importing ``loyalty_engine`` refuses a compiled module whose source changed since,
-and a compiled module that the listing does not name (it says to build again). A build removes the
-compiled copies of modules it no longer compiles.
+``_compiled.txt``; importing ``loyalty_engine`` (its ``_compiled_check``) refuses a compiled module
+whose source changed since, and a compiled module that the listing does not name (it says to build
+again). A build removes the compiled copies of modules it no longer compiles.
 """
 
 import hashlib
@@ -49,7 +49,7 @@ py_directives = {"language_level": 3, "binding": True, "annotation_typing": Fals
 
 
 def source_hash(path: Path) -> str:
-    """The hash ``loyalty_engine/__init__.py`` compares (the same function is there)."""
+    """The hash ``loyalty_engine/_compiled_check.py`` compares (it computes it the same way)."""
     return hashlib.blake2b(path.read_bytes(), digest_size=16).hexdigest()
 
 
@@ -58,7 +58,7 @@ def read_listing(path: Path) -> dict[str, str]:
         words = path.read_text().split()
     except FileNotFoundError:
         return {}
-    return dict(zip(words[::2], words[1::2])) if len(words) % 2 == 0 else {}
+    return dict(zip(words[::2], words[1::2], strict=True)) if len(words) % 2 == 0 else {}
 
 
 def compiled_copies(folder: Path, name: str) -> list[Path]:

@@ -9,9 +9,9 @@ their warnings name the host's line, not a frame counted from a place that does 
 from __future__ import annotations
 
 import signal
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-import warnings
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
