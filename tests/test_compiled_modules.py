@@ -32,10 +32,14 @@ class _Stop(Exception):
 
 @contextmanager
 def _signal_once(started: Callable[[], bool]) -> Iterator[None]:
-    """SIGALRM every 0.2 ms; its handler raises _Stop once ``started()`` (before that it returns)."""
+    """SIGALRM every 0.2 ms; its handler raises _Stop the first time ``started()`` (and stops the timer);
+    every other time it returns."""
+    raised: list[bool] = []
 
     def handler(signum: int, frame: object) -> None:
-        if started():
+        if started() and not raised:
+            raised.append(True)
+            signal.setitimer(signal.ITIMER_REAL, 0)
             raise _Stop
 
     old = signal.signal(signal.SIGALRM, handler)
