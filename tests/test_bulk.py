@@ -31,23 +31,50 @@ def test_stub_names_and_parameters_match_the_module() -> None:
         assert list(inspect.signature(getattr(bulk, name)).parameters) == params, name
 
 
-def _member_records_reference(idx: np.ndarray, names: list[str], members: np.ndarray, use: np.ndarray,
-                              hist: dict[int, bytes]) -> list[tuple[bytes, bytes]]:
-    """The member store's record as Engine._member_value writes it, one member at a time."""
-    out = []
-    for i in idx.tolist():
-        name = names[i].encode()
-        use_b = use[i].tobytes() if use.shape[1] and use[i].any() else b""
-        out.append((b"M" + i.to_bytes(8, "big"),
-                    len(name).to_bytes(2, "little") + name + members[i: i + 1].tobytes()
-                    + len(use_b).to_bytes(4, "little") + use_b + hist.get(i, b"")))
+def _varint(v: int) -> bytes:
+    out = bytearray()
+    while v >= 0x80:
+        out.append(v & 0x7F | 0x80)
+        v >>= 7
+    out.append(v)
+    return bytes(out)
+
+
+def _zz(v: int) -> bytes:
+    """A signed 64-bit value as a zigzag varint."""
+    return _varint((v << 1) ^ (v >> 63) if v >= 0 else ((-v) << 1) - 1)
+
+
+def _compact_reference(name: bytes, state: bytes, use: np.ndarray | None, hist: bytes) -> bytes:
+    """The compact member record (loyalty_engine/_record.pxd), written the plain way."""
+    out = (len(name) | 0x8000).to_bytes(2, "little") + name + state
+    values = [] if use is None else use.tolist()
+    out += _varint(len(values)) + b"".join(_zz(v) for v in values)
+    prev = 0
+    for e in np.frombuffer(hist, HEV).tolist():
+        day, visits, amount, points = (int(x) for x in e)
+        out += _zz(day - prev) + _zz(visits) + _zz(amount) + _zz(points)
+        prev = day
     return out
 
 
-@pytest.mark.parametrize("noff", [0, 1, 5])
-def test_member_records_are_the_bytes_of_the_one_member_path(noff: int) -> None:
-    rng = np.random.default_rng(5)
-    n = 300
+def _plain_reference(name: bytes, state: bytes, use: np.ndarray | None, hist: bytes) -> bytes:
+    """The plain member record that earlier versions wrote (still read)."""
+    use_b = b"" if use is None else use.tobytes()
+    return len(name).to_bytes(2, "little") + name + state + len(use_b).to_bytes(4, "little") + use_b + hist
+
+
+def _member_records_reference(idx: np.ndarray, names: list[str], members: np.ndarray, use: np.ndarray,
+                              hist: dict[int, bytes]) -> list[tuple[bytes, bytes]]:
+    """The member store's records, one member at a time."""
+    return [(b"M" + i.to_bytes(8, "big"),
+             _compact_reference(names[i].encode(), members[i: i + 1].tobytes(),
+                                use[i] if use.shape[1] and use[i].any() else None, hist.get(i, b"")))
+            for i in idx.tolist()]
+
+
+def _random_records(rng: np.random.Generator, n: int, noff: int) -> tuple[list[str], np.ndarray, np.ndarray,
+                                                                          dict[int, bytes]]:
     names = [f"m{i}" if i % 7 else f"ç{i}—名" for i in range(n)]
     members = np.zeros(n, MSTATE)
     raw = members.view(np.uint8)
@@ -56,13 +83,80 @@ def test_member_records_are_the_bytes_of_the_one_member_path(noff: int) -> None:
     if noff:
         hit = rng.random(n) < 0.3
         use[hit] = rng.integers(-5, 1 << 40, (int(hit.sum()), noff * 3))
-    hist = {i: rng.integers(0, 256, HEV.itemsize * int(rng.integers(0, 4)), dtype=np.uint8).tobytes()
-            for i in range(n) if i % 3}
-    idx = np.sort(rng.choice(n, 120, replace=False)).astype(np.int64)
+        use[0] = [np.iinfo(np.int64).min, np.iinfo(np.int64).max, -1] * noff
+    hist = {}
+    for i in range(n):
+        if i % 3:
+            h = np.zeros(int(rng.integers(0, 5)), HEV)
+            h.view(np.uint8)[:] = rng.integers(0, 256, h.nbytes, dtype=np.uint8)   # any values at all
+            if i % 5 == 0 and len(h):          # and the usual ones: days in order, small counts and sums
+                h["day"] = np.sort(rng.integers(19_000, 21_000, len(h)))
+                h["visits"], h["amount"] = 1, rng.integers(0, 10**7, len(h))
+                h["points"] = h["amount"] // 1000
+            hist[i] = h.tobytes()
+    hist[1] = np.array([(np.iinfo(np.int32).min, np.iinfo(np.int32).max, np.iinfo(np.int64).min,
+                         np.iinfo(np.int64).max), (np.iinfo(np.int32).max, np.iinfo(np.int32).min, -1, 0)],
+                       HEV).tobytes()
+    return names, members, use, hist
+
+
+@pytest.mark.parametrize("noff", [0, 1, 5])
+def test_member_records_are_the_bytes_of_the_one_member_path(noff: int) -> None:
+    rng = np.random.default_rng(5)
+    n = 300
+    names, members, use, hist = _random_records(rng, n, noff)
+    idx = np.sort(np.concatenate([[0, 1], rng.choice(np.arange(2, n), 120, replace=False)])).astype(np.int64)
     got = bulk.member_records(idx, names, members[idx].view(np.uint8).reshape(len(idx), -1),
                               np.ascontiguousarray(use[idx]).view(np.uint8).reshape(len(idx), -1),
                               use[idx].any(axis=1).view(np.uint8) if noff else np.zeros(len(idx), np.uint8), hist)
     assert got == _member_records_reference(idx, names, members, use, hist)
+
+
+@pytest.mark.parametrize("noff", [0, 2])
+def test_member_fields_read_back_both_encodings(noff: int) -> None:
+    """What member_records writes (compact) and what earlier versions wrote (plain) read back the same:
+    the name, the state's bytes, the usage (int64 values; empty when never used), the history's events."""
+    rng = np.random.default_rng(7)
+    names, members, use, hist = _random_records(rng, 200, noff)
+    idx = np.arange(200, dtype=np.int64)
+    used = use.any(axis=1).view(np.uint8) if noff else np.zeros(200, np.uint8)
+    compact = bulk.member_records(idx, names, members.view(np.uint8).reshape(200, -1),
+                                  np.ascontiguousarray(use).view(np.uint8).reshape(200, -1), used, hist)
+    sizes = [0, 0]
+    for i, (_, value) in enumerate(compact):
+        u = use[i] if used[i] else None
+        want = (names[i], members[i: i + 1].tobytes(), b"" if u is None else u.tobytes(), hist.get(i, b""))
+        assert bulk.member_fields(value, MSTATE.itemsize) == want
+        plain = _plain_reference(names[i].encode(), members[i: i + 1].tobytes(), u, hist.get(i, b""))
+        assert bulk.member_fields(plain, MSTATE.itemsize) == want
+        sizes[0] += len(value)
+        sizes[1] += len(plain)
+    assert sizes[0] < sizes[1]
+
+
+def test_the_compact_record_of_a_usual_member_takes_about_half_the_bytes() -> None:
+    """Ten purchases in a year, some offer use: what an import rewrites for every member it touches."""
+    h = np.zeros(10, HEV)
+    h["day"] = 20_000 + np.arange(10) * 36
+    h["visits"], h["amount"] = 1, np.arange(10) * 10_000 + 120_000
+    h["points"] = h["amount"] // 1000
+    use = np.array([[1, 1, 20_030], [0, 0, 0], [2, 1, 20_300], [0, 0, 0], [0, 0, 0]], np.int64).reshape(1, -1)
+    state = np.zeros(1, MSTATE)
+    value = bulk.member_records(np.zeros(1, np.int64), ["cust-000042"], state.view(np.uint8).reshape(1, -1),
+                                use.view(np.uint8), np.ones(1, np.uint8), {0: h.tobytes()})[0][1]
+    plain = _plain_reference(b"cust-000042", state.tobytes(), use[0], h.tobytes())
+    assert len(value) < 0.5 * len(plain)
+
+
+def test_member_fields_refuse_a_damaged_record() -> None:
+    good = bulk.member_records(np.zeros(1, np.int64), ["a"], np.zeros((1, MSTATE.itemsize), np.uint8),
+                               np.zeros((1, 0), np.uint8), np.zeros(1, np.uint8),
+                               {0: np.zeros(2, HEV).tobytes()})[0][1]
+    assert bulk.member_fields(good, MSTATE.itemsize)[3] == np.zeros(2, HEV).tobytes()
+    for bad in (good[:1], good[: 2 + 1 + MSTATE.itemsize - 1], good[:-1], good + b"\x80",
+                good[: 3 + MSTATE.itemsize] + b"\xff" * 11):
+        with pytest.raises(ValueError, match="member record"):
+            bulk.member_fields(bad, MSTATE.itemsize)
 
 
 def test_member_records_refuse_what_is_not_a_member() -> None:

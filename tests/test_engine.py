@@ -969,6 +969,45 @@ def _memory(e: Engine) -> tuple[bytes, ...]:
             b"".join(k.to_bytes(8, "little") + v for k, v in sorted(e._hist.items())))
 
 
+def test_a_club_whose_member_records_are_in_the_plain_encoding_opens_the_same(tmp_path):
+    """Earlier versions stored member records plainly (raw offer usage and history events); they still
+    load, and the next write of a member stores the compact encoding."""
+    from loyalty_engine import _bulk
+    from loyalty_engine.engine import MSTATE
+
+    prog = Program.from_dict(CLUB)
+    with Engine.open(tmp_path / "c", program=prog, sync="none") as e:
+        e.enroll("anna", at=T0 - timedelta(days=30), birth_date=date(1990, 2, 1))
+        e.enroll("ben", at=T0 - timedelta(days=30), referred_by="anna")
+        for k in range(6):
+            e.purchase("ben", amount=60_000 + k, at=T0 + timedelta(days=3 * k), ref=f"b{k}")
+        e.purchase("anna", amount=900_000, at=T0, ref="a0")
+        before = _memory(e)
+        ben = e.member("ben")
+        db = e.ledger._ext_db()
+        with e.ledger._st().begin(write=True) as txn:       # rewrite every record plainly
+            cur = txn.cursor(db=db)
+            assert cur.set_range(b"M")
+            plain = []
+            for key, value in cur:
+                if bytes(key[:1]) != b"M":
+                    break
+                name, state, use, hist = _bulk.member_fields(bytes(value), MSTATE.itemsize)
+                raw = name.encode()
+                plain.append((bytes(key), len(raw).to_bytes(2, "little") + raw + state
+                              + len(use).to_bytes(4, "little") + use + hist))
+            assert len(plain) == 2 and any(len(v) > len(txn.get(k, db=db)) for k, v in plain)
+            for k, v in plain:
+                txn.put(k, v, db=db)
+    with Engine.open(tmp_path / "c", program=prog, sync="none") as e:
+        assert _memory(e) == before
+        assert e.member("ben") == ben
+        e.purchase("ben", amount=70_000, at=T0 + timedelta(days=30), ref="b9")
+        with e.ledger._ext_begin() as txn:
+            stored = bytes(txn.get(b"M" + (1).to_bytes(8, "big"), db=e.ledger._ext_db()))
+        assert stored[1] & 0x80 and stored == e._member_value(1)        # written compact again
+
+
 def test_a_quote_and_a_refused_purchase_leave_memory_as_it_was(tmp_path):
     prog = dict(CLUB, offers=[{**CLUB["offers"][0], "budget": 10**9}, CLUB["offers"][1]])
     with Engine.open(tmp_path / "c", program=Program.from_dict(prog), sync="none") as e:

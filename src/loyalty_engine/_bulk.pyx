@@ -17,8 +17,9 @@ from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
 from cpython.long cimport PyLong_FromLongLong
 from cpython.object cimport PyObject
 from cpython.unicode cimport PyUnicode_Check, PyUnicode_DecodeUTF8
-from libc.stdint cimport int32_t, int64_t, uint8_t, uint64_t
+from libc.stdint cimport INT32_MAX, INT32_MIN, int32_t, int64_t, uint8_t, uint64_t
 from loyalty_engine._mix cimport mix64
+from loyalty_engine cimport _record as rec
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcmp, memcpy, memset
 
@@ -56,16 +57,19 @@ cdef Py_ssize_t _bytes_value(dict table, long long key, PyObject** found) except
 
 
 cdef struct _Rec:
-    # one member's record as member_records writes it: its name and history, and where its state and
-    # usage rows are
+    # one member's record as member_records writes it (the compact encoding: _record.pxd): its name and
+    # history, and how many bytes its usage and history take
     const char* name
     Py_ssize_t nlen
     PyObject* hist
     Py_ssize_t hlen
+    Py_ssize_t nuse         # the usage's int64 values (0: never used)
+    Py_ssize_t usize        # the bytes they take, packed
+    Py_ssize_t hsize        # the bytes the history takes, packed
     Py_ssize_t size         # the value's length
 
 
-cdef int _record_of(_Rec* r, int64_t i, Py_ssize_t k, list names, Py_ssize_t ssize, Py_ssize_t usize,
+cdef int _record_of(_Rec* r, int64_t i, Py_ssize_t k, list names, Py_ssize_t ssize, const uint8_t[:, ::1] use,
                     const uint8_t[::1] used, dict hist) except -1:
     cdef Py_ssize_t nnames = PyList_GET_SIZE(names)
     cdef object name
@@ -75,37 +79,33 @@ cdef int _record_of(_Rec* r, int64_t i, Py_ssize_t k, list names, Py_ssize_t ssi
     if not PyUnicode_Check(name):
         raise TypeError(f"names[{i}] is {type(name).__name__}, not str")
     r.name = PyUnicode_AsUTF8AndSize(name, &r.nlen)
-    if r.nlen > 0xFFFF:
-        raise ValueError(f"names[{i}] is {r.nlen} bytes long, more than a 2-byte length holds")
+    if r.nlen >= rec.COMPACT:
+        raise ValueError(f"names[{i}] is {r.nlen} bytes long, more than a record's 15-bit length holds")
     r.hlen = _bytes_value(hist, i, &r.hist)
-    r.size = 2 + r.nlen + ssize + 4 + (usize if used[k] else 0) + r.hlen
+    if r.hlen % rec.HEV_SIZE:
+        raise ValueError(f"the history of member {i} is {r.hlen} bytes, not whole events of {rec.HEV_SIZE}")
+    r.nuse = use.shape[1] // 8 if used[k] else 0
+    r.usize = rec.usage_size(&use[k, 0] if r.nuse else NULL, r.nuse)
+    r.hsize = rec.history_size(<const uint8_t*>PyBytes_AS_STRING(<object>r.hist) if r.hlen else NULL, r.hlen)
+    r.size = 2 + r.nlen + ssize + r.usize + r.hsize
     return 0
 
 
 cdef char* _write_record(char* p, const _Rec* r, Py_ssize_t k, const uint8_t[:, ::1] state,
-                         const uint8_t[:, ::1] use, const uint8_t[::1] used) noexcept:
-    cdef Py_ssize_t ssize = state.shape[1], usize = use.shape[1]
-    p[0] = <char>(r.nlen & 0xFF)
-    p[1] = <char>(r.nlen >> 8)
+                         const uint8_t[:, ::1] use) noexcept:
+    cdef Py_ssize_t ssize = state.shape[1]
+    cdef Py_ssize_t nl = r.nlen | rec.COMPACT
+    p[0] = <char>(nl & 0xFF)
+    p[1] = <char>(nl >> 8)
     memcpy(p + 2, r.name, r.nlen)
     p += 2 + r.nlen
     if ssize:
         memcpy(p, &state[k, 0], ssize)
     p += ssize
-    if used[k]:
-        p[0] = <char>(usize & 0xFF)
-        p[1] = <char>((usize >> 8) & 0xFF)
-        p[2] = <char>((usize >> 16) & 0xFF)
-        p[3] = <char>((usize >> 24) & 0xFF)
-        if usize:
-            memcpy(p + 4, &use[k, 0], usize)
-        p += 4 + usize
-    else:
-        p[0] = p[1] = p[2] = p[3] = 0
-        p += 4
+    p = <char*>rec.put_usage(<uint8_t*>p, &use[k, 0] if r.nuse else NULL, r.nuse)
     if r.hlen:
-        memcpy(p, PyBytes_AS_STRING(<object>r.hist), r.hlen)
-    return p + r.hlen
+        p = <char*>rec.put_history(<uint8_t*>p, <const uint8_t*>PyBytes_AS_STRING(<object>r.hist), r.hlen)
+    return p
 
 
 cdef _check_rows(Py_ssize_t n, const uint8_t[:, ::1] state, const uint8_t[:, ::1] use, const uint8_t[::1] used):
@@ -118,21 +118,98 @@ def member_records(const int64_t[::1] idx, list names, const uint8_t[:, ::1] sta
                    const uint8_t[::1] used, dict hist):
     """The member store's ``(key, value)`` pairs of the members ``idx`` (in that order).
 
-    Key: ``b"M"`` + the index (8 bytes, big-endian). Value: the name's UTF-8 length (2 bytes, little-
-    endian), the name (``names[i]``), the state (row ``k`` of ``state``: the MSTATE record of
-    ``idx[k]``), the offer usage's length (4 bytes, little-endian) and the usage (row ``k`` of ``use``)
-    when ``used[k]`` (else length 0 and nothing), then the history (``hist.get(i, b"")``)."""
+    Key: ``b"M"`` + the index (8 bytes, big-endian). Value, in the compact encoding (_record.pxd): the
+    name's UTF-8 length with bit 15 set (2 bytes, little-endian), the name (``names[i]``), the state
+    (row ``k`` of ``state``: the MSTATE record of ``idx[k]``), the offer usage (row ``k`` of ``use``,
+    int64 values) when ``used[k]`` (else none), then the history (``hist.get(i, b"")``, HEV events).
+    :func:`member_fields` reads it back."""
     cdef Py_ssize_t n = idx.shape[0], k
     cdef _Rec r
     cdef object value
     cdef list out = []
     _check_rows(n, state, use, used)
+    if use.shape[1] % 8:
+        raise ValueError(f"a usage row is {use.shape[1]} bytes, not whole int64 values")
     for k in range(n):
-        _record_of(&r, idx[k], k, names, state.shape[1], use.shape[1], used, hist)
+        _record_of(&r, idx[k], k, names, state.shape[1], use, used, hist)
         value = PyBytes_FromStringAndSize(NULL, r.size)
-        _write_record(PyBytes_AS_STRING(value), &r, k, state, use, used)
+        _write_record(PyBytes_AS_STRING(value), &r, k, state, use)
         out.append((_key(b"M", <uint64_t>idx[k]), value))
     return out
+
+
+def member_fields(bytes value, Py_ssize_t state_size):
+    """A stored member record's parts, of either encoding: ``(name, state, usage, history)``, the name
+    a str, the state its ``state_size`` bytes, the usage its int64 values' bytes (empty when never
+    used) and the history its HEV events' bytes. Raises ValueError when the record is cut short or
+    damaged."""
+    cdef const uint8_t* p = <const uint8_t*>PyBytes_AS_STRING(value)
+    cdef const uint8_t* end = p + PyBytes_GET_SIZE(value)
+    cdef Py_ssize_t nl, nuse, j, room, count = 0
+    cdef bint compact
+    cdef uint64_t u
+    cdef int64_t day = 0, visits, amount, points, d
+    cdef int32_t d32, v32
+    cdef object name, state, usage, history
+    cdef uint8_t* out
+    if end - p < 2:
+        raise ValueError("a member record of fewer than 2 bytes")
+    nl = p[0] | (p[1] << 8)
+    compact = (nl & rec.COMPACT) != 0
+    nl &= ~rec.COMPACT
+    p += 2
+    if end - p < nl + state_size:
+        raise ValueError(f"a member record of {PyBytes_GET_SIZE(value)} bytes is cut short (name of {nl} bytes)")
+    name = PyUnicode_DecodeUTF8(<const char*>p, nl, NULL)
+    p += nl
+    state = PyBytes_FromStringAndSize(<const char*>p, state_size)
+    p += state_size
+    if not compact:             # the plain encoding: a 4-byte usage length, the raw usage, the raw events
+        if end - p < 4:
+            raise ValueError("a member record is cut short (its usage length)")
+        nuse = p[0] | (p[1] << 8) | (p[2] << 16) | (<Py_ssize_t>p[3] << 24)
+        if end - p - 4 < nuse:
+            raise ValueError(f"a member record is cut short (usage of {nuse} bytes)")
+        usage = PyBytes_FromStringAndSize(<const char*>p + 4, nuse)
+        p += 4 + nuse
+        return name, state, usage, PyBytes_FromStringAndSize(<const char*>p, end - p)
+    p = rec.get_varint(p, end, &u)
+    if p == NULL or u > <uint64_t>(end - p):
+        raise ValueError("a member record's usage is damaged")
+    nuse = <Py_ssize_t>u
+    usage = PyBytes_FromStringAndSize(NULL, 8 * nuse)
+    out = <uint8_t*>PyBytes_AS_STRING(usage)
+    for j in range(nuse):
+        p = rec.get_varint(p, end, &u)
+        if p == NULL:
+            raise ValueError("a member record's usage is damaged")
+        d = rec.unzigzag(u)
+        memcpy(out + 8 * j, &d, 8)
+    room = (end - p) // 4          # every event takes 4 bytes at least
+    history = PyBytes_FromStringAndSize(NULL, rec.HEV_SIZE * room)
+    out = <uint8_t*>PyBytes_AS_STRING(history)
+    while p < end:
+        p = rec.get_varint(p, end, &u)
+        if p != NULL:
+            day += rec.unzigzag(u)
+            p = rec.get_varint(p, end, &u)
+        if p != NULL:
+            visits = rec.unzigzag(u)
+            p = rec.get_varint(p, end, &u)
+        if p != NULL:
+            amount = rec.unzigzag(u)
+            p = rec.get_varint(p, end, &u)
+        if p == NULL or day < INT32_MIN or day > INT32_MAX or visits < INT32_MIN or visits > INT32_MAX:
+            raise ValueError(f"a member record's history is damaged (event {count})")
+        points = rec.unzigzag(u)
+        d32 = <int32_t>day
+        v32 = <int32_t>visits
+        memcpy(out + rec.HEV_SIZE * count, &d32, 4)
+        memcpy(out + rec.HEV_SIZE * count + 4, &v32, 4)
+        memcpy(out + rec.HEV_SIZE * count + 8, &amount, 8)
+        memcpy(out + rec.HEV_SIZE * count + 16, &points, 8)
+        count += 1
+    return name, state, usage, history[: rec.HEV_SIZE * count]
 
 
 def name_records(list names, int64_t first):

@@ -10,6 +10,7 @@ Python modules; the kernels return counts and status codes.
 cimport cython
 from libc.stdint cimport int64_t, uint64_t, int32_t, uint32_t, int16_t, uint16_t, int8_t, uint8_t, INT64_MAX, INT64_MIN
 from loyalty_engine._mix cimport mix64
+from loyalty_engine cimport _record as rec
 from libc.stdlib cimport malloc, realloc, free
 from libc.string cimport memcmp, memcpy, memset
 from cpython.exc cimport PyErr_CheckSignals
@@ -4081,34 +4082,35 @@ cdef class OnePurchase:
         return b
 
     def member_record(self, int64_t idx, bytes name, bytes hist):
-        """Member ``idx``'s stored record: the name (2-byte length), the state, the offer use (4-byte
-        length; empty when never used) and ``hist`` (the member's history)."""
+        """Member ``idx``'s stored record, the bytes ``_bulk.member_records`` writes (the compact
+        encoding of _record.pxd): the name, the state, the offer use (none when never used) and
+        ``hist`` (the member's history)."""
         self._check_bound()
         if idx < 0 or idx >= self.members.shape[0]:
             raise ValueError("member %d is beyond the state" % idx)
-        cdef Py_ssize_t nn = len(name), nu = self.noff * 3 * sizeof(int64_t), nhb = len(hist), j
-        if nn > 0xFFFF:
+        cdef Py_ssize_t nn = len(name), nu = self.noff * 3, nhb = len(hist), j
+        if nn >= rec.COMPACT:
             raise ValueError("a name of %d bytes is too long" % nn)
+        if nhb % rec.HEV_SIZE:
+            raise ValueError("a history of %d bytes is not whole events" % nhb)
         cdef const uint8_t* u = <const uint8_t*>&self.use[idx, 0, 0]
         cdef bint used = False
-        for j in range(nu):
+        for j in range(nu * 8):
             if u[j]:
                 used = True
                 break
         if not used:
             nu = 0
-        cdef bytes b = PyBytes_FromStringAndSize(NULL, 2 + nn + sizeof(MState) + 4 + nu + nhb)
+        cdef const uint8_t* h = <const uint8_t*>PyBytes_AS_STRING(hist)
+        cdef bytes b = PyBytes_FromStringAndSize(NULL, 2 + nn + sizeof(MState) + rec.usage_size(u, nu)
+                                                 + rec.history_size(h, nhb))
         cdef uint8_t* p = <uint8_t*>PyBytes_AS_STRING(b)
         p[0] = nn & 0xFF
-        p[1] = (nn >> 8) & 0xFF
+        p[1] = ((nn | rec.COMPACT) >> 8) & 0xFF
         memcpy(p + 2, PyBytes_AS_STRING(name), nn)
         p += 2 + nn
         memcpy(p, &self.members[idx], sizeof(MState))
         p += sizeof(MState)
-        for j in range(4):
-            p[j] = (nu >> (8 * j)) & 0xFF
-        p += 4
-        if nu:
-            memcpy(p, u, nu)
-        memcpy(p + nu, PyBytes_AS_STRING(hist), nhb)
+        p = rec.put_usage(p, u, nu)
+        rec.put_history(p, h, nhb)
         return b

@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from . import _bulk, _core, _memory
-from .errors import ConfigError, InsufficientBalanceError, NotFoundError, StorageError, ValidationError
+from .errors import ConfigError, CorruptionError, InsufficientBalanceError, NotFoundError, StorageError, ValidationError
 from .ledger import KIND_ACCOUNTS, KIND_TRANSFERS, Ledger, _account_records
 from .program import Program
 from .rules.expr import EPOCH_ORDINAL, VARIABLES
@@ -509,31 +509,27 @@ class Engine:
     # member record: name length (2) + name + state + usage length (4) + offer usage (int64 [offer, 3],
     # in the order of the names under key "O"; empty when the member never had an offer) + history
     def _member_value(self, idx: int) -> bytes:
-        name = self._member_names[idx].encode()
-        noff = len(self.program.offers)
-        use_b = self._offer_use[idx, :noff].tobytes() if noff else b""
-        if use_b and use_b == bytes(len(use_b)):       # never used: nothing stored
-            use_b = b""
-        return (len(name).to_bytes(2, "little") + name + self._members[idx: idx + 1].tobytes()
-                + len(use_b).to_bytes(4, "little") + use_b + self._hist.get(idx, b""))
+        """Member ``idx``'s stored record (``_bulk.member_records``: the compact encoding)."""
+        one = np.array([idx], np.int64)
+        state, use, used = self._record_rows(one)
+        return _bulk.member_records(one, self._member_names, state, use.view(np.uint8), used, self._hist)[0][1]
 
     def _load_member(self, idx: int, v: bytes) -> None:
-        k = int.from_bytes(v[:2], "little")
-        name = v[2: 2 + k].decode()
-        p = 2 + k
+        try:
+            name, state, use_b, hist = _bulk.member_fields(v, MSTATE.itemsize)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise CorruptionError(f"the record of member number {idx} cannot be read: {e}; run "
+                                  f"'loyalty-engine verify' on the club's ledger") from e
         self._grow(idx + 1)
-        self._members[idx] = np.frombuffer(v[p: p + MSTATE.itemsize], MSTATE)[0]
-        p += MSTATE.itemsize
-        k = int.from_bytes(v[p: p + 4], "little")
-        if k:
-            use = np.frombuffer(v[p + 4: p + 4 + k], np.int64).reshape(-1, 3)
+        self._members[idx] = np.frombuffer(state, MSTATE)[0]
+        if use_b:
+            use = np.frombuffer(use_b, np.int64).reshape(-1, 3)
             umap = self._use_map if self._use_map is not None else np.arange(len(use))
             for j in range(min(len(use), len(umap))):
                 if umap[j] >= 0:
                     self._offer_use[idx, umap[j]] = use[j]
-        p += 4 + k
-        if p < len(v):
-            self._hist[idx] = v[p:]
+        if hist:
+            self._hist[idx] = hist
         while len(self._member_names) <= idx:
             self._member_names.append("")
         self._member_names[idx] = name
