@@ -69,7 +69,7 @@ cdef struct _Rec:
     Py_ssize_t size         # the value's length
 
 
-cdef int _record_of(_Rec* r, int64_t i, Py_ssize_t k, list names, Py_ssize_t ssize, const uint8_t[:, ::1] use,
+cdef int _record_of(_Rec* r, int64_t i, Py_ssize_t k, list names, const uint8_t[:, ::1] state, const uint8_t[:, ::1] use,
                     const uint8_t[::1] used, dict hist) except -1:
     cdef Py_ssize_t nnames = PyList_GET_SIZE(names)
     cdef object name
@@ -87,21 +87,18 @@ cdef int _record_of(_Rec* r, int64_t i, Py_ssize_t k, list names, Py_ssize_t ssi
     r.nuse = use.shape[1] // 8 if used[k] else 0
     r.usize = rec.usage_size(&use[k, 0] if r.nuse else NULL, r.nuse)
     r.hsize = rec.history_size(<const uint8_t*>PyBytes_AS_STRING(<object>r.hist) if r.hlen else NULL, r.hlen)
-    r.size = 2 + r.nlen + ssize + r.usize + r.hsize
+    r.size = 2 + r.nlen + rec.state_size(&state[k, 0]) + r.usize + r.hsize
     return 0
 
 
 cdef char* _write_record(char* p, const _Rec* r, Py_ssize_t k, const uint8_t[:, ::1] state,
                          const uint8_t[:, ::1] use) noexcept:
-    cdef Py_ssize_t ssize = state.shape[1]
     cdef Py_ssize_t nl = r.nlen | rec.COMPACT
     p[0] = <char>(nl & 0xFF)
     p[1] = <char>(nl >> 8)
     memcpy(p + 2, r.name, r.nlen)
     p += 2 + r.nlen
-    if ssize:
-        memcpy(p, &state[k, 0], ssize)
-    p += ssize
+    p = <char*>rec.put_state(<uint8_t*>p, &state[k, 0])
     p = <char*>rec.put_usage(<uint8_t*>p, &use[k, 0] if r.nuse else NULL, r.nuse)
     if r.hlen:
         p = <char*>rec.put_history(<uint8_t*>p, <const uint8_t*>PyBytes_AS_STRING(<object>r.hist), r.hlen)
@@ -120,7 +117,7 @@ def member_records(const int64_t[::1] idx, list names, const uint8_t[:, ::1] sta
 
     Key: ``b"M"`` + the index (8 bytes, big-endian). Value, in the compact encoding (_record.pxd): the
     name's UTF-8 length with bit 15 set (2 bytes, little-endian), the name (``names[i]``), the state
-    (row ``k`` of ``state``: the MSTATE record of ``idx[k]``), the offer usage (row ``k`` of ``use``,
+    (row ``k`` of ``state``: the MSTATE record of ``idx[k]``, as its fields), the offer usage (row ``k`` of ``use``,
     int64 values) when ``used[k]`` (else none), then the history (``hist.get(i, b"")``, HEV events).
     :func:`member_fields` reads it back."""
     cdef Py_ssize_t n = idx.shape[0], k
@@ -130,8 +127,10 @@ def member_records(const int64_t[::1] idx, list names, const uint8_t[:, ::1] sta
     _check_rows(n, state, use, used)
     if use.shape[1] % 8:
         raise ValueError(f"a usage row is {use.shape[1]} bytes, not whole int64 values")
+    if state.shape[1] != rec.STATE_SIZE:
+        raise ValueError(f"a state row is {state.shape[1]} bytes, not MSTATE's {rec.STATE_SIZE}")
     for k in range(n):
-        _record_of(&r, idx[k], k, names, state.shape[1], use, used, hist)
+        _record_of(&r, idx[k], k, names, state, use, used, hist)
         value = PyBytes_FromStringAndSize(NULL, r.size)
         _write_record(PyBytes_AS_STRING(value), &r, k, state, use)
         out.append((_key(b"M", <uint64_t>idx[k]), value))
@@ -158,12 +157,20 @@ def member_fields(bytes value, Py_ssize_t state_size):
     compact = (nl & rec.COMPACT) != 0
     nl &= ~rec.COMPACT
     p += 2
-    if end - p < nl + state_size:
+    if end - p < nl + (0 if compact else state_size):
         raise ValueError(f"a member record of {PyBytes_GET_SIZE(value)} bytes is cut short (name of {nl} bytes)")
     name = PyUnicode_DecodeUTF8(<const char*>p, nl, NULL)
     p += nl
-    state = PyBytes_FromStringAndSize(<const char*>p, state_size)
-    p += state_size
+    if compact:
+        if state_size != rec.STATE_SIZE:
+            raise ValueError(f"a compact member record holds MSTATE's {rec.STATE_SIZE} bytes, not {state_size}")
+        state = PyBytes_FromStringAndSize(NULL, state_size)
+        p = rec.get_state(p, end, <uint8_t*>PyBytes_AS_STRING(state))
+        if p == NULL:
+            raise ValueError("a member record's state is damaged")
+    else:
+        state = PyBytes_FromStringAndSize(<const char*>p, state_size)
+        p += state_size
     if not compact:             # the plain encoding: a 4-byte usage length, the raw usage, the raw events
         if end - p < 4:
             raise ValueError("a member record is cut short (its usage length)")

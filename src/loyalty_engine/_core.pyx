@@ -1768,6 +1768,8 @@ MSTATE_DTYPE = np.dtype([("points", "<i8"), ("credit", "<i8"), ("purchases", "<i
                          ("review_day", "<i4"), ("earn_day", "<i4"), ("bday_year", "<i4"),
                          ("anniv_year", "<i4"), ("notice_year", "<i4"),
                          ("birth_md", "<i2"), ("referred", "i1"), ("pad", "i1")])
+if sizeof(MState) != rec.STATE_SIZE or MSTATE_DTYPE.itemsize != rec.STATE_SIZE:   # (_record.pxd's layout)
+    raise ImportError(f"MState is {sizeof(MState)} bytes, but member records encode {rec.STATE_SIZE}")
 
 cdef packed struct HEv:
     int32_t day
@@ -4102,15 +4104,15 @@ cdef class OnePurchase:
         if not used:
             nu = 0
         cdef const uint8_t* h = <const uint8_t*>PyBytes_AS_STRING(hist)
-        cdef bytes b = PyBytes_FromStringAndSize(NULL, 2 + nn + sizeof(MState) + rec.usage_size(u, nu)
+        cdef const uint8_t* st = <const uint8_t*>&self.members[idx]
+        cdef bytes b = PyBytes_FromStringAndSize(NULL, 2 + nn + rec.state_size(st) + rec.usage_size(u, nu)
                                                  + rec.history_size(h, nhb))
         cdef uint8_t* p = <uint8_t*>PyBytes_AS_STRING(b)
         p[0] = nn & 0xFF
         p[1] = ((nn | rec.COMPACT) >> 8) & 0xFF
         memcpy(p + 2, PyBytes_AS_STRING(name), nn)
         p += 2 + nn
-        memcpy(p, &self.members[idx], sizeof(MState))
-        p += sizeof(MState)
+        p = rec.put_state(p, st)
         p = rec.put_usage(p, u, nu)
         rec.put_history(p, h, nhb)
         return b

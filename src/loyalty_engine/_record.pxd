@@ -6,17 +6,99 @@ A member record is ``name length (2 bytes, little-endian) | name | state (MSTATE
 history``. In the compact encoding (bit 15 of the name length set) the usage is the count of its int64
 values (0 when the member never used an offer) and the values, and the history is its events (HEV:
 int32 day, int32 visits, int64 amount, int64 points), each field a zigzag varint, the day as the
-difference from the event before. The history's events are a few small numbers each, so a record
-takes about half the bytes of the plain encoding (raw int64 usage, raw events), which is what an
-import rewrites for every member that a chunk touches."""
+difference from the event before. The state (MSTATE, 76 bytes: 5 int64, 8 int32, an int16, 2 int8
+fields, in that order) is its 16 fields as zigzag varints. These are a few small numbers each, so a
+record takes well under half the bytes of the plain encoding (raw state, usage and events), which is
+what an import rewrites for every member that a chunk touches."""
 
-from libc.stdint cimport int32_t, int64_t, uint8_t, uint64_t
+from libc.stdint cimport int8_t, int16_t, int32_t, int64_t, uint8_t, uint64_t
 from libc.string cimport memcpy
 
 #: Bit 15 of the name length: the record is in the compact encoding.
 cdef enum:
     COMPACT = 0x8000
     HEV_SIZE = 24
+    STATE_SIZE = 76             # MSTATE's bytes
+    STATE_FIELDS = 16
+
+
+cdef inline int state_width(int f) noexcept nogil:
+    """The byte width of MSTATE's field ``f`` (fields in order, signed, little-endian)."""
+    if f < 5:
+        return 8
+    if f < 13:
+        return 4
+    if f == 13:
+        return 2
+    return 1
+
+
+cdef inline int64_t _field(const uint8_t* s, int w) noexcept nogil:
+    cdef int64_t v8
+    cdef int32_t v4
+    cdef int16_t v2
+    if w == 8:
+        memcpy(&v8, s, 8)
+        return v8
+    if w == 4:
+        memcpy(&v4, s, 4)
+        return v4
+    if w == 2:
+        memcpy(&v2, s, 2)
+        return v2
+    return <int8_t>s[0]
+
+
+cdef inline Py_ssize_t state_size(const uint8_t* s) noexcept nogil:
+    cdef Py_ssize_t n = 0
+    cdef int f, w
+    for f in range(STATE_FIELDS):
+        w = state_width(f)
+        n += varint_size(zigzag(_field(s, w)))
+        s += w
+    return n
+
+
+cdef inline uint8_t* put_state(uint8_t* p, const uint8_t* s) noexcept nogil:
+    cdef int f, w
+    for f in range(STATE_FIELDS):
+        w = state_width(f)
+        p = put_varint(p, zigzag(_field(s, w)))
+        s += w
+    return p
+
+
+cdef inline const uint8_t* get_state(const uint8_t* p, const uint8_t* end, uint8_t* out) noexcept nogil:
+    """MSTATE's 76 bytes from their varints into ``out``; NULL when cut short or a value does not fit."""
+    cdef int f, w
+    cdef uint64_t u
+    cdef int64_t v
+    cdef int32_t v4
+    cdef int16_t v2
+    for f in range(STATE_FIELDS):
+        w = state_width(f)
+        p = get_varint(p, end, &u)
+        if p == NULL:
+            return NULL
+        v = unzigzag(u)
+        if w == 8:
+            memcpy(out, &v, 8)
+        elif w == 4:
+            if v < -2147483648 or v > 2147483647:
+                return NULL
+            v4 = <int32_t>v
+            memcpy(out, &v4, 4)
+        elif w == 2:
+            if v < -32768 or v > 32767:
+                return NULL
+            v2 = <int16_t>v
+            memcpy(out, &v2, 2)
+        else:
+            if v < -128 or v > 127:
+                return NULL
+            out[0] = <uint8_t><int8_t>v
+        out += w
+    return p
 
 
 cdef inline uint64_t zigzag(int64_t v) noexcept nogil:

@@ -436,17 +436,26 @@ class Ledger:
                         f"commit stands, and the snapshot is tried again after a later commit", RuntimeWarning)
 
     def _write_snapshot(self) -> None:
+        """Store the state as of the journal's head; a snapshot that fills the map is written again
+        after the map grows (as :meth:`_write` does), so that closing a ledger never fails for it."""
         st = self._st()
         with self._lock, st.lock:
-            txn = st.begin(write=True)
-            try:
-                self._catch_up(txn)
-                _put_snapshot(txn, st.dbs[b"snapshot"], self._seq, self._hash, self._state.export())
-                txn.commit()
-            except BaseException:
-                txn.abort()
-                raise
-            self._since_snapshot = 0
+            for _attempt in range(40):
+                txn = st.begin(write=True)
+                try:
+                    self._catch_up(txn)
+                    _put_snapshot(txn, st.dbs[b"snapshot"], self._seq, self._hash, self._state.export())
+                    txn.commit()
+                except lmdb.MapFullError:
+                    txn.abort()
+                    st.grow()
+                    continue
+                except BaseException:
+                    txn.abort()
+                    raise
+                self._since_snapshot = 0
+                return
+            raise StorageError("the ledger map could not grow enough for a snapshot")  # pragma: no cover
 
     # -- accounts -----------------------------------------------------------------------------------
     def create_accounts(self, accounts: Sequence[Account]) -> list[AccountResult]:
