@@ -31,27 +31,27 @@ class _Stop(Exception):
 
 
 @contextmanager
-def _signal_once(started: Callable[[], bool]) -> Iterator[None]:
-    """SIGALRM every 0.2 ms; its handler raises _Stop the first time ``started()`` (and stops the timer);
-    every other time it returns."""
-    raised: list[bool] = []
+def _signal_once(started: Callable[[], int]) -> Iterator[list[int]]:
+    """SIGALRM every 0.2 ms; its handler raises _Stop the first time ``started()`` is not 0 (and stops
+    the timer, and yields what ``started()`` said then); every other time it returns."""
+    raised: list[int] = []
 
     def handler(signum: int, frame: object) -> None:
-        if started() and not raised:
-            raised.append(True)
+        if not raised and (at := started()):
+            raised.append(at)
             signal.setitimer(signal.ITIMER_REAL, 0)
             raise _Stop
 
     old = signal.signal(signal.SIGALRM, handler)
     signal.setitimer(signal.ITIMER_REAL, 0.0002, 0.0002)
     try:
-        yield
+        yield raised
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
 
 
-def test_a_signal_stops_the_journal_replay_midway_and_the_next_read_finishes_it(
+def test_a_signal_stops_the_journal_replay_midway_and_the_next_read_builds_the_state_again(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "l"
     with Ledger.open(path, sync="none") as ledger:
@@ -63,10 +63,11 @@ def test_a_signal_stops_the_journal_replay_midway_and_the_next_read_finishes_it(
         # build the state again from the journal alone (closing the writer wrote a snapshot at its head)
         monkeypatch.setattr(ledger_module, "_read_snapshot", lambda txn, db: None)
         reader._reset()
-        with _signal_once(lambda: reader._seq > 0), pytest.raises(_Stop):
+        with _signal_once(lambda: reader._seq) as stopped_at, pytest.raises(_Stop):
             reader.balance(2)                   # replays the journal to build the state
-        assert 0 < reader._seq < head           # stopped inside the replay, not after it
-        assert reader.balance(2).credits_posted == ENTRIES      # the next read replays the rest
+        assert 0 < stopped_at[0] < head         # stopped inside the replay, not after it
+        assert reader._state is None            # and the half-built state is dropped
+        assert reader.balance(2).credits_posted == ENTRIES      # the next read builds it again
         assert reader.verify().ok
 
 

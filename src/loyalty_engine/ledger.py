@@ -227,7 +227,16 @@ class Ledger:
         self._since_snapshot = 0
 
     def _catch_up(self, txn: lmdb.Transaction) -> None:
-        """Replay the journal entries committed after the state this handle holds."""
+        """Replay the journal entries committed after the state this handle holds. Anything raised on
+        the way (a Ctrl-C, which uncompiled code may take between an entry's effect and the note of it)
+        drops the state, which the next read builds again: a handle never holds half an entry."""
+        try:
+            self._replay_journal(txn)
+        except BaseException:
+            self._reset()
+            raise
+
+    def _replay_journal(self, txn: lmdb.Transaction) -> None:
         if self._state is None:
             self._load(txn)
         cur = txn.cursor(db=self._st().dbs[b"journal"])
