@@ -57,22 +57,20 @@ cdef Py_ssize_t _bytes_value(dict table, long long key, PyObject** found) except
 
 
 cdef struct _Rec:
-    # one member's record as member_records writes it (the compact encoding: _record.pxd): its name and
-    # history, and how many bytes its usage and history take
+    # one member's record as member_records writes it (_record.pxd's compact encoding)
     const char* name
     Py_ssize_t nlen
-    PyObject* hist
+    const uint8_t* hist
     Py_ssize_t hlen
     Py_ssize_t nuse         # the usage's int64 values (0: never used)
-    Py_ssize_t usize        # the bytes they take, packed
-    Py_ssize_t hsize        # the bytes the history takes, packed
     Py_ssize_t size         # the value's length
 
 
-cdef int _record_of(_Rec* r, int64_t i, Py_ssize_t k, list names, const uint8_t[:, ::1] state, const uint8_t[:, ::1] use,
-                    const uint8_t[::1] used, dict hist) except -1:
+cdef int _record_of(_Rec* r, int64_t i, Py_ssize_t k, list names, const uint8_t[:, ::1] state,
+                    const uint8_t[:, ::1] use, const uint8_t[::1] used, dict hist) except -1:
     cdef Py_ssize_t nnames = PyList_GET_SIZE(names)
     cdef object name
+    cdef PyObject* h
     if i < 0 or i >= nnames:
         raise ValueError(f"idx[{k}]={i} is not a member index (0..{nnames - 1})")
     name = <object>PyList_GET_ITEM(names, i)
@@ -81,28 +79,13 @@ cdef int _record_of(_Rec* r, int64_t i, Py_ssize_t k, list names, const uint8_t[
     r.name = PyUnicode_AsUTF8AndSize(name, &r.nlen)
     if r.nlen >= rec.COMPACT:
         raise ValueError(f"names[{i}] is {r.nlen} bytes long, more than a record's 15-bit length holds")
-    r.hlen = _bytes_value(hist, i, &r.hist)
+    r.hlen = _bytes_value(hist, i, &h)
     if r.hlen % rec.HEV_SIZE:
         raise ValueError(f"the history of member {i} is {r.hlen} bytes, not whole events of {rec.HEV_SIZE}")
+    r.hist = <const uint8_t*>PyBytes_AS_STRING(<object>h) if r.hlen else NULL
     r.nuse = use.shape[1] // 8 if used[k] else 0
-    r.usize = rec.usage_size(&use[k, 0] if r.nuse else NULL, r.nuse)
-    r.hsize = rec.history_size(<const uint8_t*>PyBytes_AS_STRING(<object>r.hist) if r.hlen else NULL, r.hlen)
-    r.size = 2 + r.nlen + rec.state_size(&state[k, 0]) + r.usize + r.hsize
+    r.size = rec.record_size(r.nlen, &state[k, 0], &use[k, 0] if r.nuse else NULL, r.nuse, r.hist, r.hlen)
     return 0
-
-
-cdef char* _write_record(char* p, const _Rec* r, Py_ssize_t k, const uint8_t[:, ::1] state,
-                         const uint8_t[:, ::1] use) noexcept:
-    cdef Py_ssize_t nl = r.nlen | rec.COMPACT
-    p[0] = <char>(nl & 0xFF)
-    p[1] = <char>(nl >> 8)
-    memcpy(p + 2, r.name, r.nlen)
-    p += 2 + r.nlen
-    p = <char*>rec.put_state(<uint8_t*>p, &state[k, 0])
-    p = <char*>rec.put_usage(<uint8_t*>p, &use[k, 0] if r.nuse else NULL, r.nuse)
-    if r.hlen:
-        p = <char*>rec.put_history(<uint8_t*>p, <const uint8_t*>PyBytes_AS_STRING(<object>r.hist), r.hlen)
-    return p
 
 
 cdef _check_rows(Py_ssize_t n, const uint8_t[:, ::1] state, const uint8_t[:, ::1] use, const uint8_t[::1] used):
@@ -132,7 +115,8 @@ def member_records(const int64_t[::1] idx, list names, const uint8_t[:, ::1] sta
     for k in range(n):
         _record_of(&r, idx[k], k, names, state, use, used, hist)
         value = PyBytes_FromStringAndSize(NULL, r.size)
-        _write_record(PyBytes_AS_STRING(value), &r, k, state, use)
+        rec.put_record(<uint8_t*>PyBytes_AS_STRING(value), r.name, r.nlen, &state[k, 0],
+                       &use[k, 0] if r.nuse else NULL, r.nuse, r.hist, r.hlen)
         out.append((_key(b"M", <uint64_t>idx[k]), value))
     return out
 
@@ -161,17 +145,9 @@ def member_fields(bytes value, Py_ssize_t state_size):
         raise ValueError(f"a member record of {PyBytes_GET_SIZE(value)} bytes is cut short (name of {nl} bytes)")
     name = PyUnicode_DecodeUTF8(<const char*>p, nl, NULL)
     p += nl
-    if compact:
-        if state_size != rec.STATE_SIZE:
-            raise ValueError(f"a compact member record holds MSTATE's {rec.STATE_SIZE} bytes, not {state_size}")
-        state = PyBytes_FromStringAndSize(NULL, state_size)
-        p = rec.get_state(p, end, <uint8_t*>PyBytes_AS_STRING(state))
-        if p == NULL:
-            raise ValueError("a member record's state is damaged")
-    else:
+    if not compact:             # the plain encoding: the raw state, a 4-byte usage length, the raw usage and events
         state = PyBytes_FromStringAndSize(<const char*>p, state_size)
         p += state_size
-    if not compact:             # the plain encoding: a 4-byte usage length, the raw usage, the raw events
         if end - p < 4:
             raise ValueError("a member record is cut short (its usage length)")
         nuse = p[0] | (p[1] << 8) | (p[2] << 16) | (<Py_ssize_t>p[3] << 24)
@@ -180,6 +156,12 @@ def member_fields(bytes value, Py_ssize_t state_size):
         usage = PyBytes_FromStringAndSize(<const char*>p + 4, nuse)
         p += 4 + nuse
         return name, state, usage, PyBytes_FromStringAndSize(<const char*>p, end - p)
+    if state_size != rec.STATE_SIZE:
+        raise ValueError(f"a compact member record holds MSTATE's {rec.STATE_SIZE} bytes, not {state_size}")
+    state = PyBytes_FromStringAndSize(NULL, state_size)
+    p = rec.get_state(p, end, <uint8_t*>PyBytes_AS_STRING(state))
+    if p == NULL:
+        raise ValueError("a member record's state is damaged")
     p = rec.get_varint(p, end, &u)
     if p == NULL or u > <uint64_t>(end - p):
         raise ValueError("a member record's usage is damaged")

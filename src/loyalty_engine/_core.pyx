@@ -3830,16 +3830,6 @@ def pause_point():
         pass
 
 
-cdef inline uint64_t _mix64(uint64_t h) noexcept nogil:
-    # the splitmix64 finaliser: every input bit reaches every output bit
-    h ^= h >> 30
-    h *= 0xBF58476D1CE4E5B9ULL
-    h ^= h >> 27
-    h *= 0x94D049BB133111EBULL
-    h ^= h >> 31
-    return h
-
-
 def hash_strings(const int64_t[::1] offsets, const uint8_t[::1] data, uint64_t seed, uint64_t[::1] out):
     """A 64-bit hash of each string of an Arrow (large) string array, given its value offsets
     (``n + 1``, int64) and data buffer: ``out[i]`` hashes ``data[offsets[i]:offsets[i + 1]]``. Equal
@@ -3855,7 +3845,7 @@ def hash_strings(const int64_t[::1] offsets, const uint8_t[::1] data, uint64_t s
     if data.shape[0] == 0:
         with nogil:
             for i in range(n):
-                out[i] = _mix64(seed ^ 0x9E3779B97F4A7C15ULL)
+                out[i] = mix64(seed ^ 0x9E3779B97F4A7C15ULL)
         return
     base = &data[0]
     with nogil:
@@ -3865,7 +3855,7 @@ def hash_strings(const int64_t[::1] offsets, const uint8_t[::1] data, uint64_t s
             h = seed ^ (<uint64_t>(end - p) * 0x9E3779B97F4A7C15ULL)
             while end - p >= 8:
                 w = le_load64(base + p)
-                h = _mix64(h ^ w) + 0x632BE59BD9B4E019ULL
+                h = mix64(h ^ w) + 0x632BE59BD9B4E019ULL
                 p += 8
             w = 0
             k = 0
@@ -3873,7 +3863,7 @@ def hash_strings(const int64_t[::1] offsets, const uint8_t[::1] data, uint64_t s
                 w |= (<uint64_t>base[p]) << (8 * k)
                 k += 1
                 p += 1
-            out[i] = _mix64(h ^ w ^ (<uint64_t>k << 56))
+            out[i] = mix64(h ^ w ^ (<uint64_t>k << 56))
 
 
 cdef class OnePurchase:
@@ -4105,14 +4095,6 @@ cdef class OnePurchase:
             nu = 0
         cdef const uint8_t* h = <const uint8_t*>PyBytes_AS_STRING(hist)
         cdef const uint8_t* st = <const uint8_t*>&self.members[idx]
-        cdef bytes b = PyBytes_FromStringAndSize(NULL, 2 + nn + rec.state_size(st) + rec.usage_size(u, nu)
-                                                 + rec.history_size(h, nhb))
-        cdef uint8_t* p = <uint8_t*>PyBytes_AS_STRING(b)
-        p[0] = nn & 0xFF
-        p[1] = ((nn | rec.COMPACT) >> 8) & 0xFF
-        memcpy(p + 2, PyBytes_AS_STRING(name), nn)
-        p += 2 + nn
-        p = rec.put_state(p, st)
-        p = rec.put_usage(p, u, nu)
-        rec.put_history(p, h, nhb)
+        cdef bytes b = PyBytes_FromStringAndSize(NULL, rec.record_size(nn, st, u, nu, h, nhb))
+        rec.put_record(<uint8_t*>PyBytes_AS_STRING(b), PyBytes_AS_STRING(name), nn, st, u, nu, h, nhb)
         return b

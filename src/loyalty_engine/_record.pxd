@@ -194,3 +194,24 @@ cdef inline uint8_t* put_history(uint8_t* p, const uint8_t* h, Py_ssize_t nbytes
         p = put_varint(p, zigzag(points))
         prev = day
     return p
+
+
+cdef inline Py_ssize_t record_size(Py_ssize_t nlen, const uint8_t* state, const uint8_t* use, Py_ssize_t nuse,
+                                   const uint8_t* hist, Py_ssize_t hlen) noexcept nogil:
+    """The bytes of a compact record: a name of ``nlen`` bytes, the state (STATE_SIZE bytes at
+    ``state``), ``nuse`` int64 usage values at ``use`` and ``hlen`` bytes of events at ``hist``."""
+    return 2 + nlen + state_size(state) + usage_size(use, nuse) + history_size(hist, hlen)
+
+
+cdef inline uint8_t* put_record(uint8_t* p, const char* name, Py_ssize_t nlen, const uint8_t* state,
+                                const uint8_t* use, Py_ssize_t nuse, const uint8_t* hist,
+                                Py_ssize_t hlen) noexcept nogil:
+    """Write the compact record (``record_size`` bytes) at ``p``; returns its end. ``nlen`` is below
+    COMPACT (the caller checks)."""
+    cdef Py_ssize_t nl = nlen | COMPACT
+    p[0] = <uint8_t>(nl & 0xFF)
+    p[1] = <uint8_t>(nl >> 8)
+    memcpy(p + 2, name, nlen)
+    p = put_state(p + 2 + nlen, state)
+    p = put_usage(p, use, nuse)
+    return put_history(p, hist, hlen)

@@ -506,8 +506,8 @@ class Engine:
         self._offer_use = u
         self._onep.release()    # the old arrays are free to go (the next purchase binds the new ones)
 
-    # member record: name length (2) + name + state + usage length (4) + offer usage (int64 [offer, 3],
-    # in the order of the names under key "O"; empty when the member never had an offer) + history
+    # member record (src/loyalty_engine/_record.pxd): name, state, offer usage (int64 [offer, 3], in the
+    # order of the names under key "O"; none when the member never had an offer) and history
     def _member_value(self, idx: int) -> bytes:
         """Member ``idx``'s stored record (``_bulk.member_records``: the compact encoding)."""
         one = np.array([idx], np.int64)
