@@ -1320,3 +1320,37 @@ def test_a_forked_child_does_not_keep_the_engine_locked(tmp_path):
         os.waitpid(pid, 0)
         os.close(started)
         os.close(ready)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.sampled_from(["multiply", "add", "best"]), st.sampled_from(["floor", "half_even", "ceil"]),
+       st.lists(st.sampled_from([1.1, 1.25, 1.5, 2, 3]), min_size=3, max_size=3),
+       st.integers(7, 3_000_000), st.integers(1, 999), st.sampled_from(["toys", "food"]),
+       st.integers(0, 20), st.booleans())
+def test_a_one_item_basket_earns_what_the_same_basket_in_two_lines_earns(
+        tmp_path_factory, stacking, rounding, mults, amount, split, category, per_extra, tiered):
+    """The kernel's shortcut for a basket of one line (its amount cancels out of its share of the paid
+    amount) gives what the general sum over lines gives: the same basket as two lines of one SKU."""
+    prog = Program.from_dict({
+        "name": "lines", "timezone": "UTC", "rounding": rounding,
+        "earn": {"points": 3, "per": 1000 + per_extra, "stacking": stacking},
+        "tiers": {"metric": "spend", "window_days": 365, "review": "never", "levels": [
+            {"name": "bronze", "threshold": 0}, {"name": "silver", "threshold": 1, "multiplier": 1.75,
+                                                 "discount_percent": 3}]} if tiered else {"metric": "spend", "levels": [
+            {"name": "bronze", "threshold": 0}]},
+        "earn_rules": [{"name": "toys", "category": "toys", "multiplier": mults[0]},
+                       {"name": "kite", "sku": "kite", "multiplier": mults[1]},
+                       {"name": "evening", "when": "hour >= 0", "multiplier": mults[2]},
+                       {"name": "toy bonus", "category": "toys", "bonus": 7}]})
+    sku = "kite" if category == "toys" else "bread"
+    first = (amount * split) // 1000 or 1
+    with Engine.open(tmp_path_factory.mktemp("lines") / "club", program=prog, sync="none") as e:
+        e.enroll("anna", at=T0 - timedelta(days=1))
+        e.purchase("anna", amount=10_000, at=T0 - timedelta(hours=1), ref="warm")     # (silver, when tiered)
+        one = e.quote("anna", amount=amount, at=T0, items=[Item(sku=sku, category=category, amount=amount)])
+        two = e.quote("anna", amount=amount, at=T0, items=[Item(sku=sku, category=category, amount=first),
+                                                          Item(sku=sku, category=category, amount=amount - first)])
+        basket = e.quote("anna", amount=amount, at=T0)
+    assert (one.points_earned, one.base_points, one.rules) == (two.points_earned, two.base_points, two.rules)
+    if category == "food":      # (no item in a rule's scope: the basket alone gives the same)
+        assert (one.points_earned, one.rules) == (basket.points_earned, basket.rules)

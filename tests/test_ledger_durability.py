@@ -234,3 +234,37 @@ def test_writer_threads_with_their_own_handles_lose_nothing(tmp_path: Path) -> N
         assert ledger.balance(2).credits_posted == 600
         assert len(ledger.transfers(account=2)) == 600
         assert ledger.verify().ok
+
+
+def test_a_handles_next_write_reads_the_journal_only_when_someone_else_wrote(tmp_path: Path, monkeypatch) -> None:
+    """A write transaction whose LMDB id follows this handle's last entry needs no look at the journal
+    (nobody wrote in between); any other write does: another handle's, or after a commit of nothing, whose
+    id LMDB gives to the next transaction (someone else's here)."""
+    looked: list[int] = []
+    catch_up = Ledger._catch_up
+
+    def counting(self: Ledger, txn: lmdb.Transaction) -> None:
+        looked.append(id(self))
+        catch_up(self, txn)
+
+    monkeypatch.setattr(Ledger, "_catch_up", counting)
+    path = tmp_path / "turns.ledger"
+    with Ledger.open(path, sync="none") as a, Ledger.open(path, sync="none") as b:
+        a.create_accounts([Account(id=1, asset=0), Account(id=2, asset=0)])
+        looked.clear()
+        for i in range(5):                                  # one handle's writes in a row
+            assert a.post([Transfer(id=10 + i, debit=1, credit=2, amount=1, at=10**15)]) == [TransferResult.OK]
+        assert looked.count(id(a)) == 0
+        assert b.post([Transfer(id=20, debit=1, credit=2, amount=2, at=10**15)]) == [TransferResult.OK]
+        assert a.post([Transfer(id=21, debit=1, credit=2, amount=3, at=10**15)]) == [TransferResult.OK]
+        assert looked.count(id(a)) == 1                     # b wrote in between: a caught up
+        assert a.balance(2).credits_posted == 10
+        # a write that journals nothing (a retried transfer) commits nothing: its id goes to b's next write
+        looked.clear()
+        assert a.post([Transfer(id=21, debit=1, credit=2, amount=3, at=10**15)]) == [TransferResult.EXISTS]
+        assert b.post([Transfer(id=22, debit=1, credit=2, amount=4, at=10**15)]) == [TransferResult.OK]
+        assert a.post([Transfer(id=23, debit=1, credit=2, amount=5, at=10**15)]) == [TransferResult.OK]
+        assert looked.count(id(a)) == 1                     # (not the retry's: nobody had written before it)
+        assert a.balance(2).credits_posted == 19
+        assert b.balance(2).credits_posted == 19
+        assert a.verify().ok

@@ -2198,6 +2198,13 @@ cdef struct Plan:
     bint tier_discount              # some tier has a discount
     bint basket_amounts             # some condition reads a category's or SKU's amount in the basket
     bint tier_cashback              # some tier has cashback
+    # the earn rules by scope (an item's category or SKU, or the basket), and byte t of the bonus rules
+    # that hold -> the sum of their bonuses
+    uint64_t scope_basket
+    uint64_t scope_cat[64]
+    uint64_t scope_sku[64]
+    Py_ssize_t nbb
+    int64_t btab[8][256]
 
 
 # a batch of at least this many rows is evaluated with the GIL released (Kernel._run)
@@ -2712,6 +2719,18 @@ cdef void _make_plan(Plan* pl, const int64_t* cp, const int64_t* pp, const int64
                         if (v >> (j & 7)) & 1:
                             pl.ftab[j >> 3][v] |= (<uint64_t>1) << k
     pl.nab = (pl.natoms + 7) // 8
+    for k in range(nrules):
+        if rp[R_W * k + 1] == 0:
+            pl.scope_basket |= (<uint64_t>1) << k
+        elif rp[R_W * k + 1] == 1:
+            pl.scope_cat[rp[R_W * k + 2]] |= (<uint64_t>1) << k
+        else:
+            pl.scope_sku[rp[R_W * k + 2]] |= (<uint64_t>1) << k
+        if rp[R_W * k + 3] == 1:
+            for v in range(256):
+                if (v >> (k & 7)) & 1:
+                    pl.btab[k >> 3][v] += rp[R_W * k + 4]
+    pl.nbb = (nrules + 7) // 8
     # rules: a condition in the word is a table entry, no condition always holds, the rest one by one
     for k in range(nrules):
         _place(pl.rtab, &pl.ncb, &pl.rule_always, pl.slow_rule, &pl.nslow, pl.cfast, rp[R_W * k + 0], k)
@@ -2794,7 +2813,7 @@ cdef int64_t _evaluate(const int64_t[::1] code, const int64_t[::1] pool, const i
     cdef const int8_t* cfast = plan.cfast
     cdef Py_ssize_t n_memo = plan.n_memo
     cdef uint64_t rok, bits, mult_rules = 0, bonus_rules = 0, mult_offers = 0
-    cdef uint64_t abits, cw, om
+    cdef uint64_t abits, cw, om, ub
     cdef int64_t ax, ay
     cdef const int64_t* atp
     cdef int64_t sku_amt[64]
@@ -3127,17 +3146,20 @@ cdef int64_t _evaluate(const int64_t[::1] code, const int64_t[::1] pool, const i
                     k = plan.slow_rule[j]
                     if _cond(cp, condp, rp[R_W * k + 0], pp, facts, cat_amt, sku_amt, fired_cond):
                         rok |= (<uint64_t>1) << k
-                for j in range(first_item, last_item if last_item > first_item else first_item + 1):
+                if last_item - first_item <= 1:
+                    # one line, the basket or its one item: its amount cancels out of its share of the
+                    # paid amount, and the stacked multiplier alone decides
+                    if last_item == first_item:
+                        bits = rok & mult_rules & plan.scope_basket
+                        items_total = amount
+                    else:
+                        bits = rok & mult_rules & (plan.scope_basket | plan.scope_cat[item_cat[first_item]]
+                                                   | plan.scope_sku[item_sku[first_item]])
+                    rules_mask |= <int64_t>bits
                     f = BP
-                    bits = rok & mult_rules
                     while bits:
                         k = LE_CTZ(bits)
                         bits &= bits - 1
-                        if rp[R_W * k + 1] == 1 and (last_item == first_item or item_cat[j] != rp[R_W * k + 2]):
-                            continue
-                        if rp[R_W * k + 1] == 2 and (last_item == first_item or item_sku[j] != rp[R_W * k + 2]):
-                            continue
-                        rules_mask |= (<int64_t>1) << k
                         f = _stack(f, rp[R_W * k + 4], stacking)
                     bits = <uint64_t>offers_mask & mult_offers
                     while bits:
@@ -3146,20 +3168,45 @@ cdef int64_t _evaluate(const int64_t[::1] code, const int64_t[::1] pool, const i
                         f = _stack(f, ofp[O_W * k + 3], stacking)
                     if nt and m.tier > 0:
                         f = mul_bp(f, tp[4 * (m.tier - 1) + 1])
-                    S += <i128>(item_amount[j] if last_item > first_item else amount) * f
-                earned = round_div(S * paid * rate_pts, <i128>items_total * rate_per * BP, rmode) if items_total > 0 else 0
+                    earned = round_div(<i128>f * paid * rate_pts, <i128>rate_per * BP, rmode) if items_total > 0 else 0
+                else:
+                    for j in range(first_item, last_item):      # each item with the rules of its scope
+                        f = BP
+                        bits = rok & mult_rules & (plan.scope_basket | plan.scope_cat[item_cat[j]]
+                                                   | plan.scope_sku[item_sku[j]])
+                        rules_mask |= <int64_t>bits
+                        while bits:
+                            k = LE_CTZ(bits)
+                            bits &= bits - 1
+                            f = _stack(f, rp[R_W * k + 4], stacking)
+                        bits = <uint64_t>offers_mask & mult_offers
+                        while bits:
+                            k = LE_CTZ(bits)
+                            bits &= bits - 1
+                            f = _stack(f, ofp[O_W * k + 3], stacking)
+                        if nt and m.tier > 0:
+                            f = mul_bp(f, tp[4 * (m.tier - 1) + 1])
+                        S += <i128>item_amount[j] * f
+                    earned = (round_div(S * paid * rate_pts, <i128>items_total * rate_per * BP, rmode)
+                              if items_total > 0 else 0)
                 out[i].base_points = base
                 out[i].rule_points = earned - base
+                # fixed bonuses: the rules that hold whose scope is in the basket (summed by table)
                 bits = rok & bonus_rules
-                while bits:
-                    k = LE_CTZ(bits)
-                    bits &= bits - 1
-                    if rp[R_W * k + 1] == 1 and not ((rows[i].cats >> rp[R_W * k + 2]) & 1):
-                        continue
-                    if rp[R_W * k + 1] == 2 and not ((rows[i].skus >> rp[R_W * k + 2]) & 1):
-                        continue
-                    rules_mask |= (<int64_t>1) << k
-                    bonus += rp[R_W * k + 4]
+                if bits:
+                    om = plan.scope_basket
+                    ub = <uint64_t>rows[i].cats
+                    while ub:
+                        om |= plan.scope_cat[LE_CTZ(ub)]
+                        ub &= ub - 1
+                    ub = <uint64_t>rows[i].skus
+                    while ub:
+                        om |= plan.scope_sku[LE_CTZ(ub)]
+                        ub &= ub - 1
+                    bits &= om
+                    rules_mask |= <int64_t>bits
+                    for k in range(plan.nbb):
+                        bonus += plan.btab[k][(bits >> (8 * k)) & 0xff]
             # offers' points and credit (budgets cap what an offer gives)
             credit = 0
             if plan.tier_cashback and m.tier > 0:

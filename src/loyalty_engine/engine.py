@@ -343,9 +343,13 @@ def _checked_ref(ref: Any, what: str = "ref") -> str:
     return ref
 
 
+_INTEGERS = (int, np.integer)        # (tuples: an ``int | np.integer`` is built again at each call)
+_SEQUENCES = (list, tuple, np.ndarray)
+
+
 def _checked_whole(v: Any, what: str, noun: str, zero: bool, bits: int) -> int:
     """``v`` as an int in [0 or 1, 2**bits); a ValidationError names ``what`` and the value otherwise."""
-    if isinstance(v, bool) or not isinstance(v, int | np.integer):
+    if isinstance(v, bool) or not isinstance(v, _INTEGERS):
         raise ValidationError(f"{what} must be {noun}, not {type(v).__name__} {v!r}")
     v = int(v)
     if v < 0 or (v == 0 and not zero) or v >= 1 << bits:
@@ -787,7 +791,7 @@ class Engine:
         names = list(members)
         if isinstance(at, np.ndarray) and at.dtype == np.int64:
             ats = at.tolist()
-        elif isinstance(at, list | tuple | np.ndarray):
+        elif isinstance(at, _SEQUENCES):
             ats = [to_micros(a, f"at[{i}]") for i, a in enumerate(at)]
         else:
             ats = [to_micros(at, "at")] * len(names)

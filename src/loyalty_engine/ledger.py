@@ -131,6 +131,13 @@ class Ledger:
         #: that failed after its commit)
         self.commits = 0
         self._fresh_until = 0.0
+        #: the LMDB id of the last write transaction this handle committed with a journal entry in it,
+        #: while the state is that commit's: a write transaction whose id follows it is the next one
+        #: after it (LMDB numbers committed write transactions one by one, across processes), so nobody
+        #: else wrote in between and the state needs no look at the journal (see _write)
+        self._txn_known: int | None = None
+        #: the index's INDEXED_KEY as this handle last read or wrote it, trusted only in such a write
+        self._indexed: int | None = None
         self._scratch = np.empty(0, np.uint8)
         self._scratch_views: tuple[Any, Any] = (None, None)    # (dtype, n) of the last _entry_buffer, its views
 
@@ -208,6 +215,8 @@ class Ledger:
         self._seq = 0
         self._hash = ZERO_HASH
         self._since_snapshot = 0
+        self._txn_known = None
+        self._indexed = None
 
     def _load(self, txn: lmdb.Transaction) -> None:
         """Build the state from the snapshot (if any) and replay the journal after it."""
@@ -343,7 +352,13 @@ class Ledger:
             for _attempt in range(40):
                 txn = st.begin(write=True)
                 try:
-                    self._catch_up(txn)
+                    # (a write transaction's id is the last committed one's plus one: when that was this
+                    # handle's last entry, the journal ends where the state does)
+                    tid = txn.id()
+                    if self._state is None or self._txn_known is None or tid != self._txn_known + 1:
+                        self._txn_known = self._indexed = None
+                        self._catch_up(txn)
+                    seq0 = self._seq
                     out = fn(txn)
                     txn.commit()
                 except lmdb.MapFullError:
@@ -355,6 +370,11 @@ class Ledger:
                     txn.abort()
                     self._reset()
                     raise
+                # (a transaction that wrote nothing commits without an id of its own: only one that
+                # journaled an entry is known to hold ``tid``)
+                self._txn_known = tid if self._seq > seq0 else None
+                if self._txn_known is None:
+                    self._indexed = None
                 self._wrote = True
                 self.commits += 1
                 st.publish_head(self._seq)
@@ -418,11 +438,15 @@ class Ledger:
             # Index the unindexed tail of the journal when this entry is big or the tail is long;
             # small entries (single posts) wait, so most commits write one B-tree page, not three.
             idb = st.dbs[b"index"]
-            raw = txn.get(INDEXED_KEY, db=idb)
-            indexed = from_u64be(raw) if raw is not None else 0
+            indexed = self._indexed
+            if indexed is None:
+                raw = txn.get(INDEXED_KEY, db=idb)
+                indexed = from_u64be(raw) if raw is not None else 0
             if count >= INDEX_NOW_RECORDS or seq - indexed >= INDEX_TAIL_ENTRIES:
                 _index_tail(txn, st.dbs[b"journal"], st.dbs[b"records"], idb, indexed, seq,
                             buf[HEADER.size: end].view(RECORD_DTYPE))
+                indexed = seq
+            self._indexed = indexed
         self._seq, self._hash = seq, entry_hash
         self._since_snapshot += count
 
