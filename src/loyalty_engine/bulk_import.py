@@ -975,7 +975,7 @@ class _Importer:
         the ones this chunk enrolls, not committed yet): the kernel, the returns, the quarantine, the
         commit (started in the writer thread once the chunk before committed). Appends to ``undo`` what
         to restore if it fails; returns its job (its refunds to make once it committed)."""
-        from .engine import _small_unique
+        from .engine import _distinct
 
         eng = self.engine
         n = len(ch.row)
@@ -985,7 +985,7 @@ class _Importer:
         sales = sales[np.argsort(at[sales], kind="stable")]
         buyers = midx[sales]
         involved = np.concatenate([buyers, eng._members["referrer"][buyers]])
-        involved = _small_unique(involved[involved >= 0], len(eng._member_names))[0]
+        involved = _distinct(involved[involved >= 0], len(eng._member_names))
         undo.append((involved, (eng._members.view(f"V{eng._members.itemsize}")[involved].view(eng._members.dtype),
                                 eng._offer_use[involved], eng._budget.copy(), dict(eng._hist))))
         o, status, day = self._evaluate(ch, sales, midx, at, amount, qty, involved, enrolling)
