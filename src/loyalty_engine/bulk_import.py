@@ -1194,7 +1194,6 @@ class _Importer:
         m = midx[posted]
         a = at[posted]
         exp = eng._expiry(a, day)
-        parts: list[np.ndarray] = []
         chunk_no = (ch.seq0 // self.chunk_rows) & 0xFFFFFF
 
         # a group is (member, expiry), or the member alone: one int64 key, member * expiries + the
@@ -1206,13 +1205,10 @@ class _Importer:
             raise ValidationError(f"import: {len(eng._member_names):,} members times {n_exp:,} expiry dates "
                                   f"in one chunk is too many; give a smaller chunk_rows")
 
-        placed = [0]
-
-        def group(member: np.ndarray, amt: np.ndarray, debit: int, credit_of: Any, asset: int,
-                  code: int, expiring: bool) -> None:
+        def group(member: np.ndarray, amt: np.ndarray, expiring: bool) -> tuple[Any, ...] | None:
             sel = np.flatnonzero(amt > 0)
             if not len(sel):
-                return
+                return None
             if expiring:
                 keys, inv = _small_unique(member[sel] * n_exp + exp_rank[sel], bound)
                 owner = keys // n_exp
@@ -1223,28 +1219,35 @@ class _Importer:
             np.add.at(total, inv, amt[sel])
             last = np.full(len(keys), np.iinfo(np.int64).min, np.int64)
             np.maximum.at(last, inv, a[sel])
-            recs = np.zeros(len(keys), RECORD_DTYPE)
+            return keys, owner, total, last
+
+        groups = [(group(m, o["points"], True), ISSUE_POINTS, points_account, POINTS, Code.EARN, True),
+                  (group(m, o["credit"], False), ISSUE_CREDIT, credit_account, CREDIT, Code.CREDIT, False),
+                  (group(np.maximum(o["referrer"], 0), o["referrer_points"], True), ISSUE_POINTS, points_account,
+                   POINTS, Code.BONUS, True)]
+        # the chunk's transfers in one array, each group's in its slice (no copy joining them)
+        recs = np.zeros(sum(len(g[0][0]) for g in groups if g[0] is not None), RECORD_DTYPE)
+        placed = 0
+        for g, debit, credit_of, asset, code, expiring in groups:
+            if g is None:
+                continue
+            keys, owner, total, last = g
+            part = recs[placed: placed + len(keys)]
             # the position among the chunk's transfers: one arithmetic run of ids a chunk, which the
             # ledger keeps as a run instead of an entry per id (see Ledger._ensure_ids)
-            pos = np.arange(placed[0], placed[0] + len(keys), dtype=np.uint64)
-            placed[0] += len(keys)
-            recs["id_hi"] = self.key_hi
-            recs["id_lo"] = (np.uint64(chunk_no) << np.uint64(40)) | pos
-            recs["debit"] = debit
-            recs["credit"] = credit_of(owner)
-            recs["amount"] = total
-            recs["at"] = last
+            pos = np.arange(placed, placed + len(keys), dtype=np.uint64)
+            placed += len(keys)
+            part["id_hi"] = self.key_hi
+            part["id_lo"] = (np.uint64(chunk_no) << np.uint64(40)) | pos
+            part["debit"] = debit
+            part["credit"] = credit_of(owner)
+            part["amount"] = total
+            part["at"] = last
             if expiring:
-                recs["expires_at"] = exp_values[keys % n_exp]
-            recs["asset"] = asset
-            recs["code"] = code
-            parts.append(recs)
-
-        group(m, o["points"], ISSUE_POINTS, points_account, POINTS, Code.EARN, True)
-        group(m, o["credit"], ISSUE_CREDIT, credit_account, CREDIT, Code.CREDIT, False)
-        group(np.maximum(o["referrer"], 0), o["referrer_points"], ISSUE_POINTS, points_account, POINTS,
-              Code.BONUS, True)
-        return np.concatenate(parts) if parts else np.zeros(0, RECORD_DTYPE)
+                part["expires_at"] = exp_values[keys % n_exp]
+            part["asset"] = asset
+            part["code"] = code
+        return recs
 
     def _receipts(self, posted: np.ndarray, want: list[int], midx: np.ndarray, at: np.ndarray,
                   amount: np.ndarray, o: np.ndarray, refs: pa.Array | None) -> list[tuple[bytes, bytes]]:
