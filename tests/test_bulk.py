@@ -10,6 +10,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import loyalty_engine._bulk as bulk
 from loyalty_engine.bulk_import import hash_strings
@@ -321,3 +323,28 @@ def test_encode_ids_is_dictionary_encode_in_first_seen_order(kind: str) -> None:
     assert nu == len(set(wide.tolist())) and (codes >= 0).all()
     with pytest.raises(ValueError, match="power-of-two"):
         bulk.encode_ids(wide.view(np.int64), valid, keys[:100], slots[:100], codes, uniques)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 300), max_size=400), st.integers(0, 40))
+def test_unique_inverse_is_numpys_unique_and_leaves_its_table_as_it_found_it(values, extra):
+    bound = (max(values) + 1 if values else 0) + extra
+    v = np.array(values, np.int64)
+    slot = np.full(bound + 3, -1, np.int32)
+    inv, keys = np.empty(len(v), np.int64), np.empty(len(v), np.int64)
+    k = bulk.unique_inverse(v, bound, slot, inv, keys)
+    u, i = np.unique(v, return_inverse=True)
+    assert keys[:k].tolist() == u.tolist() and inv.tolist() == i.reshape(-1).tolist()
+    assert (slot == -1).all()
+
+
+def test_unique_inverse_refuses_what_it_cannot_hold():
+    slot = np.full(10, -1, np.int32)
+    out = np.empty(3, np.int64)
+    with pytest.raises(ValueError, match=r"values\[1\] is 10, outside \[0, 10\)"):
+        bulk.unique_inverse(np.array([1, 10, 2], np.int64), 10, slot, out, out.copy())
+    assert (slot == -1).all()                   # (checked before the table is touched)
+    with pytest.raises(ValueError, match="slot holds 10 entries, fewer than bound"):
+        bulk.unique_inverse(np.array([1], np.int64), 11, slot, out, out.copy())
+    with pytest.raises(ValueError, match="inv holds 0 entries"):
+        bulk.unique_inverse(np.array([1], np.int64), 10, slot, np.empty(0, np.int64), out)

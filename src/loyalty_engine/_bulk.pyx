@@ -492,3 +492,35 @@ def encode_ids(const int64_t[::1] values, const uint8_t[::1] valid, int64_t[::1]
                 nu += 1
             codes[i] = slot_code[h]
     return nu
+
+
+def unique_inverse(const int64_t[::1] values, int64_t bound, int32_t[::1] slot, int64_t[::1] inv, int64_t[::1] keys):
+    """``np.unique(values, return_inverse=True)`` for integers in [0, bound) through a presence table
+    kept by the caller: ``slot`` holds at least ``bound`` entries, every one -1, and is left so; the
+    distinct values go to ``keys`` in ascending order (their count is returned) and each value's
+    position among them to ``inv``. One pass over the values, one over the table, one to put the table
+    back: no sort, and no fresh memory but what the caller gives."""
+    cdef Py_ssize_t n = values.shape[0], i, k = 0
+    cdef int64_t v, u
+    if bound < 0 or slot.shape[0] < bound:
+        raise ValueError("slot holds %d entries, fewer than bound (%d)" % (slot.shape[0], bound))
+    if inv.shape[0] < n:
+        raise ValueError("inv holds %d entries, fewer than the %d values" % (inv.shape[0], n))
+    if keys.shape[0] < n and keys.shape[0] < bound:
+        raise ValueError("keys holds %d entries, fewer than the distinct values may be" % keys.shape[0])
+    for i in range(n):      # (checked first: a bad value leaves the table as it was)
+        if <uint64_t>values[i] >= <uint64_t>bound:
+            raise ValueError("values[%d] is %d, outside [0, %d)" % (i, values[i], bound))
+    with nogil:
+        for i in range(n):
+            slot[values[i]] = 0
+        for u in range(bound):
+            if slot[u] == 0:
+                slot[u] = <int32_t>k
+                keys[k] = u
+                k += 1
+        for i in range(n):
+            inv[i] = slot[values[i]]
+        for i in range(k):
+            slot[keys[i]] = -1
+    return k

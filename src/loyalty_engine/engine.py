@@ -1022,7 +1022,7 @@ class Engine:
             out_hist = np.zeros(len(hist) + len(rows), HEV)
             out = np.zeros(len(rows), OUT)
         out_off = np.zeros(len(hist_off), np.int64)
-        self._kernel.run(rows, seg_of.astype(np.int64), cat, sku, amt, self._members, hist_off, hist, out_off,
+        self._kernel.run(rows, seg_of, cat, sku, amt, self._members, hist_off, hist, out_off,
                          out_hist, self._offer_use, self._budget, out, _NO_FACTS)
         _bulk.scatter_bytes(self._hist, seg_members, out_off * isz, out_hist.view(np.uint8))
         return out
@@ -1789,18 +1789,34 @@ def _distinct(values: np.ndarray, bound: int) -> np.ndarray:
     return np.flatnonzero(present)
 
 
+#: The presence table of :func:`_small_unique` (int32, every entry -1 between calls), kept from call to
+#: call: an import's chunks need one the size of the club, and fresh memory's first touch is dear.
+_unique_slot = np.empty(0, np.int32)
+_unique_lock = threading.Lock()
+
+
 def _small_unique(values: np.ndarray, bound: int) -> tuple[np.ndarray, np.ndarray]:
     """``np.unique(values, return_inverse=True)`` for integers in [0, bound): by a presence table when
     that is cheaper than sorting (many values), by sorting otherwise."""
-    values = np.asarray(values, np.int64)
-    if len(values) < 4096 or bound > 16 * len(values) or (len(values) and (values.min() < 0 or values.max() >= bound)):
+    global _unique_slot
+    values = np.ascontiguousarray(values, np.int64)
+    n = len(values)
+    if n < 4096 or bound > 16 * n or (n and (values.min() < 0 or values.max() >= bound)):
         u, inv = np.unique(values, return_inverse=True)
         return u, inv.reshape(-1)
-    present = np.zeros(bound, bool)
-    present[values] = True
-    uniq = np.flatnonzero(present)
-    pos = np.cumsum(present) - 1
-    return uniq, pos[values]
+    if not _unique_lock.acquire(blocking=False):        # (the table is busy in another thread)
+        present = np.zeros(bound, bool)
+        present[values] = True
+        return np.flatnonzero(present), (np.cumsum(present) - 1)[values]
+    try:
+        if len(_unique_slot) < bound:
+            _unique_slot = np.full(max(bound, len(_unique_slot) + len(_unique_slot) // 4), -1, np.int32)
+        inv = np.empty(n, np.int64)
+        keys = np.empty(min(n, bound), np.int64)
+        k = _bulk.unique_inverse(values, bound, _unique_slot, inv, keys)
+    finally:
+        _unique_lock.release()
+    return (keys[:k] if 2 * k >= len(keys) else keys[:k].copy()), inv
 
 
 def _raise_on(results: np.ndarray, what: str) -> None:
