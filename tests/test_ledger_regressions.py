@@ -251,3 +251,28 @@ def test_every_writer_opens_lmdb_with_the_same_writemap_whatever_its_sync(tmp_pa
                                  env=env, timeout=120)
             assert got.returncode == 0, got.stderr
             assert got.stdout.split() == [str(6 + k), "False", "True"]
+
+
+def test_many_balances_at_once_are_each_accounts_balance(tmp_path: Path) -> None:
+    """``balances`` of many ids (looked up in two prefetching passes) answers as ``balance`` does one by
+    one: unknown ids, repeats, any order, holds and posted amounts."""
+    rng = np.random.default_rng(5)
+    with Ledger.open(tmp_path / "l", sync="none") as ledger:
+        ledger.create_accounts_batch(np.arange(1, 301, dtype=np.uint64))
+        trs = [Transfer(id=k + 1, debit=int(rng.integers(1, 301)), credit=int(rng.integers(1, 301)),
+                        amount=int(rng.integers(1, 50)), at=AT,
+                        flags=TransferFlags.PENDING if k % 3 == 0 else TransferFlags.NONE)
+               for k in range(400)]
+        ledger.post([t for t in trs if t.debit != t.credit])
+        ids = rng.integers(0, 400, 700).astype(np.uint64)        # (0 and 301..399 are unknown)
+        rows = ledger.balances(ids)
+        for aid, row in zip(ids.tolist(), rows, strict=True):
+            assert int(row["id"]) == aid
+            if not 1 <= aid <= 300:
+                assert not row["found"]
+                continue
+            b = ledger.balance(aid)
+            assert row["found"] and (int(row["debits_posted"]), int(row["credits_posted"]), int(row["debits_pending"]),
+                                     int(row["credits_pending"]), int(row["available"])) == (
+                b.debits_posted, b.credits_posted, b.debits_pending, b.credits_pending, b.available)
+        assert rows["debits_pending"].sum() > 0 and rows["credits_posted"].sum() > 0

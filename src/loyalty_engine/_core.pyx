@@ -871,12 +871,28 @@ cdef class State:
                 self.sl[s].cp - self.sl[s].dp - self.sl[s].dpend)
 
     def balances_into(self, const uint64_t[::1] ids, int64_t[:, ::1] out, uint8_t[::1] found):
-        """Fill out[i] = (dp, cp, dpend, cpend, available) for each id; found[i] = 0 if unknown."""
+        """Fill out[i] = (dp, cp, dpend, cpend, available) for each id; found[i] = 0 if unknown.
+
+        Many ids are looked up in two passes, each prefetching ahead of it (the hash table's buckets,
+        then the balances' slots): both are random reads over tables bigger than the caches."""
         cdef Py_ssize_t i, n = ids.shape[0]
         cdef int32_t s
+        if out.shape[0] < n or out.shape[1] < 5 or found.shape[0] < n:
+            raise ValueError("out must be (len(ids), 5) and found len(ids)")
+        cdef int32_t* slots = <int32_t*>malloc(n * sizeof(int32_t)) if n >= 64 else NULL
         with nogil:
+            if slots != NULL:
+                for i in range(n):
+                    if i + PF_FAR < n:
+                        LE_PREFETCH(&self.acc[mix64(ids[i + PF_FAR]) & self.acc_mask])
+                    slots[i] = self._acc_find(ids[i])
             for i in range(n):
-                s = self._acc_find(ids[i])
+                if slots != NULL:
+                    if i + PF_NEAR < n and slots[i + PF_NEAR] >= 0:
+                        LE_PREFETCH(&self.sl[slots[i + PF_NEAR]])
+                    s = slots[i]
+                else:
+                    s = self._acc_find(ids[i])
                 if s < 0:
                     found[i] = 0
                     out[i, 0] = 0
@@ -891,6 +907,7 @@ cdef class State:
                     out[i, 2] = self.sl[s].dpend
                     out[i, 3] = self.sl[s].cpend
                     out[i, 4] = self.sl[s].cp - self.sl[s].dp - self.sl[s].dpend
+        free(slots)
 
     def lots(self, uint64_t account_id):
         """[(expires_at, remaining), ...] of an account, soonest first."""
