@@ -1354,3 +1354,15 @@ def test_a_one_item_basket_earns_what_the_same_basket_in_two_lines_earns(
     assert (one.points_earned, one.base_points, one.rules) == (two.points_earned, two.base_points, two.rules)
     if category == "food":      # (no item in a rule's scope: the basket alone gives the same)
         assert (one.points_earned, one.rules) == (basket.points_earned, basket.rules)
+
+
+@pytest.mark.parametrize("ref, kind, ids", [
+    ("pos1-000123", 0, (8209198428231481856, 3814733132631040128)),
+    ("pos1-000123", 3, (8209198428231481859, 3814733132631040128)),
+    ("x", 1, (2069834369300695809, 4365530255128024970)),
+    ("مشتری-۴۲", 2, (16671811041931630594, 1922143700563002995))])
+def test_a_refs_transfer_ids_never_change(ref, kind, ids):
+    """A retried call finds its transfers by these ids, across versions too, so they are pinned here (the
+    values the derivation gave before its last rewrite)."""
+    from loyalty_engine.engine import _ref_id
+    assert _ref_id(ref, kind) == ids

@@ -331,9 +331,9 @@ def _ref_id(ref: str, kind: int) -> tuple[int, int]:
     """The 128-bit transfer id of part ``kind`` of the operation named ``ref`` (lo, hi)."""
     hasher = _REF_HASH.copy()               # (half the cost of a new hash with its parameters)
     hasher.update(ref.encode())
-    h = hasher.digest()
-    lo = int.from_bytes(h[:8], "little") & ~0xFF | kind
-    hi = int.from_bytes(h[8:], "little") & 0x7FFF_FFFF_FFFF_FFFF
+    h = int.from_bytes(hasher.digest(), "little")
+    lo = h & 0xFFFF_FFFF_FFFF_FF00 | kind   # (the digest's first 8 bytes, its low byte the part)
+    hi = (h >> 64) & 0x7FFF_FFFF_FFFF_FFFF
     return lo or 1, hi
 
 

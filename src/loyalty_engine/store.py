@@ -79,10 +79,10 @@ class Store:
         """A transaction; adopts another process's map growth if needed."""
         for _ in range(3):
             try:
-                return self.env.begin(write=write, buffers=True)
+                return self.env.begin(None, None, write, True)     # (db, parent, write, buffers)
             except lmdb.MapResizedError:
                 self.refresh_map()
-        return self.env.begin(write=write, buffers=True)
+        return self.env.begin(None, None, write, True)
 
 
 _registry: dict[str, Store] = {}
