@@ -348,3 +348,10 @@ def test_unique_inverse_refuses_what_it_cannot_hold():
         bulk.unique_inverse(np.array([1], np.int64), 11, slot, out, out.copy())
     with pytest.raises(ValueError, match="inv holds 0 entries"):
         bulk.unique_inverse(np.array([1], np.int64), 10, slot, np.empty(0, np.int64), out)
+
+
+def test_take_values_is_the_items_of_those_keys():
+    table = {1: b"a", 5: b"bb", 9: b""}
+    got = bulk.take_values(table, np.array([9, 2, 5, 5], np.int64))
+    assert got == {9: b"", 5: b"bb"} and got is not table
+    assert bulk.take_values(table, np.zeros(0, np.int64)) == {}

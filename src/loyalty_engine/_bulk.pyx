@@ -524,3 +524,18 @@ def unique_inverse(const int64_t[::1] values, int64_t bound, int32_t[::1] slot, 
         for i in range(k):
             slot[keys[i]] = -1
     return k
+
+
+def take_values(dict table, const int64_t[::1] keys):
+    """A new dict of the items of ``table`` whose keys are in ``keys`` (those present): the members'
+    histories that a chunk may change or store, say, instead of a copy of every member's."""
+    cdef Py_ssize_t n = keys.shape[0], k
+    cdef dict out = {}
+    cdef object key
+    cdef PyObject* v
+    for k in range(n):
+        key = PyLong_FromLongLong(keys[k])
+        v = PyDict_GetItem(table, key)
+        if v != NULL:
+            PyDict_SetItem(out, key, <object>v)
+    return out

@@ -897,7 +897,13 @@ class _Importer:
         offer use, budget and histories were before it)."""
         eng = self.engine
         for involved, saved in reversed(undo):
-            eng._members[involved], eng._offer_use[involved], eng._budget, eng._hist = saved
+            eng._members[involved], eng._offer_use[involved], eng._budget, hist = saved
+            for k in involved.tolist():     # (the histories of the members it involved, as they were)
+                h = hist.get(k)
+                if h is None:
+                    eng._hist.pop(k, None)
+                else:
+                    eng._hist[k] = h
         if enrolling is not None:
             eng._enroll_undo(enrolling[0])
 
@@ -987,7 +993,8 @@ class _Importer:
         involved = np.concatenate([buyers, eng._members["referrer"][buyers]])
         involved = _distinct(involved[involved >= 0], len(eng._member_names))
         undo.append((involved, (eng._members.view(f"V{eng._members.itemsize}")[involved].view(eng._members.dtype),
-                                eng._offer_use[involved], eng._budget.copy(), dict(eng._hist))))
+                                eng._offer_use[involved], eng._budget.copy(),
+                                _bulk.take_values(eng._hist, involved))))
         o, status, day = self._evaluate(ch, sales, midx, at, amount, qty, involved, enrolling)
         refused = status != 0
         ktext: dict[int, str] = {}

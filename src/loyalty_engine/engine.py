@@ -576,7 +576,7 @@ class Engine:
         idx = idx[idx >= 0]
         idx = _distinct(idx, len(self._member_names))
         state, use, used = self._record_rows(idx)
-        hist = dict(self._hist)         # (its values are bytes: the chunks after this one replace them)
+        hist = _bulk.take_values(self._hist, idx)      # (bytes: the chunks after this one replace them)
         return idx, state, use, used, hist, self._budget_value()
 
     def _put_frozen(self, txn: lmdb.Transaction, frozen: tuple[Any, ...]) -> None:
