@@ -268,3 +268,36 @@ def test_a_handles_next_write_reads_the_journal_only_when_someone_else_wrote(tmp
         assert a.balance(2).credits_posted == 19
         assert b.balance(2).credits_posted == 19
         assert a.verify().ok
+
+
+def test_a_writers_own_tail_is_indexed_without_reading_the_journal_back(tmp_path: Path, monkeypatch) -> None:
+    """Single posts wait in the journal's unindexed tail until 32 entries are there; a handle that wrote
+    them all (nobody else wrote since the index's last run) indexes them from memory, and the index is
+    the one the journal gives (verify compares them); after another handle's write in between, it reads
+    them back from the journal as before."""
+    import loyalty_engine.ledger as ledger_module
+
+    read_back: list[int] = []
+    records = ledger_module._records
+
+    def counting(txn: lmdb.Transaction, rdb: object, seq: int, value: object) -> np.ndarray:
+        read_back.append(seq)
+        return records(txn, rdb, seq, value)
+
+    path = tmp_path / "tail.ledger"
+    with Ledger.open(path, sync="none") as a, Ledger.open(path, sync="none") as b:
+        a.create_accounts([Account(id=k, asset=0) for k in (1, 2, 3)])
+        for i in range(1, 36):      # (the first tail holds the accounts' entry, which a did not keep)
+            a.post([Transfer(id=i, debit=1, credit=2, amount=1, at=10**15 + i)])
+        monkeypatch.setattr(ledger_module, "_records", counting)
+        for i in range(36, 100):                             # two more tails indexed, all of them a's
+            a.post([Transfer(id=i, debit=1, credit=2 + i % 2, amount=i, at=10**15 + i)])
+        assert read_back == []
+        b.post([Transfer(id=500, debit=1, credit=3, amount=7, at=10**15 + 500)])
+        for i in range(100, 140):                            # b's entry in the next tail: read back
+            a.post([Transfer(id=i, debit=1, credit=2, amount=1, at=10**15 + i)])
+        assert read_back
+        monkeypatch.setattr(ledger_module, "_records", records)
+        assert a.verify().ok
+        assert len(a.transfers(account=3)) == 33             # (32 of a's, b's one)
+        assert len(a.transfers(account=1)) == 140

@@ -136,8 +136,11 @@ class Ledger:
         #: after it (LMDB numbers committed write transactions one by one, across processes), so nobody
         #: else wrote in between and the state needs no look at the journal (see _write)
         self._txn_known: int | None = None
-        #: the index's INDEXED_KEY as this handle last read or wrote it, trusted only in such a write
+        #: the index's INDEXED_KEY as this handle last read or wrote it, trusted only in such a write, and
+        #: then (when known) the transfer entries journaled after it, all of them this handle's: (sequence
+        #: number, records' bytes), so that indexing the tail reads nothing back from the journal
         self._indexed: int | None = None
+        self._tail: list[tuple[int, bytes]] | None = None
         self._scratch = np.empty(0, np.uint8)
         self._scratch_views: tuple[Any, Any] = (None, None)    # (dtype, n) of the last _entry_buffer, its views
 
@@ -217,6 +220,7 @@ class Ledger:
         self._since_snapshot = 0
         self._txn_known = None
         self._indexed = None
+        self._tail = None
 
     def _load(self, txn: lmdb.Transaction) -> None:
         """Build the state from the snapshot (if any) and replay the journal after it."""
@@ -356,7 +360,7 @@ class Ledger:
                     # handle's last entry, the journal ends where the state does)
                     tid = txn.id()
                     if self._state is None or self._txn_known is None or tid != self._txn_known + 1:
-                        self._txn_known = self._indexed = None
+                        self._txn_known = self._indexed = self._tail = None
                         self._catch_up(txn)
                     seq0 = self._seq
                     out = fn(txn)
@@ -374,7 +378,7 @@ class Ledger:
                 # journaled an entry is known to hold ``tid``)
                 self._txn_known = tid if self._seq > seq0 else None
                 if self._txn_known is None:
-                    self._indexed = None
+                    self._indexed = self._tail = None
                 self._wrote = True
                 self.commits += 1
                 st.publish_head(self._seq)
@@ -438,15 +442,20 @@ class Ledger:
             # Index the unindexed tail of the journal when this entry is big or the tail is long;
             # small entries (single posts) wait, so most commits write one B-tree page, not three.
             idb = st.dbs[b"index"]
-            indexed = self._indexed
+            indexed, tail = self._indexed, self._tail
             if indexed is None:
                 raw = txn.get(INDEXED_KEY, db=idb)
                 indexed = from_u64be(raw) if raw is not None else 0
+                tail = [] if indexed == seq - 1 else None   # (nothing unindexed before: the tail starts here)
             if count >= INDEX_NOW_RECORDS or seq - indexed >= INDEX_TAIL_ENTRIES:
                 _index_tail(txn, st.dbs[b"journal"], st.dbs[b"records"], idb, indexed, seq,
-                            buf[HEADER.size: end].view(RECORD_DTYPE))
-                indexed = seq
-            self._indexed = indexed
+                            buf[HEADER.size: end].view(RECORD_DTYPE), tail)
+                indexed, tail = seq, []
+            elif tail is not None:
+                tail.append((seq, bytes(mv[HEADER.size: end])))
+            self._indexed, self._tail = indexed, tail
+        elif kind == KIND_TRANSFERS and self._tail is not None:
+            self._tail.append((seq, b""))
         self._seq, self._hash = seq, entry_hash
         self._since_snapshot += count
 
@@ -1182,12 +1191,17 @@ def _delete_run(txn: lmdb.Transaction, db: Any, key: bytes) -> None:
 
 
 def _index_tail(txn: lmdb.Transaction, jdb: Any, rdb: Any, idb: Any, indexed: int, seq: int,
-                last: np.ndarray) -> None:
+                last: np.ndarray, tail: list[tuple[int, bytes]] | None = None) -> None:
     """Index journal entries ``indexed + 1 .. seq`` as one level-0 run (``last``: the records of
-    entry ``seq``, at hand), then merge levels."""
+    entry ``seq``, at hand; ``tail``, when given: the transfer entries before it, as the journal holds
+    them), then merge levels."""
     raw, seqs, counts = [], [], []
-    cur = txn.cursor(db=jdb)
-    if seq > indexed + 1 and cur.set_range(u64be(indexed + 1)):
+    if tail is not None:
+        for s, b in tail:
+            raw.append(b)
+            seqs.append(s)
+            counts.append(len(b) // RECORD_DTYPE.itemsize)
+    elif seq > indexed + 1 and (cur := txn.cursor(db=jdb)).set_range(u64be(indexed + 1)):
         for key, value in cur:
             s = int.from_bytes(key, "big")
             if s >= seq:
