@@ -3173,36 +3173,16 @@ cdef int64_t _evaluate(const int64_t[::1] code, const int64_t[::1] pool, const i
                         bits = rok & mult_rules & (plan.scope_basket | plan.scope_cat[item_cat[first_item]]
                                                    | plan.scope_sku[item_sku[first_item]])
                     rules_mask |= <int64_t>bits
-                    f = BP
-                    while bits:
-                        k = LE_CTZ(bits)
-                        bits &= bits - 1
-                        f = _stack(f, rp[R_W * k + 4], stacking)
-                    bits = <uint64_t>offers_mask & mult_offers
-                    while bits:
-                        k = LE_CTZ(bits)
-                        bits &= bits - 1
-                        f = _stack(f, ofp[O_W * k + 3], stacking)
-                    if nt and m.tier > 0:
-                        f = mul_bp(f, tp[4 * (m.tier - 1) + 1])
+                    f = _line_factor(bits, <uint64_t>offers_mask & mult_offers, rp, ofp, stacking, nt and m.tier > 0,
+                                     tp[4 * (m.tier - 1) + 1] if nt and m.tier > 0 else 0)
                     earned = round_div(<i128>f * paid * rate_pts, <i128>rate_per * BP, rmode) if items_total > 0 else 0
                 else:
                     for j in range(first_item, last_item):      # each item with the rules of its scope
-                        f = BP
                         bits = rok & mult_rules & (plan.scope_basket | plan.scope_cat[item_cat[j]]
                                                    | plan.scope_sku[item_sku[j]])
                         rules_mask |= <int64_t>bits
-                        while bits:
-                            k = LE_CTZ(bits)
-                            bits &= bits - 1
-                            f = _stack(f, rp[R_W * k + 4], stacking)
-                        bits = <uint64_t>offers_mask & mult_offers
-                        while bits:
-                            k = LE_CTZ(bits)
-                            bits &= bits - 1
-                            f = _stack(f, ofp[O_W * k + 3], stacking)
-                        if nt and m.tier > 0:
-                            f = mul_bp(f, tp[4 * (m.tier - 1) + 1])
+                        f = _line_factor(bits, <uint64_t>offers_mask & mult_offers, rp, ofp, stacking,
+                                         nt and m.tier > 0, tp[4 * (m.tier - 1) + 1] if nt and m.tier > 0 else 0)
                         S += <i128>item_amount[j] * f
                     earned = (round_div(S * paid * rate_pts, <i128>items_total * rate_per * BP, rmode)
                               if items_total > 0 else 0)
@@ -3352,6 +3332,25 @@ cdef inline int64_t mul_bp(int64_t a, int64_t b) noexcept nogil:
     if not LE_MUL_OVERFLOW(a, b, &r):
         return r // BP
     return <int64_t>((<i128>a * b) // BP)
+
+
+cdef inline int64_t _line_factor(uint64_t bits, uint64_t obits, const int64_t* rp, const int64_t* ofp,
+                                 int64_t stacking, bint tiered, int64_t tier_mult) noexcept nogil:
+    """A line's stacked multiplier (BP is x1): the rules ``bits`` in rule order, then the multiplier
+    offers ``obits``, then the member's tier's when ``tiered``."""
+    cdef int64_t f = BP
+    cdef int k
+    while bits:
+        k = LE_CTZ(bits)
+        bits &= bits - 1
+        f = _stack(f, rp[R_W * k + 4], stacking)
+    while obits:
+        k = LE_CTZ(obits)
+        obits &= obits - 1
+        f = _stack(f, ofp[O_W * k + 3], stacking)
+    if tiered:
+        f = mul_bp(f, tier_mult)
+    return f
 
 
 cdef inline int64_t _stack(int64_t f, int64_t mult, int64_t stacking) noexcept nogil:
