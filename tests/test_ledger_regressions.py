@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 from pathlib import Path
 
 import lmdb
@@ -276,3 +277,20 @@ def test_many_balances_at_once_are_each_accounts_balance(tmp_path: Path) -> None
                                      int(row["credits_pending"]), int(row["available"])) == (
                 b.debits_posted, b.credits_posted, b.debits_pending, b.credits_pending, b.available)
         assert rows["debits_pending"].sum() > 0 and rows["credits_posted"].sum() > 0
+
+
+def test_the_head_hint_is_published_after_each_commit_and_never_fails_a_closing_store(tmp_path: Path) -> None:
+    """Writers publish the head in ``head.hint`` for readers (a hint only); publishing into a hint that
+    was closed (the store closing) is skipped, not an error."""
+    with Ledger.open(tmp_path / "l", sync="none") as ledger:
+        ledger.create_accounts([Account(id=1, asset=0), Account(id=2, asset=0)])
+        ledger.post([Transfer(id=1, debit=1, credit=2, amount=3, at=AT)])
+        st = ledger._st()
+        assert st.hinted_head() == ledger.head[0] == 2
+        with open(tmp_path / "l" / "head.hint", "rb") as f:
+            assert int.from_bytes(f.read(8), "little") == 2
+        hint = st.hint
+        st.hint = mmap.mmap(-1, 8)
+        st.hint.close()
+        st.publish_head(3)                          # (no error)
+        st.hint = hint

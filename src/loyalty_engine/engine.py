@@ -372,6 +372,7 @@ class Engine:
 
     def __init__(self, ledger: Ledger, program: Program) -> None:
         self.ledger = ledger
+        self._ext = ledger._ext_db()             # (the engine's LMDB database: one handle for the ledger's life)
         self._program = program
         cp = program.compiled
         self._batch_buffers: dict[str, np.ndarray] = {}
@@ -1076,7 +1077,7 @@ class Engine:
         member's balances from the ledger's state as of this transaction, the kernel, the transfers, the
         receipt, the member's record and the outbox. A refused row or a retry commits nothing."""
         ledger = self.ledger
-        db = ledger._ext_db()
+        db = self._ext
         rkey = b"R" + ref.encode()
         seq0, commits = self._event_seq, ledger.commits
         hist, one = self._hist, self._onep
@@ -1191,7 +1192,7 @@ class Engine:
             self._event_seq += 1
             txn.put(b"E" + self._event_seq.to_bytes(8, "big"),
                     f'{{"kind": "points_changed", "member": {_json_str(name)}, "at": {at}, "data": {{"delta": '
-                    f'{delta}, "reason": "purchase", "ref": {_json_str(ref)}}}}}'.encode(), db=self.ledger._ext_db())
+                    f'{delta}, "reason": "purchase", "ref": {_json_str(ref)}}}}}'.encode(), db=self._ext)
         if o[_O_TIER_AFTER] != o[_O_TIER_BEFORE]:
             self._put_event(txn, "tier_changed", name, at, before=self.program.tier_name(o[_O_TIER_BEFORE]),
                             after=self.program.tier_name(o[_O_TIER_AFTER]), ref=ref)

@@ -31,6 +31,9 @@ WRITEMAP = False
 ENGINE_LOCK = "engine.lock"
 
 
+_HINT = struct.Struct("<Q")
+
+
 def u64be(n: int) -> bytes:
     """A key that sorts numerically."""
     return n.to_bytes(8, "big")
@@ -58,11 +61,14 @@ class Store:
 
     def hinted_head(self) -> int:
         """The head sequence number as last published by a writer (-1 if there is no hint)."""
-        return struct.unpack_from("<Q", self.hint, 0)[0] if self.hint is not None else -1
+        return _HINT.unpack_from(self.hint, 0)[0] if self.hint is not None else -1
 
     def publish_head(self, seq: int) -> None:
-        if self.hint is not None and not self.hint.closed:
-            struct.pack_into("<Q", self.hint, 0, seq)
+        if self.hint is not None:
+            try:
+                _HINT.pack_into(self.hint, 0, seq)
+            except (TypeError, ValueError):     # (the hint was closed: the store is closing)
+                pass
 
     def grow(self) -> None:
         """Double the map (the data outgrew it)."""
