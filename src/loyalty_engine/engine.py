@@ -1779,11 +1779,18 @@ def _purchase_rows(member: np.ndarray, amount: np.ndarray, qty: np.ndarray, loca
     return rows, cat, sku, np.array(amount, np.int64)
 
 
+def _table_pays(values: np.ndarray, bound: int) -> bool:
+    """Whether a presence table over [0, bound) finds the distinct ``values`` cheaper than a sort (many
+    values, all in range)."""
+    n = len(values)
+    return n >= 4096 and bound <= 16 * n and values.min() >= 0 and values.max() < bound
+
+
 def _distinct(values: np.ndarray, bound: int) -> np.ndarray:
     """``np.unique(values)`` for integers in [0, bound), by a presence table when that is cheaper than
     sorting (:func:`_small_unique` without the inverse: no prefix sum or gather over the table)."""
     values = np.asarray(values, np.int64)
-    if len(values) < 4096 or bound > 16 * len(values) or (len(values) and (values.min() < 0 or values.max() >= bound)):
+    if not _table_pays(values, bound):
         return np.unique(values)
     present = np.zeros(bound, bool)
     present[values] = True
@@ -1797,23 +1804,18 @@ _unique_lock = threading.Lock()
 
 
 def _small_unique(values: np.ndarray, bound: int) -> tuple[np.ndarray, np.ndarray]:
-    """``np.unique(values, return_inverse=True)`` for integers in [0, bound): by a presence table when
-    that is cheaper than sorting (many values), by sorting otherwise."""
+    """``np.unique(values, return_inverse=True)`` for integers in [0, bound): by the kept presence table
+    when that is cheaper than sorting (and no other thread has it), by sorting otherwise."""
     global _unique_slot
     values = np.ascontiguousarray(values, np.int64)
-    n = len(values)
-    if n < 4096 or bound > 16 * n or (n and (values.min() < 0 or values.max() >= bound)):
+    if not _table_pays(values, bound) or not _unique_lock.acquire(blocking=False):
         u, inv = np.unique(values, return_inverse=True)
         return u, inv.reshape(-1)
-    if not _unique_lock.acquire(blocking=False):        # (the table is busy in another thread)
-        present = np.zeros(bound, bool)
-        present[values] = True
-        return np.flatnonzero(present), (np.cumsum(present) - 1)[values]
     try:
         if len(_unique_slot) < bound:
             _unique_slot = np.full(max(bound, len(_unique_slot) + len(_unique_slot) // 4), -1, np.int32)
-        inv = np.empty(n, np.int64)
-        keys = np.empty(min(n, bound), np.int64)
+        inv = np.empty(len(values), np.int64)
+        keys = np.empty(min(len(values), bound), np.int64)
         k = _bulk.unique_inverse(values, bound, _unique_slot, inv, keys)
     finally:
         _unique_lock.release()

@@ -137,8 +137,8 @@ class Ledger:
         #: else wrote in between and the state needs no look at the journal (see _write)
         self._txn_known: int | None = None
         #: the index's INDEXED_KEY as this handle last read or wrote it, trusted only in such a write, and
-        #: then (when known) the transfer entries journaled after it, all of them this handle's: (sequence
-        #: number, records' bytes), so that indexing the tail reads nothing back from the journal
+        #: then (when known) the transfer entries with records journaled after it, all of them this handle's
+        #: (sequence number, records' bytes), so that indexing the tail reads nothing back from the journal
         self._indexed: int | None = None
         self._tail: list[tuple[int, bytes]] | None = None
         self._scratch = np.empty(0, np.uint8)
@@ -218,9 +218,11 @@ class Ledger:
         self._seq = 0
         self._hash = ZERO_HASH
         self._since_snapshot = 0
-        self._txn_known = None
-        self._indexed = None
-        self._tail = None
+        self._forget_chain()
+
+    def _forget_chain(self) -> None:
+        """Trust nothing about the journal's end any more (see ``_txn_known``): the next write looks."""
+        self._txn_known = self._indexed = self._tail = None
 
     def _load(self, txn: lmdb.Transaction) -> None:
         """Build the state from the snapshot (if any) and replay the journal after it."""
@@ -360,7 +362,7 @@ class Ledger:
                     # handle's last entry, the journal ends where the state does)
                     tid = txn.id()
                     if self._state is None or self._txn_known is None or tid != self._txn_known + 1:
-                        self._txn_known = self._indexed = self._tail = None
+                        self._forget_chain()
                         self._catch_up(txn)
                     seq0 = self._seq
                     out = fn(txn)
@@ -376,9 +378,10 @@ class Ledger:
                     raise
                 # (a transaction that wrote nothing commits without an id of its own: only one that
                 # journaled an entry is known to hold ``tid``)
-                self._txn_known = tid if self._seq > seq0 else None
-                if self._txn_known is None:
-                    self._indexed = self._tail = None
+                if self._seq > seq0:
+                    self._txn_known = tid
+                else:
+                    self._forget_chain()
                 self._wrote = True
                 self.commits += 1
                 st.publish_head(self._seq)
@@ -454,8 +457,6 @@ class Ledger:
             elif tail is not None:
                 tail.append((seq, bytes(mv[HEADER.size: end])))
             self._indexed, self._tail = indexed, tail
-        elif kind == KIND_TRANSFERS and self._tail is not None:
-            self._tail.append((seq, b""))
         self._seq, self._hash = seq, entry_hash
         self._since_snapshot += count
 
